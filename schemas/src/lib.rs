@@ -1,0 +1,18 @@
+//! Wire types, generated from `proto/` (see `build.rs`); no logic lives here.
+//!
+//! # Layout
+//! - [`v1`]: the public API messages (mirroring chall-manager's `api.v1`
+//!   challenge and instance protos), the command envelope sent over JetStream
+//!   and the command result. Every message has prost (binary) encoding and
+//!   pbjson serde impls giving the protobuf canonical JSON mapping (camelCase,
+//!   int64 as strings, RFC 3339 timestamps, `"600s"` durations).
+
+/// Version 1 of the wire contract.
+#[allow(clippy::all, missing_debug_implementations, missing_docs)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/cm.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/cm.v1.serde.rs"));
+}
+
+pub use pbjson_types;
+pub use prost;

@@ -1,0 +1,150 @@
+//! Real `nats-server` and `etcd` processes for tests.
+//!
+//! Each is started on port 0 where the server supports it, or on a port the
+//! OS handed out, and its readiness is read from its own log (the line naming
+//! its listen address) rather than waited for with a sleep.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use cm_core::tools;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A child process killed on drop, with its data directory.
+#[derive(Debug)]
+pub struct Server {
+    child: Child,
+    _dir: tempfile::TempDir,
+    /// The client URL (`nats://127.0.0.1:port`, `http://127.0.0.1:port`).
+    pub url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// The process id, for tests that stop or kill it.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+fn require(name: &'static str) -> std::path::PathBuf {
+    tools::on_path(name)
+        .unwrap_or_else(|| panic!("this test needs {name} on PATH; {}", tools::SETUP_HINT))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
+}
+
+/// Starts `nats-server -js` on a random loopback port with file storage.
+pub fn nats() -> Server {
+    let bin = require("nats-server");
+    let dir = tempdir("cm-nats-");
+    let mut child = Command::new(bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start nats-server: {e}"));
+    // nats-server logs "Listening for client connections on 127.0.0.1:PORT".
+    let port = wait_for_line(&mut child, "nats-server", |line| {
+        line.split("Listening for client connections on ")
+            .nth(1)
+            .and_then(|addr| addr.trim().rsplit(':').next())
+            .and_then(|p| p.parse::<u16>().ok())
+    });
+    Server {
+        child,
+        _dir: dir,
+        url: format!("nats://127.0.0.1:{port}"),
+    }
+}
+
+/// Starts a single-node `etcd` on loopback ports handed out by the OS.
+pub fn etcd() -> Server {
+    let bin = require("etcd");
+    let dir = tempdir("cm-etcd-");
+    let (client, peer) = (free_port(), free_port());
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let mut child = Command::new(bin)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--name", "test", "--listen-client-urls", &client_url])
+        .args(["--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("test={peer_url}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
+    wait_for_line(&mut child, "etcd", |line| {
+        line.contains("ready to serve client requests")
+            .then_some(())
+    });
+    Server {
+        child,
+        _dir: dir,
+        url: client_url,
+    }
+}
+
+fn tempdir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .unwrap_or_else(|e| panic!("cannot create a temporary directory: {e}"))
+}
+
+/// Reads the child's stderr until `probe` finds what it looks for, then keeps
+/// draining it in the background so the child never blocks on a full pipe.
+fn wait_for_line<T: Send + 'static>(
+    child: &mut Child,
+    name: &str,
+    probe: impl Fn(&str) -> Option<T> + Send + 'static,
+) -> T {
+    let stderr = child
+        .stderr
+        .take()
+        .unwrap_or_else(|| panic!("{name} has no stderr"));
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        let mut log = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent {
+                if let Some(found) = probe(&line) {
+                    let _ = tx.send(Ok(found));
+                    sent = true;
+                } else {
+                    log.push(line);
+                }
+            }
+        }
+        if !sent {
+            let _ = tx.send(Err(log.join("\n")));
+        }
+    });
+    match rx.recv_timeout(READY_TIMEOUT) {
+        Ok(Ok(found)) => found,
+        Ok(Err(log)) => panic!("{name} exited before it was ready:\n{log}"),
+        Err(_) => panic!("{name} was not ready within {READY_TIMEOUT:?}"),
+    }
+}

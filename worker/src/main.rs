@@ -1,0 +1,198 @@
+//! `cm-worker`: parses flags, sets up telemetry and runs the requested mode.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use cm_core::{Identity, Secret, tools};
+use cm_worker::pulumi::{Driver, DriverConfig, StackState};
+
+/// Passphrase used by `--dev` when none is configured. Development only.
+const DEV_PASSPHRASE: &str = "cm-dev-passphrase-not-for-production";
+
+/// Worker of the CTF instance manager: runs Pulumi scenarios for challenge
+/// instances. Every flag can also be set through the environment variable
+/// shown in brackets.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    pulumi: PulumiArgs,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct PulumiArgs {
+    /// Path of the `pulumi` CLI (with `pulumi-language-go` beside it).
+    /// Default: found on PATH, then in the cache filled by `scripts/dev.sh install`.
+    #[arg(long, env = "CM_PULUMI", global = true)]
+    pulumi_bin: Option<PathBuf>,
+
+    /// Path of the Go toolchain used to compile scenarios. Default: `go` on PATH.
+    #[arg(long, env = "CM_GO", global = true)]
+    go_bin: Option<PathBuf>,
+
+    /// Directory for compiled scenarios, Pulumi plugins and scratch workspaces.
+    /// Default: `<cache>/worker` (cache: $CM_CACHE_DIR or ~/.cache/ctf-instancer).
+    #[arg(long, env = "CM_WORKER_CACHE_DIR", global = true)]
+    cache_dir: Option<PathBuf>,
+
+    /// Passphrase of Pulumi's passphrase secrets provider, encrypting every
+    /// stack's secrets. Required, unless `--dev` is given.
+    #[arg(
+        long,
+        env = "CM_PULUMI_PASSPHRASE",
+        hide_env_values = true,
+        global = true
+    )]
+    pulumi_passphrase: Option<Secret<String>>,
+
+    /// Development mode: allows running without a configured passphrase.
+    #[arg(long, env = "CM_DEV", global = true)]
+    dev: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a scenario directly through the Pulumi driver, without the queue.
+    #[command(subcommand)]
+    Scenario(ScenarioCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ScenarioCommand {
+    /// Deploy (or update in place) one stack of a scenario and print its outputs.
+    Up {
+        /// The scenario directory (holding Pulumi.yaml).
+        dir: PathBuf,
+        /// Identity of the stack (16 hex characters). Default: a new random one,
+        /// or the one recorded in --state-file when it exists.
+        #[arg(long)]
+        identity: Option<Identity>,
+        /// Additional configuration, `key=value`, repeatable.
+        #[arg(long = "additional", value_parser = parse_key_value)]
+        additional: Vec<(String, String)>,
+        /// Where the stack state is kept between runs (read if it exists, then written).
+        #[arg(long)]
+        state_file: PathBuf,
+        /// Also print the flags (they are secrets: hidden by default).
+        #[arg(long)]
+        show_flags: bool,
+    },
+    /// Destroy the stack recorded in --state-file.
+    Destroy {
+        /// The scenario directory (holding Pulumi.yaml).
+        dir: PathBuf,
+        /// The state file written by `scenario up`.
+        #[arg(long)]
+        state_file: PathBuf,
+    },
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+impl PulumiArgs {
+    fn driver(&self) -> anyhow::Result<Driver> {
+        let passphrase = match (&self.pulumi_passphrase, self.dev) {
+            (Some(p), _) if !p.expose().is_empty() => p.clone(),
+            (_, true) => Secret::new(DEV_PASSPHRASE.to_owned()),
+            _ => bail!(
+                "no Pulumi passphrase: set CM_PULUMI_PASSPHRASE (or --pulumi-passphrase), or pass --dev"
+            ),
+        };
+        let config = DriverConfig {
+            pulumi: tools::find_pulumi(self.pulumi_bin.as_deref())?,
+            go: tools::find_go(self.go_bin.as_deref())?,
+            cache_dir: self
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| tools::cache_root().join("worker")),
+            passphrase,
+        };
+        Ok(Driver::new(config)?)
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let _telemetry = cm_core::telemetry::init("cm-worker");
+    match cli.command {
+        Command::Scenario(cmd) => scenario(&cli.pulumi, cmd).await,
+    }
+}
+
+async fn scenario(args: &PulumiArgs, cmd: ScenarioCommand) -> anyhow::Result<()> {
+    let driver = args.driver()?;
+    match cmd {
+        ScenarioCommand::Up {
+            dir,
+            identity,
+            additional,
+            state_file,
+            show_flags,
+        } => {
+            let previous = read_state(&state_file).await?;
+            let identity = match (identity, &previous) {
+                (Some(id), _) => id,
+                (None, Some(p)) => p
+                    .stack
+                    .parse()
+                    .context("state file holds an invalid identity")?,
+                (None, None) => Identity::random(),
+            };
+            let scenario = driver.prepare(&dir).await?;
+            let additional: BTreeMap<_, _> = additional.into_iter().collect();
+            let deployment = driver
+                .up(&scenario, &identity, &additional, previous.as_ref())
+                .await?;
+            let json = serde_json::to_vec_pretty(&deployment.state)?;
+            tokio::fs::write(&state_file, json)
+                .await
+                .with_context(|| format!("writing {}", state_file.display()))?;
+            println!("identity:        {identity}");
+            println!("connection_info: {}", deployment.outputs.connection_info);
+            if show_flags {
+                println!("flags:           {}", deployment.outputs.flags.join(", "));
+            } else {
+                println!(
+                    "flags:           {} (hidden; --show-flags)",
+                    deployment.outputs.flags.len()
+                );
+            }
+            Ok(())
+        }
+        ScenarioCommand::Destroy { dir, state_file } => {
+            let Some(state) = read_state(&state_file).await? else {
+                bail!(
+                    "{} does not exist: nothing to destroy",
+                    state_file.display()
+                );
+            };
+            let scenario = driver.prepare(&dir).await?;
+            driver.destroy(&scenario, &state).await?;
+            tokio::fs::remove_file(&state_file).await.ok();
+            println!("destroyed {}", state.stack);
+            Ok(())
+        }
+    }
+}
+
+async fn read_state(path: &std::path::Path) -> anyhow::Result<Option<StackState>> {
+    match tokio::fs::read(path).await {
+        Ok(bytes) => {
+            Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+                format!("{} is not a state file", path.display())
+            })?))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}

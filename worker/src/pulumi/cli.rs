@@ -1,0 +1,161 @@
+//! Running the `pulumi` CLI: one process per call, in a scratch workspace,
+//! with a minimal environment built from scratch (nothing of the worker's own
+//! environment, so no NATS, etcd or API credential reaches a scenario).
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Instant,
+};
+
+use tokio::process::Command;
+
+use super::{DriverError, secrets::Crypter};
+
+/// System directories kept on the scenario's `PATH` besides Pulumi's and Go's.
+const SYSTEM_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Where the CLI, its language host and Go are.
+#[derive(Debug, Clone)]
+pub(crate) struct Cli {
+    pulumi: PathBuf,
+    path: OsString,
+    pulumi_home: PathBuf,
+}
+
+/// What a finished CLI run printed.
+#[derive(Debug)]
+pub(crate) struct CliOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Cli {
+    pub(crate) fn new(pulumi: PathBuf, go: &Path, pulumi_home: PathBuf) -> Self {
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for bin in [pulumi.as_path(), go] {
+            if let Some(dir) = bin.parent().filter(|d| !d.as_os_str().is_empty()) {
+                if !dirs.iter().any(|d| d == dir) {
+                    dirs.push(dir.to_owned());
+                }
+            }
+        }
+        let mut path = std::env::join_paths(&dirs).unwrap_or_default();
+        if !path.is_empty() {
+            path.push(":");
+        }
+        path.push(SYSTEM_PATH);
+        Self {
+            pulumi,
+            path,
+            pulumi_home,
+        }
+    }
+
+    /// Runs `pulumi <args>` in `workspace` against its file backend.
+    pub(crate) async fn run(
+        &self,
+        workspace: &Path,
+        project: &str,
+        crypter: &Crypter,
+        args: &[&str],
+    ) -> Result<CliOutput, DriverError> {
+        let started = Instant::now();
+        let mut backend = OsString::from("file://");
+        backend.push(workspace);
+        let output = Command::new(&self.pulumi)
+            .args(args)
+            .args(["--non-interactive", "--color", "never"])
+            .current_dir(workspace)
+            .env_clear()
+            .env("PATH", &self.path)
+            .env("HOME", &self.pulumi_home)
+            .env("PULUMI_HOME", &self.pulumi_home)
+            .env("TMPDIR", workspace)
+            .env("PULUMI_BACKEND_URL", backend)
+            .env("PULUMI_CONFIG_PASSPHRASE", crypter.passphrase().expose())
+            .env("PULUMI_SKIP_UPDATE_CHECK", "true")
+            .env("PULUMI_SKIP_CONFIRMATIONS", "true")
+            .env("PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION", "true")
+            .env("PULUMI_DIY_BACKEND_DISABLE_CHECKPOINT_BACKUPS", "true")
+            .env("PULUMI_SKIP_CHECKPOINTS", "true")
+            .env("CM_PROJECT", project)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| DriverError::EngineUnavailable {
+                reason: format!(
+                    "cannot run {}: {e}; run `scripts/dev.sh install` to build it",
+                    self.pulumi.display()
+                ),
+            })?;
+        let out = CliOutput {
+            success: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        };
+        tracing::debug!(
+            command = args.first().copied().unwrap_or_default(),
+            success = out.success,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "pulumi run"
+        );
+        Ok(out)
+    }
+}
+
+/// The error lines of a failed run, as Pulumi printed them: the
+/// `Diagnostics:` section's `error:` entries when there are any, else the last
+/// non-empty lines of stderr.
+pub(crate) fn diagnostics(out: &CliOutput) -> String {
+    let all = format!("{}\n{}", out.stdout, out.stderr);
+    let errors: Vec<&str> = all
+        .lines()
+        .map(str::trim)
+        .filter_map(|l| l.strip_prefix("error: "))
+        .filter(|l| !l.starts_with("update failed") && !l.is_empty())
+        .collect();
+    let mut unique: Vec<&str> = Vec::new();
+    for e in errors {
+        if !unique.contains(&e) {
+            unique.push(e);
+        }
+    }
+    if !unique.is_empty() {
+        return unique.join("; ");
+    }
+    let tail: Vec<&str> = out
+        .stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    tail[tail.len().saturating_sub(5)..].join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extracts_error_lines_from_diagnostics() {
+        let out = CliOutput {
+            success: false,
+            stdout: "Updating (abc):\n\nDiagnostics:\n  pulumi:pulumi:Stack (fail-abc):\n    error: this scenario fails on purpose (identity abc)\n    error: update failed\n".into(),
+            stderr: String::new(),
+        };
+        assert_eq!(
+            diagnostics(&out),
+            "this scenario fails on purpose (identity abc)"
+        );
+        let stderr_only = CliOutput {
+            success: false,
+            stdout: String::new(),
+            stderr: "boom\n\nreally boom\n".into(),
+        };
+        assert_eq!(diagnostics(&stderr_only), "boom; really boom");
+    }
+}

@@ -1,0 +1,363 @@
+//! The Pulumi driver: deploys, updates and destroys one stack per instance
+//! with the real `pulumi` CLI, keeping no state of its own.
+//!
+//! Each operation lays out a scratch [`workspace`] (local file backend), writes
+//! the stack's config and stored state into it directly, runs one CLI command
+//! (`up` or `destroy`, `--skip-preview`), then reads the state and the outputs
+//! back from the files the CLI left. The caller stores [`StackState`] and
+//! hands it back for the next operation.
+//!
+//! Compatible with chall-manager scenarios: config `<project>:identity` and
+//! `<project>:additional` (a JSON object), environment `CM_PROJECT`, outputs
+//! `connection_info`, `flags` and the deprecated `flag`.
+
+mod cli;
+mod error;
+mod outputs;
+mod scenario;
+mod secrets;
+mod workspace;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use cm_core::{Identity, Secret};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use error::DriverError;
+pub use outputs::StackOutputs;
+pub use scenario::PreparedScenario;
+pub use secrets::Crypter;
+
+use cli::Cli;
+use workspace::Workspace;
+
+/// Where the driver finds its tools and keeps its caches.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// The `pulumi` executable; `pulumi-language-go` must sit beside it.
+    pub pulumi: PathBuf,
+    /// The `go` executable, used to compile scenarios.
+    pub go: PathBuf,
+    /// Compiled scenarios (per digest), Pulumi's home (plugins) and scratch
+    /// workspaces live here.
+    pub cache_dir: PathBuf,
+    /// Passphrase of Pulumi's passphrase secrets provider; never empty.
+    pub passphrase: Secret<String>,
+}
+
+/// A stack's state as the caller stores it between operations.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+pub struct StackState {
+    /// Pulumi project name of the scenario that made it.
+    pub project: String,
+    /// Stack name (the instance identity).
+    pub stack: String,
+    /// The passphrase provider's salt state for this stack.
+    pub encryption_salt: String,
+    /// The file backend's checkpoint, as the CLI wrote it.
+    pub checkpoint: Value,
+}
+
+impl fmt::Debug for StackState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StackState")
+            .field("project", &self.project)
+            .field("stack", &self.stack)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StackState {
+    /// How many resources the stack holds (the root stack resource included).
+    pub fn resource_count(&self) -> usize {
+        self.checkpoint
+            .pointer("/checkpoint/latest/resources")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len)
+    }
+}
+
+/// The result of a successful `up`.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// The scenario's outputs.
+    pub outputs: StackOutputs,
+    /// The state to store and pass to the next operation.
+    pub state: StackState,
+}
+
+/// Drives the `pulumi` CLI. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Driver {
+    cli: Cli,
+    go: PathBuf,
+    scenarios_dir: PathBuf,
+    scratch_dir: PathBuf,
+    crypter: Crypter,
+    compiling: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Driver {
+    /// Checks the tools are there and the passphrase is set.
+    pub fn new(config: DriverConfig) -> Result<Self, DriverError> {
+        if config.passphrase.expose().is_empty() {
+            return Err(DriverError::EngineUnavailable {
+                reason: "the Pulumi passphrase is empty; set one (CM_PULUMI_PASSPHRASE)".into(),
+            });
+        }
+        let host = config
+            .pulumi
+            .parent()
+            .map(|d| d.join("pulumi-language-go"))
+            .unwrap_or_default();
+        for tool in [&config.pulumi, &host] {
+            if !tool.is_file() {
+                return Err(DriverError::EngineUnavailable {
+                    reason: format!(
+                        "{} not found; run `scripts/dev.sh install` to build Pulumi and its Go language host",
+                        tool.display()
+                    ),
+                });
+            }
+        }
+        let pulumi_home = config.cache_dir.join("pulumi-home");
+        Ok(Self {
+            cli: Cli::new(config.pulumi, &config.go, pulumi_home),
+            go: config.go,
+            scenarios_dir: config.cache_dir.join("scenarios"),
+            scratch_dir: config.cache_dir.join("scratch"),
+            crypter: Crypter::new(config.passphrase),
+            compiling: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Validates the scenario in `dir` and compiles it once per digest.
+    #[tracing::instrument(skip(self), err(Display))]
+    pub async fn prepare(&self, dir: &Path) -> Result<PreparedScenario, DriverError> {
+        let project = scenario::read_project(dir).await?;
+        let digest = scenario::digest_dir(dir).await?;
+        let hex = digest.trim_start_matches("sha256:");
+        let target = self.scenarios_dir.join(hex);
+        let src = target.join("src");
+
+        let lock = self.compile_lock(hex);
+        let _guard = lock.lock().await;
+        let binary = match &project.prebuilt_binary {
+            Some(rel) => {
+                if !src.is_dir() {
+                    copy_dir(dir, &src).await?;
+                }
+                let binary = src.join(rel);
+                if !binary.is_file() {
+                    return Err(DriverError::invalid(format!(
+                        "runtime.options.binary names {rel}, which the scenario does not contain"
+                    )));
+                }
+                make_executable(&binary).await?;
+                binary
+            }
+            None => {
+                let binary = target.join("main");
+                if !binary.is_file() {
+                    if src.exists() {
+                        tokio::fs::remove_dir_all(&src)
+                            .await
+                            .map_err(DriverError::io("clearing", &src))?;
+                    }
+                    copy_dir(dir, &src).await?;
+                    tracing::info!(%digest, "compiling scenario");
+                    scenario::compile_go(&self.go, &src, &binary).await?;
+                }
+                binary
+            }
+        };
+        Ok(PreparedScenario {
+            digest,
+            project: project.name,
+            binary,
+        })
+    }
+
+    /// Creates or updates the stack `identity` (in place), returning its
+    /// outputs and the state to store. `previous` is the stored state of an
+    /// existing stack, `None` for a new one.
+    #[tracing::instrument(skip(self, scenario, additional, previous), fields(project = %scenario.project), err(Display))]
+    pub async fn up(
+        &self,
+        scenario: &PreparedScenario,
+        identity: &Identity,
+        additional: &BTreeMap<String, String>,
+        previous: Option<&StackState>,
+    ) -> Result<Deployment, DriverError> {
+        let salt = match previous {
+            Some(p) => p.encryption_salt.clone(),
+            None => self.crypter.salt_state().await?,
+        };
+        let additional_json = serde_json::to_string(additional)
+            .map_err(|e| DriverError::invalid(format!("additional cannot be encoded: {e}")))?;
+        let config = BTreeMap::from([
+            ("identity".to_owned(), identity.to_string()),
+            ("additional".to_owned(), additional_json),
+        ]);
+        let ws = Workspace::create(
+            &self.scratch_dir,
+            scenario,
+            identity.as_str(),
+            &salt,
+            &config,
+            previous.map(|p| &p.checkpoint),
+        )
+        .await?;
+        if previous.is_none() {
+            self.run_ok(&ws, scenario, &["stack", "init", identity.as_str()])
+                .await?;
+        }
+        let out = self
+            .cli
+            .run(
+                ws.path(),
+                &scenario.project,
+                &self.crypter,
+                &[
+                    "up",
+                    "--yes",
+                    "--skip-preview",
+                    "--stack",
+                    identity.as_str(),
+                ],
+            )
+            .await?;
+        let state = ws.read_state(&salt).await?;
+        if !out.success {
+            return Err(DriverError::ProgramFailed {
+                message: cli::diagnostics(&out),
+                state: state.map(Box::new),
+            });
+        }
+        let state = state.ok_or_else(|| DriverError::StateCorrupt {
+            reason: "pulumi up succeeded but left no stack state".into(),
+        })?;
+        let outputs = outputs::read_outputs(&state.checkpoint, &salt, &self.crypter).await?;
+        Ok(Deployment { outputs, state })
+    }
+
+    /// Destroys every resource of the stack whose state is `state`.
+    #[tracing::instrument(skip(self, scenario, state), fields(project = %scenario.project, stack = %state.stack), err(Display))]
+    pub async fn destroy(
+        &self,
+        scenario: &PreparedScenario,
+        state: &StackState,
+    ) -> Result<(), DriverError> {
+        let ws = Workspace::create(
+            &self.scratch_dir,
+            scenario,
+            &state.stack,
+            &state.encryption_salt,
+            &BTreeMap::new(),
+            Some(&state.checkpoint),
+        )
+        .await?;
+        let out = self
+            .cli
+            .run(
+                ws.path(),
+                &scenario.project,
+                &self.crypter,
+                &[
+                    "destroy",
+                    "--yes",
+                    "--skip-preview",
+                    "--stack",
+                    &state.stack,
+                ],
+            )
+            .await?;
+        if !out.success {
+            let state = ws.read_state(&state.encryption_salt).await?;
+            return Err(DriverError::ProgramFailed {
+                message: cli::diagnostics(&out),
+                state: state.map(Box::new),
+            });
+        }
+        Ok(())
+    }
+
+    async fn run_ok(
+        &self,
+        ws: &Workspace,
+        scenario: &PreparedScenario,
+        args: &[&str],
+    ) -> Result<(), DriverError> {
+        let out = self
+            .cli
+            .run(ws.path(), &scenario.project, &self.crypter, args)
+            .await?;
+        if out.success {
+            Ok(())
+        } else {
+            Err(DriverError::EngineUnavailable {
+                reason: format!(
+                    "pulumi {} failed: {}",
+                    args.join(" "),
+                    cli::diagnostics(&out)
+                ),
+            })
+        }
+    }
+
+    fn compile_lock(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
+        match self.compiling.lock() {
+            Ok(mut map) => map.entry(digest.to_owned()).or_default().clone(),
+            Err(_) => Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+}
+
+/// Copies a directory tree (regular files and directories only).
+async fn copy_dir(from: &Path, to: &Path) -> Result<(), DriverError> {
+    let (from, to) = (from.to_owned(), to.to_owned());
+    tokio::task::spawn_blocking(move || copy_dir_blocking(&from, &to))
+        .await
+        .map_err(|e| DriverError::invalid(format!("copy task failed: {e}")))?
+}
+
+fn copy_dir_blocking(from: &Path, to: &Path) -> Result<(), DriverError> {
+    std::fs::create_dir_all(to).map_err(DriverError::io("creating", to))?;
+    for entry in std::fs::read_dir(from).map_err(DriverError::io("listing", from))? {
+        let entry = entry.map_err(DriverError::io("listing", from))?;
+        let path = entry.path();
+        let kind = entry
+            .file_type()
+            .map_err(DriverError::io("inspecting", &path))?;
+        let dest = to.join(entry.file_name());
+        if kind.is_dir() {
+            if entry.file_name() != ".git" {
+                copy_dir_blocking(&path, &dest)?;
+            }
+        } else if kind.is_file() {
+            std::fs::copy(&path, &dest).map_err(DriverError::io("copying", &path))?;
+        }
+    }
+    Ok(())
+}
+
+async fn make_executable(path: &Path) -> Result<(), DriverError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut perms = tokio::fs::metadata(path)
+        .await
+        .map_err(DriverError::io("inspecting", path))?
+        .permissions();
+    if perms.mode() & 0o111 == 0 {
+        perms.set_mode(perms.mode() | 0o755);
+        tokio::fs::set_permissions(path, perms)
+            .await
+            .map_err(DriverError::io("making executable", path))?;
+    }
+    Ok(())
+}

@@ -12,6 +12,11 @@
 # not serve. Up to v3.66 it was a main package inside sdk/v3, which is served,
 # so the host is built from there. The CLI talks to it over the stable
 # LanguageRuntime gRPC protocol and falls back where newer calls are missing.
+# One difference matters: since v3.67 the engine hands `runtime.options` to the
+# host inside each request, while the v3.66 host only reads them as flags. So
+# the host is installed as `pulumi-language-go-host`, and `pulumi-language-go`
+# is a two-line wrapper passing `-binary "$CM_PULUMI_GO_BINARY"` when that
+# variable is set (the worker always runs prebuilt programs, `./main`).
 #
 # Output: prints the bin directory holding `pulumi` and `pulumi-language-go`.
 # Idempotent: a second run finds the cached binaries and returns at once.
@@ -20,7 +25,7 @@ set -euo pipefail
 PULUMI_VERSION="${PULUMI_VERSION:-v3.276.0}"
 PULUMI_GO_HOST_VERSION="${PULUMI_GO_HOST_VERSION:-v3.66.0}"
 CACHE_ROOT="${CM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ctf-instancer}"
-BIN_DIR="$CACHE_ROOT/pulumi/$PULUMI_VERSION-host$PULUMI_GO_HOST_VERSION/bin"
+BIN_DIR="$CACHE_ROOT/pulumi/$PULUMI_VERSION-host$PULUMI_GO_HOST_VERSION-r2/bin"
 
 log() { echo "install-pulumi: $*" >&2; }
 
@@ -61,7 +66,7 @@ if [[ ! -x "$BIN_DIR/pulumi" ]]; then
   mv "$BIN_DIR/pulumi.tmp" "$BIN_DIR/pulumi"
 fi
 
-if [[ ! -x "$BIN_DIR/pulumi-language-go" ]]; then
+if [[ ! -x "$BIN_DIR/pulumi-language-go-host" ]]; then
   log "building pulumi-language-go from sdk/v3@$PULUMI_GO_HOST_VERSION"
   cd "$WORK/host"
   rm -f go.mod go.sum
@@ -71,8 +76,18 @@ if [[ ! -x "$BIN_DIR/pulumi-language-go" ]]; then
   GOFLAGS=-mod=mod go mod tidy >/dev/null 2>&1 || true
   VERSION_PKG="github.com/pulumi/pulumi/sdk/v3/go/common/version.Version"
   GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w -X $VERSION_PKG=$PULUMI_GO_HOST_VERSION" \
-    -o "$BIN_DIR/pulumi-language-go.tmp" github.com/pulumi/pulumi/sdk/v3/go/pulumi-language-go
-  mv "$BIN_DIR/pulumi-language-go.tmp" "$BIN_DIR/pulumi-language-go"
+    -o "$BIN_DIR/pulumi-language-go-host.tmp" github.com/pulumi/pulumi/sdk/v3/go/pulumi-language-go
+  mv "$BIN_DIR/pulumi-language-go-host.tmp" "$BIN_DIR/pulumi-language-go-host"
 fi
+
+cat > "$BIN_DIR/pulumi-language-go.tmp" <<'WRAPPER'
+#!/bin/sh
+# Go language host; runs the prebuilt program named by CM_PULUMI_GO_BINARY when set.
+host="$(dirname "$0")/pulumi-language-go-host"
+if [ -n "${CM_PULUMI_GO_BINARY:-}" ]; then exec "$host" -binary "$CM_PULUMI_GO_BINARY" "$@"; fi
+exec "$host" "$@"
+WRAPPER
+chmod +x "$BIN_DIR/pulumi-language-go.tmp"
+mv "$BIN_DIR/pulumi-language-go.tmp" "$BIN_DIR/pulumi-language-go"
 
 echo "$BIN_DIR"

@@ -82,6 +82,7 @@ impl Cli {
             .env("PULUMI_DIY_BACKEND_DISABLE_CHECKPOINT_BACKUPS", "true")
             .env("PULUMI_SKIP_CHECKPOINTS", "true")
             .env("CM_PROJECT", project)
+            .env("CM_PULUMI_GO_BINARY", "./main")
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output()
@@ -107,21 +108,49 @@ impl Cli {
     }
 }
 
-/// The error lines of a failed run, as Pulumi printed them: the
-/// `Diagnostics:` section's `error:` entries when there are any, else the last
-/// non-empty lines of stderr.
+/// The error messages of a failed run, in Pulumi's own words: each `error:`
+/// entry of the `Diagnostics:` section with its continuation lines, joined
+/// and whitespace-normalised; failing that, the last lines of stderr.
 pub(crate) fn diagnostics(out: &CliOutput) -> String {
-    let all = format!("{}\n{}", out.stdout, out.stderr);
-    let errors: Vec<&str> = all
-        .lines()
-        .map(str::trim)
-        .filter_map(|l| l.strip_prefix("error: "))
-        .filter(|l| !l.starts_with("update failed") && !l.is_empty())
-        .collect();
-    let mut unique: Vec<&str> = Vec::new();
-    for e in errors {
-        if !unique.contains(&e) {
-            unique.push(e);
+    let mut messages: Vec<String> = Vec::new();
+    let mut current: Option<(usize, String)> = None;
+    let mut in_section = false;
+    let text = format!("{}\n{}", out.stdout, out.stderr);
+    for line in text.lines() {
+        if line.trim_end() == "Diagnostics:" {
+            in_section = true;
+            continue;
+        }
+        if !in_section {
+            continue;
+        }
+        let trimmed = line.trim();
+        let indent = line.len() - line.trim_start().len();
+        let is_continuation = matches!(&current, Some((at, _)) if indent >= *at)
+            && !trimmed.is_empty()
+            && !["error:", "warning:", "info:"]
+                .iter()
+                .any(|p| trimmed.starts_with(p));
+        if is_continuation {
+            if let Some((_, msg)) = current.as_mut() {
+                msg.push(' ');
+                msg.push_str(trimmed);
+            }
+            continue;
+        }
+        messages.extend(current.take().map(|(_, m)| m));
+        if indent == 0 && !trimmed.is_empty() {
+            in_section = false; // the next section ("Resources:", ...)
+        } else if let Some(rest) = trimmed.strip_prefix("error: ") {
+            current = Some((indent, rest.to_owned()));
+        }
+    }
+    messages.extend(current.map(|(_, m)| m));
+    let mut unique: Vec<String> = Vec::new();
+    for msg in messages {
+        let msg = msg.split_whitespace().collect::<Vec<_>>().join(" ");
+        if !msg.starts_with("update failed") && !unique.contains(&msg) {
+            unique.push(msg);
         }
     }
     if !unique.is_empty() {
@@ -144,12 +173,26 @@ mod tests {
     fn extracts_error_lines_from_diagnostics() {
         let out = CliOutput {
             success: false,
-            stdout: "Updating (abc):\n\nDiagnostics:\n  pulumi:pulumi:Stack (fail-abc):\n    error: this scenario fails on purpose (identity abc)\n    error: update failed\n".into(),
+            stdout: concat!(
+                "Updating (abc):\n",
+                " +  pulumi:pulumi:Stack fail-abc creating (0s) error: an unhandled error occurred: program failed:\n",
+                "Diagnostics:\n",
+                "  pulumi:pulumi:Stack (fail-abc):\n",
+                "    error: an unhandled error occurred: program failed:\n",
+                "    1 error occurred:\n",
+                "    \t* this scenario fails on purpose (identity abc)\n",
+                "\n",
+                "    error: update failed\n",
+                "Resources:\n",
+                "    + 1 created\n",
+            )
+            .into(),
             stderr: String::new(),
         };
         assert_eq!(
             diagnostics(&out),
-            "this scenario fails on purpose (identity abc)"
+            "an unhandled error occurred: program failed: 1 error occurred: \
+             * this scenario fails on purpose (identity abc)"
         );
         let stderr_only = CliOutput {
             success: false,

@@ -92,6 +92,9 @@ pub struct Deployment {
     pub state: StackState,
 }
 
+/// Written last into a compiled scenario's directory.
+const READY_MARK: &str = ".ready";
+
 /// Drives the `pulumi` CLI. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Driver {
@@ -138,21 +141,54 @@ impl Driver {
     }
 
     /// Validates the scenario in `dir` and compiles it once per digest.
+    ///
+    /// The compiled scenario is built in a staging directory and renamed into
+    /// `<cache>/scenarios/<digest>` in one step, so workers sharing a cache
+    /// never see a half-built one; the first rename wins.
     #[tracing::instrument(skip(self), err(Display))]
     pub async fn prepare(&self, dir: &Path) -> Result<PreparedScenario, DriverError> {
         let project = scenario::read_project(dir).await?;
         let digest = scenario::digest_dir(dir).await?;
-        let hex = digest.trim_start_matches("sha256:");
-        let target = self.scenarios_dir.join(hex);
-        let src = target.join("src");
-
-        let lock = self.compile_lock(hex);
-        let _guard = lock.lock().await;
+        let hex = digest.trim_start_matches("sha256:").to_owned();
+        let target = self.scenarios_dir.join(&hex);
         let binary = match &project.prebuilt_binary {
+            Some(rel) => target.join("src").join(rel),
+            None => target.join("main"),
+        };
+
+        let lock = self.compile_lock(&hex);
+        let _guard = lock.lock().await;
+        if !target.join(READY_MARK).is_file() {
+            self.build(dir, &project, &hex, &target).await?;
+        }
+        Ok(PreparedScenario {
+            digest,
+            project: project.name,
+            binary,
+        })
+    }
+
+    async fn build(
+        &self,
+        dir: &Path,
+        project: &scenario::ProjectInfo,
+        hex: &str,
+        target: &Path,
+    ) -> Result<(), DriverError> {
+        tokio::fs::create_dir_all(&self.scenarios_dir)
+            .await
+            .map_err(DriverError::io("creating", &self.scenarios_dir))?;
+        let staging = tempfile::Builder::new()
+            .prefix(&format!("{hex}.staging-"))
+            .tempdir_in(&self.scenarios_dir)
+            .map_err(DriverError::io(
+                "creating a staging directory in",
+                &self.scenarios_dir,
+            ))?;
+        let src = staging.path().join("src");
+        copy_dir(dir, &src).await?;
+        match &project.prebuilt_binary {
             Some(rel) => {
-                if !src.is_dir() {
-                    copy_dir(dir, &src).await?;
-                }
                 let binary = src.join(rel);
                 if !binary.is_file() {
                     return Err(DriverError::invalid(format!(
@@ -160,28 +196,27 @@ impl Driver {
                     )));
                 }
                 make_executable(&binary).await?;
-                binary
             }
             None => {
-                let binary = target.join("main");
-                if !binary.is_file() {
-                    if src.exists() {
-                        tokio::fs::remove_dir_all(&src)
-                            .await
-                            .map_err(DriverError::io("clearing", &src))?;
-                    }
-                    copy_dir(dir, &src).await?;
-                    tracing::info!(%digest, "compiling scenario");
-                    scenario::compile_go(&self.go, &src, &binary).await?;
-                }
-                binary
+                tracing::info!(digest = hex, "compiling scenario");
+                scenario::compile_go(&self.go, &src, &staging.path().join("main")).await?;
             }
-        };
-        Ok(PreparedScenario {
-            digest,
-            project: project.name,
-            binary,
-        })
+        }
+        let mark = staging.path().join(READY_MARK);
+        tokio::fs::write(&mark, b"")
+            .await
+            .map_err(DriverError::io("writing", &mark))?;
+        let staged = staging.keep();
+        if let Err(e) = tokio::fs::rename(&staged, target).await {
+            // Another process finished first: keep its build, drop ours.
+            let _ = tokio::fs::remove_dir_all(&staged).await;
+            if !target.join(READY_MARK).is_file() {
+                return Err(DriverError::io("moving the compiled scenario to", target)(
+                    e,
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Creates or updates the stack `identity` (in place), returning its
@@ -247,13 +282,14 @@ impl Driver {
         Ok(Deployment { outputs, state })
     }
 
-    /// Destroys every resource of the stack whose state is `state`.
+    /// Destroys every resource of the stack whose state is `state`, returning
+    /// the (now empty) state the CLI left.
     #[tracing::instrument(skip(self, scenario, state), fields(project = %scenario.project, stack = %state.stack), err(Display))]
     pub async fn destroy(
         &self,
         scenario: &PreparedScenario,
         state: &StackState,
-    ) -> Result<(), DriverError> {
+    ) -> Result<StackState, DriverError> {
         let ws = Workspace::create(
             &self.scratch_dir,
             scenario,
@@ -285,7 +321,10 @@ impl Driver {
                 state: state.map(Box::new),
             });
         }
-        Ok(())
+        let after = ws.read_state(&state.encryption_salt).await?;
+        after.ok_or_else(|| DriverError::StateCorrupt {
+            reason: "pulumi destroy succeeded but left no stack state".into(),
+        })
     }
 
     async fn run_ok(

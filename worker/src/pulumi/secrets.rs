@@ -15,17 +15,17 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use aes_gcm::{
-    Aes256Gcm, KeyInit, Nonce,
-    aead::{Aead, AeadCore, OsRng},
-};
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use cm_core::Secret;
 use rand::RngCore;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 
 use super::DriverError;
 
-const ROUNDS: u32 = 1_000_000;
+const ROUNDS: std::num::NonZeroU32 = match std::num::NonZeroU32::new(1_000_000) {
+    Some(n) => n,
+    None => unreachable!(),
+};
 const CHECK_MESSAGE: &str = "pulumi";
 
 type Key = [u8; 32];
@@ -88,10 +88,11 @@ impl Crypter {
         let salt_for_task = salt.clone();
         let key = tokio::task::spawn_blocking(move || {
             let mut key = [0u8; 32];
-            pbkdf2::pbkdf2_hmac::<sha2::Sha256>(
-                phrase.as_bytes(),
-                &salt_for_task,
+            ring::pbkdf2::derive(
+                ring::pbkdf2::PBKDF2_HMAC_SHA256,
                 ROUNDS,
+                &salt_for_task,
+                phrase.as_bytes(),
                 &mut key,
             );
             key
@@ -129,11 +130,22 @@ fn split_salt_state(state: &str) -> Result<(Vec<u8>, &str), DriverError> {
     }
 }
 
+fn cipher(key: &Key) -> Result<LessSafeKey, DriverError> {
+    UnboundKey::new(&AES_256_GCM, key)
+        .map(LessSafeKey::new)
+        .map_err(|_| corrupt("invalid AES-256 key"))
+}
+
 fn encrypt(key: &Key, plaintext: &str) -> Result<String, DriverError> {
-    let cipher = Aes256Gcm::new(key.into());
-    let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-    let sealed = cipher
-        .encrypt(&nonce, plaintext.as_bytes())
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let mut sealed = plaintext.as_bytes().to_vec();
+    cipher(key)?
+        .seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::empty(),
+            &mut sealed,
+        )
         .map_err(|_| corrupt("encryption failed"))?;
     Ok(format!("v1:{}:{}", B64.encode(nonce), B64.encode(sealed)))
 }
@@ -149,17 +161,20 @@ fn decrypt(key: &Key, value: &str) -> Result<String, DriverError> {
     let nonce = B64
         .decode(nonce)
         .map_err(|_| corrupt("secret nonce is not base64"))?;
-    let sealed = B64
+    let mut sealed = B64
         .decode(sealed)
         .map_err(|_| corrupt("secret ciphertext is not base64"))?;
-    if nonce.len() != 12 {
-        return Err(corrupt("secret nonce has the wrong length"));
-    }
-    let cipher = Aes256Gcm::new(key.into());
-    let plain = cipher
-        .decrypt(Nonce::from_slice(&nonce), sealed.as_slice())
+    let nonce: [u8; NONCE_LEN] = nonce
+        .try_into()
+        .map_err(|_| corrupt("secret nonce has the wrong length"))?;
+    let plain = cipher(key)?
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::empty(),
+            &mut sealed,
+        )
         .map_err(|_| corrupt("secret does not decrypt with the configured passphrase"))?;
-    String::from_utf8(plain).map_err(|_| corrupt("secret is not UTF-8"))
+    String::from_utf8(plain.to_vec()).map_err(|_| corrupt("secret is not UTF-8"))
 }
 
 #[cfg(test)]

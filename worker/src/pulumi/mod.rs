@@ -240,19 +240,28 @@ impl Driver {
             ("identity".to_owned(), identity.to_string()),
             ("additional".to_owned(), additional_json),
         ]);
+        // A new stack is an empty checkpoint written directly: no
+        // `pulumi stack init` run (~0.35 s) is needed.
+        let fresh;
+        let checkpoint = match previous {
+            Some(p) => &p.checkpoint,
+            None => {
+                fresh = serde_json::json!({"version": 3, "checkpoint": {
+                    "stack": format!("organization/{}/{identity}", scenario.project),
+                    "latest": null,
+                }});
+                &fresh
+            }
+        };
         let ws = Workspace::create(
             &self.scratch_dir,
             scenario,
             identity.as_str(),
             &salt,
             &config,
-            previous.map(|p| &p.checkpoint),
+            Some(checkpoint),
         )
         .await?;
-        if previous.is_none() {
-            self.run_ok(&ws, scenario, &["stack", "init", identity.as_str()])
-                .await?;
-        }
         let out = self
             .cli
             .run(
@@ -325,29 +334,6 @@ impl Driver {
         after.ok_or_else(|| DriverError::StateCorrupt {
             reason: "pulumi destroy succeeded but left no stack state".into(),
         })
-    }
-
-    async fn run_ok(
-        &self,
-        ws: &Workspace,
-        scenario: &PreparedScenario,
-        args: &[&str],
-    ) -> Result<(), DriverError> {
-        let out = self
-            .cli
-            .run(ws.path(), &scenario.project, &self.crypter, args)
-            .await?;
-        if out.success {
-            Ok(())
-        } else {
-            Err(DriverError::EngineUnavailable {
-                reason: format!(
-                    "pulumi {} failed: {}",
-                    args.join(" "),
-                    cli::diagnostics(&out)
-                ),
-            })
-        }
     }
 
     fn compile_lock(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {

@@ -36,10 +36,10 @@ impl Cli {
     pub(crate) fn new(pulumi: PathBuf, go: &Path, pulumi_home: PathBuf) -> Self {
         let mut dirs: Vec<PathBuf> = Vec::new();
         for bin in [pulumi.as_path(), go] {
-            if let Some(dir) = bin.parent().filter(|d| !d.as_os_str().is_empty()) {
-                if !dirs.iter().any(|d| d == dir) {
-                    dirs.push(dir.to_owned());
-                }
+            if let Some(dir) = bin.parent().filter(|d| !d.as_os_str().is_empty())
+                && !dirs.iter().any(|d| d == dir)
+            {
+                dirs.push(dir.to_owned());
             }
         }
         let mut path = std::env::join_paths(&dirs).unwrap_or_default();

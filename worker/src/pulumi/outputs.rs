@@ -119,10 +119,11 @@ fn into_outputs(mut outputs: BTreeMap<String, Value>) -> StackOutputs {
             .collect(),
         _ => Vec::new(),
     };
-    if let Some(Value::String(flag)) = outputs.remove("flag") {
-        if flags.is_empty() && !flag.is_empty() {
-            flags.push(flag);
-        }
+    if let Some(Value::String(flag)) = outputs.remove("flag")
+        && flags.is_empty()
+        && !flag.is_empty()
+    {
+        flags.push(flag);
     }
     StackOutputs {
         connection_info,

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: installs what is missing (Debian
+# packages, Pulumi built from its Go modules, cached), checks formatting and
+# lints, then runs every test of the workspace against the real nats-server,
+# etcd and pulumi (tests start their own servers on free loopback ports).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/dev.sh install
+PULUMI_BIN_DIR="$(scripts/install-pulumi.sh)"
+export PATH="$PULUMI_BIN_DIR:$PATH"
+
+echo "== cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "== cargo clippy" >&2
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test" >&2
+cargo test --workspace --locked -- --test-threads="${CM_TEST_THREADS:-4}"

@@ -69,21 +69,43 @@ fn raw_pulumi_up(pulumi: &Path, binary: &Path, identity: &Identity) -> Duration 
     };
     for args in [
         vec!["stack", "init", identity.as_str(), "--non-interactive"],
-        vec!["config", "set", "identity", identity.as_str(), "--stack", identity.as_str()],
+        vec![
+            "config",
+            "set",
+            "identity",
+            identity.as_str(),
+            "--stack",
+            identity.as_str(),
+        ],
     ] {
         let mut cmd = Command::new(pulumi);
         cmd.args(&args);
         env(&mut cmd);
         let out = cmd.output().expect("pulumi");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let mut cmd = Command::new(pulumi);
-    cmd.args(["up", "--yes", "--skip-preview", "--non-interactive", "--stack", identity.as_str()]);
+    cmd.args([
+        "up",
+        "--yes",
+        "--skip-preview",
+        "--non-interactive",
+        "--stack",
+        identity.as_str(),
+    ]);
     env(&mut cmd);
     let started = Instant::now();
     let out = cmd.output().expect("pulumi up");
     let elapsed = started.elapsed();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     elapsed
 }
 
@@ -98,13 +120,18 @@ async fn main() {
     let mut rows = Vec::new();
 
     // First deploy: a fresh scenario cache every time (compile + up).
-    let mut first = Row { name: "first deploy (compile + up)", samples: vec![] };
+    let mut first = Row {
+        name: "first deploy (compile + up)",
+        samples: vec![],
+    };
     for _ in 0..iters.min(3) {
         let cache = tempfile::tempdir().expect("tempdir");
         let d = driver(cache.path());
         let started = Instant::now();
         let scenario = d.prepare(&example).await.expect("prepare");
-        d.up(&scenario, &Identity::random(), &none, None).await.expect("up");
+        d.up(&scenario, &Identity::random(), &none, None)
+            .await
+            .expect("up");
         first.samples.push(started.elapsed());
     }
 
@@ -112,13 +139,27 @@ async fn main() {
     let d = driver(cache.path());
     let scenario = d.prepare(&example).await.expect("prepare");
     // Warm the passphrase key cache and the OS page cache once.
-    d.up(&scenario, &Identity::random(), &none, None).await.expect("warm-up");
+    d.up(&scenario, &Identity::random(), &none, None)
+        .await
+        .expect("warm-up");
 
     let (mut create, mut update, mut destroy, mut raw) = (
-        Row { name: "driver: new stack (up)", samples: vec![] },
-        Row { name: "driver: update in place (up)", samples: vec![] },
-        Row { name: "driver: destroy", samples: vec![] },
-        Row { name: "raw `pulumi up` (new stack)", samples: vec![] },
+        Row {
+            name: "driver: new stack (up)",
+            samples: vec![],
+        },
+        Row {
+            name: "driver: update in place (up)",
+            samples: vec![],
+        },
+        Row {
+            name: "driver: destroy",
+            samples: vec![],
+        },
+        Row {
+            name: "raw `pulumi up` (new stack)",
+            samples: vec![],
+        },
     );
     let changed = BTreeMap::from([("connection_prefix".to_owned(), "ssh://".to_owned())]);
     let pulumi = cm_testkit::pulumi();
@@ -129,21 +170,34 @@ async fn main() {
         create.samples.push(started.elapsed());
 
         let started = Instant::now();
-        let updated = d.up(&scenario, &identity, &changed, Some(&deployed.state)).await.expect("update");
+        let updated = d
+            .up(&scenario, &identity, &changed, Some(&deployed.state))
+            .await
+            .expect("update");
         update.samples.push(started.elapsed());
 
         let started = Instant::now();
         d.destroy(&scenario, &updated.state).await.expect("destroy");
         destroy.samples.push(started.elapsed());
 
-        raw.samples.push(raw_pulumi_up(&pulumi, &scenario.binary, &Identity::random()));
+        raw.samples.push(raw_pulumi_up(
+            &pulumi,
+            &scenario.binary,
+            &Identity::random(),
+        ));
     }
     let floor = raw.median();
     rows.extend([first, create, update, destroy, raw]);
 
     println!();
-    println!("Pulumi driver bench: {iters} iterations, identity example, {}", pulumi.display());
-    println!("{:<32} {:>4} {:>10} {:>10} {:>10} {:>12}", "operation", "n", "median", "min", "max", "vs raw up");
+    println!(
+        "Pulumi driver bench: {iters} iterations, identity example, {}",
+        pulumi.display()
+    );
+    println!(
+        "{:<32} {:>4} {:>10} {:>10} {:>10} {:>12}",
+        "operation", "n", "median", "min", "max", "vs raw up"
+    );
     for row in &rows {
         println!(
             "{:<32} {:>4} {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>11.2}x",

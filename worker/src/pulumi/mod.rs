@@ -207,16 +207,21 @@ impl Driver {
             .await
             .map_err(DriverError::io("writing", &mark))?;
         let staged = staging.keep();
-        if let Err(e) = tokio::fs::rename(&staged, target).await {
+        if tokio::fs::rename(&staged, target).await.is_ok() {
+            return Ok(());
+        }
+        if target.join(READY_MARK).is_file() {
             // Another process finished first: keep its build, drop ours.
             let _ = tokio::fs::remove_dir_all(&staged).await;
-            if !target.join(READY_MARK).is_file() {
-                return Err(DriverError::io("moving the compiled scenario to", target)(
-                    e,
-                ));
-            }
+            return Ok(());
         }
-        Ok(())
+        // An incomplete directory from an older layout: replace it.
+        let _ = tokio::fs::remove_dir_all(target).await;
+        let moved = tokio::fs::rename(&staged, target).await;
+        if moved.is_err() {
+            let _ = tokio::fs::remove_dir_all(&staged).await;
+        }
+        moved.map_err(DriverError::io("moving the compiled scenario to", target))
     }
 
     /// Creates or updates the stack `identity` (in place), returning its

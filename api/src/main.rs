@@ -28,7 +28,7 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _telemetry = cm_core::telemetry::init("cm-api");
+    let _telemetry = cm_core::telemetry::init("cm-api")?;
     anyhow::bail!(
         "the API is not implemented yet (NATS {}, etcd {:?}, listen {}): see issue 3",
         cli.nats_url,

@@ -1,16 +1,29 @@
 //! The shared library of the api, worker and janitor: the domain model, the
-//! etcd store and the telemetry setup.
+//! etcd store and locks, the queue contract and the telemetry setup.
 //!
 //! # Layout
+//! - [`error`]: [`DomainError`], a gRPC code and a client-safe message.
+//! - [`ids`]: validation of user ids and their encoding into subjects and keys.
 //! - [`identity`]: the random 16-hex-character names of deployed infrastructure.
+//! - [`model`]: challenge and instance records, the `until` rules.
+//! - [`store`]: the etcd store (revision-guarded transactions).
+//! - [`lock`]: leases and reader/writer locks on etcd.
+//! - [`queue`]: streams, subjects, headers and trace-context propagation.
 //! - [`secret`]: a wrapper that keeps secrets (passphrases, tokens) out of logs.
 //! - [`telemetry`]: logging/tracing setup, one function returning a guard.
 //! - [`tools`]: finding `pulumi` and `go`, with the setup hint when missing.
 
+pub mod error;
 pub mod identity;
+pub mod ids;
+pub mod lock;
+pub mod model;
+pub mod queue;
 pub mod secret;
+pub mod store;
 pub mod telemetry;
 pub mod tools;
 
+pub use error::DomainError;
 pub use identity::Identity;
 pub use secret::Secret;

@@ -1,34 +1,98 @@
-//! Telemetry setup in one call: structured logs via `tracing`.
+//! Telemetry setup in one call: structured logs via `tracing`, W3C trace
+//! context propagation, and OTLP trace export when configured.
 //!
-//! Log filtering follows `RUST_LOG` (default `info`); `CM_LOG_FORMAT=json`
-//! switches to JSON lines. OTLP export of traces and metrics plugs in here.
+//! - Logs: `RUST_LOG` filters (default `info`); `CM_LOG_FORMAT=json` gives
+//!   JSON lines on stderr.
+//! - Traces: exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set and `OTEL_TRACES_EXPORTER` is
+//!   not `none`; `OTEL_EXPORTER_OTLP_PROTOCOL` chooses `grpc` (default) or
+//!   `http/protobuf`; `OTEL_SERVICE_NAME` overrides the service name; the
+//!   SDK reads the other standard `OTEL_*` variables (sampler, batch sizes).
 
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing_subscriber::{EnvFilter, Layer, Registry, fmt, prelude::*};
 
-/// Keeps telemetry alive; flushes on drop.
+/// Keeps telemetry alive; flushes and shuts the exporters down on drop.
 #[derive(Debug)]
 pub struct TelemetryGuard {
-    _private: (),
+    provider: Option<SdkTracerProvider>,
 }
 
-/// Installs the global tracing subscriber for a binary named `service`.
-///
-/// Safe to call once per process; a second call is a no-op.
-pub fn init(service: &'static str) -> TelemetryGuard {
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.force_flush();
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// Why OTLP export could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("OTLP exporter: {0}")]
+pub struct TelemetryError(String);
+
+/// Installs logging, propagation and (when configured) OTLP export for `service`.
+pub fn init(service: &'static str) -> Result<TelemetryGuard, TelemetryError> {
+    let provider = if otlp_configured() {
+        Some(otlp_provider(service)?)
+    } else {
+        None
+    };
+    Ok(install(service, provider))
+}
+
+/// Installs logging and propagation with a given tracer provider (tests use
+/// an in-memory exporter). A second call in one process keeps the first setup.
+pub fn install(service: &'static str, provider: Option<SdkTracerProvider>) -> TelemetryGuard {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("CM_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let registry = tracing_subscriber::registry().with(filter);
-    let result = if json {
-        registry
-            .with(fmt::layer().json().with_writer(std::io::stderr))
-            .try_init()
+    let logs: Box<dyn Layer<Registry> + Send + Sync> = if json {
+        fmt::layer().json().with_writer(std::io::stderr).boxed()
     } else {
-        registry
-            .with(fmt::layer().with_writer(std::io::stderr))
-            .try_init()
+        fmt::layer().with_writer(std::io::stderr).boxed()
     };
-    if result.is_ok() {
-        tracing::debug!(service, "telemetry initialised");
+    let otel = provider.as_ref().map(|p| {
+        opentelemetry::global::set_tracer_provider(p.clone());
+        tracing_opentelemetry::layer().with_tracer(p.tracer(service))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(logs)
+        .with(otel)
+        .with(filter)
+        .try_init();
+    TelemetryGuard { provider }
+}
+
+fn otlp_configured() -> bool {
+    let exporter_off = std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v == "none");
+    let endpoint = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()));
+    endpoint && !exporter_off
+}
+
+fn otlp_provider(service: &'static str) -> Result<SdkTracerProvider, TelemetryError> {
+    use opentelemetry_otlp::{SpanExporter, WithExportConfig};
+    let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_else(|_| "grpc".into());
+    let exporter = match protocol.as_str() {
+        "http/protobuf" => SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .build(),
+        _ => SpanExporter::builder().with_tonic().build(),
     }
-    TelemetryGuard { _private: () }
+    .map_err(|e| TelemetryError(e.to_string()))?;
+    let name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(Resource::builder().with_service_name(name).build())
+        .build())
 }

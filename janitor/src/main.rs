@@ -30,7 +30,7 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _telemetry = cm_core::telemetry::init("cm-janitor");
+    let _telemetry = cm_core::telemetry::init("cm-janitor")?;
     anyhow::bail!(
         "the janitor is not implemented yet (NATS {}, etcd {:?}, every {:?}): see issue 4",
         cli.nats_url,

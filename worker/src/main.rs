@@ -123,7 +123,7 @@ impl PulumiArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _telemetry = cm_core::telemetry::init("cm-worker");
+    let _telemetry = cm_core::telemetry::init("cm-worker")?;
     match cli.command {
         Command::Scenario(cmd) => scenario(&cli.pulumi, cmd).await,
     }

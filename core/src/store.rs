@@ -1,0 +1,367 @@
+//! The etcd store: records under one root prefix, written in transactions
+//! guarded by revision (compare-and-swap) so a retried command is idempotent.
+//!
+//! # Keys (ids encoded with [`crate::ids::encode`])
+//! ```text
+//! <root>/challenge/<cid>                    ChallengeRecord (JSON)
+//! <root>/instance/<cid>/claimed/<sid>       InstanceRecord of a source's instance
+//! <root>/instance/<cid>/pool/<identity>     InstanceRecord of a pooled instance
+//! <root>/source/<sid>/<cid>                 copy of the claimed record (query by source: one read)
+//! <root>/stack/<cid>/<identity>             Pulumi stack state (JSON, kept apart: reads stay light)
+//! <root>/operation/<command id>             Operation (pending/succeeded/failed + result)
+//! <root>/lock/...                           see `lock`
+//! ```
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::{
+    DomainError, Identity, ids,
+    model::{ChallengeRecord, InstanceRecord},
+};
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// etcd could not be reached or refused the request; retry later.
+    #[error("etcd unavailable: {0}")]
+    Unavailable(#[from] etcd_client::Error),
+    /// A stored value does not parse.
+    #[error("record {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+    /// A guarded write lost against a concurrent one.
+    #[error("conflicting concurrent write on {key}")]
+    Conflict { key: String },
+}
+
+impl From<StoreError> for DomainError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => {
+                DomainError::unavailable("the store is unavailable, retry later")
+            }
+            StoreError::Corrupt { .. } => DomainError::internal("internal error"),
+            StoreError::Conflict { .. } => DomainError::new(
+                cm_schemas::v1::Code::Aborted,
+                "a concurrent change won, retry",
+            ),
+        }
+    }
+}
+
+/// A value with the revision it was last modified at.
+#[derive(Debug, Clone)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub mod_revision: i64,
+}
+
+/// What a guarded write expects to find.
+#[derive(Debug, Clone, Copy)]
+pub enum Expect {
+    /// The key must not exist.
+    Absent,
+    /// The key must still be at this modification revision.
+    Revision(i64),
+}
+
+/// Connection options for etcd.
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// `(user, password)` for etcd authentication.
+    pub user: Option<(String, crate::Secret<String>)>,
+}
+
+/// The etcd store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    root: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Connects to `endpoints`; records live under `root` (e.g. `/cm`).
+    pub async fn connect(
+        endpoints: &[String],
+        root: &str,
+        options: &StoreOptions,
+    ) -> Result<Self, StoreError> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(std::time::Duration::from_secs(5))
+            .with_timeout(std::time::Duration::from_secs(10))
+            .with_keep_alive(
+                std::time::Duration::from_secs(10),
+                std::time::Duration::from_secs(5),
+            );
+        if let Some((user, password)) = &options.user {
+            opts = opts.with_user(user.clone(), password.expose().clone());
+        }
+        let client = Client::connect(endpoints, Some(opts)).await?;
+        Ok(Self::from_client(client, root))
+    }
+
+    /// Wraps an existing client.
+    pub fn from_client(client: Client, root: &str) -> Self {
+        Self {
+            client,
+            root: root.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// The etcd client (for locks and leases).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The root prefix.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    fn challenge_key(&self, cid: &str) -> String {
+        format!("{}/challenge/{}", self.root, ids::encode(cid))
+    }
+    fn instances_prefix(&self, cid: &str) -> String {
+        format!("{}/instance/{}/", self.root, ids::encode(cid))
+    }
+    fn claimed_key(&self, cid: &str, sid: &str) -> String {
+        format!("{}claimed/{}", self.instances_prefix(cid), ids::encode(sid))
+    }
+    fn pooled_key(&self, cid: &str, identity: &Identity) -> String {
+        format!("{}pool/{identity}", self.instances_prefix(cid))
+    }
+    fn source_key(&self, sid: &str, cid: &str) -> String {
+        format!(
+            "{}/source/{}/{}",
+            self.root,
+            ids::encode(sid),
+            ids::encode(cid)
+        )
+    }
+    fn stack_key(&self, cid: &str, identity: &Identity) -> String {
+        format!("{}/stack/{}/{identity}", self.root, ids::encode(cid))
+    }
+    fn operation_key(&self, id: &str) -> String {
+        format!("{}/operation/{}", self.root, ids::encode(id))
+    }
+
+    /// The key of an instance record (claimed or pooled).
+    fn instance_key(&self, rec: &InstanceRecord) -> String {
+        match &rec.source_id {
+            Some(sid) => self.claimed_key(&rec.challenge_id, sid),
+            None => self.pooled_key(&rec.challenge_id, &rec.identity),
+        }
+    }
+
+    // ---- challenges -------------------------------------------------------
+
+    /// One challenge.
+    pub async fn get_challenge(
+        &self,
+        cid: &str,
+    ) -> Result<Option<Versioned<ChallengeRecord>>, StoreError> {
+        self.get_json(&self.challenge_key(cid)).await
+    }
+
+    /// Every challenge, ordered by id encoding.
+    pub async fn list_challenges(&self) -> Result<Vec<ChallengeRecord>, StoreError> {
+        self.list_json(&format!("{}/challenge/", self.root)).await
+    }
+
+    /// Writes a challenge if the guard holds; `Conflict` otherwise.
+    pub async fn put_challenge(
+        &self,
+        rec: &ChallengeRecord,
+        expect: Expect,
+    ) -> Result<(), StoreError> {
+        let key = self.challenge_key(&rec.id);
+        let value = to_json(&key, rec)?;
+        self.guarded(&key, expect, vec![TxnOp::put(key.clone(), value, None)])
+            .await
+    }
+
+    /// Deletes a challenge record (its instances are deleted one by one first).
+    pub async fn delete_challenge(&self, cid: &str) -> Result<(), StoreError> {
+        self.client
+            .clone()
+            .delete(self.challenge_key(cid), None)
+            .await?;
+        Ok(())
+    }
+
+    // ---- instances --------------------------------------------------------
+
+    /// The instance claimed by `sid` on `cid`.
+    pub async fn get_instance(
+        &self,
+        cid: &str,
+        sid: &str,
+    ) -> Result<Option<Versioned<InstanceRecord>>, StoreError> {
+        self.get_json(&self.claimed_key(cid, sid)).await
+    }
+
+    /// Every instance of a challenge, claimed and pooled.
+    pub async fn list_instances(&self, cid: &str) -> Result<Vec<InstanceRecord>, StoreError> {
+        self.list_json(&self.instances_prefix(cid)).await
+    }
+
+    /// Every instance claimed by a source, across challenges.
+    pub async fn list_by_source(&self, sid: &str) -> Result<Vec<InstanceRecord>, StoreError> {
+        self.list_json(&format!("{}/source/{}/", self.root, ids::encode(sid)))
+            .await
+    }
+
+    /// Writes an instance record (and its source index, and the stack state
+    /// when given) in one transaction guarded by `expect` on the record key.
+    pub async fn put_instance(
+        &self,
+        rec: &InstanceRecord,
+        stack: Option<&[u8]>,
+        expect: Expect,
+    ) -> Result<(), StoreError> {
+        let key = self.instance_key(rec);
+        let value = to_json(&key, rec)?;
+        let mut ops = vec![TxnOp::put(key.clone(), value.clone(), None)];
+        if let Some(sid) = &rec.source_id {
+            ops.push(TxnOp::put(
+                self.source_key(sid, &rec.challenge_id),
+                value,
+                None,
+            ));
+        }
+        if let Some(stack) = stack {
+            ops.push(TxnOp::put(
+                self.stack_key(&rec.challenge_id, &rec.identity),
+                stack.to_vec(),
+                None,
+            ));
+        }
+        self.guarded(&key, expect, ops).await
+    }
+
+    /// Deletes an instance record, its source index and its stack state.
+    pub async fn delete_instance(&self, rec: &InstanceRecord) -> Result<(), StoreError> {
+        let mut ops = vec![
+            TxnOp::delete(self.instance_key(rec), None),
+            TxnOp::delete(self.stack_key(&rec.challenge_id, &rec.identity), None),
+        ];
+        if let Some(sid) = &rec.source_id {
+            ops.push(TxnOp::delete(self.source_key(sid, &rec.challenge_id), None));
+        }
+        self.client.clone().txn(Txn::new().and_then(ops)).await?;
+        Ok(())
+    }
+
+    /// The stored Pulumi stack state of an instance.
+    pub async fn get_stack(
+        &self,
+        cid: &str,
+        identity: &Identity,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let resp = self
+            .client
+            .clone()
+            .get(self.stack_key(cid, identity), None)
+            .await?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    // ---- operations -------------------------------------------------------
+
+    /// An operation record (raw protobuf-JSON bytes, see the api/worker).
+    pub async fn get_operation(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let resp = self
+            .client
+            .clone()
+            .get(self.operation_key(id), None)
+            .await?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    /// Writes an operation record, attached to `lease` (0: none) so that
+    /// records expire with it.
+    pub async fn put_operation(
+        &self,
+        id: &str,
+        value: Vec<u8>,
+        lease: i64,
+    ) -> Result<(), StoreError> {
+        let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+        self.client
+            .clone()
+            .put(self.operation_key(id), value, opts)
+            .await?;
+        Ok(())
+    }
+
+    // ---- helpers ----------------------------------------------------------
+
+    async fn guarded(&self, key: &str, expect: Expect, ops: Vec<TxnOp>) -> Result<(), StoreError> {
+        let compare = match expect {
+            Expect::Absent => Compare::version(key, CompareOp::Equal, 0),
+            Expect::Revision(rev) => Compare::mod_revision(key, CompareOp::Equal, rev),
+        };
+        let resp = self
+            .client
+            .clone()
+            .txn(Txn::new().when([compare]).and_then(ops))
+            .await?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict {
+                key: key.to_owned(),
+            })
+        }
+    }
+
+    async fn get_json<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<Versioned<T>>, StoreError> {
+        let resp = self.client.clone().get(key, None).await?;
+        resp.kvs()
+            .first()
+            .map(|kv| {
+                Ok(Versioned {
+                    value: from_json(key, kv.value())?,
+                    mod_revision: kv.mod_revision(),
+                })
+            })
+            .transpose()
+    }
+
+    async fn list_json<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, StoreError> {
+        let resp = self
+            .client
+            .clone()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
+        resp.kvs()
+            .iter()
+            .map(|kv| from_json(&String::from_utf8_lossy(kv.key()), kv.value()))
+            .collect()
+    }
+}
+
+fn to_json<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn from_json<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}

@@ -260,3 +260,40 @@ async fn wait_turn(
         }
     }
 }
+
+/// A lease records are attached to so that they expire on their own (e.g.
+/// operation records after a day). A new lease is granted every
+/// `ttl - keep`, so a record lives between `keep` and `ttl` seconds.
+pub struct RetentionLease {
+    client: Client,
+    ttl: i64,
+    keep: i64,
+    current: tokio::sync::Mutex<Option<(i64, std::time::Instant)>>,
+}
+
+impl std::fmt::Debug for RetentionLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetentionLease").field("ttl", &self.ttl).finish_non_exhaustive()
+    }
+}
+
+impl RetentionLease {
+    /// Records live at least `keep` seconds and at most `ttl`.
+    pub fn new(client: Client, keep: i64, ttl: i64) -> Self {
+        Self { client, ttl: ttl.max(keep + 1), keep, current: tokio::sync::Mutex::new(None) }
+    }
+
+    /// The lease to attach a record to now.
+    pub async fn id(&self) -> Result<i64, StoreError> {
+        let mut current = self.current.lock().await;
+        let fresh_for = Duration::from_secs((self.ttl - self.keep).max(1) as u64);
+        if let Some((id, granted)) = *current {
+            if granted.elapsed() < fresh_for {
+                return Ok(id);
+            }
+        }
+        let id = self.client.clone().lease_grant(self.ttl, None).await?.id();
+        *current = Some((id, std::time::Instant::now()));
+        Ok(id)
+    }
+}

@@ -63,6 +63,8 @@ pub enum Expect {
     Absent,
     /// The key must still be at this modification revision.
     Revision(i64),
+    /// No guard: the caller holds a lock that excludes concurrent writers.
+    Any,
 }
 
 /// Connection options for etcd.
@@ -306,13 +308,14 @@ impl Store {
 
     async fn guarded(&self, key: &str, expect: Expect, ops: Vec<TxnOp>) -> Result<(), StoreError> {
         let compare = match expect {
-            Expect::Absent => Compare::version(key, CompareOp::Equal, 0),
-            Expect::Revision(rev) => Compare::mod_revision(key, CompareOp::Equal, rev),
+            Expect::Absent => vec![Compare::version(key, CompareOp::Equal, 0)],
+            Expect::Revision(rev) => vec![Compare::mod_revision(key, CompareOp::Equal, rev)],
+            Expect::Any => Vec::new(),
         };
         let resp = self
             .client
             .clone()
-            .txn(Txn::new().when([compare]).and_then(ops))
+            .txn(Txn::new().when(compare).and_then(ops))
             .await?;
         if resp.succeeded() {
             Ok(())

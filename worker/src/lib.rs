@@ -2,7 +2,102 @@
 //! Pulumi and writes records and results back.
 //!
 //! # Layout
-//! - [`pulumi`]: the Pulumi driver (scratch workspaces, compile cache,
-//!   outputs and secrets), the only place that runs the CLI.
+//! - [`run`]: connects, ensures the streams, consumes until shutdown.
+//! - [`consumer`]: the pull loop and how each command is settled (ack, nak
+//!   with backoff, dead letter, in-progress acks).
+//! - [`handlers`]: one file per command (`instance_create.rs`, ...).
+//! - [`context`]: what handlers share (store, queue, driver, locks).
+//! - [`pulumi`]: the Pulumi driver, the only place that runs the CLI.
 
+pub mod consumer;
+pub mod context;
+pub mod handlers;
 pub mod pulumi;
+
+use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+
+use cm_core::{
+    lock::{RetentionLease, Session},
+    queue::{self, QueueConfig},
+    store::{Store, StoreOptions},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{context::Ctx, pulumi::Driver};
+
+/// Everything a worker needs to run.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub nats_url: String,
+    pub etcd_endpoints: Vec<String>,
+    pub etcd_root: String,
+    pub store: StoreOptions,
+    pub queue: QueueConfig,
+    /// Commands processed at once by this worker.
+    pub concurrency: usize,
+    /// Scenario references resolve under this directory.
+    pub scenarios_dir: PathBuf,
+    pub driver: pulumi::DriverConfig,
+    pub lock_timeout: Duration,
+    /// TTL of the lease binding this worker's locks (seconds).
+    pub lease_ttl: i64,
+    /// How long in-flight commands may finish after shutdown is asked.
+    pub shutdown_grace: Duration,
+}
+
+/// Why the worker could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error(transparent)]
+    Store(#[from] cm_core::store::StoreError),
+    #[error(transparent)]
+    Driver(#[from] pulumi::DriverError),
+}
+
+/// Runs a worker until `shutdown` completes, then drains in-flight commands
+/// (within the grace period) and revokes its lease.
+pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+    let driver = Arc::new(Driver::new(config.driver.clone())?);
+    let nats = async_nats::ConnectOptions::new()
+        .name("cm-worker")
+        .connect(config.nats_url.as_str())
+        .await
+        .map_err(|e| WorkerError::Nats(e.to_string()))?;
+    let js = async_nats::jetstream::new(nats.clone());
+    queue::ensure_streams(&js, &config.queue)
+        .await
+        .map_err(|e| WorkerError::Nats(e.to_string()))?;
+    let store = Store::connect(&config.etcd_endpoints, &config.etcd_root, &config.store).await?;
+    let session = Session::start(store.client(), config.lease_ttl).await?;
+    let retention = Arc::new(RetentionLease::new(store.client(), 24 * 3600, 25 * 3600));
+    let ctx = Arc::new(Ctx {
+        store,
+        nats: nats.clone(),
+        js,
+        driver,
+        session,
+        queue: config.queue.clone(),
+        scenarios_dir: config.scenarios_dir.clone(),
+        lock_timeout: config.lock_timeout,
+    });
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    let consume = consumer::run(ctx.clone(), retention, config.concurrency, token, config.shutdown_grace);
+    tokio::pin!(consume);
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        r = &mut consume => r,
+        _ = &mut shutdown => {
+            tracing::info!("shutting down: no new commands, finishing in-flight ones");
+            trigger.cancel();
+            consume.await
+        }
+    };
+    if let Ok(ctx) = Arc::try_unwrap(ctx) {
+        ctx.session.close().await;
+    }
+    let _ = nats.flush().await;
+    result.map_err(|e| WorkerError::Nats(e.to_string()))
+}

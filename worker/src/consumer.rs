@@ -1,0 +1,326 @@
+//! The consume loop: pulls commands from the shared durable consumer, runs
+//! each under its parent trace, and settles it.
+//!
+//! Outcomes, as JetStream acks:
+//! - handled (success or a final domain error): operation record written,
+//!   result event published, reply sent when the API waits, then `Ack`;
+//! - retryable failure: `Nak(backoff)`, until `max_deliver`, then dead letter;
+//! - undecodable or invalid command: dead letter at once, `Term`;
+//! - while a handler runs, `Progress` every third of `ack_wait`.
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::{
+    HeaderMap,
+    jetstream::{AckKind, Message},
+};
+use bytes::Bytes;
+use cm_core::{
+    DomainError,
+    lock::RetentionLease,
+    model::now,
+    queue::{self, CommandKind},
+};
+use cm_schemas::v1::{Command, CommandResult, Operation, command_result::Outcome, operation::State};
+use futures::StreamExt;
+use prost::Message as _;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::{
+    context::Ctx,
+    handlers::{self, HandlerError},
+};
+
+/// Pulls and processes commands until `shutdown`, at most `concurrency` at once.
+pub async fn run(
+    ctx: Arc<Ctx>,
+    retention: Arc<RetentionLease>,
+    concurrency: usize,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> Result<(), async_nats::Error> {
+    let consumer = queue::workers_consumer(&ctx.js, &ctx.queue).await?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(concurrency)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await?;
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = tokio::task::JoinSet::new();
+    tracing::info!(concurrency, "worker consuming commands");
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => p?,
+        };
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = messages.next() => m,
+        };
+        match next {
+            Some(Ok(message)) => {
+                let (ctx, retention) = (ctx.clone(), retention.clone());
+                tasks.spawn(async move {
+                    process(&ctx, &retention, message).await;
+                    drop(permit);
+                });
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "pull failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            None => break,
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    // Graceful: let in-flight commands finish within the grace period; the
+    // rest are redelivered after ack_wait (their Pulumi processes are killed).
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drain).await.is_err() {
+        tracing::warn!(remaining = tasks.len(), "grace period over; abandoning in-flight commands");
+        tasks.abort_all();
+    }
+    Ok(())
+}
+
+async fn process(ctx: &Ctx, retention: &RetentionLease, message: Message) {
+    let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+    let command = match Command::decode(message.payload.clone()) {
+        Ok(c) if c.request.is_some() && !c.command_id.is_empty() => c,
+        Ok(_) => return dead_letter(ctx, &message, None, "command without id or request", delivered).await,
+        Err(e) => {
+            let reason = format!("undecodable command: {e}");
+            return dead_letter(ctx, &message, None, &reason, delivered).await;
+        }
+    };
+    let Some(request) = &command.request else { return };
+    let (kind, challenge_id) = CommandKind::of(request);
+    let span = tracing::info_span!(
+        "process",
+        otel.name = %format!("process cm.cmd.{kind}"),
+        otel.kind = "consumer",
+        messaging.system = "nats",
+        messaging.operation.type = "process",
+        messaging.destination.name = %message.subject,
+        messaging.message.id = %command.command_id,
+        cm.command.kind = %kind,
+        cm.challenge.id = %challenge_id,
+        cm.delivery = delivered,
+    );
+    if let Err(e) = span.set_parent(queue::extract_trace_context(message.headers.as_ref())) {
+        tracing::debug!(error = %e, "trace context not attached");
+    }
+    settle(ctx, retention, &message, &command, kind, challenge_id, delivered)
+        .instrument(span)
+        .await;
+}
+
+async fn settle(
+    ctx: &Ctx,
+    retention: &RetentionLease,
+    message: &Message,
+    command: &Command,
+    kind: CommandKind,
+    challenge_id: &str,
+    delivered: i64,
+) {
+    // Already settled (a redelivery after the result was recorded): answer again.
+    if let Ok(Some(bytes)) = ctx.store.get_operation(&command.command_id).await {
+        if let Ok(op) = serde_json::from_slice::<Operation>(&bytes) {
+            if op.state != State::Pending as i32 {
+                if let Some(result) = op.result {
+                    reply(ctx, message, &result).await;
+                }
+                ack(message, AckKind::Ack).await;
+                return;
+            }
+        }
+    }
+
+    let progress = CancellationToken::new();
+    let ticker = tokio::spawn(keep_in_progress(message.clone(), ctx.queue.ack_wait, progress.clone()));
+    let outcome = handlers::handle(ctx, command).await;
+    progress.cancel();
+    let _ = ticker.await;
+
+    let result = match outcome {
+        Ok(outcome) => result_of(command, Ok(outcome)),
+        Err(HandlerError::Domain(e)) => {
+            tracing::info!(code = ?e.code, message = %e.message, "command refused");
+            result_of(command, Err(e))
+        }
+        Err(HandlerError::Retry(reason)) if delivered < ctx.queue.max_deliver => {
+            let delay = queue::backoff_delay(&ctx.queue, delivered);
+            tracing::warn!(%reason, ?delay, delivered, "command failed; retrying later");
+            ack(message, AckKind::Nak(Some(delay))).await;
+            return;
+        }
+        Err(HandlerError::Retry(reason)) => {
+            tracing::error!(%reason, delivered, "command failed too often; dead-lettering");
+            dead_letter(ctx, message, Some((kind, challenge_id)), &reason, delivered).await;
+            let e = DomainError::unavailable(format!(
+                "the command failed {delivered} times and was set aside for an operator"
+            ));
+            let result = result_of(command, Err(e));
+            if let Err(e) = record(ctx, retention, command, kind, &result).await {
+                tracing::warn!(error = %e, "recording the dead-lettered result failed");
+            }
+            publish_event(ctx, kind, challenge_id, &result).await;
+            reply(ctx, message, &result).await;
+            return;
+        }
+    };
+    if let Err(e) = record(ctx, retention, command, kind, &result).await {
+        // Not settled: let it come back and try to record again.
+        tracing::warn!(error = %e, "recording the result failed; retrying later");
+        ack(message, AckKind::Nak(Some(queue::backoff_delay(&ctx.queue, delivered)))).await;
+        return;
+    }
+    publish_event(ctx, kind, challenge_id, &result).await;
+    reply(ctx, message, &result).await;
+    ack(message, AckKind::Ack).await;
+}
+
+fn result_of(command: &Command, outcome: Result<Outcome, DomainError>) -> CommandResult {
+    CommandResult {
+        command_id: command.command_id.clone(),
+        finished_at: Some(now()),
+        outcome: Some(match outcome {
+            Ok(o) => o,
+            Err(e) => Outcome::Failure(e.to_failure()),
+        }),
+    }
+}
+
+async fn record(
+    ctx: &Ctx,
+    retention: &RetentionLease,
+    command: &Command,
+    kind: CommandKind,
+    result: &CommandResult,
+) -> Result<(), cm_core::store::StoreError> {
+    let failed = matches!(result.outcome, Some(Outcome::Failure(_)));
+    let op = Operation {
+        id: command.command_id.clone(),
+        kind: kind.as_str().to_owned(),
+        state: if failed { State::Failed } else { State::Succeeded } as i32,
+        created_at: command.issued_at,
+        result: Some(result.clone()),
+    };
+    let bytes = serde_json::to_vec(&op).map_err(|e| cm_core::store::StoreError::Corrupt {
+        key: command.command_id.clone(),
+        reason: e.to_string(),
+    })?;
+    let lease = retention.id().await?;
+    ctx.store.put_operation(&command.command_id, bytes, lease).await
+}
+
+/// Past-tense event name of a command kind's success.
+fn event_name(kind: CommandKind) -> &'static str {
+    match kind {
+        CommandKind::ChallengeCreate => "challenge.created",
+        CommandKind::ChallengeUpdate => "challenge.updated",
+        CommandKind::ChallengeDelete => "challenge.deleted",
+        CommandKind::InstanceCreate => "instance.created",
+        CommandKind::InstanceRenew => "instance.renewed",
+        CommandKind::InstanceDelete => "instance.deleted",
+        CommandKind::InstanceExpire => "instance.expired",
+        CommandKind::InstanceReset => "instance.reset",
+        CommandKind::InstanceUpdate => "instance.updated",
+        CommandKind::PoolRefill => "pool.refilled",
+    }
+}
+
+async fn publish_event(ctx: &Ctx, kind: CommandKind, challenge_id: &str, result: &CommandResult) {
+    let name = match result.outcome {
+        Some(Outcome::Failure(_)) => "command.failed",
+        _ => event_name(kind),
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(queue::HDR_COMMAND_ID, result.command_id.as_str());
+    headers.insert(queue::HDR_MSG_ID, format!("{}-{name}", result.command_id));
+    queue::inject_trace_context(&mut headers);
+    let subject = queue::event_subject(name, challenge_id);
+    let payload = Bytes::from(result.encode_to_vec());
+    match ctx.js.publish_with_headers(subject, headers, payload).await {
+        Ok(ack) => {
+            if let Err(e) = ack.await {
+                tracing::warn!(error = %e, "event not acknowledged");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "event not published"),
+    }
+}
+
+async fn reply(ctx: &Ctx, message: &Message, result: &CommandResult) {
+    let Some(inbox) = message.headers.as_ref().and_then(|h| h.get(queue::HDR_REPLY)) else {
+        return;
+    };
+    let payload = Bytes::from(result.encode_to_vec());
+    if let Err(e) = ctx.nats.publish(inbox.as_str().to_owned(), payload).await {
+        tracing::warn!(error = %e, "reply not sent");
+    }
+}
+
+async fn dead_letter(
+    ctx: &Ctx,
+    message: &Message,
+    about: Option<(CommandKind, &str)>,
+    reason: &str,
+    delivered: i64,
+) {
+    let subject = match about {
+        Some((kind, cid)) => queue::dead_letter_subject(kind.as_str(), cid),
+        None => "cm.dlq.unknown.unknown".to_owned(),
+    };
+    let mut headers = message.headers.clone().unwrap_or_default();
+    headers.insert(queue::HDR_FAILURE_REASON, reason.replace(['\r', '\n'], " "));
+    headers.insert(queue::HDR_DELIVERIES, delivered.to_string());
+    headers.insert("cm-original-subject", message.subject.as_str());
+    // A dead letter must not be de-duplicated away by the command's own id.
+    let msg_id = headers.get(queue::HDR_MSG_ID).map(|v| format!("dlq-{}", v.as_str()));
+    if let Some(id) = msg_id {
+        headers.insert(queue::HDR_MSG_ID, id);
+    }
+    match ctx.js.publish_with_headers(subject, headers, message.payload.clone()).await {
+        Ok(ack_future) => match ack_future.await {
+            Ok(_) => ack(message, AckKind::Term).await,
+            Err(e) => {
+                tracing::error!(error = %e, "dead letter not stored; the command stays queued");
+                ack(message, AckKind::Nak(Some(Duration::from_secs(5)))).await;
+            }
+        },
+        Err(e) => {
+            tracing::error!(error = %e, "dead letter not published; the command stays queued");
+            ack(message, AckKind::Nak(Some(Duration::from_secs(5)))).await;
+        }
+    }
+    tracing::warn!(%reason, "command dead-lettered");
+}
+
+async fn keep_in_progress(message: Message, ack_wait: Duration, stop: CancellationToken) {
+    let period = (ack_wait / 3).max(Duration::from_millis(200));
+    let mut tick = tokio::time::interval(period);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                if let Err(e) = message.ack_with(AckKind::Progress).await {
+                    tracing::warn!(error = %e, "progress ack failed");
+                }
+            }
+        }
+    }
+}
+
+async fn ack(message: &Message, kind: AckKind) {
+    if let Err(e) = message.ack_with(kind).await {
+        tracing::warn!(error = %e, "ack failed; the command will be redelivered");
+    }
+}

@@ -1,0 +1,39 @@
+//! `challenge.delete`: destroy every instance of a challenge, then forget it.
+//!
+//! Parameters: the challenge id.
+//! Steps: 1. write-lock the challenge (waits for in-flight instance work,
+//! which holds it for reading, so an instance being created is finished, then
+//! destroyed: no orphan); 2. destroy each instance's stack and delete its
+//! records; 3. delete the challenge record.
+//! Undo: none needed; each step is idempotent and a failed destroy retries the
+//! whole command, which resumes with the instances that remain.
+
+use cm_core::{DomainError, ids, lock::LockMode};
+use cm_schemas::v1::{Deleted, DeleteChallengeRequest, command_result::Outcome};
+
+use super::{HandlerError, destroy_instance};
+use crate::context::Ctx;
+
+#[tracing::instrument(name = "challenge.delete", skip_all, fields(challenge = %req.id))]
+pub async fn handle(ctx: &Ctx, _command_id: &str, req: &DeleteChallengeRequest) -> Result<Outcome, HandlerError> {
+    ids::validate("challenge id", &req.id)?;
+    let lock = ctx.lock_challenge(&req.id, LockMode::Write).await?;
+    let result = delete(ctx, &req.id).await;
+    lock.release().await;
+    result
+}
+
+async fn delete(ctx: &Ctx, cid: &str) -> Result<Outcome, HandlerError> {
+    let Some(challenge) = ctx.store.get_challenge(cid).await? else {
+        return Err(DomainError::not_found(format!("challenge {cid} not found")).into());
+    };
+    let instances = ctx.store.list_instances(cid).await?;
+    if !instances.is_empty() {
+        let scenario = ctx.scenario(&challenge.value.scenario).await?;
+        for rec in &instances {
+            destroy_instance(ctx, &scenario, rec).await?;
+        }
+    }
+    ctx.store.delete_challenge(cid).await?;
+    Ok(Outcome::Deleted(Deleted {}))
+}

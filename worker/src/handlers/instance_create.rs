@@ -1,0 +1,129 @@
+//! `instance.create`: deploy an instance for a (challenge, source).
+//!
+//! Parameters: challenge id, source id, the request's `additional` (merged
+//! over the challenge's).
+//! Steps: 1. read-lock the challenge, then lock the (challenge, source) slot;
+//! 2. check the challenge exists and has not expired; 3. reserve the slot: a
+//! `deploying` record with a fresh identity, written only if the slot is free
+//! (a redelivery of this command finds its own reservation and resumes it);
+//! 4. `pulumi up`; 5. write the ready record and the stack state.
+//! Undo: when 4 fails, destroy what the failed run left and drop the
+//! reservation, so nothing stays registered or deployed and the next create
+//! for that source works.
+
+use std::{collections::BTreeMap, time::SystemTime};
+
+use cm_core::{
+    DomainError, Identity, ids,
+    lock::LockMode,
+    model::{InstanceRecord, InstanceStatus, to_timestamp},
+    store::{Expect, StoreError},
+};
+use cm_schemas::v1::{CreateInstanceRequest, command_result::Outcome};
+
+use super::{HandlerError, encode_state, stack_state};
+use crate::{context::Ctx, pulumi::DriverError};
+
+#[tracing::instrument(
+    name = "instance.create",
+    skip_all,
+    fields(challenge = %req.challenge_id, source = %req.source_id, identity)
+)]
+pub async fn handle(ctx: &Ctx, command_id: &str, req: &CreateInstanceRequest) -> Result<Outcome, HandlerError> {
+    ids::validate("challenge id", &req.challenge_id)?;
+    ids::validate("source id", &req.source_id)?;
+    let challenge_lock = ctx.lock_challenge(&req.challenge_id, LockMode::Read).await?;
+    let slot_lock = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
+    let result = create(ctx, command_id, req).await;
+    slot_lock.release().await;
+    challenge_lock.release().await;
+    result
+}
+
+async fn create(ctx: &Ctx, command_id: &str, req: &CreateInstanceRequest) -> Result<Outcome, HandlerError> {
+    let (cid, sid) = (&req.challenge_id, &req.source_id);
+    let Some(challenge) = ctx.store.get_challenge(cid).await? else {
+        return Err(DomainError::not_found(format!("challenge {cid} not found")).into());
+    };
+    let challenge = challenge.value;
+    let now = SystemTime::now();
+    if challenge.is_expired(now) {
+        return Err(DomainError::failed_precondition("Challenge has expired.").into());
+    }
+
+    let mut record = match ctx.store.get_instance(cid, sid).await? {
+        Some(existing) if existing.value.command_id == command_id => match existing.value.status {
+            // Redelivered after it finished: answer the same.
+            InstanceStatus::Ready => return Ok(Outcome::Instance(existing.value.to_api())),
+            // Redelivered after a crash mid-deploy: resume with its identity.
+            InstanceStatus::Deploying => existing.value,
+        },
+        Some(_) => {
+            return Err(DomainError::already_exists(format!(
+                "an instance of challenge {cid} already exists for source {sid}"
+            ))
+            .into());
+        }
+        None => {
+            let reservation = InstanceRecord {
+                challenge_id: cid.clone(),
+                identity: Identity::random(),
+                source_id: Some(sid.clone()),
+                status: InstanceStatus::Deploying,
+                since: to_timestamp(now),
+                last_renew: to_timestamp(now),
+                until: challenge.instance_until(now),
+                connection_info: String::new(),
+                flags: Vec::new(),
+                additional: req.additional.clone().into_iter().collect(),
+                command_id: command_id.to_owned(),
+            };
+            match ctx.store.put_instance(&reservation, None, Expect::Absent).await {
+                Ok(()) => reservation,
+                Err(StoreError::Conflict { .. }) => {
+                    return Err(DomainError::already_exists(format!(
+                        "an instance of challenge {cid} already exists for source {sid}"
+                    ))
+                    .into());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    tracing::Span::current().record("identity", record.identity.as_str());
+
+    let scenario = match ctx.scenario(&challenge.scenario).await {
+        Ok(s) => s,
+        Err(e) => {
+            ctx.store.delete_instance(&record).await?;
+            return Err(e);
+        }
+    };
+    let mut additional: BTreeMap<String, String> = challenge.additional.clone();
+    additional.extend(record.additional.clone());
+    let previous = stack_state(ctx, cid, &record.identity).await?;
+    let deployment = match ctx.driver.up(&scenario, &record.identity, &additional, previous.as_ref()).await {
+        Ok(d) => d,
+        Err(DriverError::ProgramFailed { message, state }) => {
+            // Undo: destroy partial resources, then release the slot.
+            if let Some(state) = state.filter(|s| s.resource_count() > 0) {
+                if let Err(e) = ctx.driver.destroy(&scenario, &state).await {
+                    tracing::error!(error = %e, identity = %record.identity, "cleanup of a failed deploy failed");
+                    ctx.store.put_instance(&record, Some(&encode_state(&state)?), Expect::Any).await?;
+                    return Err(HandlerError::Retry(format!("cleanup of a failed deploy failed: {e}")));
+                }
+            }
+            ctx.store.delete_instance(&record).await?;
+            return Err(DriverError::ProgramFailed { message, state: None }.into());
+        }
+        Err(other) => return Err(other.into()),
+    };
+
+    record.status = InstanceStatus::Ready;
+    record.connection_info = deployment.outputs.connection_info;
+    record.flags = deployment.outputs.flags;
+    let stack = encode_state(&deployment.state)?;
+    // The slot lock excludes other writers of this record.
+    ctx.store.put_instance(&record, Some(&stack), Expect::Any).await?;
+    Ok(Outcome::Instance(record.to_api()))
+}

@@ -1,0 +1,55 @@
+//! `instance.renew`: push an instance's `until` back to now + timeout.
+//!
+//! Parameters: challenge id, source id.
+//! Steps: 1. read-lock the challenge, lock the slot; 2. refuse when the
+//! challenge has no timeout or the instance already expired; 3. write the new
+//! `until` (guarded by the record's revision).
+//! Undo: nothing; a single guarded write.
+
+use std::time::SystemTime;
+
+use cm_core::{DomainError, ids, lock::LockMode, model::to_timestamp, store::Expect};
+use cm_schemas::v1::{RenewInstanceRequest, command_result::Outcome};
+
+use super::HandlerError;
+use crate::context::Ctx;
+
+#[tracing::instrument(name = "instance.renew", skip_all, fields(challenge = %req.challenge_id, source = %req.source_id))]
+pub async fn handle(ctx: &Ctx, command_id: &str, req: &RenewInstanceRequest) -> Result<Outcome, HandlerError> {
+    ids::validate("challenge id", &req.challenge_id)?;
+    ids::validate("source id", &req.source_id)?;
+    let challenge_lock = ctx.lock_challenge(&req.challenge_id, LockMode::Read).await?;
+    let slot_lock = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
+    let result = renew(ctx, command_id, req).await;
+    slot_lock.release().await;
+    challenge_lock.release().await;
+    result
+}
+
+async fn renew(ctx: &Ctx, command_id: &str, req: &RenewInstanceRequest) -> Result<Outcome, HandlerError> {
+    let (cid, sid) = (&req.challenge_id, &req.source_id);
+    let Some(challenge) = ctx.store.get_challenge(cid).await? else {
+        return Err(DomainError::not_found(format!("challenge {cid} not found")).into());
+    };
+    let Some(instance) = ctx.store.get_instance(cid, sid).await? else {
+        return Err(DomainError::not_found(format!("no instance of challenge {cid} for source {sid}")).into());
+    };
+    let mut record = instance.value;
+    if record.command_id == command_id {
+        return Ok(Outcome::Instance(record.to_api()));
+    }
+    if challenge.value.timeout.is_none() {
+        return Err(DomainError::failed_precondition("Challenge does not accept renewal.").into());
+    }
+    let now = SystemTime::now();
+    if record.is_expired(now) {
+        return Err(DomainError::failed_precondition("Instance has expired and cannot be renewed.").into());
+    }
+    record.last_renew = to_timestamp(now);
+    record.until = challenge.value.instance_until(now);
+    record.command_id = command_id.to_owned();
+    ctx.store
+        .put_instance(&record, None, Expect::Revision(instance.mod_revision))
+        .await?;
+    Ok(Outcome::Instance(record.to_api()))
+}

@@ -1,0 +1,137 @@
+//! Command handlers, one file per command, each written saga-style: the
+//! parameters it reads, its steps (each idempotent, since JetStream delivers
+//! at least once), and what it undoes when a step fails.
+//!
+//! A handler returns the command's outcome, a [`DomainError`] that is the
+//! command's final answer (not found, already exists, ...), or a retryable
+//! error that sends the command back to the queue with backoff.
+
+mod challenge_create;
+mod challenge_delete;
+mod challenge_update;
+mod instance_create;
+mod instance_delete;
+mod instance_renew;
+
+use cm_core::{DomainError, lock::LockError, store::StoreError};
+use cm_schemas::v1::{Command, command::Request, command_result::Outcome};
+
+use crate::{context::Ctx, pulumi::DriverError};
+
+/// How a handler failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// The command's final answer is this error.
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    /// Transient: retry the command later.
+    #[error("retryable: {0}")]
+    Retry(String),
+}
+
+impl From<StoreError> for HandlerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Corrupt { .. } => {
+                tracing::error!(error = %e, "corrupt record");
+                Self::Domain(DomainError::internal("internal error"))
+            }
+            other => Self::Retry(other.to_string()),
+        }
+    }
+}
+
+impl From<LockError> for HandlerError {
+    fn from(e: LockError) -> Self {
+        match e {
+            LockError::Store(s) => s.into(),
+            timeout @ LockError::Timeout(_) => Self::Retry(timeout.to_string()),
+        }
+    }
+}
+
+impl From<DriverError> for HandlerError {
+    fn from(e: DriverError) -> Self {
+        match e {
+            DriverError::ScenarioInvalid { reason } => {
+                Self::Domain(DomainError::invalid(format!("invalid scenario: {reason}")))
+            }
+            DriverError::ProgramFailed { message, .. } => {
+                tracing::warn!(%message, "scenario failed");
+                Self::Domain(DomainError::internal(
+                    "the scenario failed to deploy; its error is in the worker's log",
+                ))
+            }
+            DriverError::StateCorrupt { reason } => {
+                tracing::error!(%reason, "stack state corrupt");
+                Self::Domain(DomainError::internal("internal error"))
+            }
+            retry @ (DriverError::EngineUnavailable { .. } | DriverError::Io { .. }) => {
+                Self::Retry(retry.to_string())
+            }
+        }
+    }
+}
+
+/// Runs the handler of `command`.
+pub async fn handle(ctx: &Ctx, command: &Command) -> Result<Outcome, HandlerError> {
+    let id = command.command_id.as_str();
+    let Some(request) = &command.request else {
+        return Err(DomainError::invalid("empty command").into());
+    };
+    match request {
+        Request::ChallengeCreate(r) => challenge_create::handle(ctx, id, r).await,
+        Request::ChallengeUpdate(r) => challenge_update::handle(ctx, id, r).await,
+        Request::ChallengeDelete(r) => challenge_delete::handle(ctx, id, r).await,
+        Request::InstanceCreate(r) => instance_create::handle(ctx, id, r).await,
+        Request::InstanceRenew(r) => instance_renew::handle(ctx, id, r).await,
+        Request::InstanceDelete(r) => instance_delete::handle(ctx, id, r).await,
+        Request::InstanceExpire(_)
+        | Request::InstanceReset(_)
+        | Request::InstanceUpdate(_)
+        | Request::PoolRefill(_) => Err(DomainError::new(
+            cm_schemas::v1::Code::Unimplemented,
+            "this command is not implemented yet",
+        )
+        .into()),
+    }
+}
+
+/// The stored stack state of an instance, parsed.
+pub(crate) async fn stack_state(
+    ctx: &Ctx,
+    cid: &str,
+    identity: &cm_core::Identity,
+) -> Result<Option<crate::pulumi::StackState>, HandlerError> {
+    match ctx.store.get_stack(cid, identity).await? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            tracing::error!(error = %e, "stored stack state does not parse");
+            HandlerError::Domain(DomainError::internal("internal error"))
+        }),
+    }
+}
+
+/// Destroys an instance's stack (when it has state) and deletes its records.
+pub(crate) async fn destroy_instance(
+    ctx: &Ctx,
+    scenario: &crate::pulumi::PreparedScenario,
+    rec: &cm_core::model::InstanceRecord,
+) -> Result<(), HandlerError> {
+    if let Some(state) = stack_state(ctx, &rec.challenge_id, &rec.identity).await? {
+        ctx.driver.destroy(scenario, &state).await.map_err(|e| match e {
+            // A stack that cannot be destroyed now is retried, not forgotten.
+            DriverError::ProgramFailed { message, .. } => {
+                HandlerError::Retry(format!("destroy failed: {message}"))
+            }
+            other => other.into(),
+        })?;
+    }
+    ctx.store.delete_instance(rec).await?;
+    Ok(())
+}
+
+/// Serialises stack state for the store.
+pub(crate) fn encode_state(state: &crate::pulumi::StackState) -> Result<Vec<u8>, HandlerError> {
+    serde_json::to_vec(state).map_err(|e| HandlerError::Domain(DomainError::internal(format!("internal error: {e}"))))
+}

@@ -10,6 +10,7 @@
 //! - [`lock`]: leases and reader/writer locks on etcd.
 //! - [`queue`]: streams, subjects, headers and trace-context propagation.
 //! - [`secret`]: a wrapper that keeps secrets (passphrases, tokens) out of logs.
+//! - [`shutdown`]: SIGINT/SIGTERM handling (graceful, then immediate).
 //! - [`telemetry`]: logging/tracing setup, one function returning a guard.
 //! - [`tools`]: finding `pulumi` and `go`, with the setup hint when missing.
 
@@ -20,6 +21,7 @@ pub mod lock;
 pub mod model;
 pub mod queue;
 pub mod secret;
+pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod tools;

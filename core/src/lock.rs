@@ -273,14 +273,21 @@ pub struct RetentionLease {
 
 impl std::fmt::Debug for RetentionLease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RetentionLease").field("ttl", &self.ttl).finish_non_exhaustive()
+        f.debug_struct("RetentionLease")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
     }
 }
 
 impl RetentionLease {
     /// Records live at least `keep` seconds and at most `ttl`.
     pub fn new(client: Client, keep: i64, ttl: i64) -> Self {
-        Self { client, ttl: ttl.max(keep + 1), keep, current: tokio::sync::Mutex::new(None) }
+        Self {
+            client,
+            ttl: ttl.max(keep + 1),
+            keep,
+            current: tokio::sync::Mutex::new(None),
+        }
     }
 
     /// The lease to attach a record to now.

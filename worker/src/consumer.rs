@@ -21,7 +21,9 @@ use cm_core::{
     model::now,
     queue::{self, CommandKind},
 };
-use cm_schemas::v1::{Command, CommandResult, Operation, command_result::Outcome, operation::State};
+use cm_schemas::v1::{
+    Command, CommandResult, Operation, command_result::Outcome, operation::State,
+};
 use futures::StreamExt;
 use prost::Message as _;
 use tokio::sync::Semaphore;
@@ -82,7 +84,10 @@ pub async fn run(
     // rest are redelivered after ack_wait (their Pulumi processes are killed).
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(grace, drain).await.is_err() {
-        tracing::warn!(remaining = tasks.len(), "grace period over; abandoning in-flight commands");
+        tracing::warn!(
+            remaining = tasks.len(),
+            "grace period over; abandoning in-flight commands"
+        );
         tasks.abort_all();
     }
     Ok(())
@@ -92,13 +97,24 @@ async fn process(ctx: &Ctx, retention: &RetentionLease, message: Message) {
     let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
     let command = match Command::decode(message.payload.clone()) {
         Ok(c) if c.request.is_some() && !c.command_id.is_empty() => c,
-        Ok(_) => return dead_letter(ctx, &message, None, "command without id or request", delivered).await,
+        Ok(_) => {
+            return dead_letter(
+                ctx,
+                &message,
+                None,
+                "command without id or request",
+                delivered,
+            )
+            .await;
+        }
         Err(e) => {
             let reason = format!("undecodable command: {e}");
             return dead_letter(ctx, &message, None, &reason, delivered).await;
         }
     };
-    let Some(request) = &command.request else { return };
+    let Some(request) = &command.request else {
+        return;
+    };
     let (kind, challenge_id) = CommandKind::of(request);
     let span = tracing::info_span!(
         "process",
@@ -115,9 +131,17 @@ async fn process(ctx: &Ctx, retention: &RetentionLease, message: Message) {
     if let Err(e) = span.set_parent(queue::extract_trace_context(message.headers.as_ref())) {
         tracing::debug!(error = %e, "trace context not attached");
     }
-    settle(ctx, retention, &message, &command, kind, challenge_id, delivered)
-        .instrument(span)
-        .await;
+    settle(
+        ctx,
+        retention,
+        &message,
+        &command,
+        kind,
+        challenge_id,
+        delivered,
+    )
+    .instrument(span)
+    .await;
 }
 
 async fn settle(
@@ -143,7 +167,11 @@ async fn settle(
     }
 
     let progress = CancellationToken::new();
-    let ticker = tokio::spawn(keep_in_progress(message.clone(), ctx.queue.ack_wait, progress.clone()));
+    let ticker = tokio::spawn(keep_in_progress(
+        message.clone(),
+        ctx.queue.ack_wait,
+        progress.clone(),
+    ));
     let outcome = handlers::handle(ctx, command).await;
     progress.cancel();
     let _ = ticker.await;
@@ -178,7 +206,11 @@ async fn settle(
     if let Err(e) = record(ctx, retention, command, kind, &result).await {
         // Not settled: let it come back and try to record again.
         tracing::warn!(error = %e, "recording the result failed; retrying later");
-        ack(message, AckKind::Nak(Some(queue::backoff_delay(&ctx.queue, delivered)))).await;
+        ack(
+            message,
+            AckKind::Nak(Some(queue::backoff_delay(&ctx.queue, delivered))),
+        )
+        .await;
         return;
     }
     publish_event(ctx, kind, challenge_id, &result).await;
@@ -208,7 +240,11 @@ async fn record(
     let op = Operation {
         id: command.command_id.clone(),
         kind: kind.as_str().to_owned(),
-        state: if failed { State::Failed } else { State::Succeeded } as i32,
+        state: if failed {
+            State::Failed
+        } else {
+            State::Succeeded
+        } as i32,
         created_at: command.issued_at,
         result: Some(result.clone()),
     };
@@ -217,7 +253,9 @@ async fn record(
         reason: e.to_string(),
     })?;
     let lease = retention.id().await?;
-    ctx.store.put_operation(&command.command_id, bytes, lease).await
+    ctx.store
+        .put_operation(&command.command_id, bytes, lease)
+        .await
 }
 
 /// Past-tense event name of a command kind's success.
@@ -258,7 +296,11 @@ async fn publish_event(ctx: &Ctx, kind: CommandKind, challenge_id: &str, result:
 }
 
 async fn reply(ctx: &Ctx, message: &Message, result: &CommandResult) {
-    let Some(inbox) = message.headers.as_ref().and_then(|h| h.get(queue::HDR_REPLY)) else {
+    let Some(inbox) = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(queue::HDR_REPLY))
+    else {
         return;
     };
     let payload = Bytes::from(result.encode_to_vec());
@@ -283,11 +325,17 @@ async fn dead_letter(
     headers.insert(queue::HDR_DELIVERIES, delivered.to_string());
     headers.insert("cm-original-subject", message.subject.as_str());
     // A dead letter must not be de-duplicated away by the command's own id.
-    let msg_id = headers.get(queue::HDR_MSG_ID).map(|v| format!("dlq-{}", v.as_str()));
+    let msg_id = headers
+        .get(queue::HDR_MSG_ID)
+        .map(|v| format!("dlq-{}", v.as_str()));
     if let Some(id) = msg_id {
         headers.insert(queue::HDR_MSG_ID, id);
     }
-    match ctx.js.publish_with_headers(subject, headers, message.payload.clone()).await {
+    match ctx
+        .js
+        .publish_with_headers(subject, headers, message.payload.clone())
+        .await
+    {
         Ok(ack_future) => match ack_future.await {
             Ok(_) => ack(message, AckKind::Term).await,
             Err(e) => {

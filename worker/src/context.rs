@@ -33,9 +33,20 @@ pub struct Ctx {
 
 impl Ctx {
     /// Takes the challenge's reader/writer lock.
-    pub async fn lock_challenge(&self, cid: &str, mode: LockMode) -> Result<LockGuard, HandlerError> {
+    pub async fn lock_challenge(
+        &self,
+        cid: &str,
+        mode: LockMode,
+    ) -> Result<LockGuard, HandlerError> {
         let prefix = lock::challenge_lock(self.store.root(), cid);
-        Ok(lock::acquire(&self.store.client(), self.session.lease(), &prefix, mode, self.lock_timeout).await?)
+        Ok(lock::acquire(
+            &self.store.client(),
+            self.session.lease(),
+            &prefix,
+            mode,
+            self.lock_timeout,
+        )
+        .await?)
     }
 
     /// Takes the lock of one (challenge, source) instance slot.
@@ -61,7 +72,14 @@ impl Ctx {
 /// A scenario reference is, for now, a relative directory under the workers'
 /// scenario root (`--scenarios-dir`).
 pub fn resolve_scenario(root: &std::path::Path, reference: &str) -> Result<PathBuf, DomainError> {
-    ids::validate("scenario", reference.trim_end_matches('/').rsplit('/').next().unwrap_or_default())?;
+    ids::validate(
+        "scenario",
+        reference
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or_default(),
+    )?;
     let relative = std::path::Path::new(reference);
     let safe = relative
         .components()

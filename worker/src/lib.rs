@@ -58,7 +58,10 @@ pub enum WorkerError {
 
 /// Runs a worker until `shutdown` completes, then drains in-flight commands
 /// (within the grace period) and revokes its lease.
-pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
     let driver = Arc::new(Driver::new(config.driver.clone())?);
     let nats = async_nats::ConnectOptions::new()
         .name("cm-worker")
@@ -84,7 +87,13 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
     });
     let token = CancellationToken::new();
     let trigger = token.clone();
-    let consume = consumer::run(ctx.clone(), retention, config.concurrency, token, config.shutdown_grace);
+    let consume = consumer::run(
+        ctx.clone(),
+        retention,
+        config.concurrency,
+        token,
+        config.shutdown_grace,
+    );
     tokio::pin!(consume);
     tokio::pin!(shutdown);
     let result = tokio::select! {

@@ -1,11 +1,15 @@
 //! `cm-worker`: parses flags, sets up telemetry and runs the requested mode.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use cm_core::{Identity, Secret, tools};
-use cm_worker::pulumi::{Driver, DriverConfig, StackState};
+use cm_core::{queue::QueueConfig, store::StoreOptions};
+use cm_worker::{
+    WorkerConfig,
+    pulumi::{Driver, DriverConfig, StackState},
+};
 
 /// Passphrase used by `--dev` when none is configured. Development only.
 const DEV_PASSPHRASE: &str = "cm-dev-passphrase-not-for-production";
@@ -56,9 +60,65 @@ struct PulumiArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Consume commands from JetStream until SIGINT/SIGTERM (the service).
+    Run(RunArgs),
     /// Run a scenario directly through the Pulumi driver, without the queue.
     #[command(subcommand)]
     Scenario(ScenarioCommand),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "CM_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+
+    /// etcd endpoints, comma-separated.
+    #[arg(
+        long,
+        env = "CM_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
+    etcd_endpoints: Vec<String>,
+
+    /// Prefix of every key this system writes in etcd.
+    #[arg(long, env = "CM_ETCD_ROOT", default_value = "/cm")]
+    etcd_root: String,
+
+    /// Commands this worker processes at once.
+    #[arg(long, env = "CM_WORKER_CONCURRENCY", default_value_t = 4)]
+    concurrency: usize,
+
+    /// Directory that scenario references (a challenge's `scenario`) resolve in.
+    #[arg(long, env = "CM_SCENARIOS_DIR", default_value = "examples")]
+    scenarios_dir: PathBuf,
+
+    /// Longest wait for a lock before the command is retried later.
+    #[arg(long, env = "CM_LOCK_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    lock_timeout: Duration,
+
+    /// TTL of the etcd lease binding this worker's locks, in seconds: a dead
+    /// worker's locks are freed this long after it died.
+    #[arg(long, env = "CM_LEASE_TTL", default_value_t = 10)]
+    lease_ttl: i64,
+
+    /// How long a command may go without an ack or progress before JetStream
+    /// redelivers it (progress is sent every third of it while Pulumi runs).
+    #[arg(long, env = "CM_ACK_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    ack_wait: Duration,
+
+    /// Deliveries of a failing command before it is dead-lettered.
+    #[arg(long, env = "CM_MAX_DELIVER", default_value_t = 5)]
+    max_deliver: i64,
+
+    /// Commands in flight across all workers (the consumer's max_ack_pending).
+    #[arg(long, env = "CM_MAX_ACK_PENDING", default_value_t = 256)]
+    max_ack_pending: i64,
+
+    /// After SIGINT/SIGTERM, how long in-flight commands may finish.
+    #[arg(long, env = "CM_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,6 +160,10 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 
 impl PulumiArgs {
     fn driver(&self) -> anyhow::Result<Driver> {
+        Ok(Driver::new(self.driver_config()?)?)
+    }
+
+    fn driver_config(&self) -> anyhow::Result<DriverConfig> {
         let passphrase = match (&self.pulumi_passphrase, self.dev) {
             (Some(p), _) if !p.expose().is_empty() => p.clone(),
             (_, true) => Secret::new(DEV_PASSPHRASE.to_owned()),
@@ -116,7 +180,7 @@ impl PulumiArgs {
                 .unwrap_or_else(|| tools::cache_root().join("worker")),
             passphrase,
         };
-        Ok(Driver::new(config)?)
+        Ok(config)
     }
 }
 
@@ -125,8 +189,33 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = cm_core::telemetry::init("cm-worker")?;
     match cli.command {
+        Command::Run(args) => run(&cli.pulumi, args).await,
         Command::Scenario(cmd) => scenario(&cli.pulumi, cmd).await,
     }
+}
+
+async fn run(pulumi: &PulumiArgs, args: RunArgs) -> anyhow::Result<()> {
+    let queue = QueueConfig {
+        ack_wait: args.ack_wait,
+        max_deliver: args.max_deliver,
+        max_ack_pending: args.max_ack_pending,
+        ..QueueConfig::default()
+    };
+    let config = WorkerConfig {
+        nats_url: args.nats_url,
+        etcd_endpoints: args.etcd_endpoints,
+        etcd_root: args.etcd_root,
+        store: StoreOptions::default(),
+        queue,
+        concurrency: args.concurrency.max(1),
+        scenarios_dir: args.scenarios_dir,
+        driver: pulumi.driver_config()?,
+        lock_timeout: args.lock_timeout,
+        lease_ttl: args.lease_ttl.max(2),
+        shutdown_grace: args.shutdown_grace,
+    };
+    cm_worker::run(config, cm_core::shutdown::signal()).await?;
+    Ok(())
 }
 
 async fn scenario(args: &PulumiArgs, cmd: ScenarioCommand) -> anyhow::Result<()> {

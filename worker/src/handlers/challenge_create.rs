@@ -18,7 +18,11 @@ use super::HandlerError;
 use crate::context::Ctx;
 
 #[tracing::instrument(name = "challenge.create", skip_all, fields(challenge = %req.id))]
-pub async fn handle(ctx: &Ctx, _command_id: &str, req: &CreateChallengeRequest) -> Result<Outcome, HandlerError> {
+pub async fn handle(
+    ctx: &Ctx,
+    _command_id: &str,
+    req: &CreateChallengeRequest,
+) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.id)?;
     let lock = ctx.lock_challenge(&req.id, LockMode::Write).await?;
     let record = ChallengeRecord {

@@ -9,13 +9,17 @@
 //! whole command, which resumes with the instances that remain.
 
 use cm_core::{DomainError, ids, lock::LockMode};
-use cm_schemas::v1::{Deleted, DeleteChallengeRequest, command_result::Outcome};
+use cm_schemas::v1::{DeleteChallengeRequest, Deleted, command_result::Outcome};
 
 use super::{HandlerError, destroy_instance};
 use crate::context::Ctx;
 
 #[tracing::instrument(name = "challenge.delete", skip_all, fields(challenge = %req.id))]
-pub async fn handle(ctx: &Ctx, _command_id: &str, req: &DeleteChallengeRequest) -> Result<Outcome, HandlerError> {
+pub async fn handle(
+    ctx: &Ctx,
+    _command_id: &str,
+    req: &DeleteChallengeRequest,
+) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.id)?;
     let lock = ctx.lock_challenge(&req.id, LockMode::Write).await?;
     let result = delete(ctx, &req.id).await;

@@ -22,7 +22,11 @@ use super::{HandlerError, encode_state, stack_state};
 use crate::context::Ctx;
 
 #[tracing::instrument(name = "challenge.update", skip_all, fields(challenge = %req.id))]
-pub async fn handle(ctx: &Ctx, command_id: &str, req: &UpdateChallengeRequest) -> Result<Outcome, HandlerError> {
+pub async fn handle(
+    ctx: &Ctx,
+    command_id: &str,
+    req: &UpdateChallengeRequest,
+) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.id)?;
     let lock = ctx.lock_challenge(&req.id, LockMode::Write).await?;
     let result = update(ctx, command_id, req).await;
@@ -66,13 +70,19 @@ pub(crate) fn apply(current: &ChallengeRecord, req: &UpdateChallengeRequest) -> 
     next
 }
 
-async fn update(ctx: &Ctx, command_id: &str, req: &UpdateChallengeRequest) -> Result<Outcome, HandlerError> {
+async fn update(
+    ctx: &Ctx,
+    command_id: &str,
+    req: &UpdateChallengeRequest,
+) -> Result<Outcome, HandlerError> {
     let Some(current) = ctx.store.get_challenge(&req.id).await? else {
         return Err(DomainError::not_found(format!("challenge {} not found", req.id)).into());
     };
     let next = apply(&current.value, req);
     if next.min < 0 || next.max < 0 || (next.max > 0 && next.min > next.max) {
-        return Err(DomainError::invalid("min and max must be >= 0, and min <= max when max > 0").into());
+        return Err(
+            DomainError::invalid("min and max must be >= 0, and min <= max when max > 0").into(),
+        );
     }
     let scenario_changed = next.scenario != current.value.scenario;
     let scenario = if scenario_changed || next.additional != current.value.additional {
@@ -105,11 +115,16 @@ async fn update(ctx: &Ctx, command_id: &str, req: &UpdateChallengeRequest) -> Re
             ctx.store.put_instance(rec, None, Expect::Any).await?;
         }
     }
-    ctx.store.put_challenge(&next, Expect::Revision(current.mod_revision)).await?;
+    ctx.store
+        .put_challenge(&next, Expect::Revision(current.mod_revision))
+        .await?;
     if failed > 0 {
         return Err(DomainError::new(
             cm_schemas::v1::Code::Aborted,
-            format!("challenge updated, but {failed} of {} instances failed to update", instances.len()),
+            format!(
+                "challenge updated, but {failed} of {} instances failed to update",
+                instances.len()
+            ),
         )
         .into());
     }
@@ -128,11 +143,16 @@ async fn redeploy(
     let previous = stack_state(ctx, &rec.challenge_id, &rec.identity).await?;
     let mut additional = challenge.additional.clone();
     additional.extend(rec.additional.clone());
-    let deployment = ctx.driver.up(scenario, &rec.identity, &additional, previous.as_ref()).await?;
+    let deployment = ctx
+        .driver
+        .up(scenario, &rec.identity, &additional, previous.as_ref())
+        .await?;
     rec.connection_info = deployment.outputs.connection_info;
     rec.flags = deployment.outputs.flags;
     rec.command_id = command_id.to_owned();
     let stack = encode_state(&deployment.state)?;
-    ctx.store.put_instance(rec, Some(&stack), Expect::Any).await?;
+    ctx.store
+        .put_instance(rec, Some(&stack), Expect::Any)
+        .await?;
     Ok(())
 }

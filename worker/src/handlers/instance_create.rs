@@ -29,10 +29,16 @@ use crate::{context::Ctx, pulumi::DriverError};
     skip_all,
     fields(challenge = %req.challenge_id, source = %req.source_id, identity)
 )]
-pub async fn handle(ctx: &Ctx, command_id: &str, req: &CreateInstanceRequest) -> Result<Outcome, HandlerError> {
+pub async fn handle(
+    ctx: &Ctx,
+    command_id: &str,
+    req: &CreateInstanceRequest,
+) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.challenge_id)?;
     ids::validate("source id", &req.source_id)?;
-    let challenge_lock = ctx.lock_challenge(&req.challenge_id, LockMode::Read).await?;
+    let challenge_lock = ctx
+        .lock_challenge(&req.challenge_id, LockMode::Read)
+        .await?;
     let slot_lock = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
     let result = create(ctx, command_id, req).await;
     slot_lock.release().await;
@@ -40,7 +46,11 @@ pub async fn handle(ctx: &Ctx, command_id: &str, req: &CreateInstanceRequest) ->
     result
 }
 
-async fn create(ctx: &Ctx, command_id: &str, req: &CreateInstanceRequest) -> Result<Outcome, HandlerError> {
+async fn create(
+    ctx: &Ctx,
+    command_id: &str,
+    req: &CreateInstanceRequest,
+) -> Result<Outcome, HandlerError> {
     let (cid, sid) = (&req.challenge_id, &req.source_id);
     let Some(challenge) = ctx.store.get_challenge(cid).await? else {
         return Err(DomainError::not_found(format!("challenge {cid} not found")).into());
@@ -78,7 +88,11 @@ async fn create(ctx: &Ctx, command_id: &str, req: &CreateInstanceRequest) -> Res
                 additional: req.additional.clone().into_iter().collect(),
                 command_id: command_id.to_owned(),
             };
-            match ctx.store.put_instance(&reservation, None, Expect::Absent).await {
+            match ctx
+                .store
+                .put_instance(&reservation, None, Expect::Absent)
+                .await
+            {
                 Ok(()) => reservation,
                 Err(StoreError::Conflict { .. }) => {
                     return Err(DomainError::already_exists(format!(
@@ -102,19 +116,31 @@ async fn create(ctx: &Ctx, command_id: &str, req: &CreateInstanceRequest) -> Res
     let mut additional: BTreeMap<String, String> = challenge.additional.clone();
     additional.extend(record.additional.clone());
     let previous = stack_state(ctx, cid, &record.identity).await?;
-    let deployment = match ctx.driver.up(&scenario, &record.identity, &additional, previous.as_ref()).await {
+    let deployment = match ctx
+        .driver
+        .up(&scenario, &record.identity, &additional, previous.as_ref())
+        .await
+    {
         Ok(d) => d,
         Err(DriverError::ProgramFailed { message, state }) => {
             // Undo: destroy partial resources, then release the slot.
             if let Some(state) = state.filter(|s| s.resource_count() > 0) {
                 if let Err(e) = ctx.driver.destroy(&scenario, &state).await {
                     tracing::error!(error = %e, identity = %record.identity, "cleanup of a failed deploy failed");
-                    ctx.store.put_instance(&record, Some(&encode_state(&state)?), Expect::Any).await?;
-                    return Err(HandlerError::Retry(format!("cleanup of a failed deploy failed: {e}")));
+                    ctx.store
+                        .put_instance(&record, Some(&encode_state(&state)?), Expect::Any)
+                        .await?;
+                    return Err(HandlerError::Retry(format!(
+                        "cleanup of a failed deploy failed: {e}"
+                    )));
                 }
             }
             ctx.store.delete_instance(&record).await?;
-            return Err(DriverError::ProgramFailed { message, state: None }.into());
+            return Err(DriverError::ProgramFailed {
+                message,
+                state: None,
+            }
+            .into());
         }
         Err(other) => return Err(other.into()),
     };
@@ -124,6 +150,8 @@ async fn create(ctx: &Ctx, command_id: &str, req: &CreateInstanceRequest) -> Res
     record.flags = deployment.outputs.flags;
     let stack = encode_state(&deployment.state)?;
     // The slot lock excludes other writers of this record.
-    ctx.store.put_instance(&record, Some(&stack), Expect::Any).await?;
+    ctx.store
+        .put_instance(&record, Some(&stack), Expect::Any)
+        .await?;
     Ok(Outcome::Instance(record.to_api()))
 }

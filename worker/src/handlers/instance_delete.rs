@@ -6,16 +6,22 @@
 //! Undo: none; a failed destroy is retried with the records intact.
 
 use cm_core::{DomainError, ids, lock::LockMode};
-use cm_schemas::v1::{Deleted, DeleteInstanceRequest, command_result::Outcome};
+use cm_schemas::v1::{DeleteInstanceRequest, Deleted, command_result::Outcome};
 
 use super::{HandlerError, destroy_instance};
 use crate::context::Ctx;
 
 #[tracing::instrument(name = "instance.delete", skip_all, fields(challenge = %req.challenge_id, source = %req.source_id))]
-pub async fn handle(ctx: &Ctx, _command_id: &str, req: &DeleteInstanceRequest) -> Result<Outcome, HandlerError> {
+pub async fn handle(
+    ctx: &Ctx,
+    _command_id: &str,
+    req: &DeleteInstanceRequest,
+) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.challenge_id)?;
     ids::validate("source id", &req.source_id)?;
-    let challenge_lock = ctx.lock_challenge(&req.challenge_id, LockMode::Read).await?;
+    let challenge_lock = ctx
+        .lock_challenge(&req.challenge_id, LockMode::Read)
+        .await?;
     let slot_lock = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
     let result = delete(ctx, req).await;
     slot_lock.release().await;
@@ -26,7 +32,10 @@ pub async fn handle(ctx: &Ctx, _command_id: &str, req: &DeleteInstanceRequest) -
 async fn delete(ctx: &Ctx, req: &DeleteInstanceRequest) -> Result<Outcome, HandlerError> {
     let (cid, sid) = (&req.challenge_id, &req.source_id);
     let Some(instance) = ctx.store.get_instance(cid, sid).await? else {
-        return Err(DomainError::not_found(format!("no instance of challenge {cid} for source {sid}")).into());
+        return Err(DomainError::not_found(format!(
+            "no instance of challenge {cid} for source {sid}"
+        ))
+        .into());
     };
     let Some(challenge) = ctx.store.get_challenge(cid).await? else {
         return Err(DomainError::not_found(format!("challenge {cid} not found")).into());

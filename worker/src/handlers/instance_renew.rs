@@ -15,10 +15,16 @@ use super::HandlerError;
 use crate::context::Ctx;
 
 #[tracing::instrument(name = "instance.renew", skip_all, fields(challenge = %req.challenge_id, source = %req.source_id))]
-pub async fn handle(ctx: &Ctx, command_id: &str, req: &RenewInstanceRequest) -> Result<Outcome, HandlerError> {
+pub async fn handle(
+    ctx: &Ctx,
+    command_id: &str,
+    req: &RenewInstanceRequest,
+) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.challenge_id)?;
     ids::validate("source id", &req.source_id)?;
-    let challenge_lock = ctx.lock_challenge(&req.challenge_id, LockMode::Read).await?;
+    let challenge_lock = ctx
+        .lock_challenge(&req.challenge_id, LockMode::Read)
+        .await?;
     let slot_lock = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
     let result = renew(ctx, command_id, req).await;
     slot_lock.release().await;
@@ -26,13 +32,20 @@ pub async fn handle(ctx: &Ctx, command_id: &str, req: &RenewInstanceRequest) -> 
     result
 }
 
-async fn renew(ctx: &Ctx, command_id: &str, req: &RenewInstanceRequest) -> Result<Outcome, HandlerError> {
+async fn renew(
+    ctx: &Ctx,
+    command_id: &str,
+    req: &RenewInstanceRequest,
+) -> Result<Outcome, HandlerError> {
     let (cid, sid) = (&req.challenge_id, &req.source_id);
     let Some(challenge) = ctx.store.get_challenge(cid).await? else {
         return Err(DomainError::not_found(format!("challenge {cid} not found")).into());
     };
     let Some(instance) = ctx.store.get_instance(cid, sid).await? else {
-        return Err(DomainError::not_found(format!("no instance of challenge {cid} for source {sid}")).into());
+        return Err(DomainError::not_found(format!(
+            "no instance of challenge {cid} for source {sid}"
+        ))
+        .into());
     };
     let mut record = instance.value;
     if record.command_id == command_id {
@@ -43,7 +56,10 @@ async fn renew(ctx: &Ctx, command_id: &str, req: &RenewInstanceRequest) -> Resul
     }
     let now = SystemTime::now();
     if record.is_expired(now) {
-        return Err(DomainError::failed_precondition("Instance has expired and cannot be renewed.").into());
+        return Err(DomainError::failed_precondition(
+            "Instance has expired and cannot be renewed.",
+        )
+        .into());
     }
     record.last_renew = to_timestamp(now);
     record.until = challenge.value.instance_until(now);

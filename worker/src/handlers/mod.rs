@@ -119,13 +119,16 @@ pub(crate) async fn destroy_instance(
     rec: &cm_core::model::InstanceRecord,
 ) -> Result<(), HandlerError> {
     if let Some(state) = stack_state(ctx, &rec.challenge_id, &rec.identity).await? {
-        ctx.driver.destroy(scenario, &state).await.map_err(|e| match e {
-            // A stack that cannot be destroyed now is retried, not forgotten.
-            DriverError::ProgramFailed { message, .. } => {
-                HandlerError::Retry(format!("destroy failed: {message}"))
-            }
-            other => other.into(),
-        })?;
+        ctx.driver
+            .destroy(scenario, &state)
+            .await
+            .map_err(|e| match e {
+                // A stack that cannot be destroyed now is retried, not forgotten.
+                DriverError::ProgramFailed { message, .. } => {
+                    HandlerError::Retry(format!("destroy failed: {message}"))
+                }
+                other => other.into(),
+            })?;
     }
     ctx.store.delete_instance(rec).await?;
     Ok(())
@@ -133,5 +136,6 @@ pub(crate) async fn destroy_instance(
 
 /// Serialises stack state for the store.
 pub(crate) fn encode_state(state: &crate::pulumi::StackState) -> Result<Vec<u8>, HandlerError> {
-    serde_json::to_vec(state).map_err(|e| HandlerError::Domain(DomainError::internal(format!("internal error: {e}"))))
+    serde_json::to_vec(state)
+        .map_err(|e| HandlerError::Domain(DomainError::internal(format!("internal error: {e}"))))
 }

@@ -1,10 +1,15 @@
-//! `cm-api`: the REST and NATS front door (arrives with the command pipeline).
+//! `cm-api`: parses flags, sets up telemetry and serves the front door.
+
+use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
+use cm_api::ApiConfig;
+use cm_core::{queue::QueueConfig, store::StoreOptions};
 
-/// Front door of the CTF instance manager: chall-manager compatible REST API
-/// and NATS service, publishing commands to JetStream. Every flag can also be
-/// set through the environment variable shown in brackets.
+/// Front door of the CTF instance manager: the chall-manager compatible REST
+/// API (/api/v1/challenge, /api/v1/instance) and a NATS service, publishing
+/// commands to JetStream for the workers. Every flag can also be set through
+/// the environment variable shown in brackets.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
@@ -21,18 +26,38 @@ struct Cli {
     )]
     etcd_endpoints: Vec<String>,
 
+    /// Prefix of every key this system writes in etcd.
+    #[arg(long, env = "CM_ETCD_ROOT", default_value = "/cm")]
+    etcd_root: String,
+
     /// Address the REST API listens on.
     #[arg(long, env = "CM_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: std::net::SocketAddr,
+    listen: SocketAddr,
+
+    /// How long a write waits for the worker's result before answering 504
+    /// with the operation to poll.
+    #[arg(long, env = "CM_RESULT_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    result_timeout: Duration,
+
+    /// Do not serve the NATS service front door (REST only).
+    #[arg(long, env = "CM_NO_NATS_SERVICE")]
+    no_nats_service: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = cm_core::telemetry::init("cm-api")?;
-    anyhow::bail!(
-        "the API is not implemented yet (NATS {}, etcd {:?}, listen {}): see issue 3",
-        cli.nats_url,
-        cli.etcd_endpoints,
-        cli.listen
-    )
+    let listener = tokio::net::TcpListener::bind(cli.listen).await?;
+    let config = ApiConfig {
+        nats_url: cli.nats_url,
+        etcd_endpoints: cli.etcd_endpoints,
+        etcd_root: cli.etcd_root,
+        store: StoreOptions::default(),
+        queue: QueueConfig::default(),
+        result_timeout: cli.result_timeout,
+        nats_service: !cli.no_nats_service,
+    };
+    cm_api::run(config, listener, cm_core::shutdown::signal()).await?;
+    Ok(())
 }

@@ -222,12 +222,11 @@ async fn wait_turn(
         let blocker = resp
             .kvs()
             .iter()
-            .filter(|kv| kv.create_revision() < my_rev)
-            .filter(|kv| {
-                mode == LockMode::Write
-                    || kv.key()[prefix.len()..].starts_with(LockMode::Write.tag().as_bytes())
+            .rfind(|kv| {
+                kv.create_revision() < my_rev
+                    && (mode == LockMode::Write
+                        || kv.key()[prefix.len()..].starts_with(LockMode::Write.tag().as_bytes()))
             })
-            .next_back()
             .map(|kv| kv.key().to_vec());
         let Some(blocker) = blocker else {
             return Ok(());
@@ -294,10 +293,10 @@ impl RetentionLease {
     pub async fn id(&self) -> Result<i64, StoreError> {
         let mut current = self.current.lock().await;
         let fresh_for = Duration::from_secs((self.ttl - self.keep).max(1) as u64);
-        if let Some((id, granted)) = *current {
-            if granted.elapsed() < fresh_for {
-                return Ok(id);
-            }
+        if let Some((id, granted)) = *current
+            && granted.elapsed() < fresh_for
+        {
+            return Ok(id);
         }
         let id = self.client.clone().lease_grant(self.ttl, None).await?.id();
         *current = Some((id, std::time::Instant::now()));

@@ -154,16 +154,15 @@ async fn settle(
     delivered: i64,
 ) {
     // Already settled (a redelivery after the result was recorded): answer again.
-    if let Ok(Some(bytes)) = ctx.store.get_operation(&command.command_id).await {
-        if let Ok(op) = serde_json::from_slice::<Operation>(&bytes) {
-            if op.state != State::Pending as i32 {
-                if let Some(result) = op.result {
-                    reply(ctx, message, &result).await;
-                }
-                ack(message, AckKind::Ack).await;
-                return;
-            }
+    if let Ok(Some(bytes)) = ctx.store.get_operation(&command.command_id).await
+        && let Ok(op) = serde_json::from_slice::<Operation>(&bytes)
+        && op.state != State::Pending as i32
+    {
+        if let Some(result) = op.result {
+            reply(ctx, message, &result).await;
         }
+        ack(message, AckKind::Ack).await;
+        return;
     }
 
     let progress = CancellationToken::new();

@@ -44,10 +44,10 @@ fn masked(req: &UpdateChallengeRequest, field: &str, set: bool) -> bool {
 /// The record after applying the request.
 pub(crate) fn apply(current: &ChallengeRecord, req: &UpdateChallengeRequest) -> ChallengeRecord {
     let mut next = current.clone();
-    if masked(req, "scenario", req.scenario.is_some()) {
-        if let Some(s) = &req.scenario {
-            next.scenario = s.clone();
-        }
+    if masked(req, "scenario", req.scenario.is_some())
+        && let Some(s) = &req.scenario
+    {
+        next.scenario = s.clone();
     }
     if masked(req, "timeout", req.timeout.is_some()) {
         next.timeout = req.timeout;

@@ -124,16 +124,16 @@ async fn create(
         Ok(d) => d,
         Err(DriverError::ProgramFailed { message, state }) => {
             // Undo: destroy partial resources, then release the slot.
-            if let Some(state) = state.filter(|s| s.resource_count() > 0) {
-                if let Err(e) = ctx.driver.destroy(&scenario, &state).await {
-                    tracing::error!(error = %e, identity = %record.identity, "cleanup of a failed deploy failed");
-                    ctx.store
-                        .put_instance(&record, Some(&encode_state(&state)?), Expect::Any)
-                        .await?;
-                    return Err(HandlerError::Retry(format!(
-                        "cleanup of a failed deploy failed: {e}"
-                    )));
-                }
+            if let Some(state) = state.filter(|s| s.resource_count() > 0)
+                && let Err(e) = ctx.driver.destroy(&scenario, &state).await
+            {
+                tracing::error!(error = %e, identity = %record.identity, "cleanup of a failed deploy failed");
+                ctx.store
+                    .put_instance(&record, Some(&encode_state(&state)?), Expect::Any)
+                    .await?;
+                return Err(HandlerError::Retry(format!(
+                    "cleanup of a failed deploy failed: {e}"
+                )));
             }
             ctx.store.delete_instance(&record).await?;
             return Err(DriverError::ProgramFailed {

@@ -1,0 +1,189 @@
+//! The NATS front door: the same operations as REST, as a NATS service
+//! (discoverable with `$SRV.PING`, `$SRV.INFO`, `$SRV.STATS`), for platforms
+//! that publish NATS requests.
+//!
+//! Endpoints (group `cm.api`), request and response bodies are the REST JSON:
+//! `challenge.create|get|list|update|delete`, `instance.create|get|list|renew|delete`,
+//! `operation.get`. `get`/`delete` take `{"id"}` or `{"challengeId","sourceId"}`,
+//! `instance.list` takes `{"sourceId"}`; lists answer a JSON array. A request
+//! with the header `Prefer: respond-async` is answered once accepted.
+//! Errors are service errors: code = the HTTP status REST would answer,
+//! description = the same message.
+
+use async_nats::service::{Request, ServiceExt};
+use bytes::Bytes;
+use cm_core::DomainError;
+use cm_schemas::v1::{
+    CreateChallengeRequest, CreateInstanceRequest, DeleteChallengeRequest, DeleteInstanceRequest,
+    QueryInstanceRequest, RenewInstanceRequest, Requester, RetrieveChallengeRequest,
+    RetrieveInstanceRequest, UpdateChallengeRequest,
+};
+use futures::StreamExt;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    error::service_error,
+    json::parse,
+    ops::{App, Mode, Reply},
+};
+
+/// The service's name in `$SRV` discovery.
+pub const SERVICE_NAME: &str = "cm";
+
+const ENDPOINTS: [&str; 11] = [
+    "challenge.create",
+    "challenge.get",
+    "challenge.list",
+    "challenge.update",
+    "challenge.delete",
+    "instance.create",
+    "instance.get",
+    "instance.list",
+    "instance.renew",
+    "instance.delete",
+    "operation.get",
+];
+
+/// Serves the NATS service until `shutdown`.
+pub async fn serve(
+    app: App,
+    nats: async_nats::Client,
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::Error> {
+    let service = nats
+        .service_builder()
+        .description("On-demand CTF challenge instances (chall-manager compatible)")
+        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .await?;
+    let group = service.group("cm.api");
+    let mut endpoints = Vec::new();
+    for name in ENDPOINTS {
+        endpoints.push((name, group.endpoint(name).await?));
+    }
+    let mut merged = futures::stream::select_all(
+        endpoints
+            .into_iter()
+            .map(|(name, ep)| ep.map(move |req| (name, req)).boxed()),
+    );
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            n = merged.next() => n,
+        };
+        let Some((name, request)) = next else { break };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let span = tracing::info_span!("nats request", otel.name = %format!("cm.api.{name}"), otel.kind = "server");
+            let _ = tracing::Instrument::instrument(handle(app, name, request), span).await;
+        });
+    }
+    let _ = service.stop().await;
+    Ok(())
+}
+
+async fn handle(app: App, name: &str, request: Request) {
+    let mode = match request
+        .message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Prefer"))
+    {
+        Some(v) if v.as_str().eq_ignore_ascii_case("respond-async") => Mode::Async,
+        _ => Mode::Wait,
+    };
+    let result = dispatch(&app, name, &request.message.payload, mode).await;
+    let response = result.map_err(|e| service_error(&e));
+    if let Err(e) = request.respond(response).await {
+        tracing::warn!(error = %e, "NATS response not sent");
+    }
+}
+
+fn who() -> Requester {
+    Requester {
+        principal: String::new(),
+        via: "nats".into(),
+    }
+}
+
+fn to_bytes<T: Serialize>(value: &T) -> Result<Bytes, DomainError> {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .map_err(|_| DomainError::internal("internal error"))
+}
+
+fn reply<T: Serialize>(reply: Reply<T>) -> Result<Bytes, DomainError> {
+    match reply {
+        Reply::Done(v) => to_bytes(&v),
+        Reply::Accepted { operation_id } => {
+            to_bytes(&serde_json::json!({"operationId": operation_id, "state": "PENDING"}))
+        }
+    }
+}
+
+fn empty(r: Reply<()>) -> Reply<serde_json::Value> {
+    match r {
+        Reply::Done(()) => Reply::Done(serde_json::json!({})),
+        Reply::Accepted { operation_id } => Reply::Accepted { operation_id },
+    }
+}
+
+async fn dispatch(app: &App, name: &str, body: &[u8], mode: Mode) -> Result<Bytes, DomainError> {
+    match name {
+        "challenge.create" => reply(
+            app.create_challenge(parse::<CreateChallengeRequest>(body)?, who(), mode)
+                .await?,
+        ),
+        "challenge.get" => to_bytes(
+            &app.get_challenge(&parse::<RetrieveChallengeRequest>(body)?.id)
+                .await?,
+        ),
+        "challenge.list" => to_bytes(&app.list_challenges().await?),
+        "challenge.update" => reply(
+            app.update_challenge(parse::<UpdateChallengeRequest>(body)?, who(), mode)
+                .await?,
+        ),
+        "challenge.delete" => {
+            let req = parse::<DeleteChallengeRequest>(body)?;
+            reply(empty(app.delete_challenge(req.id, who(), mode).await?))
+        }
+        "instance.create" => reply(
+            app.create_instance(parse::<CreateInstanceRequest>(body)?, who(), mode)
+                .await?,
+        ),
+        "instance.get" => {
+            let req = parse::<RetrieveInstanceRequest>(body)?;
+            to_bytes(&app.get_instance(&req.challenge_id, &req.source_id).await?)
+        }
+        "instance.list" => to_bytes(
+            &app.list_instances(&parse::<QueryInstanceRequest>(body)?.source_id)
+                .await?,
+        ),
+        "instance.renew" => {
+            let req = parse::<RenewInstanceRequest>(body)?;
+            reply(
+                app.renew_instance(req.challenge_id, req.source_id, who(), mode)
+                    .await?,
+            )
+        }
+        "instance.delete" => {
+            let req = parse::<DeleteInstanceRequest>(body)?;
+            reply(empty(
+                app.delete_instance(req.challenge_id, req.source_id, who(), mode)
+                    .await?,
+            ))
+        }
+        "operation.get" => {
+            #[derive(serde::Deserialize)]
+            struct ById {
+                id: String,
+            }
+            let req: ById = parse(body)?;
+            to_bytes(&app.operation(&req.id).await?)
+        }
+        other => Err(DomainError::new(
+            cm_schemas::v1::Code::Unimplemented,
+            format!("unknown endpoint {other}"),
+        )),
+    }
+}

@@ -1,0 +1,256 @@
+//! The API's operations, shared by the REST routes and the NATS service:
+//! reads answered from etcd, writes validated and submitted as commands.
+
+use std::time::Duration;
+
+use cm_core::{DomainError, ids, model::InstanceStatus, store::Store};
+use cm_schemas::v1::{
+    Challenge, CreateChallengeRequest, CreateInstanceRequest, DeleteChallengeRequest,
+    DeleteInstanceRequest, Instance, Operation, RenewInstanceRequest, Requester,
+    UpdateChallengeRequest, command::Request, command_result::Outcome,
+};
+
+use crate::{
+    submit::{Submitted, Submitter},
+    validate,
+};
+
+/// The result of a write: done, or accepted and still running.
+#[derive(Debug)]
+pub enum Reply<T> {
+    Done(T),
+    Accepted { operation_id: String },
+}
+
+/// What the front doors share.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub store: Store,
+    pub submitter: Submitter,
+    /// How long a write waits for the worker's result.
+    pub result_timeout: Duration,
+}
+
+/// How the caller wants a write handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Wait for the worker's result (up to the result timeout).
+    Wait,
+    /// Answer as soon as the command is accepted.
+    Async,
+}
+
+impl App {
+    async fn write(
+        &self,
+        request: Request,
+        who: Requester,
+        mode: Mode,
+    ) -> Result<Reply<Outcome>, DomainError> {
+        let wait = (mode == Mode::Wait).then_some(self.result_timeout);
+        match self.submitter.submit(request, who, wait).await? {
+            Submitted::Accepted { operation_id } => Ok(Reply::Accepted { operation_id }),
+            Submitted::Done(result) => match result.outcome {
+                Some(Outcome::Failure(f)) => Err(DomainError::from_failure(&f)),
+                Some(other) => Ok(Reply::Done(other)),
+                None => Err(DomainError::internal("internal error")),
+            },
+        }
+    }
+
+    // ---- challenges ---------------------------------------------------------
+
+    pub async fn create_challenge(
+        &self,
+        req: CreateChallengeRequest,
+        who: Requester,
+        mode: Mode,
+    ) -> Result<Reply<Challenge>, DomainError> {
+        validate::create_challenge(&req)?;
+        if self.store.get_challenge(&req.id).await?.is_some() {
+            return Err(DomainError::already_exists(format!(
+                "challenge {} already exists",
+                req.id
+            )));
+        }
+        expect_challenge(self.write(Request::ChallengeCreate(req), who, mode).await?)
+    }
+
+    pub async fn get_challenge(&self, id: &str) -> Result<Challenge, DomainError> {
+        ids::validate("challenge id", id)?;
+        let Some(record) = self.store.get_challenge(id).await? else {
+            return Err(DomainError::not_found(format!("challenge {id} not found")));
+        };
+        let instances = self.ready_instances(id).await?;
+        Ok(record.value.to_api(instances))
+    }
+
+    pub async fn list_challenges(&self) -> Result<Vec<Challenge>, DomainError> {
+        let mut out = Vec::new();
+        for record in self.store.list_challenges().await? {
+            let instances = self.ready_instances(&record.id).await?;
+            out.push(record.to_api(instances));
+        }
+        Ok(out)
+    }
+
+    async fn ready_instances(&self, cid: &str) -> Result<Vec<Instance>, DomainError> {
+        Ok(self
+            .store
+            .list_instances(cid)
+            .await?
+            .iter()
+            .filter(|r| r.status == InstanceStatus::Ready && r.source_id.is_some())
+            .map(|r| r.to_api())
+            .collect())
+    }
+
+    pub async fn update_challenge(
+        &self,
+        req: UpdateChallengeRequest,
+        who: Requester,
+        mode: Mode,
+    ) -> Result<Reply<Challenge>, DomainError> {
+        validate::update_challenge(&req)?;
+        if self.store.get_challenge(&req.id).await?.is_none() {
+            return Err(DomainError::not_found(format!(
+                "challenge {} not found",
+                req.id
+            )));
+        }
+        expect_challenge(self.write(Request::ChallengeUpdate(req), who, mode).await?)
+    }
+
+    pub async fn delete_challenge(
+        &self,
+        id: String,
+        who: Requester,
+        mode: Mode,
+    ) -> Result<Reply<()>, DomainError> {
+        ids::validate("challenge id", &id)?;
+        if self.store.get_challenge(&id).await?.is_none() {
+            return Err(DomainError::not_found(format!("challenge {id} not found")));
+        }
+        expect_deleted(
+            self.write(
+                Request::ChallengeDelete(DeleteChallengeRequest { id }),
+                who,
+                mode,
+            )
+            .await?,
+        )
+    }
+
+    // ---- instances ----------------------------------------------------------
+
+    pub async fn create_instance(
+        &self,
+        req: CreateInstanceRequest,
+        who: Requester,
+        mode: Mode,
+    ) -> Result<Reply<Instance>, DomainError> {
+        validate::create_instance(&req)?;
+        if self.store.get_challenge(&req.challenge_id).await?.is_none() {
+            return Err(DomainError::not_found(format!(
+                "challenge {} not found",
+                req.challenge_id
+            )));
+        }
+        expect_instance(self.write(Request::InstanceCreate(req), who, mode).await?)
+    }
+
+    pub async fn get_instance(&self, cid: &str, sid: &str) -> Result<Instance, DomainError> {
+        validate::instance_key(cid, sid)?;
+        match self.store.get_instance(cid, sid).await? {
+            Some(v) if v.value.status == InstanceStatus::Ready => Ok(v.value.to_api()),
+            _ => Err(DomainError::not_found(format!(
+                "no instance of challenge {cid} for source {sid}"
+            ))),
+        }
+    }
+
+    pub async fn list_instances(&self, sid: &str) -> Result<Vec<Instance>, DomainError> {
+        ids::validate("source id", sid)?;
+        Ok(self
+            .store
+            .list_by_source(sid)
+            .await?
+            .iter()
+            .filter(|r| r.status == InstanceStatus::Ready)
+            .map(|r| r.to_api())
+            .collect())
+    }
+
+    pub async fn renew_instance(
+        &self,
+        cid: String,
+        sid: String,
+        who: Requester,
+        mode: Mode,
+    ) -> Result<Reply<Instance>, DomainError> {
+        validate::instance_key(&cid, &sid)?;
+        let req = RenewInstanceRequest {
+            challenge_id: cid,
+            source_id: sid,
+        };
+        expect_instance(self.write(Request::InstanceRenew(req), who, mode).await?)
+    }
+
+    pub async fn delete_instance(
+        &self,
+        cid: String,
+        sid: String,
+        who: Requester,
+        mode: Mode,
+    ) -> Result<Reply<()>, DomainError> {
+        validate::instance_key(&cid, &sid)?;
+        if self.store.get_instance(&cid, &sid).await?.is_none() {
+            return Err(DomainError::not_found(format!(
+                "no instance of challenge {cid} for source {sid}"
+            )));
+        }
+        let req = DeleteInstanceRequest {
+            challenge_id: cid,
+            source_id: sid,
+        };
+        expect_deleted(self.write(Request::InstanceDelete(req), who, mode).await?)
+    }
+
+    // ---- operations ---------------------------------------------------------
+
+    pub async fn operation(&self, id: &str) -> Result<Operation, DomainError> {
+        ids::validate("operation id", id)?;
+        let Some(bytes) = self.store.get_operation(id).await? else {
+            return Err(DomainError::not_found(format!("operation {id} not found")));
+        };
+        serde_json::from_slice(&bytes).map_err(|_| DomainError::internal("internal error"))
+    }
+}
+
+fn unexpected() -> DomainError {
+    DomainError::internal("internal error")
+}
+
+fn expect_challenge(reply: Reply<Outcome>) -> Result<Reply<Challenge>, DomainError> {
+    match reply {
+        Reply::Done(Outcome::Challenge(c)) => Ok(Reply::Done(c)),
+        Reply::Accepted { operation_id } => Ok(Reply::Accepted { operation_id }),
+        Reply::Done(_) => Err(unexpected()),
+    }
+}
+
+fn expect_instance(reply: Reply<Outcome>) -> Result<Reply<Instance>, DomainError> {
+    match reply {
+        Reply::Done(Outcome::Instance(i)) => Ok(Reply::Done(i)),
+        Reply::Accepted { operation_id } => Ok(Reply::Accepted { operation_id }),
+        Reply::Done(_) => Err(unexpected()),
+    }
+}
+
+fn expect_deleted(reply: Reply<Outcome>) -> Result<Reply<()>, DomainError> {
+    match reply {
+        Reply::Done(Outcome::Deleted(_)) => Ok(Reply::Done(())),
+        Reply::Accepted { operation_id } => Ok(Reply::Accepted { operation_id }),
+        Reply::Done(_) => Err(unexpected()),
+    }
+}

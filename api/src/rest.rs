@@ -1,0 +1,309 @@
+//! The REST front door: chall-manager's `/api/v1/challenge` and
+//! `/api/v1/instance` routes (grpc-gateway JSON), plus
+//! `/api/v1/operation/{id}` and `/healthcheck`.
+//!
+//! Writes wait for the worker's result; with `Prefer: respond-async` they
+//! answer `202 Accepted` with the operation to poll. A write that outlives the
+//! result timeout answers `504` naming that operation.
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{DefaultBodyLimit, Path, Query, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use cm_core::DomainError;
+use cm_schemas::v1::{
+    Code, CreateChallengeRequest, CreateInstanceRequest, Requester, UpdateChallengeRequest,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::ApiError,
+    json::{MAX_BODY, ProtoJson, top_level_fields},
+    ops::{App, Mode, Reply},
+};
+
+/// The REST router.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/healthcheck", get(healthcheck))
+        .route(
+            "/api/v1/challenge",
+            get(list_challenges).post(create_challenge),
+        )
+        .route(
+            "/api/v1/challenge/{id}",
+            get(get_challenge)
+                .patch(update_challenge)
+                .delete(delete_challenge),
+        )
+        .route(
+            "/api/v1/instance",
+            get(list_instances).post(create_instance),
+        )
+        .route(
+            "/api/v1/instance/{challenge_id}/{source_id}",
+            get(get_instance)
+                .patch(renew_instance)
+                .delete(delete_instance),
+        )
+        .route("/api/v1/operation/{id}", get(get_operation))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(
+                |req: &axum::http::Request<Body>| {
+                    let route = req
+                        .extensions()
+                        .get::<axum::extract::MatchedPath>()
+                        .map_or("unmatched", |p| p.as_str())
+                        .to_owned();
+                    tracing::info_span!(
+                        "request",
+                        otel.name = %format!("{} {route}", req.method()),
+                        otel.kind = "server",
+                        http.request.method = %req.method(),
+                        http.route = %route,
+                    )
+                },
+            ),
+        )
+        .with_state(app)
+}
+
+fn requester() -> Requester {
+    Requester {
+        principal: String::new(),
+        via: "rest".into(),
+    }
+}
+
+fn mode(headers: &HeaderMap) -> Mode {
+    let asks_async = headers.get_all("prefer").iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+        })
+    });
+    if asks_async { Mode::Async } else { Mode::Wait }
+}
+
+fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => (
+            status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => ApiError(DomainError::internal("internal error")).into_response(),
+    }
+}
+
+fn reply<T: Serialize>(reply: Reply<T>, mode: Mode) -> Response {
+    match reply {
+        Reply::Done(value) => json_response(StatusCode::OK, &value),
+        Reply::Accepted { operation_id } if mode == Mode::Async => {
+            let mut resp = json_response(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({"operationId": operation_id, "state": "PENDING"}),
+            );
+            if let Ok(location) =
+                HeaderValue::from_str(&format!("/api/v1/operation/{operation_id}"))
+            {
+                resp.headers_mut().insert(header::LOCATION, location);
+            }
+            resp
+        }
+        Reply::Accepted { operation_id } => ApiError(DomainError::new(
+            Code::DeadlineExceeded,
+            format!("the command is still running; poll /api/v1/operation/{operation_id}"),
+        ))
+        .into_response(),
+    }
+}
+
+/// One `{"result": ...}` JSON object per line, as grpc-gateway streams.
+fn stream_lines<T: Serialize>(items: &[T]) -> Response {
+    let mut body = Vec::new();
+    for item in items {
+        if serde_json::to_writer(&mut body, &serde_json::json!({ "result": item })).is_err() {
+            return ApiError(DomainError::internal("internal error")).into_response();
+        }
+        body.push(b'\n');
+    }
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn healthcheck(State(app): State<App>) -> Response {
+    let etcd = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        app.store.get_challenge("healthcheck"),
+    )
+    .await;
+    match etcd {
+        Ok(Ok(_)) => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        _ => ApiError(DomainError::unavailable("the store is unavailable")).into_response(),
+    }
+}
+
+async fn create_challenge(
+    State(app): State<App>,
+    headers: HeaderMap,
+    ProtoJson(req, _): ProtoJson<CreateChallengeRequest>,
+) -> Result<Response, ApiError> {
+    let mode = mode(&headers);
+    Ok(reply(
+        app.create_challenge(req, requester(), mode).await?,
+        mode,
+    ))
+}
+
+async fn get_challenge(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(json_response(
+        StatusCode::OK,
+        &app.get_challenge(&id).await?,
+    ))
+}
+
+async fn list_challenges(State(app): State<App>) -> Result<Response, ApiError> {
+    Ok(stream_lines(&app.list_challenges().await?))
+}
+
+/// JSON member names of `UpdateChallengeRequest` and their proto paths.
+const UPDATE_FIELDS: [(&str, &str); 7] = [
+    ("scenario", "scenario"),
+    ("timeout", "timeout"),
+    ("until", "until"),
+    ("additional", "additional"),
+    ("min", "min"),
+    ("max", "max"),
+    ("maxPerSource", "max_per_source"),
+];
+
+async fn update_challenge(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ProtoJson(mut req, body): ProtoJson<UpdateChallengeRequest>,
+) -> Result<Response, ApiError> {
+    req.id = id;
+    // grpc-gateway fills a missing update mask from the body's members.
+    if req.update_mask.as_ref().is_none_or(|m| m.paths.is_empty()) {
+        let present = top_level_fields(&body);
+        let paths = UPDATE_FIELDS
+            .iter()
+            .filter(|(json, proto)| present.iter().any(|p| p == json || p == proto))
+            .map(|(_, proto)| (*proto).to_owned())
+            .collect();
+        req.update_mask = Some(pbjson_types::FieldMask { paths });
+    }
+    let mode = mode(&headers);
+    Ok(reply(
+        app.update_challenge(req, requester(), mode).await?,
+        mode,
+    ))
+}
+
+async fn delete_challenge(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let mode = mode(&headers);
+    let done = app.delete_challenge(id, requester(), mode).await?;
+    Ok(reply(map_empty(done), mode))
+}
+
+async fn create_instance(
+    State(app): State<App>,
+    headers: HeaderMap,
+    ProtoJson(req, _): ProtoJson<CreateInstanceRequest>,
+) -> Result<Response, ApiError> {
+    let mode = mode(&headers);
+    Ok(reply(
+        app.create_instance(req, requester(), mode).await?,
+        mode,
+    ))
+}
+
+async fn get_instance(
+    State(app): State<App>,
+    Path((cid, sid)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    Ok(json_response(
+        StatusCode::OK,
+        &app.get_instance(&cid, &sid).await?,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct InstanceQuery {
+    #[serde(rename = "sourceId", alias = "source_id")]
+    source_id: Option<String>,
+}
+
+async fn list_instances(
+    State(app): State<App>,
+    Query(q): Query<InstanceQuery>,
+) -> Result<Response, ApiError> {
+    let Some(sid) = q.source_id else {
+        return Err(ApiError(DomainError::invalid(
+            "the sourceId query parameter is required",
+        )));
+    };
+    Ok(stream_lines(&app.list_instances(&sid).await?))
+}
+
+async fn renew_instance(
+    State(app): State<App>,
+    Path((cid, sid)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let mode = mode(&headers);
+    Ok(reply(
+        app.renew_instance(cid, sid, requester(), mode).await?,
+        mode,
+    ))
+}
+
+async fn delete_instance(
+    State(app): State<App>,
+    Path((cid, sid)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let mode = mode(&headers);
+    let done = app.delete_instance(cid, sid, requester(), mode).await?;
+    Ok(reply(map_empty(done), mode))
+}
+
+async fn get_operation(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(json_response(StatusCode::OK, &app.operation(&id).await?))
+}
+
+/// Deletions answer `{}` (google.protobuf.Empty).
+fn map_empty(reply: Reply<()>) -> Reply<serde_json::Value> {
+    match reply {
+        Reply::Done(()) => Reply::Done(serde_json::json!({})),
+        Reply::Accepted { operation_id } => Reply::Accepted { operation_id },
+    }
+}

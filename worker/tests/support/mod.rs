@@ -1,0 +1,192 @@
+//! The whole system for end-to-end tests: real nats-server and etcd, the API
+//! in-process on a free port, and worker **processes** (the real binary).
+
+#![allow(dead_code)]
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    time::Duration,
+};
+
+use cm_core::store::{Store, StoreOptions};
+use cm_testkit::server::{self, Server};
+use serde_json::Value;
+
+pub const PASSPHRASE: &str = "e2e-test-passphrase";
+
+/// A compiled-scenario cache shared by every test of this binary.
+fn shared_cache() -> PathBuf {
+    static CACHE: OnceLock<(Option<tempfile::TempDir>, PathBuf)> = OnceLock::new();
+    CACHE.get_or_init(cm_testkit::worker_cache).1.clone()
+}
+
+pub struct Stack {
+    pub nats: Server,
+    pub etcd: Server,
+    pub api: String,
+    pub http: reqwest::Client,
+    pub store: Store,
+    pub logs: tempfile::TempDir,
+    workers: Vec<Child>,
+    api_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    api_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Stack {
+    /// nats + etcd + API (in-process) + `workers` worker processes.
+    pub async fn start(workers: usize) -> Self {
+        let nats = server::nats();
+        let etcd = server::etcd();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let api = format!("http://{}", listener.local_addr().expect("addr"));
+        let config = cm_api::ApiConfig {
+            nats_url: nats.url.clone(),
+            etcd_endpoints: vec![etcd.url.clone()],
+            etcd_root: "/cm".into(),
+            store: StoreOptions::default(),
+            queue: Default::default(),
+            result_timeout: Duration::from_secs(120),
+            nats_service: true,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let api_task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = rx.await;
+            };
+            if let Err(e) = cm_api::run(config, listener, shutdown).await {
+                panic!("API failed: {e}");
+            }
+        });
+        let store = Store::connect(&[etcd.url.clone()], "/cm", &StoreOptions::default())
+            .await
+            .expect("store");
+        let mut stack = Self {
+            nats,
+            etcd,
+            api,
+            http: reqwest::Client::new(),
+            store,
+            logs: tempfile::tempdir().expect("tempdir"),
+            workers: Vec::new(),
+            api_stop: Some(tx),
+            api_task: Some(api_task),
+        };
+        for _ in 0..workers {
+            stack.spawn_worker();
+        }
+        stack.wait_healthy().await;
+        stack
+    }
+
+    /// Starts one more worker process.
+    pub fn spawn_worker(&mut self) {
+        let n = self.workers.len();
+        let log = std::fs::File::create(self.logs.path().join(format!("worker-{n}.log"))).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_cm-worker"))
+            .arg("run")
+            .env("CM_NATS_URL", &self.nats.url)
+            .env("CM_ETCD_ENDPOINTS", &self.etcd.url)
+            .env("CM_SCENARIOS_DIR", cm_testkit::workspace_root().join("examples"))
+            .env("CM_PULUMI", cm_testkit::pulumi())
+            .env("CM_WORKER_CACHE_DIR", shared_cache())
+            .env("CM_PULUMI_PASSPHRASE", PASSPHRASE)
+            .env("CM_ACK_WAIT", "10s")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn cm-worker");
+        self.workers.push(child);
+    }
+
+    /// Kills worker `n` with SIGKILL.
+    pub fn kill_worker(&mut self, n: usize) {
+        let _ = self.workers[n].kill();
+        let _ = self.workers[n].wait();
+    }
+
+    /// The workers' logs, for failure messages.
+    pub fn worker_logs(&self) -> String {
+        let mut out = String::new();
+        for n in 0..self.workers.len() {
+            let path = self.logs.path().join(format!("worker-{n}.log"));
+            out.push_str(&format!("--- worker {n} ---\n"));
+            out.push_str(&std::fs::read_to_string(path).unwrap_or_default());
+        }
+        out
+    }
+
+    async fn wait_healthy(&self) {
+        for _ in 0..200 {
+            if let Ok(r) = self.http.get(format!("{}/healthcheck", self.api)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("API not healthy");
+    }
+
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call_with(method, path, body, &[]).await
+    }
+
+    pub async fn call_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.api));
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    /// A raw body (for malformed-input tests).
+    pub async fn call_raw(&self, method: reqwest::Method, path: &str, body: Vec<u8>) -> (u16, String) {
+        let resp = self
+            .http
+            .request(method, format!("{}{path}", self.api))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        (resp.status().as_u16(), resp.text().await.expect("body"))
+    }
+
+    pub async fn stop_api(&mut self) {
+        if let Some(tx) = self.api_stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.api_task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        if let Some(tx) = self.api_stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}

@@ -71,3 +71,137 @@ async fn whole_lifecycle_over_rest() {
     let (status, _) = stack.call(Method::GET, "/api/v1/challenge/web-1", None).await;
     assert_eq!(status, 404);
 }
+
+async fn nats_call(client: &async_nats::Client, endpoint: &str, body: Value) -> Result<Value, (usize, String)> {
+    let resp = client
+        .request(format!("cm.api.{endpoint}"), serde_json::to_vec(&body).expect("json").into())
+        .await
+        .expect("NATS request");
+    if let Some(headers) = &resp.headers {
+        if let Some(code) = headers.get("Nats-Service-Error-Code") {
+            let message = headers.get("Nats-Service-Error").map(|v| v.as_str().to_owned()).unwrap_or_default();
+            return Err((code.as_str().parse().unwrap_or(0), message));
+        }
+    }
+    Ok(serde_json::from_slice(&resp.payload).expect("JSON response"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_lifecycle_over_the_nats_service() {
+    let stack = Stack::start(2).await;
+    let client = async_nats::connect(stack.nats.url.as_str()).await.expect("connect");
+
+    // Discoverable with the standard $SRV subjects.
+    let ping = client.request("$SRV.PING.cm", "".into()).await.expect("ping");
+    let ping: Value = serde_json::from_slice(&ping.payload).expect("ping json");
+    assert_eq!(ping["name"], "cm");
+
+    let chall = nats_call(&client, "challenge.create", json!({"id": "pwn-2", "scenario": "identity", "timeout": "60s"}))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", stack.worker_logs()));
+    assert_eq!(chall["id"], "pwn-2");
+    let dup = nats_call(&client, "challenge.create", json!({"id": "pwn-2", "scenario": "identity"})).await;
+    assert_eq!(dup.map_err(|e| e.0), Err(409));
+
+    let inst = nats_call(&client, "instance.create", json!({"challengeId": "pwn-2", "sourceId": "player-9"}))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", stack.worker_logs()));
+    assert!(is_flag(&inst["flags"][0]));
+    let got = nats_call(&client, "instance.get", json!({"challengeId": "pwn-2", "sourceId": "player-9"}))
+        .await
+        .expect("get");
+    assert_eq!(got["connectionInfo"], inst["connectionInfo"]);
+    let list = nats_call(&client, "instance.list", json!({"sourceId": "player-9"})).await.expect("list");
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+    let renewed = nats_call(&client, "instance.renew", json!({"challengeId": "pwn-2", "sourceId": "player-9"}))
+        .await
+        .expect("renew");
+    assert!(renewed["until"].as_str() >= inst["until"].as_str());
+    nats_call(&client, "instance.delete", json!({"challengeId": "pwn-2", "sourceId": "player-9"}))
+        .await
+        .expect("delete");
+    let gone = nats_call(&client, "instance.get", json!({"challengeId": "pwn-2", "sourceId": "player-9"})).await;
+    assert_eq!(gone.map_err(|e| e.0), Err(404));
+
+    // Same validation and errors as REST.
+    let bad = nats_call(&client, "instance.create", json!({"challengeId": "a/b", "sourceId": "x"})).await;
+    let (code, message) = bad.expect_err("refused");
+    assert_eq!(code, 400);
+    assert!(message.contains("challenge id must not contain '/'"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_creates_for_one_source_give_one_instance() {
+    let stack = Stack::start(2).await;
+    let (status, _) = stack
+        .call(Method::POST, "/api/v1/challenge", Some(json!({"id": "race", "scenario": "identity"})))
+        .await;
+    assert_eq!(status, 200, "{}", stack.worker_logs());
+    let body = json!({"challengeId": "race", "sourceId": "team-7"});
+    let (a, b) = tokio::join!(
+        stack.call(Method::POST, "/api/v1/instance", Some(body.clone())),
+        stack.call(Method::POST, "/api/v1/instance", Some(body.clone())),
+    );
+    let mut statuses = [a.0, b.0];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409], "{a:?} {b:?}\n{}", stack.worker_logs());
+    let loser = if a.0 == 409 { a.1 } else { b.1 };
+    assert_eq!(loser["code"], 6, "ALREADY_EXISTS: {loser}");
+
+    let instances = stack.store.list_instances("race").await.expect("store");
+    assert_eq!(instances.len(), 1, "exactly one instance record");
+    let winner = &instances[0];
+    assert!(stack.store.get_stack("race", &winner.identity).await.expect("store").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_challenge_during_creates_leaves_no_orphan() {
+    let stack = Stack::start(2).await;
+    let (status, _) = stack
+        .call(Method::POST, "/api/v1/challenge", Some(json!({"id": "doomed", "scenario": "identity"})))
+        .await;
+    assert_eq!(status, 200, "{}", stack.worker_logs());
+    // Queue creates without waiting, then delete at once.
+    for n in 0..6 {
+        let (status, body) = stack
+            .call_with(
+                Method::POST,
+                "/api/v1/instance",
+                Some(json!({"challengeId": "doomed", "sourceId": format!("team-{n}")})),
+                &[("Prefer", "respond-async")],
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        assert!(body["operationId"].is_string());
+    }
+    let (status, body) = stack.call(Method::DELETE, "/api/v1/challenge/doomed", None).await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+
+    // Creates that ran after the delete fail with NotFound; wait for the queue to drain.
+    let client = async_nats::connect(stack.nats.url.as_str()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    for _ in 0..600 {
+        let mut consumer = js
+            .get_stream(cm_core::queue::COMMANDS_STREAM)
+            .await
+            .expect("stream")
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(cm_core::queue::WORKERS_CONSUMER)
+            .await
+            .expect("consumer");
+        let info = consumer.info().await.expect("info");
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(stack.store.get_challenge("doomed").await.expect("store").is_none());
+    let left = stack.store.list_instances("doomed").await.expect("store");
+    assert!(left.is_empty(), "orphan records: {left:?}");
+    let client = stack.store.client();
+    let stacks = client
+        .clone()
+        .get("/cm/stack/", Some(etcd_client::GetOptions::new().with_prefix().with_count_only()))
+        .await
+        .expect("etcd");
+    assert_eq!(stacks.count(), 0, "orphan stack states\n{}", stack.worker_logs());
+}

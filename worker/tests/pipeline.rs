@@ -205,3 +205,64 @@ async fn deleting_a_challenge_during_creates_leaves_no_orphan() {
         .expect("etcd");
     assert_eq!(stacks.count(), 0, "orphan stack states\n{}", stack.worker_logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_a_reason_and_nothing_is_published_or_written() {
+    let stack = Stack::start(0).await;
+    let long = "x".repeat(10 * 1024);
+    let cases: Vec<(Method, &str, Value, u16, &str)> = vec![
+        (Method::POST, "/api/v1/challenge", json!({"id": "", "scenario": "identity"}), 400, "challenge id must not be empty"),
+        (Method::POST, "/api/v1/challenge", json!({"id": long, "scenario": "identity"}), 400, "maximum is 256"),
+        (Method::POST, "/api/v1/challenge", json!({"id": "a/b", "scenario": "identity"}), 400, "must not contain '/'"),
+        (Method::POST, "/api/v1/challenge", json!({"id": "..", "scenario": "identity"}), 400, "'..'"),
+        (Method::POST, "/api/v1/challenge", json!({"id": "a\u{1}b", "scenario": "identity"}), 400, "control characters"),
+        (Method::POST, "/api/v1/challenge", json!({"id": "c", "scenario": "../../etc"}), 400, "without '..'"),
+        (Method::POST, "/api/v1/challenge", json!({"id": "c", "scenario": "identity", "min": -1}), 400, "must not be negative"),
+        (Method::POST, "/api/v1/challenge", json!({"id": "c", "scenario": "identity", "max": "-3"}), 400, "must not be negative"),
+        (Method::POST, "/api/v1/challenge", json!({"id": "c", "scenario": "identity", "timeout": "10 minutes"}), 400, "invalid request"),
+        (Method::POST, "/api/v1/challenge", json!({"id": "c", "scenario": "identity", "until": "yesterday"}), 400, "invalid request"),
+        (Method::POST, "/api/v1/challenge", json!({"id": 42, "scenario": "identity"}), 400, "invalid request"),
+        (Method::POST, "/api/v1/challenge", json!({"id": "c", "scenario": "identity", "additional": ["x"]}), 400, "invalid request"),
+        (Method::POST, "/api/v1/instance", json!({"challengeId": "nope", "sourceId": "t"}), 404, "challenge nope not found"),
+        (Method::POST, "/api/v1/instance", json!({"challengeId": "c", "sourceId": ""}), 400, "source id must not be empty"),
+        (Method::GET, "/api/v1/instance/a%2Fb/t", Value::Null, 400, "must not contain '/'"),
+        (Method::GET, "/api/v1/instance/c/%2E%2E", Value::Null, 400, "source id must not be '.' or '..'"),
+        (Method::GET, "/api/v1/instance/c/a%0Ab", Value::Null, 400, "control characters"),
+        (Method::GET, "/api/v1/instance", Value::Null, 400, "sourceId query parameter is required"),
+        (Method::PATCH, "/api/v1/challenge/nope", json!({"min": 1}), 404, "challenge nope not found"),
+        (Method::DELETE, "/api/v1/challenge/nope", Value::Null, 404, "challenge nope not found"),
+    ];
+    for (method, path, body, expected_status, expected) in cases {
+        let body = (!body.is_null()).then_some(body);
+        let (status, resp) = stack.call(method.clone(), path, body.clone()).await;
+        assert_eq!(status, expected_status, "{method} {path} {body:?}: {resp}");
+        if !expected.is_empty() {
+            let message = resp["message"].as_str().unwrap_or_default();
+            assert!(message.contains(expected), "{method} {path}: {resp}");
+            assert!(resp["code"].is_number(), "grpc-gateway error shape: {resp}");
+        }
+    }
+    for (raw, expected) in [
+        (b"{\"id\": \"c\",".to_vec(), "not valid JSON"),
+        (b"[]".to_vec(), "JSON object"),
+        (vec![0xff, 0xfe, b'{'], "not valid JSON"),
+        (format!("{{\"id\":\"c\",\"scenario\":\"{}\"}}", "y".repeat(1024 * 1024 + 10)).into_bytes(), "larger than"),
+    ] {
+        let (status, text) = stack.call_raw(Method::POST, "/api/v1/challenge", raw).await;
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains(expected), "{expected}: {text}");
+    }
+
+    // Nothing published, nothing written.
+    let client = async_nats::connect(stack.nats.url.as_str()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(cm_core::queue::COMMANDS_STREAM).await.expect("stream");
+    assert_eq!(stream.info().await.expect("info").state.messages, 0, "no command published");
+    let keys = stack
+        .store
+        .client()
+        .get("/cm/", Some(etcd_client::GetOptions::new().with_prefix().with_count_only()))
+        .await
+        .expect("etcd");
+    assert_eq!(keys.count(), 0, "nothing written to etcd");
+}

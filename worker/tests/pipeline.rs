@@ -226,7 +226,7 @@ async fn bad_input_is_refused_with_a_reason_and_nothing_is_published_or_written(
         (Method::POST, "/api/v1/instance", json!({"challengeId": "nope", "sourceId": "t"}), 404, "challenge nope not found"),
         (Method::POST, "/api/v1/instance", json!({"challengeId": "c", "sourceId": ""}), 400, "source id must not be empty"),
         (Method::GET, "/api/v1/instance/a%2Fb/t", Value::Null, 400, "must not contain '/'"),
-        (Method::GET, "/api/v1/instance/c/%2E%2E", Value::Null, 400, "source id must not be '.' or '..'"),
+        (Method::POST, "/api/v1/instance", json!({"challengeId": "c", "sourceId": ".."}), 400, "source id must not be '.' or '..'"),
         (Method::GET, "/api/v1/instance/c/a%0Ab", Value::Null, 400, "control characters"),
         (Method::GET, "/api/v1/instance", Value::Null, 400, "sourceId query parameter is required"),
         (Method::PATCH, "/api/v1/challenge/nope", json!({"min": 1}), 404, "challenge nope not found"),

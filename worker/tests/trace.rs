@@ -1,0 +1,117 @@
+//! One trace across API -> NATS -> worker: the worker's consume span is a
+//! child of the API's publish span, through the W3C headers of the command.
+
+use std::{path::PathBuf, time::Duration};
+
+use cm_core::{Secret, queue::QueueConfig, store::StoreOptions};
+use opentelemetry_sdk::trace::{InMemorySpanExporterBuilder, SdkTracerProvider, SpanData};
+use serde_json::json;
+
+fn find<'a>(spans: &'a [SpanData], name: &str) -> &'a SpanData {
+    spans
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no span {name:?} in {:?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_span_is_a_child_of_the_api_publish_span() {
+    let exporter = InMemorySpanExporterBuilder::new().build();
+    let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+    let _telemetry = cm_core::telemetry::install("trace-test", Some(provider.clone()));
+
+    let nats = cm_testkit::server::nats();
+    let etcd = cm_testkit::server::etcd();
+    let (_cache_guard, cache) = cm_testkit::worker_cache();
+    let worker_config = cm_worker::WorkerConfig {
+        nats_url: nats.url.clone(),
+        etcd_endpoints: vec![etcd.url.clone()],
+        etcd_root: "/cm".into(),
+        store: StoreOptions::default(),
+        queue: QueueConfig::default(),
+        concurrency: 2,
+        scenarios_dir: cm_testkit::workspace_root().join("examples"),
+        driver: cm_worker::pulumi::DriverConfig {
+            pulumi: cm_testkit::pulumi(),
+            go: cm_testkit::go(),
+            cache_dir: PathBuf::from(&cache),
+            passphrase: Secret::new("trace-test".into()),
+        },
+        lock_timeout: Duration::from_secs(30),
+        lease_ttl: 10,
+        shutdown_grace: Duration::from_secs(5),
+    };
+    let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(cm_worker::run(worker_config, async {
+        let _ = worker_stopped.await;
+    }));
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let api_config = cm_api::ApiConfig {
+        nats_url: nats.url.clone(),
+        etcd_endpoints: vec![etcd.url.clone()],
+        etcd_root: "/cm".into(),
+        store: StoreOptions::default(),
+        queue: QueueConfig::default(),
+        result_timeout: Duration::from_secs(120),
+        nats_service: false,
+    };
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let api = tokio::spawn(cm_api::run(api_config, listener, async {
+        let _ = api_stopped.await;
+    }));
+
+    let http = reqwest::Client::new();
+    let created = http
+        .post(format!("{base}/api/v1/challenge"))
+        .json(&json!({"id": "traced", "scenario": "identity"}))
+        .send()
+        .await
+        .expect("create challenge");
+    assert_eq!(created.status(), 200, "{}", created.text().await.unwrap_or_default());
+    let instance = http
+        .post(format!("{base}/api/v1/instance"))
+        .json(&json!({"challengeId": "traced", "sourceId": "s"}))
+        .send()
+        .await
+        .expect("create instance");
+    assert_eq!(instance.status(), 200);
+    let flag = instance.json::<serde_json::Value>().await.expect("json")["flags"][0]
+        .as_str()
+        .expect("flag")
+        .to_owned();
+
+    let _ = stop_api.send(());
+    let _ = stop_worker.send(());
+    let _ = api.await;
+    let _ = worker.await;
+    let _ = provider.force_flush();
+    let spans = exporter.get_finished_spans().expect("spans");
+
+    let request = find(&spans, "POST /api/v1/instance");
+    let publish = find(&spans, "publish cm.cmd.instance.create");
+    let process = find(&spans, "process cm.cmd.instance.create");
+    let handler = find(&spans, "instance.create");
+    let trace = request.span_context.trace_id();
+    for span in [publish, process, handler] {
+        assert_eq!(span.span_context.trace_id(), trace, "{} is in the request's trace", span.name);
+    }
+    assert_eq!(publish.parent_span_id, request.span_context.span_id());
+    assert_eq!(
+        process.parent_span_id,
+        publish.span_context.span_id(),
+        "the consume span continues the publish span from the NATS headers"
+    );
+    assert_eq!(handler.parent_span_id, process.span_context.span_id());
+    assert!(
+        spans.iter().any(|s| s.name == "lock wait" && s.span_context.trace_id() == trace),
+        "lock waits are traced"
+    );
+    assert!(
+        spans.iter().any(|s| s.name == "up" && s.span_context.trace_id() == trace),
+        "the Pulumi run is traced"
+    );
+    let dump = format!("{spans:?}");
+    assert!(!dump.contains(&flag), "no flag value in any span");
+}

@@ -1,0 +1,111 @@
+//! Bench of the command pipeline's own overhead (no Pulumi in the measured
+//! path): real nats-server and etcd, the API and one worker in-process.
+//!
+//! `cargo bench -p cm-worker --bench pipeline` (`CM_BENCH_ITERS`, default 500).
+//! - read: `GET /api/v1/instance/{c}/{s}` (one etcd read);
+//! - write: `PATCH /api/v1/instance/{c}/{s}` (renew): API validation, pending
+//!   operation record, JetStream publish + ack, worker consume, two locks,
+//!   reads and a guarded write in etcd, operation record, result event,
+//!   reply routed back to the waiting request. No Pulumi run.
+
+use std::time::{Duration, Instant};
+
+use cm_core::{Secret, queue::QueueConfig, store::StoreOptions};
+use serde_json::json;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn row(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    println!(
+        "{name:<44} {:>6} {:>9.2}ms {:>9.2}ms {:>9.2}ms",
+        samples.len(),
+        percentile(&samples, 0.5).as_secs_f64() * 1e3,
+        percentile(&samples, 0.99).as_secs_f64() * 1e3,
+        samples.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let iters: usize = std::env::var("CM_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+    let nats = cm_testkit::server::nats();
+    let etcd = cm_testkit::server::etcd();
+    let (_cache_guard, cache) = cm_testkit::worker_cache();
+    let worker = cm_worker::WorkerConfig {
+        nats_url: nats.url.clone(),
+        etcd_endpoints: vec![etcd.url.clone()],
+        etcd_root: "/cm".into(),
+        store: StoreOptions::default(),
+        queue: QueueConfig::default(),
+        concurrency: 4,
+        scenarios_dir: cm_testkit::workspace_root().join("examples"),
+        driver: cm_worker::pulumi::DriverConfig {
+            pulumi: cm_testkit::pulumi(),
+            go: cm_testkit::go(),
+            cache_dir: cache.clone(),
+            passphrase: Secret::new("bench".into()),
+        },
+        lock_timeout: Duration::from_secs(30),
+        lease_ttl: 10,
+        shutdown_grace: Duration::from_secs(5),
+    };
+    tokio::spawn(cm_worker::run(worker, std::future::pending()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let api = cm_api::ApiConfig {
+        nats_url: nats.url.clone(),
+        etcd_endpoints: vec![etcd.url.clone()],
+        etcd_root: "/cm".into(),
+        store: StoreOptions::default(),
+        queue: QueueConfig::default(),
+        result_timeout: Duration::from_secs(60),
+        nats_service: false,
+    };
+    tokio::spawn(cm_api::run(api, listener, std::future::pending()));
+    let http = reqwest::Client::new();
+    for _ in 0..100 {
+        if http.get(format!("{base}/healthcheck")).send().await.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ok = |r: reqwest::Response| {
+        assert!(r.status().is_success(), "{}", r.status());
+    };
+    ok(http
+        .post(format!("{base}/api/v1/challenge"))
+        .json(&json!({"id": "bench", "scenario": "identity", "timeout": "3600s"}))
+        .send()
+        .await
+        .expect("challenge"));
+    ok(http
+        .post(format!("{base}/api/v1/instance"))
+        .json(&json!({"challengeId": "bench", "sourceId": "s"}))
+        .send()
+        .await
+        .expect("instance"));
+
+    let url = format!("{base}/api/v1/instance/bench/s");
+    let mut reads = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let started = Instant::now();
+        ok(http.get(&url).send().await.expect("read"));
+        reads.push(started.elapsed());
+    }
+    let mut writes = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let started = Instant::now();
+        ok(http.patch(&url).send().await.expect("renew"));
+        writes.push(started.elapsed());
+    }
+    println!();
+    println!("Pipeline overhead bench ({iters} sequential requests each, 1 worker in-process, no Pulumi)");
+    println!("{:<44} {:>6} {:>11} {:>11} {:>11}", "request", "n", "p50", "p99", "max");
+    row("read: GET instance (etcd read)", reads);
+    row("write: PATCH instance (renew, full pipeline)", writes);
+    println!("reproduce: cargo bench -p cm-worker --bench pipeline (CM_BENCH_ITERS={iters})");
+}

@@ -119,7 +119,12 @@ impl Submitter {
             request: Some(request),
         };
         async {
-            self.record_pending(&command, kind).await?;
+            // A caller that does not wait polls the operation at once: record
+            // it first. A waiting caller hears the result directly; its
+            // operation is recorded only if the wait times out.
+            if wait.is_none() {
+                self.record_pending(&command, kind).await?;
+            }
             let receiver = wait.map(|_| self.register(&id));
             if let Err(e) = self.publish(&subject, &command, wait.is_some()).await {
                 self.forget(&id);
@@ -132,6 +137,7 @@ impl Submitter {
                 Ok(Ok(result)) => Ok(Submitted::Done(Box::new(result))),
                 _ => {
                     self.forget(&id);
+                    self.record_pending(&command, kind).await?;
                     Ok(Submitted::Accepted { operation_id: id })
                 }
             }

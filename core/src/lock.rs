@@ -11,7 +11,10 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, PutOptions, SortOrder, SortTarget, WatchOptions};
+use etcd_client::{
+    Client, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{ids, store::StoreError};
@@ -124,8 +127,15 @@ pub struct LockGuard {
 }
 
 impl LockGuard {
-    /// Releases the lock now.
-    pub async fn release(mut self) {
+    /// Releases the lock: its key is deleted in the background, so the
+    /// caller's answer does not wait for that round trip. (Dropping the guard
+    /// does the same; a failed delete is undone by the lease.)
+    pub fn release(self) {
+        drop(self);
+    }
+
+    /// Releases the lock and waits until its key is gone.
+    pub async fn release_now(mut self) {
         self.released = true;
         if let Err(e) = self.client.delete(self.key.clone(), None).await {
             tracing::warn!(error = %e, key = %self.key, "lock release failed; the lease will free it");
@@ -146,6 +156,120 @@ impl Drop for LockGuard {
             });
         }
     }
+}
+
+/// Several locks taken together (see [`acquire_all`]); released together.
+pub struct LockSet {
+    client: Client,
+    keys: Vec<String>,
+}
+
+impl std::fmt::Debug for LockSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockSet")
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LockSet {
+    /// Releases every lock of the set, in the background (one transaction).
+    pub fn release(self) {
+        drop(self);
+    }
+}
+
+impl Drop for LockSet {
+    fn drop(&mut self) {
+        let keys = std::mem::take(&mut self.keys);
+        if keys.is_empty() {
+            return;
+        }
+        let mut client = self.client.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let ops: Vec<TxnOp> = keys.into_iter().map(|k| TxnOp::delete(k, None)).collect();
+                if let Err(e) = client.txn(Txn::new().and_then(ops)).await {
+                    tracing::warn!(error = %e, "lock release failed; the lease will free them");
+                }
+            });
+        }
+    }
+}
+
+/// Takes several locks at once, in the order given, bound to `lease`.
+///
+/// Every waiter key is written and every prefix read in **one** transaction,
+/// so an uncontended set costs one round trip. All keys share that
+/// transaction's revision, and each lock waits only for keys older than it,
+/// so waits always point to older waiters and cannot form a cycle.
+#[tracing::instrument(name = "lock wait", skip(client, lease, locks, timeout), fields(locks = ?locks))]
+pub async fn acquire_all(
+    client: &Client,
+    lease: i64,
+    locks: &[(&str, LockMode)],
+    timeout: Duration,
+) -> Result<LockSet, LockError> {
+    let id = uuid::Uuid::now_v7();
+    let keys: Vec<String> = locks
+        .iter()
+        .map(|(prefix, mode)| format!("{prefix}{}{id}", mode.tag()))
+        .collect();
+    let mut ops: Vec<TxnOp> = keys
+        .iter()
+        .map(|k| {
+            TxnOp::put(
+                k.clone(),
+                Vec::new(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+        })
+        .collect();
+    ops.extend(locks.iter().map(|(prefix, _)| {
+        TxnOp::get(
+            *prefix,
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_sort(SortTarget::Create, SortOrder::Ascend),
+            ),
+        )
+    }));
+    let resp = client.clone().txn(Txn::new().and_then(ops)).await?;
+    let my_rev = resp.header().map_or(0, |h| h.revision());
+    let set = LockSet {
+        client: client.clone(),
+        keys,
+    };
+    let blocked = resp
+        .op_responses()
+        .into_iter()
+        .skip(locks.len())
+        .zip(locks)
+        .any(|(r, (prefix, mode))| match r {
+            TxnOpResponse::Get(get) => get.kvs().iter().any(|kv| blocks(kv, prefix, *mode, my_rev)),
+            _ => false,
+        });
+    if !blocked {
+        return Ok(set);
+    }
+    let wait = async {
+        for (prefix, mode) in locks {
+            wait_turn(client, prefix, *mode, my_rev).await?;
+        }
+        Ok::<(), LockError>(())
+    };
+    match tokio::time::timeout(timeout, wait).await {
+        Ok(Ok(())) => Ok(set),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(LockError::Timeout(timeout)),
+    }
+}
+
+fn blocks(kv: &etcd_client::KeyValue, prefix: &str, mode: LockMode, my_rev: i64) -> bool {
+    kv.create_revision() < my_rev
+        && (mode == LockMode::Write
+            || kv.key()[prefix.len()..].starts_with(LockMode::Write.tag().as_bytes()))
 }
 
 /// Lock prefix of a challenge (reader/writer).
@@ -190,11 +314,11 @@ pub async fn acquire(
     match tokio::time::timeout(timeout, wait_turn(client, prefix, mode, my_rev)).await {
         Ok(Ok(())) => Ok(guard),
         Ok(Err(e)) => {
-            guard.release().await;
+            guard.release_now().await;
             Err(e)
         }
         Err(_) => {
-            guard.release().await;
+            guard.release_now().await;
             Err(LockError::Timeout(timeout))
         }
     }
@@ -222,11 +346,7 @@ async fn wait_turn(
         let blocker = resp
             .kvs()
             .iter()
-            .rfind(|kv| {
-                kv.create_revision() < my_rev
-                    && (mode == LockMode::Write
-                        || kv.key()[prefix.len()..].starts_with(LockMode::Write.tag().as_bytes()))
-            })
+            .rfind(|kv| blocks(kv, prefix, mode, my_rev))
             .map(|kv| kv.key().to_vec());
         let Some(blocker) = blocker else {
             return Ok(());

@@ -304,6 +304,22 @@ impl Store {
         Ok(())
     }
 
+    /// Writes an operation record only if none exists yet.
+    pub async fn create_operation(
+        &self,
+        id: &str,
+        value: Vec<u8>,
+        lease: i64,
+    ) -> Result<(), StoreError> {
+        let key = self.operation_key(id);
+        let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value, opts)]);
+        self.client.clone().txn(txn).await?;
+        Ok(())
+    }
+
     // ---- helpers ----------------------------------------------------------
 
     async fn guarded(&self, key: &str, expect: Expect, ops: Vec<TxnOp>) -> Result<(), StoreError> {

@@ -31,7 +31,10 @@ fn row(name: &str, mut samples: Vec<Duration>) {
 
 #[tokio::main]
 async fn main() {
-    let iters: usize = std::env::var("CM_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+    let iters: usize = std::env::var("CM_BENCH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
     let nats = cm_testkit::server::nats();
     let etcd = cm_testkit::server::etcd();
     let (_cache_guard, cache) = cm_testkit::worker_cache();
@@ -54,7 +57,9 @@ async fn main() {
         shutdown_grace: Duration::from_secs(5),
     };
     tokio::spawn(cm_worker::run(worker, std::future::pending()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let api = cm_api::ApiConfig {
         nats_url: nats.url.clone(),
@@ -68,7 +73,12 @@ async fn main() {
     tokio::spawn(cm_api::run(api, listener, std::future::pending()));
     let http = reqwest::Client::new();
     for _ in 0..100 {
-        if http.get(format!("{base}/healthcheck")).send().await.is_ok_and(|r| r.status().is_success()) {
+        if http
+            .get(format!("{base}/healthcheck"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -102,10 +112,27 @@ async fn main() {
         ok(http.patch(&url).send().await.expect("renew"));
         writes.push(started.elapsed());
     }
+    let mut accepted = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let started = Instant::now();
+        ok(http
+            .patch(&url)
+            .header("Prefer", "respond-async")
+            .send()
+            .await
+            .expect("renew async"));
+        accepted.push(started.elapsed());
+    }
     println!();
-    println!("Pipeline overhead bench ({iters} sequential requests each, 1 worker in-process, no Pulumi)");
-    println!("{:<44} {:>6} {:>11} {:>11} {:>11}", "request", "n", "p50", "p99", "max");
+    println!(
+        "Pipeline overhead bench ({iters} sequential requests each, 1 worker in-process, no Pulumi)"
+    );
+    println!(
+        "{:<44} {:>6} {:>11} {:>11} {:>11}",
+        "request", "n", "p50", "p99", "max"
+    );
     row("read: GET instance (etcd read)", reads);
     row("write: PATCH instance (renew, full pipeline)", writes);
+    row("write accepted: PATCH + Prefer: respond-async", accepted);
     println!("reproduce: cargo bench -p cm-worker --bench pipeline (CM_BENCH_ITERS={iters})");
 }

@@ -116,6 +116,15 @@ async fn process(ctx: &Ctx, retention: &RetentionLease, message: Message) {
         return;
     };
     let (kind, challenge_id) = CommandKind::of(request);
+    let queued_ms = command
+        .issued_at
+        .as_ref()
+        .and_then(|t| {
+            std::time::SystemTime::now()
+                .duration_since(cm_core::model::to_system_time(t))
+                .ok()
+        })
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3);
     let span = tracing::info_span!(
         "process",
         otel.name = %format!("process cm.cmd.{kind}"),
@@ -127,6 +136,7 @@ async fn process(ctx: &Ctx, retention: &RetentionLease, message: Message) {
         cm.command.kind = %kind,
         cm.challenge.id = %challenge_id,
         cm.delivery = delivered,
+        cm.queued_ms = queued_ms,
     );
     if let Err(e) = span.set_parent(queue::extract_trace_context(message.headers.as_ref())) {
         tracing::debug!(error = %e, "trace context not attached");
@@ -153,8 +163,11 @@ async fn settle(
     challenge_id: &str,
     delivered: i64,
 ) {
-    // Already settled (a redelivery after the result was recorded): answer again.
-    if let Ok(Some(bytes)) = ctx.store.get_operation(&command.command_id).await
+    // Already settled (a redelivery after the result was recorded): answer
+    // again. A first delivery cannot have been settled (a re-published id is
+    // de-duplicated by JetStream), so it skips this read.
+    if delivered > 1
+        && let Ok(Some(bytes)) = ctx.store.get_operation(&command.command_id).await
         && let Ok(op) = serde_json::from_slice::<Operation>(&bytes)
         && op.state != State::Pending as i32
     {
@@ -202,6 +215,10 @@ async fn settle(
             return;
         }
     };
+    // The waiting client hears first; recording and the event follow. A crash
+    // in between redelivers the command, whose handler answers the same
+    // (records carry the command id), and records it then.
+    reply(ctx, message, &result).await;
     if let Err(e) = record(ctx, retention, command, kind, &result).await {
         // Not settled: let it come back and try to record again.
         tracing::warn!(error = %e, "recording the result failed; retrying later");
@@ -213,7 +230,6 @@ async fn settle(
         return;
     }
     publish_event(ctx, kind, challenge_id, &result).await;
-    reply(ctx, message, &result).await;
     ack(message, AckKind::Ack).await;
 }
 
@@ -306,6 +322,8 @@ async fn reply(ctx: &Ctx, message: &Message, result: &CommandResult) {
     if let Err(e) = ctx.nats.publish(inbox.as_str().to_owned(), payload).await {
         tracing::warn!(error = %e, "reply not sent");
     }
+    // Someone is waiting on this: do not leave it in the write buffer.
+    let _ = ctx.nats.flush().await;
 }
 
 async fn dead_letter(

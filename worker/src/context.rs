@@ -6,7 +6,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use async_nats::jetstream;
 use cm_core::{
     DomainError, ids,
-    lock::{self, LockGuard, LockMode, Session},
+    lock::{self, LockGuard, LockMode, LockSet, Session},
     queue::QueueConfig,
     store::Store,
 };
@@ -49,14 +49,15 @@ impl Ctx {
         .await?)
     }
 
-    /// Takes the lock of one (challenge, source) instance slot.
-    pub async fn lock_instance(&self, cid: &str, sid: &str) -> Result<LockGuard, HandlerError> {
-        let prefix = lock::instance_lock(self.store.root(), cid, sid);
-        Ok(lock::acquire(
+    /// Takes the challenge's lock for reading and the (challenge, source)
+    /// instance slot's lock for writing, together (one round trip when free).
+    pub async fn lock_instance(&self, cid: &str, sid: &str) -> Result<LockSet, HandlerError> {
+        let challenge = lock::challenge_lock(self.store.root(), cid);
+        let slot = lock::instance_lock(self.store.root(), cid, sid);
+        Ok(lock::acquire_all(
             &self.store.client(),
             self.session.lease(),
-            &prefix,
-            LockMode::Write,
+            &[(&challenge, LockMode::Read), (&slot, LockMode::Write)],
             self.lock_timeout,
         )
         .await?)

@@ -8,33 +8,53 @@ use serde_json::{Value, json};
 use support::Stack;
 
 fn is_flag(v: &Value) -> bool {
-    v.as_str().is_some_and(|s| s.len() == 21 && s.starts_with("CTF{") && s.ends_with('}'))
+    v.as_str()
+        .is_some_and(|s| s.len() == 21 && s.starts_with("CTF{") && s.ends_with('}'))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_lifecycle_over_rest() {
     let stack = Stack::start(2).await;
     let (status, body) = stack
-        .call(Method::POST, "/api/v1/challenge", Some(json!({
-            "id": "web-1", "scenario": "identity", "timeout": "600s", "until": null,
-            "updateStrategy": "update_in_place", "additional": {"connection_prefix": "ssh://"}
-        })))
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({
+                "id": "web-1", "scenario": "identity", "timeout": "600s", "until": null,
+                "updateStrategy": "update_in_place", "additional": {"connection_prefix": "ssh://"}
+            })),
+        )
         .await;
     assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
     assert_eq!(body["id"], "web-1");
     assert_eq!(body["timeout"], "600s");
 
     let (status, created) = stack
-        .call(Method::POST, "/api/v1/instance", Some(json!({"challengeId": "web-1", "sourceId": "team-1"})))
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "web-1", "sourceId": "team-1"})),
+        )
         .await;
     assert_eq!(status, 200, "{created}\n{}", stack.worker_logs());
-    let info = created["connectionInfo"].as_str().expect("connectionInfo").to_owned();
-    assert!(info.starts_with("ssh://nc ") && info.ends_with(".ctf.local 1337"), "{info}");
+    let info = created["connectionInfo"]
+        .as_str()
+        .expect("connectionInfo")
+        .to_owned();
+    assert!(
+        info.starts_with("ssh://nc ") && info.ends_with(".ctf.local 1337"),
+        "{info}"
+    );
     assert!(is_flag(&created["flags"][0]), "{created}");
-    assert_eq!(created["flag"], created["flags"][0], "deprecated flag mirrors flags[0]");
+    assert_eq!(
+        created["flag"], created["flags"][0],
+        "deprecated flag mirrors flags[0]"
+    );
     assert_eq!(created["sourceId"], "team-1");
 
-    let (status, got) = stack.call(Method::GET, "/api/v1/instance/web-1/team-1", None).await;
+    let (status, got) = stack
+        .call(Method::GET, "/api/v1/instance/web-1/team-1", None)
+        .await;
     assert_eq!(status, 200);
     assert_eq!(got["connectionInfo"], info.as_str());
 
@@ -45,43 +65,91 @@ async fn whole_lifecycle_over_rest() {
         .await
         .expect("query");
     let text = resp.text().await.expect("body");
-    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
     assert_eq!(lines.len(), 1, "{text}");
     assert_eq!(lines[0]["result"]["challengeId"], "web-1");
 
     let until_before = got["until"].as_str().expect("until").to_owned();
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    let (status, renewed) = stack.call(Method::PATCH, "/api/v1/instance/web-1/team-1", None).await;
+    let (status, renewed) = stack
+        .call(Method::PATCH, "/api/v1/instance/web-1/team-1", None)
+        .await;
     assert_eq!(status, 200, "{renewed}");
     let until_after = renewed["until"].as_str().expect("until");
-    assert!(until_after > until_before.as_str(), "{until_before} -> {until_after}");
+    assert!(
+        until_after > until_before.as_str(),
+        "{until_before} -> {until_after}"
+    );
 
-    let identity = stack.store.get_instance("web-1", "team-1").await.expect("store").expect("record").value.identity;
-    assert!(stack.store.get_stack("web-1", &identity).await.expect("store").is_some());
+    let identity = stack
+        .store
+        .get_instance("web-1", "team-1")
+        .await
+        .expect("store")
+        .expect("record")
+        .value
+        .identity;
+    assert!(
+        stack
+            .store
+            .get_stack("web-1", &identity)
+            .await
+            .expect("store")
+            .is_some()
+    );
 
-    let (status, deleted) = stack.call(Method::DELETE, "/api/v1/instance/web-1/team-1", None).await;
+    let (status, deleted) = stack
+        .call(Method::DELETE, "/api/v1/instance/web-1/team-1", None)
+        .await;
     assert_eq!((status, deleted), (200, json!({})));
-    let (status, missing) = stack.call(Method::GET, "/api/v1/instance/web-1/team-1", None).await;
+    let (status, missing) = stack
+        .call(Method::GET, "/api/v1/instance/web-1/team-1", None)
+        .await;
     assert_eq!(status, 404, "{missing}");
     assert_eq!(missing["code"], 5);
-    assert!(stack.store.get_stack("web-1", &identity).await.expect("store").is_none(), "stack state gone");
+    assert!(
+        stack
+            .store
+            .get_stack("web-1", &identity)
+            .await
+            .expect("store")
+            .is_none(),
+        "stack state gone"
+    );
 
-    let (status, _) = stack.call(Method::DELETE, "/api/v1/challenge/web-1", None).await;
+    let (status, _) = stack
+        .call(Method::DELETE, "/api/v1/challenge/web-1", None)
+        .await;
     assert_eq!(status, 200);
-    let (status, _) = stack.call(Method::GET, "/api/v1/challenge/web-1", None).await;
+    let (status, _) = stack
+        .call(Method::GET, "/api/v1/challenge/web-1", None)
+        .await;
     assert_eq!(status, 404);
 }
 
-async fn nats_call(client: &async_nats::Client, endpoint: &str, body: Value) -> Result<Value, (usize, String)> {
+async fn nats_call(
+    client: &async_nats::Client,
+    endpoint: &str,
+    body: Value,
+) -> Result<Value, (usize, String)> {
     let resp = client
-        .request(format!("cm.api.{endpoint}"), serde_json::to_vec(&body).expect("json").into())
+        .request(
+            format!("cm.api.{endpoint}"),
+            serde_json::to_vec(&body).expect("json").into(),
+        )
         .await
         .expect("NATS request");
-    if let Some(headers) = &resp.headers {
-        if let Some(code) = headers.get("Nats-Service-Error-Code") {
-            let message = headers.get("Nats-Service-Error").map(|v| v.as_str().to_owned()).unwrap_or_default();
-            return Err((code.as_str().parse().unwrap_or(0), message));
-        }
+    if let Some(headers) = &resp.headers
+        && let Some(code) = headers.get("Nats-Service-Error-Code")
+    {
+        let message = headers
+            .get("Nats-Service-Error")
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        return Err((code.as_str().parse().unwrap_or(0), message));
     }
     Ok(serde_json::from_slice(&resp.payload).expect("JSON response"))
 }
@@ -89,52 +157,101 @@ async fn nats_call(client: &async_nats::Client, endpoint: &str, body: Value) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_lifecycle_over_the_nats_service() {
     let stack = Stack::start(2).await;
-    let client = async_nats::connect(stack.nats.url.as_str()).await.expect("connect");
+    let client = async_nats::connect(stack.nats.url.as_str())
+        .await
+        .expect("connect");
 
     // Discoverable with the standard $SRV subjects.
-    let ping = client.request("$SRV.PING.cm", "".into()).await.expect("ping");
+    let ping = client
+        .request("$SRV.PING.cm", "".into())
+        .await
+        .expect("ping");
     let ping: Value = serde_json::from_slice(&ping.payload).expect("ping json");
     assert_eq!(ping["name"], "cm");
 
-    let chall = nats_call(&client, "challenge.create", json!({"id": "pwn-2", "scenario": "identity", "timeout": "60s"}))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}\n{}", stack.worker_logs()));
+    let chall = nats_call(
+        &client,
+        "challenge.create",
+        json!({"id": "pwn-2", "scenario": "identity", "timeout": "60s"}),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", stack.worker_logs()));
     assert_eq!(chall["id"], "pwn-2");
-    let dup = nats_call(&client, "challenge.create", json!({"id": "pwn-2", "scenario": "identity"})).await;
+    let dup = nats_call(
+        &client,
+        "challenge.create",
+        json!({"id": "pwn-2", "scenario": "identity"}),
+    )
+    .await;
     assert_eq!(dup.map_err(|e| e.0), Err(409));
 
-    let inst = nats_call(&client, "instance.create", json!({"challengeId": "pwn-2", "sourceId": "player-9"}))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}\n{}", stack.worker_logs()));
+    let inst = nats_call(
+        &client,
+        "instance.create",
+        json!({"challengeId": "pwn-2", "sourceId": "player-9"}),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", stack.worker_logs()));
     assert!(is_flag(&inst["flags"][0]));
-    let got = nats_call(&client, "instance.get", json!({"challengeId": "pwn-2", "sourceId": "player-9"}))
-        .await
-        .expect("get");
+    let got = nats_call(
+        &client,
+        "instance.get",
+        json!({"challengeId": "pwn-2", "sourceId": "player-9"}),
+    )
+    .await
+    .expect("get");
     assert_eq!(got["connectionInfo"], inst["connectionInfo"]);
-    let list = nats_call(&client, "instance.list", json!({"sourceId": "player-9"})).await.expect("list");
+    let list = nats_call(&client, "instance.list", json!({"sourceId": "player-9"}))
+        .await
+        .expect("list");
     assert_eq!(list.as_array().map(Vec::len), Some(1));
-    let renewed = nats_call(&client, "instance.renew", json!({"challengeId": "pwn-2", "sourceId": "player-9"}))
-        .await
-        .expect("renew");
+    let renewed = nats_call(
+        &client,
+        "instance.renew",
+        json!({"challengeId": "pwn-2", "sourceId": "player-9"}),
+    )
+    .await
+    .expect("renew");
     assert!(renewed["until"].as_str() >= inst["until"].as_str());
-    nats_call(&client, "instance.delete", json!({"challengeId": "pwn-2", "sourceId": "player-9"}))
-        .await
-        .expect("delete");
-    let gone = nats_call(&client, "instance.get", json!({"challengeId": "pwn-2", "sourceId": "player-9"})).await;
+    nats_call(
+        &client,
+        "instance.delete",
+        json!({"challengeId": "pwn-2", "sourceId": "player-9"}),
+    )
+    .await
+    .expect("delete");
+    let gone = nats_call(
+        &client,
+        "instance.get",
+        json!({"challengeId": "pwn-2", "sourceId": "player-9"}),
+    )
+    .await;
     assert_eq!(gone.map_err(|e| e.0), Err(404));
 
     // Same validation and errors as REST.
-    let bad = nats_call(&client, "instance.create", json!({"challengeId": "a/b", "sourceId": "x"})).await;
+    let bad = nats_call(
+        &client,
+        "instance.create",
+        json!({"challengeId": "a/b", "sourceId": "x"}),
+    )
+    .await;
     let (code, message) = bad.expect_err("refused");
     assert_eq!(code, 400);
-    assert!(message.contains("challenge id must not contain '/'"), "{message}");
+    assert!(
+        message.contains("challenge id must not contain '/'"),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_creates_for_one_source_give_one_instance() {
     let stack = Stack::start(2).await;
     let (status, _) = stack
-        .call(Method::POST, "/api/v1/challenge", Some(json!({"id": "race", "scenario": "identity"})))
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "race", "scenario": "identity"})),
+        )
         .await;
     assert_eq!(status, 200, "{}", stack.worker_logs());
     let body = json!({"challengeId": "race", "sourceId": "team-7"});
@@ -151,14 +268,25 @@ async fn racing_creates_for_one_source_give_one_instance() {
     let instances = stack.store.list_instances("race").await.expect("store");
     assert_eq!(instances.len(), 1, "exactly one instance record");
     let winner = &instances[0];
-    assert!(stack.store.get_stack("race", &winner.identity).await.expect("store").is_some());
+    assert!(
+        stack
+            .store
+            .get_stack("race", &winner.identity)
+            .await
+            .expect("store")
+            .is_some()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_challenge_during_creates_leaves_no_orphan() {
     let stack = Stack::start(2).await;
     let (status, _) = stack
-        .call(Method::POST, "/api/v1/challenge", Some(json!({"id": "doomed", "scenario": "identity"})))
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "doomed", "scenario": "identity"})),
+        )
         .await;
     assert_eq!(status, 200, "{}", stack.worker_logs());
     // Queue creates without waiting, then delete at once.
@@ -174,18 +302,24 @@ async fn deleting_a_challenge_during_creates_leaves_no_orphan() {
         assert_eq!(status, 202, "{body}");
         assert!(body["operationId"].is_string());
     }
-    let (status, body) = stack.call(Method::DELETE, "/api/v1/challenge/doomed", None).await;
+    let (status, body) = stack
+        .call(Method::DELETE, "/api/v1/challenge/doomed", None)
+        .await;
     assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
 
     // Creates that ran after the delete fail with NotFound; wait for the queue to drain.
-    let client = async_nats::connect(stack.nats.url.as_str()).await.expect("connect");
+    let client = async_nats::connect(stack.nats.url.as_str())
+        .await
+        .expect("connect");
     let js = async_nats::jetstream::new(client);
     for _ in 0..600 {
         let mut consumer = js
             .get_stream(cm_core::queue::COMMANDS_STREAM)
             .await
             .expect("stream")
-            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(cm_core::queue::WORKERS_CONSUMER)
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
+                cm_core::queue::WORKERS_CONSUMER,
+            )
             .await
             .expect("consumer");
         let info = consumer.info().await.expect("info");
@@ -194,16 +328,35 @@ async fn deleting_a_challenge_during_creates_leaves_no_orphan() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert!(stack.store.get_challenge("doomed").await.expect("store").is_none());
+    assert!(
+        stack
+            .store
+            .get_challenge("doomed")
+            .await
+            .expect("store")
+            .is_none()
+    );
     let left = stack.store.list_instances("doomed").await.expect("store");
     assert!(left.is_empty(), "orphan records: {left:?}");
     let client = stack.store.client();
     let stacks = client
         .clone()
-        .get("/cm/stack/", Some(etcd_client::GetOptions::new().with_prefix().with_count_only()))
+        .get(
+            "/cm/stack/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
         .await
         .expect("etcd");
-    assert_eq!(stacks.count(), 0, "orphan stack states\n{}", stack.worker_logs());
+    assert_eq!(
+        stacks.count(),
+        0,
+        "orphan stack states\n{}",
+        stack.worker_logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,26 +364,146 @@ async fn bad_input_is_refused_with_a_reason_and_nothing_is_published_or_written(
     let stack = Stack::start(0).await;
     let long = "x".repeat(10 * 1024);
     let cases: Vec<(Method, &str, Value, u16, &str)> = vec![
-        (Method::POST, "/api/v1/challenge", json!({"id": "", "scenario": "identity"}), 400, "challenge id must not be empty"),
-        (Method::POST, "/api/v1/challenge", json!({"id": long, "scenario": "identity"}), 400, "maximum is 256"),
-        (Method::POST, "/api/v1/challenge", json!({"id": "a/b", "scenario": "identity"}), 400, "must not contain '/'"),
-        (Method::POST, "/api/v1/challenge", json!({"id": "..", "scenario": "identity"}), 400, "'..'"),
-        (Method::POST, "/api/v1/challenge", json!({"id": "a\u{1}b", "scenario": "identity"}), 400, "control characters"),
-        (Method::POST, "/api/v1/challenge", json!({"id": "c", "scenario": "../../etc"}), 400, "without '..'"),
-        (Method::POST, "/api/v1/challenge", json!({"id": "c", "scenario": "identity", "min": -1}), 400, "must not be negative"),
-        (Method::POST, "/api/v1/challenge", json!({"id": "c", "scenario": "identity", "max": "-3"}), 400, "must not be negative"),
-        (Method::POST, "/api/v1/challenge", json!({"id": "c", "scenario": "identity", "timeout": "10 minutes"}), 400, "invalid request"),
-        (Method::POST, "/api/v1/challenge", json!({"id": "c", "scenario": "identity", "until": "yesterday"}), 400, "invalid request"),
-        (Method::POST, "/api/v1/challenge", json!({"id": 42, "scenario": "identity"}), 400, "invalid request"),
-        (Method::POST, "/api/v1/challenge", json!({"id": "c", "scenario": "identity", "additional": ["x"]}), 400, "invalid request"),
-        (Method::POST, "/api/v1/instance", json!({"challengeId": "nope", "sourceId": "t"}), 404, "challenge nope not found"),
-        (Method::POST, "/api/v1/instance", json!({"challengeId": "c", "sourceId": ""}), 400, "source id must not be empty"),
-        (Method::GET, "/api/v1/instance/a%2Fb/t", Value::Null, 400, "must not contain '/'"),
-        (Method::POST, "/api/v1/instance", json!({"challengeId": "c", "sourceId": ".."}), 400, "source id must not be '.' or '..'"),
-        (Method::GET, "/api/v1/instance/c/a%0Ab", Value::Null, 400, "control characters"),
-        (Method::GET, "/api/v1/instance", Value::Null, 400, "sourceId query parameter is required"),
-        (Method::PATCH, "/api/v1/challenge/nope", json!({"min": 1}), 404, "challenge nope not found"),
-        (Method::DELETE, "/api/v1/challenge/nope", Value::Null, 404, "challenge nope not found"),
+        (
+            Method::POST,
+            "/api/v1/challenge",
+            json!({"id": "", "scenario": "identity"}),
+            400,
+            "challenge id must not be empty",
+        ),
+        (
+            Method::POST,
+            "/api/v1/challenge",
+            json!({"id": long, "scenario": "identity"}),
+            400,
+            "maximum is 256",
+        ),
+        (
+            Method::POST,
+            "/api/v1/challenge",
+            json!({"id": "a/b", "scenario": "identity"}),
+            400,
+            "must not contain '/'",
+        ),
+        (
+            Method::POST,
+            "/api/v1/challenge",
+            json!({"id": "..", "scenario": "identity"}),
+            400,
+            "'..'",
+        ),
+        (
+            Method::POST,
+            "/api/v1/challenge",
+            json!({"id": "a\u{1}b", "scenario": "identity"}),
+            400,
+            "control characters",
+        ),
+        (
+            Method::POST,
+            "/api/v1/challenge",
+            json!({"id": "c", "scenario": "../../etc"}),
+            400,
+            "without '..'",
+        ),
+        (
+            Method::POST,
+            "/api/v1/challenge",
+            json!({"id": "c", "scenario": "identity", "min": -1}),
+            400,
+            "must not be negative",
+        ),
+        (
+            Method::POST,
+            "/api/v1/challenge",
+            json!({"id": "c", "scenario": "identity", "max": "-3"}),
+            400,
+            "must not be negative",
+        ),
+        (
+            Method::POST,
+            "/api/v1/challenge",
+            json!({"id": "c", "scenario": "identity", "timeout": "10 minutes"}),
+            400,
+            "invalid request",
+        ),
+        (
+            Method::POST,
+            "/api/v1/challenge",
+            json!({"id": "c", "scenario": "identity", "until": "yesterday"}),
+            400,
+            "invalid request",
+        ),
+        (
+            Method::POST,
+            "/api/v1/challenge",
+            json!({"id": 42, "scenario": "identity"}),
+            400,
+            "invalid request",
+        ),
+        (
+            Method::POST,
+            "/api/v1/challenge",
+            json!({"id": "c", "scenario": "identity", "additional": ["x"]}),
+            400,
+            "invalid request",
+        ),
+        (
+            Method::POST,
+            "/api/v1/instance",
+            json!({"challengeId": "nope", "sourceId": "t"}),
+            404,
+            "challenge nope not found",
+        ),
+        (
+            Method::POST,
+            "/api/v1/instance",
+            json!({"challengeId": "c", "sourceId": ""}),
+            400,
+            "source id must not be empty",
+        ),
+        (
+            Method::GET,
+            "/api/v1/instance/a%2Fb/t",
+            Value::Null,
+            400,
+            "must not contain '/'",
+        ),
+        (
+            Method::POST,
+            "/api/v1/instance",
+            json!({"challengeId": "c", "sourceId": ".."}),
+            400,
+            "source id must not be '.' or '..'",
+        ),
+        (
+            Method::GET,
+            "/api/v1/instance/c/a%0Ab",
+            Value::Null,
+            400,
+            "control characters",
+        ),
+        (
+            Method::GET,
+            "/api/v1/instance",
+            Value::Null,
+            400,
+            "sourceId query parameter is required",
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/challenge/nope",
+            json!({"min": 1}),
+            404,
+            "challenge nope not found",
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/challenge/nope",
+            Value::Null,
+            404,
+            "challenge nope not found",
+        ),
     ];
     for (method, path, body, expected_status, expected) in cases {
         let body = (!body.is_null()).then_some(body);
@@ -246,7 +519,14 @@ async fn bad_input_is_refused_with_a_reason_and_nothing_is_published_or_written(
         (b"{\"id\": \"c\",".to_vec(), "not valid JSON"),
         (b"[]".to_vec(), "JSON object"),
         (vec![0xff, 0xfe, b'{'], "not valid JSON"),
-        (format!("{{\"id\":\"c\",\"scenario\":\"{}\"}}", "y".repeat(1024 * 1024 + 10)).into_bytes(), "larger than"),
+        (
+            format!(
+                "{{\"id\":\"c\",\"scenario\":\"{}\"}}",
+                "y".repeat(1024 * 1024 + 10)
+            )
+            .into_bytes(),
+            "larger than",
+        ),
     ] {
         let (status, text) = stack.call_raw(Method::POST, "/api/v1/challenge", raw).await;
         assert_eq!(status, 400, "{text}");
@@ -254,14 +534,30 @@ async fn bad_input_is_refused_with_a_reason_and_nothing_is_published_or_written(
     }
 
     // Nothing published, nothing written.
-    let client = async_nats::connect(stack.nats.url.as_str()).await.expect("connect");
+    let client = async_nats::connect(stack.nats.url.as_str())
+        .await
+        .expect("connect");
     let js = async_nats::jetstream::new(client);
-    let mut stream = js.get_stream(cm_core::queue::COMMANDS_STREAM).await.expect("stream");
-    assert_eq!(stream.info().await.expect("info").state.messages, 0, "no command published");
+    let mut stream = js
+        .get_stream(cm_core::queue::COMMANDS_STREAM)
+        .await
+        .expect("stream");
+    assert_eq!(
+        stream.info().await.expect("info").state.messages,
+        0,
+        "no command published"
+    );
     let keys = stack
         .store
         .client()
-        .get("/cm/", Some(etcd_client::GetOptions::new().with_prefix().with_count_only()))
+        .get(
+            "/cm/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
         .await
         .expect("etcd");
     assert_eq!(keys.count(), 0, "nothing written to etcd");

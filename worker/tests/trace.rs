@@ -8,16 +8,20 @@ use opentelemetry_sdk::trace::{InMemorySpanExporterBuilder, SdkTracerProvider, S
 use serde_json::json;
 
 fn find<'a>(spans: &'a [SpanData], name: &str) -> &'a SpanData {
-    spans
-        .iter()
-        .find(|s| s.name == name)
-        .unwrap_or_else(|| panic!("no span {name:?} in {:?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>()))
+    spans.iter().find(|s| s.name == name).unwrap_or_else(|| {
+        panic!(
+            "no span {name:?} in {:?}",
+            spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+        )
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_span_is_a_child_of_the_api_publish_span() {
     let exporter = InMemorySpanExporterBuilder::new().build();
-    let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
     let _telemetry = cm_core::telemetry::install("trace-test", Some(provider.clone()));
 
     let nats = cm_testkit::server::nats();
@@ -46,7 +50,9 @@ async fn the_worker_span_is_a_child_of_the_api_publish_span() {
         let _ = worker_stopped.await;
     }));
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let api_config = cm_api::ApiConfig {
         nats_url: nats.url.clone(),
@@ -69,7 +75,12 @@ async fn the_worker_span_is_a_child_of_the_api_publish_span() {
         .send()
         .await
         .expect("create challenge");
-    assert_eq!(created.status(), 200, "{}", created.text().await.unwrap_or_default());
+    assert_eq!(
+        created.status(),
+        200,
+        "{}",
+        created.text().await.unwrap_or_default()
+    );
     let instance = http
         .post(format!("{base}/api/v1/instance"))
         .json(&json!({"challengeId": "traced", "sourceId": "s"}))
@@ -95,7 +106,12 @@ async fn the_worker_span_is_a_child_of_the_api_publish_span() {
     let handler = find(&spans, "instance.create");
     let trace = request.span_context.trace_id();
     for span in [publish, process, handler] {
-        assert_eq!(span.span_context.trace_id(), trace, "{} is in the request's trace", span.name);
+        assert_eq!(
+            span.span_context.trace_id(),
+            trace,
+            "{} is in the request's trace",
+            span.name
+        );
     }
     assert_eq!(publish.parent_span_id, request.span_context.span_id());
     assert_eq!(
@@ -105,11 +121,15 @@ async fn the_worker_span_is_a_child_of_the_api_publish_span() {
     );
     assert_eq!(handler.parent_span_id, process.span_context.span_id());
     assert!(
-        spans.iter().any(|s| s.name == "lock wait" && s.span_context.trace_id() == trace),
+        spans
+            .iter()
+            .any(|s| s.name == "lock wait" && s.span_context.trace_id() == trace),
         "lock waits are traced"
     );
     assert!(
-        spans.iter().any(|s| s.name == "up" && s.span_context.trace_id() == trace),
+        spans
+            .iter()
+            .any(|s| s.name == "up" && s.span_context.trace_id() == trace),
         "the Pulumi run is traced"
     );
     let dump = format!("{spans:?}");

@@ -36,7 +36,7 @@ pub async fn handle(
         max_per_source: req.max_per_source,
     };
     if let Some(existing) = ctx.store.get_challenge(&req.id).await? {
-        lock.release().await;
+        lock.release();
         // A redelivery of this very command finds its own record.
         return if existing.value == record {
             Ok(Outcome::Challenge(record.to_api(Vec::new())))
@@ -46,7 +46,7 @@ pub async fn handle(
     }
     ctx.scenario(&record.scenario).await?;
     let written = ctx.store.put_challenge(&record, Expect::Absent).await;
-    lock.release().await;
+    lock.release();
     match written {
         Ok(()) => Ok(Outcome::Challenge(record.to_api(Vec::new()))),
         Err(StoreError::Conflict { .. }) => {

@@ -23,7 +23,7 @@ pub async fn handle(
     ids::validate("challenge id", &req.id)?;
     let lock = ctx.lock_challenge(&req.id, LockMode::Write).await?;
     let result = delete(ctx, &req.id).await;
-    lock.release().await;
+    lock.release();
     result
 }
 

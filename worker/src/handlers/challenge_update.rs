@@ -30,7 +30,7 @@ pub async fn handle(
     ids::validate("challenge id", &req.id)?;
     let lock = ctx.lock_challenge(&req.id, LockMode::Write).await?;
     let result = update(ctx, command_id, req).await;
-    lock.release().await;
+    lock.release();
     result
 }
 

@@ -2,7 +2,7 @@
 //!
 //! Parameters: challenge id, source id, the request's `additional` (merged
 //! over the challenge's).
-//! Steps: 1. read-lock the challenge, then lock the (challenge, source) slot;
+//! Steps: 1. read-lock the challenge and lock the (challenge, source) slot together;
 //! 2. check the challenge exists and has not expired; 3. reserve the slot: a
 //! `deploying` record with a fresh identity, written only if the slot is free
 //! (a redelivery of this command finds its own reservation and resumes it);
@@ -15,7 +15,6 @@ use std::{collections::BTreeMap, time::SystemTime};
 
 use cm_core::{
     DomainError, Identity, ids,
-    lock::LockMode,
     model::{InstanceRecord, InstanceStatus, to_timestamp},
     store::{Expect, StoreError},
 };
@@ -36,13 +35,9 @@ pub async fn handle(
 ) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.challenge_id)?;
     ids::validate("source id", &req.source_id)?;
-    let challenge_lock = ctx
-        .lock_challenge(&req.challenge_id, LockMode::Read)
-        .await?;
-    let slot_lock = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
+    let locks = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
     let result = create(ctx, command_id, req).await;
-    slot_lock.release().await;
-    challenge_lock.release().await;
+    locks.release();
     result
 }
 

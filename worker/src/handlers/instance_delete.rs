@@ -1,11 +1,11 @@
 //! `instance.delete`: destroy an instance and forget it.
 //!
 //! Parameters: challenge id, source id.
-//! Steps: 1. read-lock the challenge, lock the slot; 2. destroy the stack
+//! Steps: 1. read-lock the challenge and lock the slot (together); 2. destroy the stack
 //! (when it has state); 3. delete the records in one transaction.
 //! Undo: none; a failed destroy is retried with the records intact.
 
-use cm_core::{DomainError, ids, lock::LockMode};
+use cm_core::{DomainError, ids};
 use cm_schemas::v1::{DeleteInstanceRequest, Deleted, command_result::Outcome};
 
 use super::{HandlerError, destroy_instance};
@@ -19,13 +19,9 @@ pub async fn handle(
 ) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.challenge_id)?;
     ids::validate("source id", &req.source_id)?;
-    let challenge_lock = ctx
-        .lock_challenge(&req.challenge_id, LockMode::Read)
-        .await?;
-    let slot_lock = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
+    let locks = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
     let result = delete(ctx, req).await;
-    slot_lock.release().await;
-    challenge_lock.release().await;
+    locks.release();
     result
 }
 

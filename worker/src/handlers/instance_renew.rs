@@ -1,14 +1,14 @@
 //! `instance.renew`: push an instance's `until` back to now + timeout.
 //!
 //! Parameters: challenge id, source id.
-//! Steps: 1. read-lock the challenge, lock the slot; 2. refuse when the
+//! Steps: 1. read-lock the challenge and lock the slot (together); 2. refuse when the
 //! challenge has no timeout or the instance already expired; 3. write the new
 //! `until` (guarded by the record's revision).
 //! Undo: nothing; a single guarded write.
 
 use std::time::SystemTime;
 
-use cm_core::{DomainError, ids, lock::LockMode, model::to_timestamp, store::Expect};
+use cm_core::{DomainError, ids, model::to_timestamp, store::Expect};
 use cm_schemas::v1::{RenewInstanceRequest, command_result::Outcome};
 
 use super::HandlerError;
@@ -22,13 +22,9 @@ pub async fn handle(
 ) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.challenge_id)?;
     ids::validate("source id", &req.source_id)?;
-    let challenge_lock = ctx
-        .lock_challenge(&req.challenge_id, LockMode::Read)
-        .await?;
-    let slot_lock = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
+    let locks = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
     let result = renew(ctx, command_id, req).await;
-    slot_lock.release().await;
-    challenge_lock.release().await;
+    locks.release();
     result
 }
 
@@ -38,10 +34,14 @@ async fn renew(
     req: &RenewInstanceRequest,
 ) -> Result<Outcome, HandlerError> {
     let (cid, sid) = (&req.challenge_id, &req.source_id);
-    let Some(challenge) = ctx.store.get_challenge(cid).await? else {
+    let (challenge, instance) = tokio::join!(
+        ctx.store.get_challenge(cid),
+        ctx.store.get_instance(cid, sid)
+    );
+    let Some(challenge) = challenge? else {
         return Err(DomainError::not_found(format!("challenge {cid} not found")).into());
     };
-    let Some(instance) = ctx.store.get_instance(cid, sid).await? else {
+    let Some(instance) = instance? else {
         return Err(DomainError::not_found(format!(
             "no instance of challenge {cid} for source {sid}"
         ))

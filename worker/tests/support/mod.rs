@@ -39,7 +39,9 @@ impl Stack {
     pub async fn start(workers: usize) -> Self {
         let nats = server::nats();
         let etcd = server::etcd();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let api = format!("http://{}", listener.local_addr().expect("addr"));
         let config = cm_api::ApiConfig {
             nats_url: nats.url.clone(),
@@ -59,9 +61,13 @@ impl Stack {
                 panic!("API failed: {e}");
             }
         });
-        let store = Store::connect(&[etcd.url.clone()], "/cm", &StoreOptions::default())
-            .await
-            .expect("store");
+        let store = Store::connect(
+            std::slice::from_ref(&etcd.url),
+            "/cm",
+            &StoreOptions::default(),
+        )
+        .await
+        .expect("store");
         let mut stack = Self {
             nats,
             etcd,
@@ -83,12 +89,16 @@ impl Stack {
     /// Starts one more worker process.
     pub fn spawn_worker(&mut self) {
         let n = self.workers.len();
-        let log = std::fs::File::create(self.logs.path().join(format!("worker-{n}.log"))).expect("log");
+        let log =
+            std::fs::File::create(self.logs.path().join(format!("worker-{n}.log"))).expect("log");
         let child = Command::new(env!("CARGO_BIN_EXE_cm-worker"))
             .arg("run")
             .env("CM_NATS_URL", &self.nats.url)
             .env("CM_ETCD_ENDPOINTS", &self.etcd.url)
-            .env("CM_SCENARIOS_DIR", cm_testkit::workspace_root().join("examples"))
+            .env(
+                "CM_SCENARIOS_DIR",
+                cm_testkit::workspace_root().join("examples"),
+            )
             .env("CM_PULUMI", cm_testkit::pulumi())
             .env("CM_WORKER_CACHE_DIR", shared_cache())
             .env("CM_PULUMI_PASSPHRASE", PASSPHRASE)
@@ -121,17 +131,26 @@ impl Stack {
 
     async fn wait_healthy(&self) {
         for _ in 0..200 {
-            if let Ok(r) = self.http.get(format!("{}/healthcheck", self.api)).send().await {
-                if r.status().is_success() {
-                    return;
-                }
+            if let Ok(r) = self
+                .http
+                .get(format!("{}/healthcheck", self.api))
+                .send()
+                .await
+                && r.status().is_success()
+            {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("API not healthy");
     }
 
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         self.call_with(method, path, body, &[]).await
     }
 
@@ -157,7 +176,12 @@ impl Stack {
     }
 
     /// A raw body (for malformed-input tests).
-    pub async fn call_raw(&self, method: reqwest::Method, path: &str, body: Vec<u8>) -> (u16, String) {
+    pub async fn call_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> (u16, String) {
         let resp = self
             .http
             .request(method, format!("{}{path}", self.api))

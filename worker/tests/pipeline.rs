@@ -562,3 +562,122 @@ async fn bad_input_is_refused_with_a_reason_and_nothing_is_published_or_written(
         .expect("etcd");
     assert_eq!(keys.count(), 0, "nothing written to etcd");
 }
+
+async fn dead_letters(
+    js: &async_nats::jetstream::Context,
+    want: u64,
+) -> Vec<async_nats::jetstream::message::StreamMessage> {
+    let stream = js
+        .get_stream(cm_core::queue::DEAD_LETTERS_STREAM)
+        .await
+        .expect("dlq stream");
+    for _ in 0..300 {
+        let mut s = stream.clone();
+        if s.info().await.expect("info").state.messages >= want {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut out = Vec::new();
+    for seq in 1..=want {
+        out.push(stream.get_raw_message(seq).await.expect("dead letter"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_is_dead_lettered_at_once_and_failing_commands_after_their_bound() {
+    let stack = Stack::start_with(1, &[("CM_LOCK_TIMEOUT", "1s"), ("CM_MAX_DELIVER", "2")]).await;
+    let client = async_nats::connect(stack.nats.url.as_str())
+        .await
+        .expect("connect");
+    let js = async_nats::jetstream::new(client.clone());
+
+    // 1. Undecodable: dead-lettered on its first delivery, with the reason.
+    js.publish("cm.cmd.instance.create.x", "not a protobuf command".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let letters = dead_letters(&js, 1).await;
+    let reason = letters[0]
+        .headers
+        .get(cm_core::queue::HDR_FAILURE_REASON)
+        .map(|v| v.as_str().to_owned());
+    assert!(
+        reason.as_deref().is_some_and(|r| r.contains("undecodable")),
+        "{reason:?}"
+    );
+    assert_eq!(
+        letters[0]
+            .headers
+            .get(cm_core::queue::HDR_DELIVERIES)
+            .map(|v| v.as_str()),
+        Some("1")
+    );
+
+    // 2. Retryable failure: the challenge lock is held elsewhere, so every
+    //    delivery times out on it; after max_deliver (2) it is dead-lettered
+    //    and the waiting client gets a clear 503.
+    let (status, _) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "held", "scenario": "identity"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{}", stack.worker_logs());
+    let mut etcd = stack.store.client();
+    let lease = etcd.lease_grant(60, None).await.expect("lease").id();
+    let prefix = cm_core::lock::challenge_lock("/cm", "held");
+    etcd.put(
+        format!("{prefix}w-held-by-test"),
+        "",
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .expect("hold the lock");
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "held", "sourceId": "s"})),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}\n{}", stack.worker_logs());
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("set aside for an operator")),
+        "{body}"
+    );
+    let letters = dead_letters(&js, 2).await;
+    let reason = letters[1]
+        .headers
+        .get(cm_core::queue::HDR_FAILURE_REASON)
+        .map(|v| v.as_str().to_owned());
+    assert!(
+        reason
+            .as_deref()
+            .is_some_and(|r| r.contains("waiting for the lock")),
+        "{reason:?}"
+    );
+    assert_eq!(
+        letters[1]
+            .headers
+            .get(cm_core::queue::HDR_DELIVERIES)
+            .map(|v| v.as_str()),
+        Some("2")
+    );
+
+    // The consumer moved on: with the lock free again, the next command works.
+    etcd.lease_revoke(lease).await.expect("release");
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "held", "sourceId": "s"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+}

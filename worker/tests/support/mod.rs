@@ -30,6 +30,7 @@ pub struct Stack {
     pub store: Store,
     pub logs: tempfile::TempDir,
     workers: Vec<Child>,
+    worker_env: Vec<(String, String)>,
     api_stop: Option<tokio::sync::oneshot::Sender<()>>,
     api_task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -37,6 +38,11 @@ pub struct Stack {
 impl Stack {
     /// nats + etcd + API (in-process) + `workers` worker processes.
     pub async fn start(workers: usize) -> Self {
+        Self::start_with(workers, &[]).await
+    }
+
+    /// Same, with extra environment for the workers (`CM_LOCK_TIMEOUT`, ...).
+    pub async fn start_with(workers: usize, worker_env: &[(&str, &str)]) -> Self {
         let nats = server::nats();
         let etcd = server::etcd();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -76,6 +82,10 @@ impl Stack {
             store,
             logs: tempfile::tempdir().expect("tempdir"),
             workers: Vec::new(),
+            worker_env: worker_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             api_stop: Some(tx),
             api_task: Some(api_task),
         };
@@ -104,6 +114,7 @@ impl Stack {
             .env("CM_PULUMI_PASSPHRASE", PASSPHRASE)
             .env("CM_ACK_WAIT", "10s")
             .env("RUST_LOG", "info")
+            .envs(self.worker_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

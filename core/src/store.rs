@@ -9,10 +9,14 @@
 //! <root>/source/<sid>/<cid>                 copy of the claimed record (query by source: one read)
 //! <root>/stack/<cid>/<identity>             Pulumi stack state (JSON, kept apart: reads stay light)
 //! <root>/operation/<command id>             Operation (pending/succeeded/failed + result)
+//! <root>/expiry/<until>/<cid>/<sid>         identity of a claimed instance that expires at
+//!                                           <until> (`<secs:020>.<nanos:09>`, so keys sort by
+//!                                           time and the janitor reads only what has expired)
 //! <root>/lock/...                           see `lock`
 //! ```
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use pbjson_types::Timestamp;
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
@@ -47,6 +51,31 @@ impl From<StoreError> for DomainError {
             ),
         }
     }
+}
+
+/// An entry of the expiry index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expired {
+    pub challenge_id: String,
+    pub source_id: String,
+    pub identity: Identity,
+    pub until: Timestamp,
+}
+
+fn expiry_time(t: &Timestamp) -> String {
+    format!(
+        "{:020}.{:09}",
+        t.seconds.max(0),
+        t.nanos.clamp(0, 999_999_999)
+    )
+}
+
+fn parse_expiry_time(s: &str) -> Option<Timestamp> {
+    let (secs, nanos) = s.split_once('.')?;
+    Some(Timestamp {
+        seconds: secs.parse().ok()?,
+        nanos: nanos.parse().ok()?,
+    })
 }
 
 /// A value with the revision it was last modified at.
@@ -151,6 +180,18 @@ impl Store {
     fn stack_key(&self, cid: &str, identity: &Identity) -> String {
         format!("{}/stack/{}/{identity}", self.root, ids::encode(cid))
     }
+    fn expiry_prefix(&self) -> String {
+        format!("{}/expiry/", self.root)
+    }
+    fn expiry_key(&self, until: &Timestamp, cid: &str, sid: &str) -> String {
+        format!(
+            "{}{}/{}/{}",
+            self.expiry_prefix(),
+            expiry_time(until),
+            ids::encode(cid),
+            ids::encode(sid)
+        )
+    }
     fn operation_key(&self, id: &str) -> String {
         format!("{}/operation/{}", self.root, ids::encode(id))
     }
@@ -221,13 +262,16 @@ impl Store {
             .await
     }
 
-    /// Writes an instance record (and its source index, and the stack state
-    /// when given) in one transaction guarded by `expect` on the record key.
+    /// Writes an instance record (and its source index, its expiry index
+    /// entry, and the stack state when given) in one transaction guarded by
+    /// `expect` on the record key. `previous` is the version being replaced,
+    /// whose expiry entry is moved when `until` changed.
     pub async fn put_instance(
         &self,
         rec: &InstanceRecord,
         stack: Option<&[u8]>,
         expect: Expect,
+        previous: Option<&InstanceRecord>,
     ) -> Result<(), StoreError> {
         let key = self.instance_key(rec);
         let value = to_json(&key, rec)?;
@@ -246,6 +290,19 @@ impl Store {
                 None,
             ));
         }
+        if let Some(prev) = previous
+            && let (Some(sid), Some(until)) = (&prev.source_id, &prev.until)
+            && (prev.until != rec.until || prev.source_id != rec.source_id)
+        {
+            ops.push(TxnOp::delete(
+                self.expiry_key(until, &prev.challenge_id, sid),
+                None,
+            ));
+        }
+        if let (Some(sid), Some(until)) = (&rec.source_id, &rec.until) {
+            let entry = self.expiry_key(until, &rec.challenge_id, sid);
+            ops.push(TxnOp::put(entry, rec.identity.as_str(), None));
+        }
         self.guarded(&key, expect, ops).await
     }
 
@@ -257,9 +314,64 @@ impl Store {
         ];
         if let Some(sid) = &rec.source_id {
             ops.push(TxnOp::delete(self.source_key(sid, &rec.challenge_id), None));
+            if let Some(until) = &rec.until {
+                ops.push(TxnOp::delete(
+                    self.expiry_key(until, &rec.challenge_id, sid),
+                    None,
+                ));
+            }
         }
         self.client.clone().txn(Txn::new().and_then(ops)).await?;
         Ok(())
+    }
+
+    /// Claimed instances whose `until` is at or before `now`, oldest first,
+    /// at most `limit`: one range read over the expiry index, whose cost
+    /// follows the number of expired instances, not of all instances.
+    pub async fn list_expired(
+        &self,
+        now: &Timestamp,
+        limit: i64,
+    ) -> Result<Vec<Expired>, StoreError> {
+        let prefix = self.expiry_prefix();
+        // Keys strictly below "<now>/~" hold every until <= now.
+        let end = format!("{prefix}{}/~", expiry_time(now));
+        let resp = self
+            .client
+            .clone()
+            .get(
+                prefix.clone(),
+                Some(GetOptions::new().with_range(end).with_limit(limit)),
+            )
+            .await?;
+        let mut out = Vec::new();
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let corrupt = || StoreError::Corrupt {
+                key: key.clone(),
+                reason: "malformed expiry entry".into(),
+            };
+            let rest = key.strip_prefix(&prefix).ok_or_else(corrupt)?;
+            let mut parts = rest.split('/');
+            let (Some(time), Some(cid), Some(sid), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(corrupt());
+            };
+            let until = parse_expiry_time(time).ok_or_else(corrupt)?;
+            let challenge_id = ids::decode(cid).ok_or_else(corrupt)?;
+            let source_id = ids::decode(sid).ok_or_else(corrupt)?;
+            let identity = String::from_utf8_lossy(kv.value())
+                .parse()
+                .map_err(|_| corrupt())?;
+            out.push(Expired {
+                challenge_id,
+                source_id,
+                identity,
+                until,
+            });
+        }
+        Ok(out)
     }
 
     /// The stored Pulumi stack state of an instance.

@@ -1,11 +1,14 @@
-//! `cm-janitor`: publishes expiry commands on a timer (arrives with issue 4).
+//! `cm-janitor`: parses flags, sets up telemetry and runs the expiry timer.
 
 use std::time::Duration;
 
 use clap::Parser;
+use cm_core::{queue::QueueConfig, store::StoreOptions};
+use cm_janitor::JanitorConfig;
 
-/// Janitor of the CTF instance manager: on a timer, finds expired instances
-/// and publishes their expiry commands. Every flag can also be set through the
+/// Janitor of the CTF instance manager: on a timer, finds the instances past
+/// their `until` and publishes their expiry commands (the workers destroy
+/// them). Safe to run several at once. Every flag can also be set through the
 /// environment variable shown in brackets.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
@@ -23,18 +26,37 @@ struct Cli {
     )]
     etcd_endpoints: Vec<String>,
 
+    /// Prefix of every key this system writes in etcd.
+    #[arg(long, env = "CM_ETCD_ROOT", default_value = "/cm")]
+    etcd_root: String,
+
     /// Time between two ticks (e.g. `30s`, `1m`).
     #[arg(long, env = "CM_JANITOR_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     interval: Duration,
+
+    /// Run one tick and exit (for cron).
+    #[arg(long, env = "CM_JANITOR_ONCE")]
+    once: bool,
+
+    /// Most expiry commands published per tick; the rest wait for the next tick.
+    #[arg(long, env = "CM_JANITOR_BATCH", default_value_t = 1000)]
+    batch: i64,
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = cm_core::telemetry::init("cm-janitor")?;
-    anyhow::bail!(
-        "the janitor is not implemented yet (NATS {}, etcd {:?}, every {:?}): see issue 4",
-        cli.nats_url,
-        cli.etcd_endpoints,
-        cli.interval
-    )
+    let config = JanitorConfig {
+        nats_url: cli.nats_url,
+        etcd_endpoints: cli.etcd_endpoints,
+        etcd_root: cli.etcd_root,
+        store: StoreOptions::default(),
+        queue: QueueConfig::default(),
+        interval: cli.interval,
+        once: cli.once,
+        batch: cli.batch.max(1),
+    };
+    cm_janitor::run(config, cm_core::shutdown::signal()).await?;
+    Ok(())
 }

@@ -290,8 +290,10 @@ fn event_name(kind: CommandKind) -> &'static str {
 }
 
 async fn publish_event(ctx: &Ctx, kind: CommandKind, challenge_id: &str, result: &CommandResult) {
-    let name = match result.outcome {
-        Some(Outcome::Failure(_)) => "command.failed",
+    let name = match (&result.outcome, kind) {
+        (Some(Outcome::Failure(_)), _) => "command.failed",
+        // The janitor's order found the instance renewed: nothing expired.
+        (Some(Outcome::Instance(_)), CommandKind::InstanceExpire) => "instance.expiry-skipped",
         _ => event_name(kind),
     };
     let mut headers = HeaderMap::new();

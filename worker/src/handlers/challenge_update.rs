@@ -112,7 +112,9 @@ async fn update(
             rec.until = until;
             rec.command_id = command_id.to_owned();
             // The challenge write lock excludes every other writer of its instances.
-            ctx.store.put_instance(rec, None, Expect::Any).await?;
+            ctx.store
+                .put_instance(rec, None, Expect::Any, Some(&before))
+                .await?;
         }
     }
     ctx.store
@@ -152,7 +154,7 @@ async fn redeploy(
     rec.command_id = command_id.to_owned();
     let stack = encode_state(&deployment.state)?;
     ctx.store
-        .put_instance(rec, Some(&stack), Expect::Any)
+        .put_instance(rec, Some(&stack), Expect::Any, None)
         .await?;
     Ok(())
 }

@@ -85,7 +85,7 @@ async fn create(
             };
             match ctx
                 .store
-                .put_instance(&reservation, None, Expect::Absent)
+                .put_instance(&reservation, None, Expect::Absent, None)
                 .await
             {
                 Ok(()) => reservation,
@@ -124,7 +124,7 @@ async fn create(
             {
                 tracing::error!(error = %e, identity = %record.identity, "cleanup of a failed deploy failed");
                 ctx.store
-                    .put_instance(&record, Some(&encode_state(&state)?), Expect::Any)
+                    .put_instance(&record, Some(&encode_state(&state)?), Expect::Any, None)
                     .await?;
                 return Err(HandlerError::Retry(format!(
                     "cleanup of a failed deploy failed: {e}"
@@ -146,7 +146,7 @@ async fn create(
     let stack = encode_state(&deployment.state)?;
     // The slot lock excludes other writers of this record.
     ctx.store
-        .put_instance(&record, Some(&stack), Expect::Any)
+        .put_instance(&record, Some(&stack), Expect::Any, None)
         .await?;
     Ok(Outcome::Instance(record.to_api()))
 }

@@ -47,6 +47,7 @@ async fn renew(
         ))
         .into());
     };
+    let previous = instance.value.clone();
     let mut record = instance.value;
     if record.command_id == command_id {
         return Ok(Outcome::Instance(record.to_api()));
@@ -65,7 +66,12 @@ async fn renew(
     record.until = challenge.value.instance_until(now);
     record.command_id = command_id.to_owned();
     ctx.store
-        .put_instance(&record, None, Expect::Revision(instance.mod_revision))
+        .put_instance(
+            &record,
+            None,
+            Expect::Revision(instance.mod_revision),
+            Some(&previous),
+        )
         .await?;
     Ok(Outcome::Instance(record.to_api()))
 }

@@ -11,6 +11,7 @@ mod challenge_delete;
 mod challenge_update;
 mod instance_create;
 mod instance_delete;
+mod instance_expire;
 mod instance_renew;
 
 use cm_core::{DomainError, lock::LockError, store::StoreError};
@@ -86,14 +87,14 @@ pub async fn handle(ctx: &Ctx, command: &Command) -> Result<Outcome, HandlerErro
         Request::InstanceCreate(r) => instance_create::handle(ctx, id, r).await,
         Request::InstanceRenew(r) => instance_renew::handle(ctx, id, r).await,
         Request::InstanceDelete(r) => instance_delete::handle(ctx, id, r).await,
-        Request::InstanceExpire(_)
-        | Request::InstanceReset(_)
-        | Request::InstanceUpdate(_)
-        | Request::PoolRefill(_) => Err(DomainError::new(
-            cm_schemas::v1::Code::Unimplemented,
-            "this command is not implemented yet",
-        )
-        .into()),
+        Request::InstanceExpire(r) => instance_expire::handle(ctx, id, r).await,
+        Request::InstanceReset(_) | Request::InstanceUpdate(_) | Request::PoolRefill(_) => {
+            Err(DomainError::new(
+                cm_schemas::v1::Code::Unimplemented,
+                "this command is not implemented yet",
+            )
+            .into())
+        }
     }
 }
 

@@ -1,0 +1,46 @@
+//! `instance.expire`: the janitor saw an instance past its `until`; destroy it.
+//!
+//! Parameters: challenge id, source id, and the identity and `until` the
+//! janitor saw.
+//! Steps: 1. read-lock the challenge and lock the slot; 2. if the instance is
+//! gone, or is another identity, or its `until` moved (renewed after the
+//! janitor looked), do nothing; 3. otherwise destroy it and delete its records.
+//! Undo: none; a failed destroy is retried with the records intact.
+
+use cm_core::{DomainError, ids};
+use cm_schemas::v1::{Deleted, ExpireInstance, command_result::Outcome};
+
+use super::{HandlerError, destroy_instance};
+use crate::context::Ctx;
+
+#[tracing::instrument(name = "instance.expire", skip_all, fields(challenge = %req.challenge_id, source = %req.source_id))]
+pub async fn handle(
+    ctx: &Ctx,
+    _command_id: &str,
+    req: &ExpireInstance,
+) -> Result<Outcome, HandlerError> {
+    ids::validate("challenge id", &req.challenge_id)?;
+    ids::validate("source id", &req.source_id)?;
+    let locks = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
+    let result = expire(ctx, req).await;
+    locks.release();
+    result
+}
+
+async fn expire(ctx: &Ctx, req: &ExpireInstance) -> Result<Outcome, HandlerError> {
+    let (cid, sid) = (&req.challenge_id, &req.source_id);
+    let Some(instance) = ctx.store.get_instance(cid, sid).await? else {
+        return Ok(Outcome::Deleted(Deleted {}));
+    };
+    let rec = instance.value;
+    if rec.identity.as_str() != req.identity || rec.until != req.until {
+        tracing::info!("instance renewed or replaced since the janitor looked; kept");
+        return Ok(Outcome::Instance(rec.to_api()));
+    }
+    let Some(challenge) = ctx.store.get_challenge(cid).await? else {
+        return Err(DomainError::not_found(format!("challenge {cid} not found")).into());
+    };
+    let scenario = ctx.scenario(&challenge.value.scenario).await?;
+    destroy_instance(ctx, &scenario, &rec).await?;
+    Ok(Outcome::Deleted(Deleted {}))
+}

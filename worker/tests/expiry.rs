@@ -52,7 +52,7 @@ async fn events(stack: &Stack, subject_filter: &str) -> usize {
         .await
         .expect("nats");
     let js = async_nats::jetstream::new(client);
-    let mut stream = js
+    let stream = js
         .get_stream(cm_core::queue::EVENTS_STREAM)
         .await
         .expect("events");

@@ -277,6 +277,11 @@ pub fn challenge_lock(root: &str, cid: &str) -> String {
     format!("{root}/lock/challenge/{}/", ids::encode(cid))
 }
 
+/// Lock prefix of a challenge's pool (writer only: one refill at a time).
+pub fn pool_lock(root: &str, cid: &str) -> String {
+    format!("{root}/lock/pool/{}/", ids::encode(cid))
+}
+
 /// Lock prefix of one (challenge, source) instance slot (writer only).
 pub fn instance_lock(root: &str, cid: &str, sid: &str) -> String {
     format!(

@@ -256,6 +256,67 @@ impl Store {
         self.list_json(&self.instances_prefix(cid)).await
     }
 
+    /// The pooled (unclaimed) instances of a challenge, with their revisions.
+    pub async fn list_pooled(
+        &self,
+        cid: &str,
+    ) -> Result<Vec<Versioned<InstanceRecord>>, StoreError> {
+        let prefix = format!("{}pool/", self.instances_prefix(cid));
+        let resp = self
+            .client
+            .clone()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                Ok(Versioned {
+                    value: from_json(&String::from_utf8_lossy(kv.key()), kv.value())?,
+                    mod_revision: kv.mod_revision(),
+                })
+            })
+            .collect()
+    }
+
+    /// Moves a pooled instance to a source in one transaction: the pooled
+    /// record must be unchanged (`pooled.mod_revision`) and the source's slot
+    /// free, else `Conflict` (another claim won). No Pulumi is involved.
+    pub async fn claim_pooled(
+        &self,
+        pooled: &Versioned<InstanceRecord>,
+        claimed: &InstanceRecord,
+    ) -> Result<(), StoreError> {
+        let pool_key = self.instance_key(&pooled.value);
+        let claim_key = self.instance_key(claimed);
+        let value = to_json(&claim_key, claimed)?;
+        let mut ops = vec![
+            TxnOp::delete(pool_key.clone(), None),
+            TxnOp::put(claim_key.clone(), value.clone(), None),
+        ];
+        if let Some(sid) = &claimed.source_id {
+            ops.push(TxnOp::put(
+                self.source_key(sid, &claimed.challenge_id),
+                value,
+                None,
+            ));
+            if let Some(until) = &claimed.until {
+                let entry = self.expiry_key(until, &claimed.challenge_id, sid);
+                ops.push(TxnOp::put(entry, claimed.identity.as_str(), None));
+            }
+        }
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(pool_key.clone(), CompareOp::Equal, pooled.mod_revision),
+                Compare::version(claim_key, CompareOp::Equal, 0),
+            ])
+            .and_then(ops);
+        if self.client.clone().txn(txn).await?.succeeded() {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict { key: pool_key })
+        }
+    }
+
     /// Every instance claimed by a source, across challenges.
     pub async fn list_by_source(&self, sid: &str) -> Result<Vec<InstanceRecord>, StoreError> {
         self.list_json(&format!("{}/source/{}/", self.root, ids::encode(sid)))

@@ -7,9 +7,10 @@ use async_nats::jetstream;
 use cm_core::{
     DomainError, ids,
     lock::{self, LockGuard, LockMode, LockSet, Session},
-    queue::QueueConfig,
+    queue::{self, CommandKind, QueueConfig},
     store::Store,
 };
+use cm_schemas::v1::{Command, RefillPool, Requester, command::Request};
 
 use crate::{
     handlers::HandlerError,
@@ -61,6 +62,56 @@ impl Ctx {
             self.lock_timeout,
         )
         .await?)
+    }
+
+    /// Takes the challenge's lock for reading and its pool's lock for writing.
+    pub async fn lock_pool(&self, cid: &str) -> Result<LockSet, HandlerError> {
+        let challenge = lock::challenge_lock(self.store.root(), cid);
+        let pool = lock::pool_lock(self.store.root(), cid);
+        Ok(lock::acquire_all(
+            &self.store.client(),
+            self.session.lease(),
+            &[(&challenge, LockMode::Read), (&pool, LockMode::Write)],
+            self.lock_timeout,
+        )
+        .await?)
+    }
+
+    /// Publishes a follow-up command (e.g. `pool.refill`) on JetStream.
+    pub async fn publish(&self, request: Request) -> Result<(), HandlerError> {
+        let (kind, cid) = CommandKind::of(&request);
+        let subject = queue::command_subject(kind, cid);
+        let command = Command {
+            command_id: uuid::Uuid::now_v7().to_string(),
+            issued_at: Some(cm_core::model::now()),
+            requested_by: Some(Requester {
+                principal: String::new(),
+                via: "worker".into(),
+            }),
+            request: Some(request),
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(queue::HDR_MSG_ID, command.command_id.as_str());
+        queue::inject_trace_context(&mut headers);
+        let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&command));
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(|e| HandlerError::Retry(format!("publish {kind}: {e}")))?;
+        ack.await
+            .map_err(|e| HandlerError::Retry(format!("publish {kind}: {e}")))?;
+        Ok(())
+    }
+
+    /// Asks for the challenge's pool to be brought back to `min`.
+    pub async fn request_refill(&self, cid: &str) {
+        let request = Request::PoolRefill(RefillPool {
+            challenge_id: cid.to_owned(),
+        });
+        if let Err(e) = self.publish(request).await {
+            tracing::warn!(error = %e, challenge = cid, "pool refill not requested");
+        }
     }
 
     /// Resolves a scenario reference and prepares (validates, compiles) it.

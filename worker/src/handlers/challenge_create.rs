@@ -48,7 +48,12 @@ pub async fn handle(
     let written = ctx.store.put_challenge(&record, Expect::Absent).await;
     lock.release();
     match written {
-        Ok(()) => Ok(Outcome::Challenge(record.to_api(Vec::new()))),
+        Ok(()) => {
+            if record.min > 0 {
+                ctx.request_refill(&record.id).await;
+            }
+            Ok(Outcome::Challenge(record.to_api(Vec::new())))
+        }
         Err(StoreError::Conflict { .. }) => {
             Err(DomainError::already_exists(format!("challenge {} already exists", req.id)).into())
         }

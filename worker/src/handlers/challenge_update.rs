@@ -120,6 +120,9 @@ async fn update(
     ctx.store
         .put_challenge(&next, Expect::Revision(current.mod_revision))
         .await?;
+    if next.min != current.value.min || next.max != current.value.max {
+        ctx.request_refill(&next.id).await;
+    }
     if failed > 0 {
         return Err(DomainError::new(
             cm_schemas::v1::Code::Aborted,

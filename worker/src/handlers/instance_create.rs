@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, time::SystemTime};
 
 use cm_core::{
     DomainError, Identity, ids,
-    model::{InstanceRecord, InstanceStatus, to_timestamp},
+    model::{ChallengeRecord, InstanceRecord, InstanceStatus, to_timestamp},
     store::{Expect, StoreError},
 };
 use cm_schemas::v1::{CreateInstanceRequest, command_result::Outcome};
@@ -70,6 +70,10 @@ async fn create(
             .into());
         }
         None => {
+            if let Some(claimed) = claim_from_pool(ctx, command_id, &challenge, req, now).await? {
+                ctx.request_refill(cid).await;
+                return Ok(Outcome::Instance(claimed.to_api()));
+            }
             let reservation = InstanceRecord {
                 challenge_id: cid.clone(),
                 identity: Identity::random(),
@@ -101,16 +105,28 @@ async fn create(
     };
     tracing::Span::current().record("identity", record.identity.as_str());
 
+    deploy_reserved(ctx, &challenge, &mut record).await?;
+    Ok(Outcome::Instance(record.to_api()))
+}
+
+/// Deploys a reserved (`deploying`) record and marks it ready; on failure,
+/// destroys what the run left and drops the reservation. Shared by fresh
+/// creates and pool refills.
+pub(crate) async fn deploy_reserved(
+    ctx: &Ctx,
+    challenge: &ChallengeRecord,
+    record: &mut InstanceRecord,
+) -> Result<(), HandlerError> {
     let scenario = match ctx.scenario(&challenge.scenario).await {
         Ok(s) => s,
         Err(e) => {
-            ctx.store.delete_instance(&record).await?;
+            ctx.store.delete_instance(record).await?;
             return Err(e);
         }
     };
     let mut additional: BTreeMap<String, String> = challenge.additional.clone();
     additional.extend(record.additional.clone());
-    let previous = stack_state(ctx, cid, &record.identity).await?;
+    let previous = stack_state(ctx, &record.challenge_id, &record.identity).await?;
     let deployment = match ctx
         .driver
         .up(&scenario, &record.identity, &additional, previous.as_ref())
@@ -124,13 +140,13 @@ async fn create(
             {
                 tracing::error!(error = %e, identity = %record.identity, "cleanup of a failed deploy failed");
                 ctx.store
-                    .put_instance(&record, Some(&encode_state(&state)?), Expect::Any, None)
+                    .put_instance(record, Some(&encode_state(&state)?), Expect::Any, None)
                     .await?;
                 return Err(HandlerError::Retry(format!(
                     "cleanup of a failed deploy failed: {e}"
                 )));
             }
-            ctx.store.delete_instance(&record).await?;
+            ctx.store.delete_instance(record).await?;
             return Err(DriverError::ProgramFailed {
                 message,
                 state: None,
@@ -144,9 +160,72 @@ async fn create(
     record.connection_info = deployment.outputs.connection_info;
     record.flags = deployment.outputs.flags;
     let stack = encode_state(&deployment.state)?;
-    // The slot lock excludes other writers of this record.
+    // The caller's lock excludes other writers of this record.
     ctx.store
-        .put_instance(&record, Some(&stack), Expect::Any, None)
+        .put_instance(record, Some(&stack), Expect::Any, None)
         .await?;
-    Ok(Outcome::Instance(record.to_api()))
+    Ok(())
+}
+
+/// Claims a ready pooled instance for the source, if the pool has one: a
+/// store transaction, no Pulumi. When the request carries `additional`, the
+/// claimed instance is then updated in place with it.
+async fn claim_from_pool(
+    ctx: &Ctx,
+    command_id: &str,
+    challenge: &ChallengeRecord,
+    req: &CreateInstanceRequest,
+    now: SystemTime,
+) -> Result<Option<InstanceRecord>, HandlerError> {
+    if challenge.min <= 0 && challenge.max <= 0 {
+        return Ok(None);
+    }
+    for pooled in ctx.store.list_pooled(&req.challenge_id).await? {
+        if pooled.value.status != InstanceStatus::Ready {
+            continue;
+        }
+        let mut claimed = pooled.value.clone();
+        claimed.source_id = Some(req.source_id.clone());
+        claimed.since = to_timestamp(now);
+        claimed.last_renew = to_timestamp(now);
+        claimed.until = challenge.instance_until(now);
+        claimed.additional = req.additional.clone().into_iter().collect();
+        claimed.command_id = command_id.to_owned();
+        match ctx.store.claim_pooled(&pooled, &claimed).await {
+            Ok(()) => {
+                tracing::info!(identity = %claimed.identity, "claimed a pooled instance");
+                if !claimed.additional.is_empty() {
+                    apply_additional(ctx, challenge, &mut claimed).await?;
+                }
+                return Ok(Some(claimed));
+            }
+            // Another claim took this one: try the next.
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
+}
+
+/// Updates a claimed instance in place with its request's `additional`.
+async fn apply_additional(
+    ctx: &Ctx,
+    challenge: &ChallengeRecord,
+    record: &mut InstanceRecord,
+) -> Result<(), HandlerError> {
+    let scenario = ctx.scenario(&challenge.scenario).await?;
+    let mut additional = challenge.additional.clone();
+    additional.extend(record.additional.clone());
+    let previous = stack_state(ctx, &record.challenge_id, &record.identity).await?;
+    let deployment = ctx
+        .driver
+        .up(&scenario, &record.identity, &additional, previous.as_ref())
+        .await?;
+    record.connection_info = deployment.outputs.connection_info;
+    record.flags = deployment.outputs.flags;
+    let stack = encode_state(&deployment.state)?;
+    ctx.store
+        .put_instance(record, Some(&stack), Expect::Any, None)
+        .await?;
+    Ok(())
 }

@@ -38,5 +38,8 @@ async fn delete(ctx: &Ctx, req: &DeleteInstanceRequest) -> Result<Outcome, Handl
     };
     let scenario = ctx.scenario(&challenge.value.scenario).await?;
     destroy_instance(ctx, &scenario, &instance.value).await?;
+    if challenge.value.min > 0 {
+        ctx.request_refill(cid).await;
+    }
     Ok(Outcome::Deleted(Deleted {}))
 }

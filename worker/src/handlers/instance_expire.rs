@@ -42,5 +42,8 @@ async fn expire(ctx: &Ctx, req: &ExpireInstance) -> Result<Outcome, HandlerError
     };
     let scenario = ctx.scenario(&challenge.value.scenario).await?;
     destroy_instance(ctx, &scenario, &rec).await?;
+    if challenge.value.min > 0 {
+        ctx.request_refill(cid).await;
+    }
     Ok(Outcome::Deleted(Deleted {}))
 }

@@ -13,6 +13,7 @@ mod instance_create;
 mod instance_delete;
 mod instance_expire;
 mod instance_renew;
+mod pool_refill;
 
 use cm_core::{DomainError, lock::LockError, store::StoreError};
 use cm_schemas::v1::{Command, command::Request, command_result::Outcome};
@@ -88,13 +89,12 @@ pub async fn handle(ctx: &Ctx, command: &Command) -> Result<Outcome, HandlerErro
         Request::InstanceRenew(r) => instance_renew::handle(ctx, id, r).await,
         Request::InstanceDelete(r) => instance_delete::handle(ctx, id, r).await,
         Request::InstanceExpire(r) => instance_expire::handle(ctx, id, r).await,
-        Request::InstanceReset(_) | Request::InstanceUpdate(_) | Request::PoolRefill(_) => {
-            Err(DomainError::new(
-                cm_schemas::v1::Code::Unimplemented,
-                "this command is not implemented yet",
-            )
-            .into())
-        }
+        Request::PoolRefill(r) => pool_refill::handle(ctx, id, r).await,
+        Request::InstanceReset(_) | Request::InstanceUpdate(_) => Err(DomainError::new(
+            cm_schemas::v1::Code::Unimplemented,
+            "this command is not implemented yet",
+        )
+        .into()),
     }
 }
 

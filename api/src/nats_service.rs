@@ -15,8 +15,8 @@ use bytes::Bytes;
 use cm_core::DomainError;
 use cm_schemas::v1::{
     CreateChallengeRequest, CreateInstanceRequest, DeleteChallengeRequest, DeleteInstanceRequest,
-    QueryInstanceRequest, RenewInstanceRequest, Requester, RetrieveChallengeRequest,
-    RetrieveInstanceRequest, UpdateChallengeRequest,
+    QueryInstanceRequest, RenewInstanceRequest, Requester, ResetInstanceRequest,
+    RetrieveChallengeRequest, RetrieveInstanceRequest, UpdateChallengeRequest,
 };
 use futures::StreamExt;
 use serde::Serialize;
@@ -31,7 +31,7 @@ use crate::{
 /// The service's name in `$SRV` discovery.
 pub const SERVICE_NAME: &str = "cm";
 
-const ENDPOINTS: [&str; 11] = [
+const ENDPOINTS: [&str; 12] = [
     "challenge.create",
     "challenge.get",
     "challenge.list",
@@ -42,6 +42,7 @@ const ENDPOINTS: [&str; 11] = [
     "instance.list",
     "instance.renew",
     "instance.delete",
+    "instance.reset",
     "operation.get",
 ];
 
@@ -172,6 +173,13 @@ async fn dispatch(app: &App, name: &str, body: &[u8], mode: Mode) -> Result<Byte
                 app.delete_instance(req.challenge_id, req.source_id, who(), mode)
                     .await?,
             ))
+        }
+        "instance.reset" => {
+            let req = parse::<ResetInstanceRequest>(body)?;
+            reply(
+                app.reset_instance(req.challenge_id, req.source_id, who(), mode)
+                    .await?,
+            )
         }
         "operation.get" => {
             #[derive(serde::Deserialize)]

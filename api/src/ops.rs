@@ -7,7 +7,7 @@ use cm_core::{DomainError, ids, model::InstanceStatus, store::Store};
 use cm_schemas::v1::{
     Challenge, CreateChallengeRequest, CreateInstanceRequest, DeleteChallengeRequest,
     DeleteInstanceRequest, Instance, Operation, RenewInstanceRequest, Requester,
-    UpdateChallengeRequest, command::Request, command_result::Outcome,
+    ResetInstanceRequest, UpdateChallengeRequest, command::Request, command_result::Outcome,
 };
 
 use crate::{
@@ -194,6 +194,26 @@ impl App {
             source_id: sid,
         };
         expect_instance(self.write(Request::InstanceRenew(req), who, mode).await?)
+    }
+
+    pub async fn reset_instance(
+        &self,
+        cid: String,
+        sid: String,
+        who: Requester,
+        mode: Mode,
+    ) -> Result<Reply<Instance>, DomainError> {
+        validate::instance_key(&cid, &sid)?;
+        if self.store.get_instance(&cid, &sid).await?.is_none() {
+            return Err(DomainError::not_found(format!(
+                "no instance of challenge {cid} for source {sid}"
+            )));
+        }
+        let req = ResetInstanceRequest {
+            challenge_id: cid,
+            source_id: sid,
+        };
+        expect_instance(self.write(Request::InstanceReset(req), who, mode).await?)
     }
 
     pub async fn delete_instance(

@@ -50,6 +50,10 @@ pub fn router(app: App) -> Router {
                 .patch(renew_instance)
                 .delete(delete_instance),
         )
+        .route(
+            "/api/v1/instance/{challenge_id}/{source_id}/reset",
+            axum::routing::post(reset_instance),
+        )
         .route("/api/v1/operation/{id}", get(get_operation))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(
@@ -279,6 +283,18 @@ async fn renew_instance(
     let mode = mode(&headers);
     Ok(reply(
         app.renew_instance(cid, sid, requester(), mode).await?,
+        mode,
+    ))
+}
+
+async fn reset_instance(
+    State(app): State<App>,
+    Path((cid, sid)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let mode = mode(&headers);
+    Ok(reply(
+        app.reset_instance(cid, sid, requester(), mode).await?,
         mode,
     ))
 }

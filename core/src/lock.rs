@@ -282,6 +282,11 @@ pub fn pool_lock(root: &str, cid: &str) -> String {
     format!("{root}/lock/pool/{}/", ids::encode(cid))
 }
 
+/// Lock prefix of a source's instance count (writer only; held by creates).
+pub fn source_lock(root: &str, sid: &str) -> String {
+    format!("{root}/lock/source/{}/", ids::encode(sid))
+}
+
 /// Lock prefix of one (challenge, source) instance slot (writer only).
 pub fn instance_lock(root: &str, cid: &str, sid: &str) -> String {
     format!(

@@ -435,6 +435,15 @@ impl Store {
         Ok(out)
     }
 
+    /// Deletes a stack state (after its stack was destroyed).
+    pub async fn delete_stack(&self, cid: &str, identity: &Identity) -> Result<(), StoreError> {
+        self.client
+            .clone()
+            .delete(self.stack_key(cid, identity), None)
+            .await?;
+        Ok(())
+    }
+
     /// The stored Pulumi stack state of an instance.
     pub async fn get_stack(
         &self,

@@ -53,6 +53,7 @@ async fn main() {
             passphrase: Secret::new("bench".into()),
         },
         lock_timeout: Duration::from_secs(30),
+        quota: Default::default(),
         lease_ttl: 10,
         shutdown_grace: Duration::from_secs(5),
     };

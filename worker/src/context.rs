@@ -30,6 +30,17 @@ pub struct Ctx {
     pub scenarios_dir: PathBuf,
     /// Longest wait for a lock before the command is retried later.
     pub lock_timeout: Duration,
+    /// Cap on concurrent instances per source.
+    pub quota: Quota,
+}
+
+/// How many instances a source (player or team) may hold at once.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Quota {
+    /// Global default cap (0: no cap); a challenge's `maxPerSource` overrides it.
+    pub max_per_source: i64,
+    /// At the cap, destroy the source's oldest instance instead of refusing.
+    pub evict_oldest: bool,
 }
 
 impl Ctx {
@@ -45,6 +56,25 @@ impl Ctx {
             self.session.lease(),
             &prefix,
             mode,
+            self.lock_timeout,
+        )
+        .await?)
+    }
+
+    /// For a create: the source's lock (its instance count), the challenge's
+    /// lock for reading and the slot's lock, together.
+    pub async fn lock_for_create(&self, cid: &str, sid: &str) -> Result<LockSet, HandlerError> {
+        let source = lock::source_lock(self.store.root(), sid);
+        let challenge = lock::challenge_lock(self.store.root(), cid);
+        let slot = lock::instance_lock(self.store.root(), cid, sid);
+        Ok(lock::acquire_all(
+            &self.store.client(),
+            self.session.lease(),
+            &[
+                (&source, LockMode::Write),
+                (&challenge, LockMode::Read),
+                (&slot, LockMode::Write),
+            ],
             self.lock_timeout,
         )
         .await?)

@@ -39,6 +39,8 @@ pub struct WorkerConfig {
     pub scenarios_dir: PathBuf,
     pub driver: pulumi::DriverConfig,
     pub lock_timeout: Duration,
+    /// Cap on concurrent instances per source.
+    pub quota: context::Quota,
     /// TTL of the lease binding this worker's locks (seconds).
     pub lease_ttl: i64,
     /// How long in-flight commands may finish after shutdown is asked.
@@ -84,6 +86,7 @@ pub async fn run(
         queue: config.queue.clone(),
         scenarios_dir: config.scenarios_dir.clone(),
         lock_timeout: config.lock_timeout,
+        quota: config.quota,
     });
     let token = CancellationToken::new();
     let trigger = token.clone();

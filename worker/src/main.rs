@@ -116,6 +116,16 @@ struct RunArgs {
     #[arg(long, env = "CM_MAX_ACK_PENDING", default_value_t = 256)]
     max_ack_pending: i64,
 
+    /// Most instances one source (player or team) may hold at once, across
+    /// challenges; 0 means no cap. A challenge's `maxPerSource` overrides it.
+    #[arg(long, env = "CM_MAX_INSTANCES_PER_SOURCE", default_value_t = 0)]
+    max_instances_per_source: i64,
+
+    /// At the cap, destroy the source's oldest instance to make room instead
+    /// of refusing the new one.
+    #[arg(long, env = "CM_EVICT_OLDEST")]
+    evict_oldest: bool,
+
     /// After SIGINT/SIGTERM, how long in-flight commands may finish.
     #[arg(long, env = "CM_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -211,6 +221,10 @@ async fn run(pulumi: &PulumiArgs, args: RunArgs) -> anyhow::Result<()> {
         scenarios_dir: args.scenarios_dir,
         driver: pulumi.driver_config()?,
         lock_timeout: args.lock_timeout,
+        quota: cm_worker::context::Quota {
+            max_per_source: args.max_instances_per_source.max(0),
+            evict_oldest: args.evict_oldest,
+        },
         lease_ttl: args.lease_ttl.max(2),
         shutdown_grace: args.shutdown_grace,
     };

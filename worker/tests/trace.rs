@@ -42,6 +42,7 @@ async fn the_worker_span_is_a_child_of_the_api_publish_span() {
             passphrase: Secret::new("trace-test".into()),
         },
         lock_timeout: Duration::from_secs(30),
+        quota: Default::default(),
         lease_ttl: 10,
         shutdown_grace: Duration::from_secs(5),
     };

@@ -35,7 +35,9 @@ pub async fn handle(
 ) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.challenge_id)?;
     ids::validate("source id", &req.source_id)?;
-    let locks = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
+    let locks = ctx
+        .lock_for_create(&req.challenge_id, &req.source_id)
+        .await?;
     let result = create(ctx, command_id, req).await;
     locks.release();
     result
@@ -70,6 +72,7 @@ async fn create(
             .into());
         }
         None => {
+            enforce_quota(ctx, &challenge, sid).await?;
             if let Some(claimed) = claim_from_pool(ctx, command_id, &challenge, req, now).await? {
                 ctx.request_refill(cid).await;
                 return Ok(Outcome::Instance(claimed.to_api()));
@@ -228,4 +231,63 @@ async fn apply_additional(
         .put_instance(record, Some(&stack), Expect::Any, None)
         .await?;
     Ok(())
+}
+
+/// Refuses (or, when configured, makes room by evicting the source's oldest
+/// instance) when the source is at its cap. The caller holds the source lock,
+/// so concurrent creates of one source are counted one after the other.
+async fn enforce_quota(
+    ctx: &Ctx,
+    challenge: &ChallengeRecord,
+    sid: &str,
+) -> Result<(), HandlerError> {
+    let cap = challenge
+        .max_per_source
+        .filter(|c| *c > 0)
+        .unwrap_or(ctx.quota.max_per_source);
+    if cap <= 0 {
+        return Ok(());
+    }
+    let mut held = ctx.store.list_by_source(sid).await?;
+    while held.len() as i64 >= cap {
+        if !ctx.quota.evict_oldest {
+            return Err(DomainError::new(
+                cm_schemas::v1::Code::ResourceExhausted,
+                format!(
+                    "source {sid} already has {} instance(s), the most allowed at once; delete one first",
+                    held.len()
+                ),
+            )
+            .into());
+        }
+        held.sort_by_key(|r| (r.since.seconds, r.since.nanos));
+        let oldest = held.remove(0);
+        tracing::info!(challenge = %oldest.challenge_id, identity = %oldest.identity, "evicting the source's oldest instance");
+        evict(ctx, &oldest).await?;
+    }
+    Ok(())
+}
+
+/// Destroys another instance of the source, under that instance's own locks.
+async fn evict(ctx: &Ctx, victim: &InstanceRecord) -> Result<(), HandlerError> {
+    let Some(sid) = &victim.source_id else {
+        return Ok(());
+    };
+    let cid = &victim.challenge_id;
+    // Always another challenge (this one's slot was free): take its locks.
+    let locks = ctx.lock_instance(cid, sid).await?;
+    let result = async {
+        let Some(current) = ctx.store.get_instance(cid, sid).await? else {
+            return Ok(());
+        };
+        let Some(challenge) = ctx.store.get_challenge(cid).await? else {
+            ctx.store.delete_instance(&current.value).await?;
+            return Ok(());
+        };
+        let scenario = ctx.scenario(&challenge.value.scenario).await?;
+        super::destroy_instance(ctx, &scenario, &current.value).await
+    }
+    .await;
+    locks.release();
+    result
 }

@@ -13,6 +13,7 @@ mod instance_create;
 mod instance_delete;
 mod instance_expire;
 mod instance_renew;
+mod instance_reset;
 mod pool_refill;
 
 use cm_core::{DomainError, lock::LockError, store::StoreError};
@@ -90,7 +91,8 @@ pub async fn handle(ctx: &Ctx, command: &Command) -> Result<Outcome, HandlerErro
         Request::InstanceDelete(r) => instance_delete::handle(ctx, id, r).await,
         Request::InstanceExpire(r) => instance_expire::handle(ctx, id, r).await,
         Request::PoolRefill(r) => pool_refill::handle(ctx, id, r).await,
-        Request::InstanceReset(_) | Request::InstanceUpdate(_) => Err(DomainError::new(
+        Request::InstanceReset(r) => instance_reset::handle(ctx, id, r).await,
+        Request::InstanceUpdate(_) => Err(DomainError::new(
             cm_schemas::v1::Code::Unimplemented,
             "this command is not implemented yet",
         )

@@ -1,0 +1,91 @@
+//! `instance.reset`: redeploy an instance from scratch, the "restart" button:
+//! same claim (source, since, until), new identity, fresh infrastructure.
+//!
+//! Parameters: challenge id, source id.
+//! Steps: 1. read-lock the challenge and lock the slot; 2. deploy a new stack
+//! under a new identity; 3. write the record with the new identity and state;
+//! 4. destroy the old stack and delete its state.
+//! Undo: if 2 fails, destroy what it left; the old instance is untouched.
+//! A crash between 3 and 4 leaves the old stack's state in the store (under
+//! its identity) for a later destroy; nothing is lost.
+
+use std::collections::BTreeMap;
+
+use cm_core::{DomainError, Identity, ids, store::Expect};
+use cm_schemas::v1::{ResetInstanceRequest, command_result::Outcome};
+
+use super::{HandlerError, encode_state, stack_state};
+use crate::{context::Ctx, pulumi::DriverError};
+
+#[tracing::instrument(name = "instance.reset", skip_all, fields(challenge = %req.challenge_id, source = %req.source_id))]
+pub async fn handle(
+    ctx: &Ctx,
+    command_id: &str,
+    req: &ResetInstanceRequest,
+) -> Result<Outcome, HandlerError> {
+    ids::validate("challenge id", &req.challenge_id)?;
+    ids::validate("source id", &req.source_id)?;
+    let locks = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
+    let result = reset(ctx, command_id, req).await;
+    locks.release();
+    result
+}
+
+async fn reset(
+    ctx: &Ctx,
+    command_id: &str,
+    req: &ResetInstanceRequest,
+) -> Result<Outcome, HandlerError> {
+    let (cid, sid) = (&req.challenge_id, &req.source_id);
+    let Some(instance) = ctx.store.get_instance(cid, sid).await? else {
+        return Err(DomainError::not_found(format!(
+            "no instance of challenge {cid} for source {sid}"
+        ))
+        .into());
+    };
+    let previous = instance.value;
+    if previous.command_id == command_id {
+        return Ok(Outcome::Instance(previous.to_api()));
+    }
+    let Some(challenge) = ctx.store.get_challenge(cid).await? else {
+        return Err(DomainError::not_found(format!("challenge {cid} not found")).into());
+    };
+    let challenge = challenge.value;
+    let scenario = ctx.scenario(&challenge.scenario).await?;
+    let mut additional: BTreeMap<String, String> = challenge.additional.clone();
+    additional.extend(previous.additional.clone());
+
+    let identity = Identity::random();
+    let deployment = match ctx.driver.up(&scenario, &identity, &additional, None).await {
+        Ok(d) => d,
+        Err(DriverError::ProgramFailed { message, state }) => {
+            if let Some(state) = state.filter(|s| s.resource_count() > 0) {
+                let _ = ctx.driver.destroy(&scenario, &state).await;
+            }
+            return Err(DriverError::ProgramFailed {
+                message,
+                state: None,
+            }
+            .into());
+        }
+        Err(other) => return Err(other.into()),
+    };
+    let mut record = previous.clone();
+    record.identity = identity;
+    record.connection_info = deployment.outputs.connection_info;
+    record.flags = deployment.outputs.flags;
+    record.command_id = command_id.to_owned();
+    let stack = encode_state(&deployment.state)?;
+    ctx.store
+        .put_instance(&record, Some(&stack), Expect::Any, Some(&previous))
+        .await?;
+
+    if let Some(old) = stack_state(ctx, cid, &previous.identity).await? {
+        if let Err(e) = ctx.driver.destroy(&scenario, &old).await {
+            tracing::error!(error = %e, identity = %previous.identity, "old stack not destroyed; its state is kept");
+            return Ok(Outcome::Instance(record.to_api()));
+        }
+    }
+    ctx.store.delete_stack(cid, &previous.identity).await?;
+    Ok(Outcome::Instance(record.to_api()))
+}

@@ -80,11 +80,11 @@ async fn reset(
         .put_instance(&record, Some(&stack), Expect::Any, Some(&previous))
         .await?;
 
-    if let Some(old) = stack_state(ctx, cid, &previous.identity).await? {
-        if let Err(e) = ctx.driver.destroy(&scenario, &old).await {
-            tracing::error!(error = %e, identity = %previous.identity, "old stack not destroyed; its state is kept");
-            return Ok(Outcome::Instance(record.to_api()));
-        }
+    if let Some(old) = stack_state(ctx, cid, &previous.identity).await?
+        && let Err(e) = ctx.driver.destroy(&scenario, &old).await
+    {
+        tracing::error!(error = %e, identity = %previous.identity, "old stack not destroyed; its state is kept");
+        return Ok(Outcome::Instance(record.to_api()));
     }
     ctx.store.delete_stack(cid, &previous.identity).await?;
     Ok(Outcome::Instance(record.to_api()))

@@ -109,6 +109,16 @@ impl Ctx {
 
     /// Publishes a follow-up command (e.g. `pool.refill`) on JetStream.
     pub async fn publish(&self, request: Request) -> Result<(), HandlerError> {
+        self.publish_with_reply(request, None).await
+    }
+
+    /// Publishes a follow-up command whose result is sent to
+    /// `<reply_prefix>.<command id>` when a prefix is given.
+    pub async fn publish_with_reply(
+        &self,
+        request: Request,
+        reply_prefix: Option<&str>,
+    ) -> Result<(), HandlerError> {
         let (kind, cid) = CommandKind::of(&request);
         let subject = queue::command_subject(kind, cid);
         let command = Command {
@@ -122,6 +132,9 @@ impl Ctx {
         };
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(queue::HDR_MSG_ID, command.command_id.as_str());
+        if let Some(prefix) = reply_prefix {
+            headers.insert(queue::HDR_REPLY, format!("{prefix}.{}", command.command_id));
+        }
         queue::inject_trace_context(&mut headers);
         let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&command));
         let ack = self

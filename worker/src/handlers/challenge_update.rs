@@ -1,27 +1,34 @@
-//! `challenge.update`: change a challenge; apply a new scenario to its
-//! instances and move their `until` when `timeout`/`until` change.
+//! `challenge.update`: change a challenge; move its instances' `until` when
+//! `timeout`/`until` change; apply a new scenario (or `additional`) to every
+//! running instance, pooled and claimed, with the requested strategy.
 //!
 //! Parameters: the update request; `update_mask` names the fields to change
-//! (empty: every field the request sets).
-//! Steps: 1. write-lock the challenge; 2. compute the new record; 3. when the
-//! scenario changes, prepare it (a broken one is refused before anything
-//! changes) and update every instance in place; 4. recompute instances'
-//! `until`; 5. write the challenge (guarded by its revision).
-//! Undo: an instance whose update fails keeps its previous state and record;
-//! the command reports the failure count.
+//! (empty: every field the request sets); `update_strategy`.
+//! Steps: 1. under the challenge write lock: prepare the new scenario (a
+//! broken one is refused before anything changes), move instances' `until`,
+//! write the challenge (guarded by its revision); 2. release the lock and
+//! publish one `instance.update` per instance, in parallel across workers;
+//! 3. wait for their results and report how many succeeded and failed.
+//! Undo: an instance whose update fails keeps its previous state and record
+//! (see `instance_update`); the failure count is reported.
 
 use cm_core::{
-    DomainError, ids,
+    DomainError, Identity, ids,
     lock::LockMode,
     model::{ChallengeRecord, InstanceRecord, to_system_time},
     store::Expect,
 };
-use cm_schemas::v1::{UpdateChallengeRequest, command_result::Outcome};
+use cm_schemas::v1::{
+    CommandResult, UpdateChallengeRequest, UpdateInstance, UpdateStrategy, command::Request,
+    command_result::Outcome,
+};
+use futures::StreamExt;
+use prost::Message as _;
 
-use super::{HandlerError, encode_state, stack_state};
+use super::HandlerError;
 use crate::context::Ctx;
 
-#[tracing::instrument(name = "challenge.update", skip_all, fields(challenge = %req.id))]
+#[tracing::instrument(name = "challenge.update", skip_all, fields(challenge = %req.id, updated, failed))]
 pub async fn handle(
     ctx: &Ctx,
     command_id: &str,
@@ -29,9 +36,33 @@ pub async fn handle(
 ) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.id)?;
     let lock = ctx.lock_challenge(&req.id, LockMode::Write).await?;
-    let result = update(ctx, command_id, req).await;
+    let prepared = update_record(ctx, command_id, req).await;
     lock.release();
-    result
+    let (next, targets, strategy) = prepared?;
+
+    // The instances are updated by their own commands, in parallel across
+    // workers (the challenge lock is free again, so they can take it to read).
+    let (updated, failed) = fan_out(ctx, command_id, &next.id, &targets, strategy).await?;
+    let span = tracing::Span::current();
+    span.record("updated", updated);
+    span.record("failed", failed);
+    if failed > 0 {
+        return Err(DomainError::new(
+            cm_schemas::v1::Code::Aborted,
+            format!(
+                "challenge updated; {updated} of {} instances updated, {failed} failed",
+                targets.len()
+            ),
+        )
+        .into());
+    }
+    let instances = ctx.store.list_instances(&next.id).await?;
+    let api = instances
+        .iter()
+        .filter(|r| r.source_id.is_some())
+        .map(InstanceRecord::to_api)
+        .collect();
+    Ok(Outcome::Challenge(next.to_api(api)))
 }
 
 fn masked(req: &UpdateChallengeRequest, field: &str, set: bool) -> bool {
@@ -70,11 +101,14 @@ pub(crate) fn apply(current: &ChallengeRecord, req: &UpdateChallengeRequest) -> 
     next
 }
 
-async fn update(
+/// Under the challenge write lock: checks the new scenario (so a broken one
+/// changes nothing), moves instances' `until`, writes the challenge. Returns
+/// the instances whose stacks must be updated, and how.
+async fn update_record(
     ctx: &Ctx,
     command_id: &str,
     req: &UpdateChallengeRequest,
-) -> Result<Outcome, HandlerError> {
+) -> Result<(ChallengeRecord, Vec<Identity>, UpdateStrategy), HandlerError> {
     let Some(current) = ctx.store.get_challenge(&req.id).await? else {
         return Err(DomainError::not_found(format!("challenge {} not found", req.id)).into());
     };
@@ -85,35 +119,31 @@ async fn update(
         );
     }
     let scenario_changed = next.scenario != current.value.scenario;
-    let scenario = if scenario_changed || next.additional != current.value.additional {
-        Some(ctx.scenario(&next.scenario).await?)
+    let redeploy = scenario_changed || next.additional != current.value.additional;
+    if redeploy {
+        ctx.scenario(&next.scenario).await?;
+    }
+    let strategy = if scenario_changed {
+        req.update_strategy
+            .and_then(|s| UpdateStrategy::try_from(s).ok())
+            .unwrap_or(UpdateStrategy::UpdateInPlace)
     } else {
-        None
+        UpdateStrategy::UpdateInPlace
     };
 
-    let mut instances = ctx.store.list_instances(&req.id).await?;
-    let mut failed = 0usize;
-    for rec in &mut instances {
-        let before = rec.clone();
-        if let Some(scenario) = &scenario {
-            match redeploy(ctx, scenario, &next, rec, command_id).await {
-                Ok(()) => {}
-                Err(HandlerError::Retry(e)) => return Err(HandlerError::Retry(e)),
-                Err(HandlerError::Domain(e)) => {
-                    tracing::warn!(identity = %rec.identity, error = %e, "instance update failed");
-                    failed += 1;
-                    *rec = before;
-                    continue;
-                }
-            }
+    let instances = ctx.store.list_instances(&req.id).await?;
+    for rec in &instances {
+        if rec.source_id.is_none() {
+            continue;
         }
         let until = next.instance_until(to_system_time(&rec.last_renew));
-        if rec.until != until || *rec != before {
-            rec.until = until;
-            rec.command_id = command_id.to_owned();
+        if rec.until != until {
+            let mut moved = rec.clone();
+            moved.until = until;
+            moved.command_id = command_id.to_owned();
             // The challenge write lock excludes every other writer of its instances.
             ctx.store
-                .put_instance(rec, None, Expect::Any, Some(&before))
+                .put_instance(&moved, None, Expect::Any, Some(rec))
                 .await?;
         }
     }
@@ -123,41 +153,70 @@ async fn update(
     if next.min != current.value.min || next.max != current.value.max {
         ctx.request_refill(&next.id).await;
     }
-    if failed > 0 {
+    let targets = if redeploy {
+        instances.iter().map(|r| r.identity.clone()).collect()
+    } else {
+        Vec::new()
+    };
+    Ok((next, targets, strategy))
+}
+
+/// How long a challenge update waits for its instances' updates.
+const FAN_OUT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// Publishes one `instance.update` per target and waits for their results.
+async fn fan_out(
+    ctx: &Ctx,
+    command_id: &str,
+    cid: &str,
+    targets: &[Identity],
+    strategy: UpdateStrategy,
+) -> Result<(usize, usize), HandlerError> {
+    if targets.is_empty() {
+        return Ok((0, 0));
+    }
+    let inbox = ctx.nats.new_inbox();
+    let mut replies = ctx
+        .nats
+        .subscribe(format!("{inbox}.*"))
+        .await
+        .map_err(|e| HandlerError::Retry(format!("subscribe: {e}")))?;
+    for identity in targets {
+        let request = Request::InstanceUpdate(UpdateInstance {
+            challenge_id: cid.to_owned(),
+            identity: identity.to_string(),
+            strategy: strategy as i32,
+            parent_command_id: command_id.to_owned(),
+        });
+        ctx.publish_with_reply(request, Some(&inbox)).await?;
+    }
+    let (mut updated, mut failed) = (0, 0);
+    let collect = async {
+        while updated + failed < targets.len() {
+            let Some(msg) = replies.next().await else {
+                break;
+            };
+            match CommandResult::decode(msg.payload) {
+                Ok(CommandResult {
+                    outcome: Some(Outcome::Instance(_)),
+                    ..
+                }) => updated += 1,
+                _ => failed += 1,
+            }
+        }
+    };
+    if tokio::time::timeout(FAN_OUT_TIMEOUT, collect)
+        .await
+        .is_err()
+    {
         return Err(DomainError::new(
-            cm_schemas::v1::Code::Aborted,
+            cm_schemas::v1::Code::DeadlineExceeded,
             format!(
-                "challenge updated, but {failed} of {} instances failed to update",
-                instances.len()
+                "challenge updated; {updated} instances updated, {failed} failed, {} still running",
+                targets.len() - updated - failed
             ),
         )
         .into());
     }
-    let api = instances.iter().map(InstanceRecord::to_api).collect();
-    Ok(Outcome::Challenge(next.to_api(api)))
-}
-
-/// Updates one instance in place with the (new) scenario.
-async fn redeploy(
-    ctx: &Ctx,
-    scenario: &crate::pulumi::PreparedScenario,
-    challenge: &ChallengeRecord,
-    rec: &mut InstanceRecord,
-    command_id: &str,
-) -> Result<(), HandlerError> {
-    let previous = stack_state(ctx, &rec.challenge_id, &rec.identity).await?;
-    let mut additional = challenge.additional.clone();
-    additional.extend(rec.additional.clone());
-    let deployment = ctx
-        .driver
-        .up(scenario, &rec.identity, &additional, previous.as_ref())
-        .await?;
-    rec.connection_info = deployment.outputs.connection_info;
-    rec.flags = deployment.outputs.flags;
-    rec.command_id = command_id.to_owned();
-    let stack = encode_state(&deployment.state)?;
-    ctx.store
-        .put_instance(rec, Some(&stack), Expect::Any, None)
-        .await?;
-    Ok(())
+    Ok((updated, failed))
 }

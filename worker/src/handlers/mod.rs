@@ -14,6 +14,7 @@ mod instance_delete;
 mod instance_expire;
 mod instance_renew;
 mod instance_reset;
+mod instance_update;
 mod pool_refill;
 
 use cm_core::{DomainError, lock::LockError, store::StoreError};
@@ -92,11 +93,7 @@ pub async fn handle(ctx: &Ctx, command: &Command) -> Result<Outcome, HandlerErro
         Request::InstanceExpire(r) => instance_expire::handle(ctx, id, r).await,
         Request::PoolRefill(r) => pool_refill::handle(ctx, id, r).await,
         Request::InstanceReset(r) => instance_reset::handle(ctx, id, r).await,
-        Request::InstanceUpdate(_) => Err(DomainError::new(
-            cm_schemas::v1::Code::Unimplemented,
-            "this command is not implemented yet",
-        )
-        .into()),
+        Request::InstanceUpdate(r) => instance_update::handle(ctx, id, r).await,
     }
 }
 

@@ -67,12 +67,12 @@ async fn run_strategy(strategy: &str) {
     }
     // Wait for the pool to hold its one ready instance (3 in all).
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !(instances(&stack, &cid)
+    while instances(&stack, &cid)
         .await
         .iter()
         .filter(|r| r.status == cm_core::model::InstanceStatus::Ready)
         .count()
-        == 3)
+        != 3
     {
         assert!(
             Instant::now() < deadline,

@@ -14,6 +14,9 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== deploy/monitoring (promtool, amtool, dashboards, collector, manifests)" >&2
+bash deploy/monitoring/test.sh
+
 echo "== cargo test" >&2
 LOG="$(mktemp)"
 trap 'rm -f "$LOG"' EXIT

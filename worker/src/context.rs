@@ -96,15 +96,24 @@ impl Ctx {
 
     /// Takes the challenge's lock for reading and its pool's lock for writing.
     pub async fn lock_pool(&self, cid: &str) -> Result<LockSet, HandlerError> {
+        Ok(self.lock_pool_within(cid, self.lock_timeout).await?)
+    }
+
+    /// The same, waiting at most `timeout`.
+    pub async fn lock_pool_within(
+        &self,
+        cid: &str,
+        timeout: Duration,
+    ) -> Result<LockSet, lock::LockError> {
         let challenge = lock::challenge_lock(self.store.root(), cid);
         let pool = lock::pool_lock(self.store.root(), cid);
-        Ok(lock::acquire_all(
+        lock::acquire_all(
             &self.store.client(),
             self.session.lease(),
             &[(&challenge, LockMode::Read), (&pool, LockMode::Write)],
-            self.lock_timeout,
+            timeout,
         )
-        .await?)
+        .await
     }
 
     /// Publishes a follow-up command (e.g. `pool.refill`) on JetStream.

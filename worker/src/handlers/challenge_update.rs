@@ -38,7 +38,10 @@ pub async fn handle(
     let lock = ctx.lock_challenge(&req.id, LockMode::Write).await?;
     let prepared = update_record(ctx, command_id, req).await;
     lock.release();
-    let (next, targets, strategy) = prepared?;
+    let (next, targets, strategy, resized) = prepared?;
+    if resized {
+        ctx.request_refill(&next.id).await;
+    }
 
     // The instances are updated by their own commands, in parallel across
     // workers (the challenge lock is free again, so they can take it to read).
@@ -103,12 +106,13 @@ pub(crate) fn apply(current: &ChallengeRecord, req: &UpdateChallengeRequest) -> 
 
 /// Under the challenge write lock: checks the new scenario (so a broken one
 /// changes nothing), moves instances' `until`, writes the challenge. Returns
-/// the instances whose stacks must be updated, and how.
+/// the instances whose stacks must be updated, how, and whether the pool
+/// was resized (its refill is asked for once the lock is released).
 async fn update_record(
     ctx: &Ctx,
     command_id: &str,
     req: &UpdateChallengeRequest,
-) -> Result<(ChallengeRecord, Vec<Identity>, UpdateStrategy), HandlerError> {
+) -> Result<(ChallengeRecord, Vec<Identity>, UpdateStrategy, bool), HandlerError> {
     let Some(current) = ctx.store.get_challenge(&req.id).await? else {
         return Err(DomainError::not_found(format!("challenge {} not found", req.id)).into());
     };
@@ -150,15 +154,13 @@ async fn update_record(
     ctx.store
         .put_challenge(&next, Expect::Revision(current.mod_revision))
         .await?;
-    if next.min != current.value.min || next.max != current.value.max {
-        ctx.request_refill(&next.id).await;
-    }
+    let resized = next.min != current.value.min || next.max != current.value.max;
     let targets = if redeploy {
         instances.iter().map(|r| r.identity.clone()).collect()
     } else {
         Vec::new()
     };
-    Ok((next, targets, strategy))
+    Ok((next, targets, strategy, resized))
 }
 
 /// How long a challenge update waits for its instances' updates.

@@ -22,6 +22,12 @@ use cm_schemas::v1::{RefillPool, command_result::Outcome};
 use super::{HandlerError, destroy_instance, instance_create::deploy_reserved};
 use crate::context::Ctx;
 
+/// How long a refill waits for another refill of the same pool. A refill in
+/// progress re-reads the pool before each deploy, so it covers the claims made
+/// meanwhile: a second refill need not queue behind it (holding a worker slot
+/// for a whole Pulumi run), it steps aside.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 #[tracing::instrument(name = "pool.refill", skip_all, fields(challenge = %req.challenge_id, deployed, destroyed))]
 pub async fn handle(
     ctx: &Ctx,
@@ -29,7 +35,14 @@ pub async fn handle(
     req: &RefillPool,
 ) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.challenge_id)?;
-    let locks = ctx.lock_pool(&req.challenge_id).await?;
+    let locks = match ctx.lock_pool_within(&req.challenge_id, BUSY_WAIT).await {
+        Ok(locks) => locks,
+        Err(cm_core::lock::LockError::Timeout(_)) => {
+            tracing::debug!("another refill of this pool is running; it covers this one");
+            return Ok(Outcome::Deleted(cm_schemas::v1::Deleted {}));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let result = refill(ctx, command_id, &req.challenge_id).await;
     locks.release();
     result
@@ -40,47 +53,48 @@ async fn refill(ctx: &Ctx, command_id: &str, cid: &str) -> Result<Outcome, Handl
         return Err(DomainError::not_found(format!("challenge {cid} not found")).into());
     };
     let challenge = challenge.value;
-    let instances = ctx.store.list_instances(cid).await?;
-    let mut pooled: Vec<InstanceRecord> = instances
-        .iter()
-        .filter(|r| r.source_id.is_none())
-        .cloned()
-        .collect();
-    let mut total = instances.len() as i64;
     let (mut deployed, mut destroyed) = (0, 0);
-
-    while (pooled.len() as i64) < challenge.min && (challenge.max <= 0 || total < challenge.max) {
-        let now = SystemTime::now();
-        let mut record = InstanceRecord {
-            challenge_id: cid.to_owned(),
-            identity: Identity::random(),
-            source_id: None,
-            status: InstanceStatus::Deploying,
-            since: to_timestamp(now),
-            last_renew: to_timestamp(now),
-            until: None,
-            connection_info: String::new(),
-            flags: Vec::new(),
-            additional: Default::default(),
-            command_id: command_id.to_owned(),
-        };
-        ctx.store
-            .put_instance(&record, None, Expect::Absent, None)
-            .await?;
-        deploy_reserved(ctx, &challenge, &mut record).await?;
-        pooled.push(record);
-        total += 1;
-        deployed += 1;
-    }
-
-    let surplus = pooled.len() as i64 - challenge.min;
-    if surplus > 0 {
-        let scenario = ctx.scenario(&challenge.scenario).await?;
-        pooled.sort_by_key(|r| (r.since.seconds, r.since.nanos));
-        for rec in pooled.iter().rev().take(surplus as usize) {
-            destroy_instance(ctx, &scenario, rec).await?;
-            destroyed += 1;
+    loop {
+        // Re-read each round: claims made meanwhile are counted.
+        let instances = ctx.store.list_instances(cid).await?;
+        let pooled = instances.iter().filter(|r| r.source_id.is_none()).count() as i64;
+        let total = instances.len() as i64;
+        if pooled < challenge.min && (challenge.max <= 0 || total < challenge.max) {
+            let now = SystemTime::now();
+            let mut record = InstanceRecord {
+                challenge_id: cid.to_owned(),
+                identity: Identity::random(),
+                source_id: None,
+                status: InstanceStatus::Deploying,
+                since: to_timestamp(now),
+                last_renew: to_timestamp(now),
+                until: None,
+                connection_info: String::new(),
+                flags: Vec::new(),
+                additional: Default::default(),
+                command_id: command_id.to_owned(),
+            };
+            ctx.store
+                .put_instance(&record, None, Expect::Absent, None)
+                .await?;
+            deploy_reserved(ctx, &challenge, &mut record).await?;
+            deployed += 1;
+            continue;
         }
+        if pooled > challenge.min {
+            let mut surplus: Vec<InstanceRecord> = instances
+                .into_iter()
+                .filter(|r| r.source_id.is_none())
+                .collect();
+            surplus.sort_by_key(|r| (r.since.seconds, r.since.nanos));
+            let scenario = ctx.scenario(&challenge.scenario).await?;
+            for rec in surplus.iter().rev().take((pooled - challenge.min) as usize) {
+                destroy_instance(ctx, &scenario, rec).await?;
+                destroyed += 1;
+            }
+            continue;
+        }
+        break;
     }
     let span = tracing::Span::current();
     span.record("deployed", deployed);

@@ -156,14 +156,29 @@ impl Ctx {
         Ok(())
     }
 
-    /// Asks for the challenge's pool to be brought back to `min`.
+    /// Asks for the challenge's pool to be brought back to `min`. Published
+    /// in the background: the command that asked (a claim) answers at once.
     pub async fn request_refill(&self, cid: &str) {
         let request = Request::PoolRefill(RefillPool {
             challenge_id: cid.to_owned(),
         });
-        if let Err(e) = self.publish(request).await {
-            tracing::warn!(error = %e, challenge = cid, "pool refill not requested");
-        }
+        let command = command(request);
+        let subject = queue::command_subject(CommandKind::PoolRefill, cid);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(queue::HDR_MSG_ID, command.command_id.as_str());
+        queue::inject_trace_context(&mut headers);
+        let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&command));
+        let js = self.js.clone();
+        let cid = cid.to_owned();
+        tokio::spawn(async move {
+            let published = match js.publish_with_headers(subject, headers, payload).await {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = published {
+                tracing::warn!(error = %e, challenge = %cid, "pool refill not requested");
+            }
+        });
     }
 
     /// Resolves a scenario reference and prepares (validates, compiles) it.
@@ -200,4 +215,17 @@ pub fn resolve_scenario(root: &std::path::Path, reference: &str) -> Result<PathB
         )));
     }
     Ok(dir)
+}
+
+/// A command issued by the worker itself.
+fn command(request: Request) -> Command {
+    Command {
+        command_id: uuid::Uuid::now_v7().to_string(),
+        issued_at: Some(cm_core::model::now()),
+        requested_by: Some(Requester {
+            principal: String::new(),
+            via: "worker".into(),
+        }),
+        request: Some(request),
+    }
 }

@@ -26,7 +26,7 @@ use crate::context::Ctx;
 /// progress re-reads the pool before each deploy, so it covers the claims made
 /// meanwhile: a second refill need not queue behind it (holding a worker slot
 /// for a whole Pulumi run), it steps aside.
-const BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 #[tracing::instrument(name = "pool.refill", skip_all, fields(challenge = %req.challenge_id, deployed, destroyed))]
 pub async fn handle(

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
 use cm_api::ApiConfig;
-use cm_core::{queue::QueueConfig, store::StoreOptions};
+use cm_core::{config::ConnectArgs, queue::QueueConfig, store::StoreOptions};
 
 /// Front door of the CTF instance manager: the chall-manager compatible REST
 /// API (/api/v1/challenge, /api/v1/instance) and a NATS service, publishing
@@ -13,22 +13,8 @@ use cm_core::{queue::QueueConfig, store::StoreOptions};
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "CM_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
-
-    /// etcd endpoints, comma-separated.
-    #[arg(
-        long,
-        env = "CM_ETCD_ENDPOINTS",
-        default_value = "http://127.0.0.1:2379",
-        value_delimiter = ','
-    )]
-    etcd_endpoints: Vec<String>,
-
-    /// Prefix of every key this system writes in etcd.
-    #[arg(long, env = "CM_ETCD_ROOT", default_value = "/cm")]
-    etcd_root: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
 
     /// Address the REST API listens on.
     #[arg(long, env = "CM_LISTEN", default_value = "127.0.0.1:8080")]
@@ -50,9 +36,9 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = cm_core::telemetry::init("cm-api")?;
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     let config = ApiConfig {
-        nats_url: cli.nats_url,
-        etcd_endpoints: cli.etcd_endpoints,
-        etcd_root: cli.etcd_root,
+        nats_url: cli.connect.nats_url,
+        etcd_endpoints: cli.connect.etcd_endpoints,
+        etcd_root: cli.connect.etcd_root,
         store: StoreOptions::default(),
         queue: QueueConfig::default(),
         result_timeout: cli.result_timeout,

@@ -2,6 +2,7 @@
 //! etcd store and locks, the queue contract and the telemetry setup.
 //!
 //! # Layout
+//! - [`config`]: the NATS/etcd options every binary shares.
 //! - [`error`]: [`DomainError`], a gRPC code and a client-safe message.
 //! - [`ids`]: validation of user ids and their encoding into subjects and keys.
 //! - [`identity`]: the random 16-hex-character names of deployed infrastructure.
@@ -14,6 +15,7 @@
 //! - [`telemetry`]: logging/tracing setup, one function returning a guard.
 //! - [`tools`]: finding `pulumi` and `go`, with the setup hint when missing.
 
+pub mod config;
 pub mod error;
 pub mod identity;
 pub mod ids;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use cm_core::{queue::QueueConfig, store::StoreOptions};
+use cm_core::{config::ConnectArgs, queue::QueueConfig, store::StoreOptions};
 use cm_janitor::JanitorConfig;
 
 /// Janitor of the CTF instance manager: on a timer, finds the instances past
@@ -13,22 +13,8 @@ use cm_janitor::JanitorConfig;
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "CM_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
-
-    /// etcd endpoints, comma-separated.
-    #[arg(
-        long,
-        env = "CM_ETCD_ENDPOINTS",
-        default_value = "http://127.0.0.1:2379",
-        value_delimiter = ','
-    )]
-    etcd_endpoints: Vec<String>,
-
-    /// Prefix of every key this system writes in etcd.
-    #[arg(long, env = "CM_ETCD_ROOT", default_value = "/cm")]
-    etcd_root: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
 
     /// Time between two ticks (e.g. `30s`, `1m`).
     #[arg(long, env = "CM_JANITOR_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -48,9 +34,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = cm_core::telemetry::init("cm-janitor")?;
     let config = JanitorConfig {
-        nats_url: cli.nats_url,
-        etcd_endpoints: cli.etcd_endpoints,
-        etcd_root: cli.etcd_root,
+        nats_url: cli.connect.nats_url,
+        etcd_endpoints: cli.connect.etcd_endpoints,
+        etcd_root: cli.connect.etcd_root,
         store: StoreOptions::default(),
         queue: QueueConfig::default(),
         interval: cli.interval,

@@ -6,10 +6,13 @@
 //! pooled instances claimed). Real nats-server and etcd; API and one worker
 //! in-process.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::time::{Duration, Instant, SystemTime};
 
 use cm_core::{
-    Identity, Secret,
+    Identity,
     model::{InstanceRecord, InstanceStatus, to_timestamp},
     queue::QueueConfig,
     store::{Expect, Store, StoreOptions},
@@ -116,52 +119,16 @@ async fn main() {
     let (_cache_guard, cache) = cm_testkit::worker_cache();
     let nats2 = cm_testkit::server::nats();
     let etcd2 = cm_testkit::server::etcd();
-    let worker = cm_worker::WorkerConfig {
-        nats_url: nats2.url.clone(),
-        etcd_endpoints: vec![etcd2.url.clone()],
-        etcd_root: "/cm".into(),
-        store: StoreOptions::default(),
-        queue: QueueConfig::default(),
-        concurrency: 4,
-        scenarios_dir: cm_testkit::workspace_root().join("examples"),
-        driver: cm_worker::pulumi::DriverConfig {
-            pulumi: cm_testkit::pulumi(),
-            go: cm_testkit::go(),
-            cache_dir: cache.clone(),
-            passphrase: Secret::new("bench".into()),
-        },
-        lock_timeout: Duration::from_secs(60),
-        quota: Default::default(),
-        lease_ttl: 10,
-        shutdown_grace: Duration::from_secs(5),
-    };
+    let worker = support::worker_config(&nats2.url, &etcd2.url, cache.clone());
     tokio::spawn(cm_worker::run(worker, std::future::pending()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let api = cm_api::ApiConfig {
-        nats_url: nats2.url.clone(),
-        etcd_endpoints: vec![etcd2.url.clone()],
-        etcd_root: "/cm".into(),
-        store: StoreOptions::default(),
-        queue: QueueConfig::default(),
-        result_timeout: Duration::from_secs(120),
-        nats_service: false,
-    };
+    let api = support::api_config(&nats2.url, &etcd2.url);
     tokio::spawn(cm_api::run(api, listener, std::future::pending()));
     let http = reqwest::Client::new();
-    for _ in 0..100 {
-        if http
-            .get(format!("{base}/healthcheck"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::wait_healthy(&http, &base).await;
     let store2 = Store::connect(
         std::slice::from_ref(&etcd2.url),
         "/cm",

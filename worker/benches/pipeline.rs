@@ -8,9 +8,11 @@
 //!   reads and a guarded write in etcd, operation record, result event,
 //!   reply routed back to the waiting request. No Pulumi run.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::time::{Duration, Instant};
 
-use cm_core::{Secret, queue::QueueConfig, store::StoreOptions};
 use serde_json::json;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -38,52 +40,16 @@ async fn main() {
     let nats = cm_testkit::server::nats();
     let etcd = cm_testkit::server::etcd();
     let (_cache_guard, cache) = cm_testkit::worker_cache();
-    let worker = cm_worker::WorkerConfig {
-        nats_url: nats.url.clone(),
-        etcd_endpoints: vec![etcd.url.clone()],
-        etcd_root: "/cm".into(),
-        store: StoreOptions::default(),
-        queue: QueueConfig::default(),
-        concurrency: 4,
-        scenarios_dir: cm_testkit::workspace_root().join("examples"),
-        driver: cm_worker::pulumi::DriverConfig {
-            pulumi: cm_testkit::pulumi(),
-            go: cm_testkit::go(),
-            cache_dir: cache.clone(),
-            passphrase: Secret::new("bench".into()),
-        },
-        lock_timeout: Duration::from_secs(30),
-        quota: Default::default(),
-        lease_ttl: 10,
-        shutdown_grace: Duration::from_secs(5),
-    };
+    let worker = support::worker_config(&nats.url, &etcd.url, cache.clone());
     tokio::spawn(cm_worker::run(worker, std::future::pending()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let api = cm_api::ApiConfig {
-        nats_url: nats.url.clone(),
-        etcd_endpoints: vec![etcd.url.clone()],
-        etcd_root: "/cm".into(),
-        store: StoreOptions::default(),
-        queue: QueueConfig::default(),
-        result_timeout: Duration::from_secs(60),
-        nats_service: false,
-    };
+    let api = support::api_config(&nats.url, &etcd.url);
     tokio::spawn(cm_api::run(api, listener, std::future::pending()));
     let http = reqwest::Client::new();
-    for _ in 0..100 {
-        if http
-            .get(format!("{base}/healthcheck"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::wait_healthy(&http, &base).await;
     let ok = |r: reqwest::Response| {
         assert!(r.status().is_success(), "{}", r.status());
     };

@@ -128,32 +128,10 @@ impl Ctx {
         request: Request,
         reply_prefix: Option<&str>,
     ) -> Result<(), HandlerError> {
-        let (kind, cid) = CommandKind::of(&request);
-        let subject = queue::command_subject(kind, cid);
-        let command = Command {
-            command_id: uuid::Uuid::now_v7().to_string(),
-            issued_at: Some(cm_core::model::now()),
-            requested_by: Some(Requester {
-                principal: String::new(),
-                via: "worker".into(),
-            }),
-            request: Some(request),
-        };
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(queue::HDR_MSG_ID, command.command_id.as_str());
-        if let Some(prefix) = reply_prefix {
-            headers.insert(queue::HDR_REPLY, format!("{prefix}.{}", command.command_id));
-        }
-        queue::inject_trace_context(&mut headers);
-        let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&command));
-        let ack = self
-            .js
-            .publish_with_headers(subject, headers, payload)
+        let kind = CommandKind::of(&request).0;
+        publish_command(&self.js, request, reply_prefix)
             .await
-            .map_err(|e| HandlerError::Retry(format!("publish {kind}: {e}")))?;
-        ack.await
-            .map_err(|e| HandlerError::Retry(format!("publish {kind}: {e}")))?;
-        Ok(())
+            .map_err(|e| HandlerError::Retry(format!("publish {kind}: {e}")))
     }
 
     /// Asks for the challenge's pool to be brought back to `min`. Published
@@ -162,20 +140,10 @@ impl Ctx {
         let request = Request::PoolRefill(RefillPool {
             challenge_id: cid.to_owned(),
         });
-        let command = command(request);
-        let subject = queue::command_subject(CommandKind::PoolRefill, cid);
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(queue::HDR_MSG_ID, command.command_id.as_str());
-        queue::inject_trace_context(&mut headers);
-        let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&command));
         let js = self.js.clone();
         let cid = cid.to_owned();
         tokio::spawn(async move {
-            let published = match js.publish_with_headers(subject, headers, payload).await {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = published {
+            if let Err(e) = publish_command(&js, request, None).await {
                 tracing::warn!(error = %e, challenge = %cid, "pool refill not requested");
             }
         });
@@ -217,9 +185,18 @@ pub fn resolve_scenario(root: &std::path::Path, reference: &str) -> Result<PathB
     Ok(dir)
 }
 
-/// A command issued by the worker itself.
-fn command(request: Request) -> Command {
-    Command {
+/// Publishes a command issued by the worker itself and waits for
+/// JetStream's acknowledgement.
+async fn publish_command(
+    js: &jetstream::Context,
+    request: Request,
+    reply_prefix: Option<&str>,
+) -> Result<(), String> {
+    let subject = {
+        let (kind, cid) = CommandKind::of(&request);
+        queue::command_subject(kind, cid)
+    };
+    let command = Command {
         command_id: uuid::Uuid::now_v7().to_string(),
         issued_at: Some(cm_core::model::now()),
         requested_by: Some(Requester {
@@ -227,5 +204,18 @@ fn command(request: Request) -> Command {
             via: "worker".into(),
         }),
         request: Some(request),
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(queue::HDR_MSG_ID, command.command_id.as_str());
+    if let Some(prefix) = reply_prefix {
+        headers.insert(queue::HDR_REPLY, format!("{prefix}.{}", command.command_id));
     }
+    queue::inject_trace_context(&mut headers);
+    let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&command));
+    js.publish_with_headers(subject, headers, payload)
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }

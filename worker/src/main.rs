@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use cm_core::{Identity, Secret, tools};
-use cm_core::{queue::QueueConfig, store::StoreOptions};
+use cm_core::{config::ConnectArgs, queue::QueueConfig, store::StoreOptions};
 use cm_worker::{
     WorkerConfig,
     pulumi::{Driver, DriverConfig, StackState},
@@ -69,22 +69,8 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "CM_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
-
-    /// etcd endpoints, comma-separated.
-    #[arg(
-        long,
-        env = "CM_ETCD_ENDPOINTS",
-        default_value = "http://127.0.0.1:2379",
-        value_delimiter = ','
-    )]
-    etcd_endpoints: Vec<String>,
-
-    /// Prefix of every key this system writes in etcd.
-    #[arg(long, env = "CM_ETCD_ROOT", default_value = "/cm")]
-    etcd_root: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
 
     /// Commands this worker processes at once.
     #[arg(long, env = "CM_WORKER_CONCURRENCY", default_value_t = 4)]
@@ -212,9 +198,9 @@ async fn run(pulumi: &PulumiArgs, args: RunArgs) -> anyhow::Result<()> {
         ..QueueConfig::default()
     };
     let config = WorkerConfig {
-        nats_url: args.nats_url,
-        etcd_endpoints: args.etcd_endpoints,
-        etcd_root: args.etcd_root,
+        nats_url: args.connect.nats_url,
+        etcd_endpoints: args.connect.etcd_endpoints,
+        etcd_root: args.connect.etcd_root,
         store: StoreOptions::default(),
         queue,
         concurrency: args.concurrency.max(1),

@@ -1,9 +1,8 @@
 //! One trace across API -> NATS -> worker: the worker's consume span is a
 //! child of the API's publish span, through the W3C headers of the command.
 
-use std::{path::PathBuf, time::Duration};
+mod support;
 
-use cm_core::{Secret, queue::QueueConfig, store::StoreOptions};
 use opentelemetry_sdk::trace::{InMemorySpanExporterBuilder, SdkTracerProvider, SpanData};
 use serde_json::json;
 
@@ -27,25 +26,7 @@ async fn the_worker_span_is_a_child_of_the_api_publish_span() {
     let nats = cm_testkit::server::nats();
     let etcd = cm_testkit::server::etcd();
     let (_cache_guard, cache) = cm_testkit::worker_cache();
-    let worker_config = cm_worker::WorkerConfig {
-        nats_url: nats.url.clone(),
-        etcd_endpoints: vec![etcd.url.clone()],
-        etcd_root: "/cm".into(),
-        store: StoreOptions::default(),
-        queue: QueueConfig::default(),
-        concurrency: 2,
-        scenarios_dir: cm_testkit::workspace_root().join("examples"),
-        driver: cm_worker::pulumi::DriverConfig {
-            pulumi: cm_testkit::pulumi(),
-            go: cm_testkit::go(),
-            cache_dir: PathBuf::from(&cache),
-            passphrase: Secret::new("trace-test".into()),
-        },
-        lock_timeout: Duration::from_secs(30),
-        quota: Default::default(),
-        lease_ttl: 10,
-        shutdown_grace: Duration::from_secs(5),
-    };
+    let worker_config = support::worker_config(&nats.url, &etcd.url, cache.clone());
     let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(cm_worker::run(worker_config, async {
         let _ = worker_stopped.await;
@@ -55,15 +36,7 @@ async fn the_worker_span_is_a_child_of_the_api_publish_span() {
         .await
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let api_config = cm_api::ApiConfig {
-        nats_url: nats.url.clone(),
-        etcd_endpoints: vec![etcd.url.clone()],
-        etcd_root: "/cm".into(),
-        store: StoreOptions::default(),
-        queue: QueueConfig::default(),
-        result_timeout: Duration::from_secs(120),
-        nats_service: false,
-    };
+    let api_config = support::api_config(&nats.url, &etcd.url);
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let api = tokio::spawn(cm_api::run(api_config, listener, async {
         let _ = api_stopped.await;

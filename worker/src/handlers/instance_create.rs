@@ -11,7 +11,7 @@
 //! reservation, so nothing stays registered or deployed and the next create
 //! for that source works.
 
-use std::{collections::BTreeMap, time::SystemTime};
+use std::time::SystemTime;
 
 use cm_core::{
     DomainError, Identity, ids,
@@ -20,7 +20,7 @@ use cm_core::{
 };
 use cm_schemas::v1::{CreateInstanceRequest, command_result::Outcome};
 
-use super::{HandlerError, encode_state, stack_state};
+use super::{HandlerError, encode_state, merged_additional, stack_state, store_deployment};
 use crate::{context::Ctx, pulumi::DriverError};
 
 #[tracing::instrument(
@@ -127,8 +127,7 @@ pub(crate) async fn deploy_reserved(
             return Err(e);
         }
     };
-    let mut additional: BTreeMap<String, String> = challenge.additional.clone();
-    additional.extend(record.additional.clone());
+    let additional = merged_additional(challenge, record);
     let previous = stack_state(ctx, &record.challenge_id, &record.identity).await?;
     let deployment = match ctx
         .driver
@@ -160,14 +159,8 @@ pub(crate) async fn deploy_reserved(
     };
 
     record.status = InstanceStatus::Ready;
-    record.connection_info = deployment.outputs.connection_info;
-    record.flags = deployment.outputs.flags;
-    let stack = encode_state(&deployment.state)?;
     // The caller's lock excludes other writers of this record.
-    ctx.store
-        .put_instance(record, Some(&stack), Expect::Any, None)
-        .await?;
-    Ok(())
+    store_deployment(ctx, record, deployment, Expect::Any, None).await
 }
 
 /// Claims a ready pooled instance for the source, if the pool has one: a
@@ -217,20 +210,13 @@ async fn apply_additional(
     record: &mut InstanceRecord,
 ) -> Result<(), HandlerError> {
     let scenario = ctx.scenario(&challenge.scenario).await?;
-    let mut additional = challenge.additional.clone();
-    additional.extend(record.additional.clone());
+    let additional = merged_additional(challenge, record);
     let previous = stack_state(ctx, &record.challenge_id, &record.identity).await?;
     let deployment = ctx
         .driver
         .up(&scenario, &record.identity, &additional, previous.as_ref())
         .await?;
-    record.connection_info = deployment.outputs.connection_info;
-    record.flags = deployment.outputs.flags;
-    let stack = encode_state(&deployment.state)?;
-    ctx.store
-        .put_instance(record, Some(&stack), Expect::Any, None)
-        .await?;
-    Ok(())
+    store_deployment(ctx, record, deployment, Expect::Any, None).await
 }
 
 /// Refuses (or, when configured, makes room by evicting the source's oldest

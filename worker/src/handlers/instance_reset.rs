@@ -9,12 +9,10 @@
 //! A crash between 3 and 4 leaves the old stack's state in the store (under
 //! its identity) for a later destroy; nothing is lost.
 
-use std::collections::BTreeMap;
-
 use cm_core::{DomainError, Identity, ids, store::Expect};
 use cm_schemas::v1::{ResetInstanceRequest, command_result::Outcome};
 
-use super::{HandlerError, encode_state, stack_state};
+use super::{HandlerError, merged_additional, stack_state, store_deployment};
 use crate::{context::Ctx, pulumi::DriverError};
 
 #[tracing::instrument(name = "instance.reset", skip_all, fields(challenge = %req.challenge_id, source = %req.source_id))]
@@ -52,8 +50,7 @@ async fn reset(
     };
     let challenge = challenge.value;
     let scenario = ctx.scenario(&challenge.scenario).await?;
-    let mut additional: BTreeMap<String, String> = challenge.additional.clone();
-    additional.extend(previous.additional.clone());
+    let additional = merged_additional(&challenge, &previous);
 
     let identity = Identity::random();
     let deployment = match ctx.driver.up(&scenario, &identity, &additional, None).await {
@@ -72,13 +69,8 @@ async fn reset(
     };
     let mut record = previous.clone();
     record.identity = identity;
-    record.connection_info = deployment.outputs.connection_info;
-    record.flags = deployment.outputs.flags;
     record.command_id = command_id.to_owned();
-    let stack = encode_state(&deployment.state)?;
-    ctx.store
-        .put_instance(&record, Some(&stack), Expect::Any, Some(&previous))
-        .await?;
+    store_deployment(ctx, &mut record, deployment, Expect::Any, Some(&previous)).await?;
 
     if let Some(old) = stack_state(ctx, cid, &previous.identity).await?
         && let Err(e) = ctx.driver.destroy(&scenario, &old).await

@@ -15,12 +15,10 @@
 //! (blue_green destroys the half-made green stack; recreate reports the
 //! instance lost its stack, which a reset or delete then handles).
 
-use std::collections::BTreeMap;
-
 use cm_core::{DomainError, Identity, model::InstanceRecord, store::Expect};
 use cm_schemas::v1::{UpdateInstance, UpdateStrategy, command_result::Outcome};
 
-use super::{HandlerError, encode_state, stack_state};
+use super::{HandlerError, encode_state, merged_additional, stack_state};
 use crate::{context::Ctx, pulumi::DriverError};
 
 #[tracing::instrument(name = "instance.update", skip_all, fields(challenge = %req.challenge_id, identity = %req.identity, strategy))]
@@ -71,8 +69,7 @@ async fn update(
         return Err(DomainError::not_found(format!("instance {} is gone", req.identity)).into());
     };
     let scenario = ctx.scenario(&challenge.scenario).await?;
-    let mut additional: BTreeMap<String, String> = challenge.additional.clone();
-    additional.extend(previous.additional.clone());
+    let additional = merged_additional(&challenge, &previous);
     let old_state = stack_state(ctx, cid, &previous.identity).await?;
 
     let mut record = previous.clone();

@@ -134,6 +134,35 @@ pub(crate) async fn destroy_instance(
     Ok(())
 }
 
+/// The configuration an instance's program sees: the challenge's
+/// `additional`, overridden by the instance's own.
+pub(crate) fn merged_additional(
+    challenge: &cm_core::model::ChallengeRecord,
+    record: &cm_core::model::InstanceRecord,
+) -> std::collections::BTreeMap<String, String> {
+    let mut additional = challenge.additional.clone();
+    additional.extend(record.additional.clone());
+    additional
+}
+
+/// Copies a deployment's outputs onto `record` and writes the record with
+/// the new stack state.
+pub(crate) async fn store_deployment(
+    ctx: &Ctx,
+    record: &mut cm_core::model::InstanceRecord,
+    deployment: crate::pulumi::Deployment,
+    expect: cm_core::store::Expect,
+    previous: Option<&cm_core::model::InstanceRecord>,
+) -> Result<(), HandlerError> {
+    record.connection_info = deployment.outputs.connection_info;
+    record.flags = deployment.outputs.flags;
+    let stack = encode_state(&deployment.state)?;
+    ctx.store
+        .put_instance(record, Some(&stack), expect, previous)
+        .await?;
+    Ok(())
+}
+
 /// Serialises stack state for the store.
 pub(crate) fn encode_state(state: &crate::pulumi::StackState) -> Result<Vec<u8>, HandlerError> {
     serde_json::to_vec(state)

@@ -16,6 +16,55 @@ use serde_json::Value;
 
 pub const PASSPHRASE: &str = "e2e-test-passphrase";
 
+/// The configuration of an in-process worker against these servers.
+pub fn worker_config(nats: &str, etcd: &str, cache: PathBuf) -> cm_worker::WorkerConfig {
+    cm_worker::WorkerConfig {
+        nats_url: nats.to_owned(),
+        etcd_endpoints: vec![etcd.to_owned()],
+        etcd_root: "/cm".into(),
+        store: StoreOptions::default(),
+        queue: Default::default(),
+        concurrency: 4,
+        scenarios_dir: cm_testkit::workspace_root().join("examples"),
+        driver: cm_worker::pulumi::DriverConfig {
+            pulumi: cm_testkit::pulumi(),
+            go: cm_testkit::go(),
+            cache_dir: cache,
+            passphrase: cm_core::Secret::new(PASSPHRASE.into()),
+        },
+        lock_timeout: Duration::from_secs(60),
+        quota: Default::default(),
+        lease_ttl: 10,
+        shutdown_grace: Duration::from_secs(5),
+    }
+}
+
+/// The configuration of an in-process API against these servers.
+pub fn api_config(nats: &str, etcd: &str) -> cm_api::ApiConfig {
+    cm_api::ApiConfig {
+        nats_url: nats.to_owned(),
+        etcd_endpoints: vec![etcd.to_owned()],
+        etcd_root: "/cm".into(),
+        store: StoreOptions::default(),
+        queue: Default::default(),
+        result_timeout: Duration::from_secs(120),
+        nats_service: true,
+    }
+}
+
+/// Waits until the API at `base` answers its health check.
+pub async fn wait_healthy(http: &reqwest::Client, base: &str) {
+    for _ in 0..200 {
+        if let Ok(r) = http.get(format!("{base}/healthcheck")).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("API at {base} not healthy");
+}
+
 /// A compiled-scenario cache shared by every test of this binary.
 fn shared_cache() -> PathBuf {
     static CACHE: OnceLock<(Option<tempfile::TempDir>, PathBuf)> = OnceLock::new();
@@ -49,15 +98,7 @@ impl Stack {
             .await
             .expect("bind");
         let api = format!("http://{}", listener.local_addr().expect("addr"));
-        let config = cm_api::ApiConfig {
-            nats_url: nats.url.clone(),
-            etcd_endpoints: vec![etcd.url.clone()],
-            etcd_root: "/cm".into(),
-            store: StoreOptions::default(),
-            queue: Default::default(),
-            result_timeout: Duration::from_secs(120),
-            nats_service: true,
-        };
+        let config = api_config(&nats.url, &etcd.url);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let api_task = tokio::spawn(async move {
             let shutdown = async {
@@ -141,19 +182,7 @@ impl Stack {
     }
 
     async fn wait_healthy(&self) {
-        for _ in 0..200 {
-            if let Ok(r) = self
-                .http
-                .get(format!("{}/healthcheck", self.api))
-                .send()
-                .await
-                && r.status().is_success()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("API not healthy");
+        wait_healthy(&self.http, &self.api).await;
     }
 
     pub async fn call(

@@ -55,6 +55,7 @@ pub fn router(app: App) -> Router {
             axum::routing::post(reset_instance),
         )
         .route("/api/v1/operation/{id}", get(get_operation))
+        .merge(cm_core::metrics::router())
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(
             tower_http::trace::TraceLayer::new_for_http().make_span_with(

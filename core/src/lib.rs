@@ -6,6 +6,7 @@
 //! - [`error`]: [`DomainError`], a gRPC code and a client-safe message.
 //! - [`ids`]: validation of user ids and their encoding into subjects and keys.
 //! - [`identity`]: the random 16-hex-character names of deployed infrastructure.
+//! - [`metrics`]: the metric names and the `/metrics` endpoint.
 //! - [`model`]: challenge and instance records, the `until` rules.
 //! - [`store`]: the etcd store (revision-guarded transactions).
 //! - [`lock`]: leases and reader/writer locks on etcd.
@@ -20,6 +21,7 @@ pub mod error;
 pub mod identity;
 pub mod ids;
 pub mod lock;
+pub mod metrics;
 pub mod model;
 pub mod queue;
 pub mod secret;

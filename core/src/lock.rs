@@ -235,6 +235,10 @@ pub async fn acquire_all(
             ),
         )
     }));
+    let _observe = ObserveWait {
+        started: std::time::Instant::now(),
+        lock: lock_kind(locks.last().map_or("", |(p, _)| *p)),
+    };
     let resp = client.clone().txn(Txn::new().and_then(ops)).await?;
     let my_rev = resp.header().map_or(0, |h| h.revision());
     let set = LockSet {
@@ -263,6 +267,36 @@ pub async fn acquire_all(
         Ok(Ok(())) => Ok(set),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(LockError::Timeout(timeout)),
+    }
+}
+
+/// Records a lock wait's duration when dropped (taken, failed or timed out).
+struct ObserveWait {
+    started: std::time::Instant,
+    lock: &'static str,
+}
+
+impl Drop for ObserveWait {
+    fn drop(&mut self) {
+        crate::metrics::metrics()
+            .lock_wait
+            .get_or_create(&crate::metrics::labels(&[("lock", self.lock)]))
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// The kind of lock a prefix names (`.../lock/<kind>/...`).
+fn lock_kind(prefix: &str) -> &'static str {
+    match prefix
+        .split("/lock/")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+    {
+        Some("challenge") => "challenge",
+        Some("instance") => "instance",
+        Some("pool") => "pool",
+        Some("source") => "source",
+        _ => "other",
     }
 }
 
@@ -306,6 +340,10 @@ pub async fn acquire(
     timeout: Duration,
 ) -> Result<LockGuard, LockError> {
     let key = format!("{prefix}{}{}", mode.tag(), uuid::Uuid::now_v7());
+    let _observe = ObserveWait {
+        started: std::time::Instant::now(),
+        lock: lock_kind(prefix),
+    };
     let mut kv = client.clone();
     let put = kv
         .put(

@@ -458,6 +458,34 @@ impl Store {
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
+    // ---- inventory (metrics) --------------------------------------------
+
+    /// Counts for the inventory gauges: (challenges, claimed, pooled), and
+    /// the pool size of each challenge that has a pool. Count-only reads.
+    pub async fn inventory(&self) -> Result<(i64, i64, i64, Vec<(String, i64)>), StoreError> {
+        let count = |prefix: String| {
+            let mut client = self.client.clone();
+            async move {
+                let r = client
+                    .get(
+                        prefix,
+                        Some(GetOptions::new().with_prefix().with_count_only()),
+                    )
+                    .await?;
+                Ok::<i64, StoreError>(r.count())
+            }
+        };
+        let challenges = self.list_challenges().await?;
+        let claimed = count(format!("{}/source/", self.root)).await?;
+        let all = count(format!("{}/instance/", self.root)).await?;
+        let mut pools = Vec::new();
+        for c in challenges.iter().filter(|c| c.min > 0 || c.max > 0) {
+            let n = count(format!("{}pool/", self.instances_prefix(&c.id))).await?;
+            pools.push((c.id.clone(), n));
+        }
+        Ok((challenges.len() as i64, claimed, all - claimed, pools))
+    }
+
     // ---- operations -------------------------------------------------------
 
     /// An operation record (raw protobuf-JSON bytes, see the api/worker).

@@ -39,6 +39,8 @@ pub struct JanitorConfig {
     pub once: bool,
     /// Most expiry commands published per tick (the rest wait for the next).
     pub batch: i64,
+    /// Where `/metrics` is served (`None`: not served).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Why the janitor could not start.
@@ -89,8 +91,23 @@ impl Janitor {
     /// One pass: publish an expiry command for every expired instance.
     #[tracing::instrument(name = "janitor tick", skip(self), fields(expired, published))]
     pub async fn tick(&self) -> Result<TickReport, TickError> {
-        let expired = self.collect(&now()).await?;
-        let report = self.publish(expired).await?;
+        let m = cm_core::metrics::metrics();
+        let outcome = async {
+            let expired = self.collect(&now()).await?;
+            self.publish(expired).await
+        }
+        .await;
+        let label = if outcome.is_ok() { "ok" } else { "error" };
+        m.janitor_ticks
+            .get_or_create(&cm_core::metrics::labels(&[("outcome", label)]))
+            .inc();
+        let report = outcome?;
+        m.janitor_expired.inc_by(report.expired as u64);
+        m.janitor_last_tick.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
         let span = tracing::Span::current();
         span.record("expired", report.expired);
         span.record("published", report.published);
@@ -162,6 +179,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), JanitorError> {
     tokio::pin!(shutdown);
+    if let Some(addr) = config.metrics_listen {
+        tokio::spawn(async move {
+            if let Err(e) = cm_core::metrics::serve(addr).await {
+                tracing::error!(error = %e, %addr, "metrics endpoint failed");
+            }
+        });
+    }
     let connect = connect(&config);
     let janitor = tokio::select! {
         j = connect => j?,

@@ -24,6 +24,10 @@ struct Cli {
     #[arg(long, env = "CM_JANITOR_ONCE")]
     once: bool,
 
+    /// Address of the Prometheus `/metrics` endpoint (`off` to disable).
+    #[arg(long, env = "CM_METRICS_LISTEN", default_value = "127.0.0.1:9465")]
+    metrics_listen: String,
+
     /// Most expiry commands published per tick; the rest wait for the next tick.
     #[arg(long, env = "CM_JANITOR_BATCH", default_value_t = 1000)]
     batch: i64,
@@ -42,6 +46,11 @@ async fn main() -> anyhow::Result<()> {
         interval: cli.interval,
         once: cli.once,
         batch: cli.batch.max(1),
+        metrics_listen: if cli.metrics_listen.eq_ignore_ascii_case("off") {
+            None
+        } else {
+            Some(cli.metrics_listen.parse()?)
+        },
     };
     cm_janitor::run(config, cm_core::shutdown::signal()).await?;
     Ok(())

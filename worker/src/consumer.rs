@@ -22,7 +22,7 @@ use cm_core::{
     queue::{self, CommandKind},
 };
 use cm_schemas::v1::{
-    Command, CommandResult, Operation, command_result::Outcome, operation::State,
+    Code, Command, CommandResult, Operation, command_result::Outcome, operation::State,
 };
 use futures::StreamExt;
 use prost::Message as _;
@@ -108,6 +108,7 @@ async fn process(ctx: &Ctx, retention: &RetentionLease, message: Message) {
             .await;
         }
         Err(e) => {
+            count_poison();
             let reason = format!("undecodable command: {e}");
             return dead_letter(ctx, &message, None, &reason, delivered).await;
         }
@@ -178,6 +179,16 @@ async fn settle(
         return;
     }
 
+    let started = std::time::Instant::now();
+    let record_outcome = |outcome: &str| {
+        let m = cm_core::metrics::metrics();
+        let kind_outcome =
+            cm_core::metrics::labels(&[("kind", kind.as_str()), ("outcome", outcome)]);
+        m.commands.get_or_create(&kind_outcome).inc();
+        m.command_duration
+            .get_or_create(&kind_outcome)
+            .observe(started.elapsed().as_secs_f64());
+    };
     let progress = CancellationToken::new();
     let ticker = tokio::spawn(keep_in_progress(
         message.clone(),
@@ -189,19 +200,26 @@ async fn settle(
     let _ = ticker.await;
 
     let result = match outcome {
-        Ok(outcome) => result_of(command, Ok(outcome)),
+        Ok(outcome) => {
+            record_outcome("success");
+            result_of(command, Ok(outcome))
+        }
         Err(HandlerError::Domain(e)) => {
             tracing::info!(code = ?e.code, message = %e.message, "command refused");
+            let internal = matches!(e.code, Code::Internal | Code::Unknown | Code::DataLoss);
+            record_outcome(if internal { "failed" } else { "refused" });
             result_of(command, Err(e))
         }
         Err(HandlerError::Retry(reason)) if delivered < ctx.queue.max_deliver => {
             let delay = queue::backoff_delay(&ctx.queue, delivered);
             tracing::warn!(%reason, ?delay, delivered, "command failed; retrying later");
+            record_outcome("retried");
             ack(message, AckKind::Nak(Some(delay))).await;
             return;
         }
         Err(HandlerError::Retry(reason)) => {
             tracing::error!(%reason, delivered, "command failed too often; dead-lettering");
+            record_outcome("dead_lettered");
             dead_letter(ctx, message, Some((kind, challenge_id)), &reason, delivered).await;
             let e = DomainError::unavailable(format!(
                 "the command failed {delivered} times and was set aside for an operator"
@@ -231,6 +249,32 @@ async fn settle(
     }
     publish_event(ctx, kind, challenge_id, &result).await;
     ack(message, AckKind::Ack).await;
+    observe_latency(command, kind);
+}
+
+fn count_poison() {
+    cm_core::metrics::metrics()
+        .commands
+        .get_or_create(&cm_core::metrics::labels(&[
+            ("kind", "unknown"),
+            ("outcome", "dead_lettered"),
+        ]))
+        .inc();
+}
+
+/// Publish-to-ack time, the latency SLO's measure.
+fn observe_latency(command: &Command, kind: CommandKind) {
+    let Some(issued) = command.issued_at.as_ref() else {
+        return;
+    };
+    if let Ok(age) =
+        std::time::SystemTime::now().duration_since(cm_core::model::to_system_time(issued))
+    {
+        cm_core::metrics::metrics()
+            .command_latency
+            .get_or_create(&cm_core::metrics::labels(&[("kind", kind.as_str())]))
+            .observe(age.as_secs_f64());
+    }
 }
 
 fn result_of(command: &Command, outcome: Result<Outcome, DomainError>) -> CommandResult {

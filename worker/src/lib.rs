@@ -7,11 +7,13 @@
 //!   with backoff, dead letter, in-progress acks).
 //! - [`handlers`]: one file per command (`instance_create.rs`, ...).
 //! - [`context`]: what handlers share (store, queue, driver, locks).
+//! - [`observer`]: queue-lag and inventory gauges for `/metrics`.
 //! - [`pulumi`]: the Pulumi driver, the only place that runs the CLI.
 
 pub mod consumer;
 pub mod context;
 pub mod handlers;
+pub mod observer;
 pub mod pulumi;
 
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
@@ -45,6 +47,8 @@ pub struct WorkerConfig {
     pub lease_ttl: i64,
     /// How long in-flight commands may finish after shutdown is asked.
     pub shutdown_grace: Duration,
+    /// Where `/metrics` is served (`None`: not served).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Why the worker could not run.
@@ -90,6 +94,19 @@ pub async fn run(
     });
     let token = CancellationToken::new();
     let trigger = token.clone();
+    tokio::spawn(observer::run(
+        ctx.js.clone(),
+        ctx.store.clone(),
+        Duration::from_secs(5),
+        token.clone(),
+    ));
+    if let Some(addr) = config.metrics_listen {
+        tokio::spawn(async move {
+            if let Err(e) = cm_core::metrics::serve(addr).await {
+                tracing::error!(error = %e, %addr, "metrics endpoint failed");
+            }
+        });
+    }
     let consume = consumer::run(
         ctx.clone(),
         retention,

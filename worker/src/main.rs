@@ -112,6 +112,10 @@ struct RunArgs {
     #[arg(long, env = "CM_EVICT_OLDEST")]
     evict_oldest: bool,
 
+    /// Address of the Prometheus `/metrics` endpoint (`off` to disable).
+    #[arg(long, env = "CM_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    metrics_listen: String,
+
     /// After SIGINT/SIGTERM, how long in-flight commands may finish.
     #[arg(long, env = "CM_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -213,6 +217,7 @@ async fn run(pulumi: &PulumiArgs, args: RunArgs) -> anyhow::Result<()> {
         },
         lease_ttl: args.lease_ttl.max(2),
         shutdown_grace: args.shutdown_grace,
+        metrics_listen: parse_listen(&args.metrics_listen)?,
     };
     cm_worker::run(config, cm_core::shutdown::signal()).await?;
     Ok(())
@@ -284,4 +289,15 @@ async fn read_state(path: &std::path::Path) -> anyhow::Result<Option<StackState>
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
+}
+
+/// `off` disables an endpoint; anything else is an address.
+fn parse_listen(value: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if value.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .with_context(|| format!("--metrics-listen {value:?} is not an address or `off`"))
 }

@@ -43,6 +43,7 @@ fn janitor_config(stack: &Stack, interval: Duration) -> cm_janitor::JanitorConfi
         interval,
         once: false,
         batch: 1000,
+        metrics_listen: None,
     }
 }
 

@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use opentelemetry_sdk::trace::{InMemorySpanExporterBuilder, SdkTracerProvider, SpanData};
 use serde_json::json;
 
@@ -66,6 +68,43 @@ async fn the_worker_span_is_a_child_of_the_api_publish_span() {
         .as_str()
         .expect("flag")
         .to_owned();
+
+    // The same process serves the metrics of what just happened.
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("body");
+        // The latency is observed at the ack, just after the reply.
+        if text.contains("cm_queue_pending{")
+            && text.contains("cm_command_latency_seconds_count{kind=\"instance.create\"}")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for expected in [
+        "cm_commands_total{kind=\"instance.create\",outcome=\"success\"} 1",
+        "cm_commands_total{kind=\"challenge.create\",outcome=\"success\"} 1",
+        "cm_command_latency_seconds_count{kind=\"instance.create\"} 1",
+        "cm_pulumi_duration_seconds_count{phase=\"up\",outcome=\"success\"} 1",
+        "cm_pulumi_duration_seconds_count{phase=\"compile\",outcome=\"success\"}",
+        "cm_lock_wait_seconds_count{lock=\"instance\"}",
+        "cm_queue_pending{stream=\"CM_COMMANDS\",consumer=\"cm-workers\"} ",
+        "cm_queue_oldest_pending_age_seconds{stream=\"CM_COMMANDS\",consumer=\"cm-workers\"} ",
+        "cm_dead_letters 0",
+    ] {
+        assert!(
+            text.contains(expected),
+            "{expected} missing from /metrics:\n{text}"
+        );
+    }
+    assert!(!text.contains(&flag), "no flag in metrics");
 
     let _ = stop_api.send(());
     let _ = stop_worker.send(());

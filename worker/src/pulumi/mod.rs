@@ -199,7 +199,11 @@ impl Driver {
             }
             None => {
                 tracing::info!(digest = hex, "compiling scenario");
-                scenario::compile_go(&self.go, &src, &staging.path().join("main")).await?;
+                let started = std::time::Instant::now();
+                let compiled =
+                    scenario::compile_go(&self.go, &src, &staging.path().join("main")).await;
+                observe("compile", started, &compiled);
+                compiled?;
             }
         }
         let mark = staging.path().join(READY_MARK);
@@ -227,8 +231,21 @@ impl Driver {
     /// Creates or updates the stack `identity` (in place), returning its
     /// outputs and the state to store. `previous` is the stored state of an
     /// existing stack, `None` for a new one.
-    #[tracing::instrument(skip(self, scenario, additional, previous), fields(project = %scenario.project), err(Display))]
+    #[tracing::instrument(name = "up", skip(self, scenario, additional, previous), fields(project = %scenario.project), err(Display))]
     pub async fn up(
+        &self,
+        scenario: &PreparedScenario,
+        identity: &Identity,
+        additional: &BTreeMap<String, String>,
+        previous: Option<&StackState>,
+    ) -> Result<Deployment, DriverError> {
+        let started = std::time::Instant::now();
+        let result = self.run_up(scenario, identity, additional, previous).await;
+        observe("up", started, &result);
+        result
+    }
+
+    async fn run_up(
         &self,
         scenario: &PreparedScenario,
         identity: &Identity,
@@ -298,8 +315,19 @@ impl Driver {
 
     /// Destroys every resource of the stack whose state is `state`, returning
     /// the (now empty) state the CLI left.
-    #[tracing::instrument(skip(self, scenario, state), fields(project = %scenario.project, stack = %state.stack), err(Display))]
+    #[tracing::instrument(name = "destroy", skip(self, scenario, state), fields(project = %scenario.project, stack = %state.stack), err(Display))]
     pub async fn destroy(
+        &self,
+        scenario: &PreparedScenario,
+        state: &StackState,
+    ) -> Result<StackState, DriverError> {
+        let started = std::time::Instant::now();
+        let result = self.run_destroy(scenario, state).await;
+        observe("destroy", started, &result);
+        result
+    }
+
+    async fn run_destroy(
         &self,
         scenario: &PreparedScenario,
         state: &StackState,
@@ -347,6 +375,18 @@ impl Driver {
             Err(_) => Arc::new(tokio::sync::Mutex::new(())),
         }
     }
+}
+
+/// Records a Pulumi phase's duration and outcome.
+fn observe<T>(phase: &str, started: std::time::Instant, result: &Result<T, DriverError>) {
+    let outcome = if result.is_ok() { "success" } else { "failure" };
+    cm_core::metrics::metrics()
+        .pulumi_duration
+        .get_or_create(&cm_core::metrics::labels(&[
+            ("phase", phase),
+            ("outcome", outcome),
+        ]))
+        .observe(started.elapsed().as_secs_f64());
 }
 
 /// Copies a directory tree (regular files and directories only).

@@ -36,6 +36,7 @@ pub fn worker_config(nats: &str, etcd: &str, cache: PathBuf) -> cm_worker::Worke
         quota: Default::default(),
         lease_ttl: 10,
         shutdown_grace: Duration::from_secs(5),
+        metrics_listen: None,
     }
 }
 
@@ -155,6 +156,7 @@ impl Stack {
             .env("CM_PULUMI_PASSPHRASE", PASSPHRASE)
             .env("CM_ACK_WAIT", "10s")
             .env("RUST_LOG", "info")
+            .env("CM_METRICS_LISTEN", "off")
             .envs(self.worker_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,0 +1,258 @@
+//! Metrics, under the names operators chart and alert on (see
+//! `deploy/monitoring/rules`), served in the Prometheus text format on
+//! `/metrics` by every binary.
+//!
+//! One registry per process ([`metrics`]); the names are the constants below,
+//! the only place they are spelt.
+
+use std::sync::OnceLock;
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+pub const CHALLENGES: &str = "challenges";
+pub const INSTANCES: &str = "instances";
+pub const COMMANDS: &str = "cm_commands";
+pub const COMMAND_DURATION: &str = "cm_command_duration_seconds";
+pub const COMMAND_LATENCY: &str = "cm_command_latency_seconds";
+pub const QUEUE_PENDING: &str = "cm_queue_pending";
+pub const QUEUE_ACK_PENDING: &str = "cm_queue_ack_pending";
+pub const QUEUE_REDELIVERED: &str = "cm_queue_redelivered";
+pub const QUEUE_WAITING: &str = "cm_queue_waiting";
+pub const QUEUE_OLDEST_AGE: &str = "cm_queue_oldest_pending_age_seconds";
+pub const DEAD_LETTERS: &str = "cm_dead_letters";
+pub const LOCK_WAIT: &str = "cm_lock_wait_seconds";
+pub const PULUMI_DURATION: &str = "cm_pulumi_duration_seconds";
+pub const POOL_SIZE: &str = "cm_pool_size";
+pub const JANITOR_TICKS: &str = "cm_janitor_ticks";
+pub const JANITOR_EXPIRED: &str = "cm_janitor_expired_found";
+pub const JANITOR_LAST_TICK: &str = "cm_janitor_last_tick_timestamp_seconds";
+
+/// Label sets are plain `(name, value)` pairs.
+pub type Labels = Vec<(String, String)>;
+
+/// Builds a label set.
+pub fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn seconds_histogram() -> Histogram {
+    // 5 ms .. ~20 min, with 30 s (the latency SLO) as a boundary.
+    Histogram::new([
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+        600.0, 1200.0,
+    ])
+}
+
+/// Every metric of this system.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub challenges: Gauge,
+    pub instances: Family<Labels, Gauge>,
+    pub commands: Family<Labels, Counter>,
+    pub command_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    pub command_latency: Family<Labels, Histogram, fn() -> Histogram>,
+    pub queue_pending: Family<Labels, Gauge>,
+    pub queue_ack_pending: Family<Labels, Gauge>,
+    pub queue_redelivered: Family<Labels, Gauge>,
+    pub queue_waiting: Family<Labels, Gauge>,
+    pub queue_oldest_age: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub dead_letters: Gauge,
+    pub lock_wait: Family<Labels, Histogram, fn() -> Histogram>,
+    pub pulumi_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    pub pool_size: Family<Labels, Gauge>,
+    pub janitor_ticks: Family<Labels, Counter>,
+    pub janitor_expired: Counter,
+    pub janitor_last_tick: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            challenges: Gauge::default(),
+            instances: Family::default(),
+            commands: Family::default(),
+            command_duration: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
+            command_latency: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
+            queue_pending: Family::default(),
+            queue_ack_pending: Family::default(),
+            queue_redelivered: Family::default(),
+            queue_waiting: Family::default(),
+            queue_oldest_age: Family::default(),
+            dead_letters: Gauge::default(),
+            lock_wait: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
+            pulumi_duration: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
+            pool_size: Family::default(),
+            janitor_ticks: Family::default(),
+            janitor_expired: Counter::default(),
+            janitor_last_tick: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(CHALLENGES, "Challenges registered", m.challenges.clone());
+        registry.register(
+            INSTANCES,
+            "Instances, by state (claimed, pooled)",
+            m.instances.clone(),
+        );
+        registry.register(
+            COMMANDS,
+            "Commands processed, by kind and outcome",
+            m.commands.clone(),
+        );
+        registry.register(
+            COMMAND_DURATION,
+            "Handler time of a command in a worker",
+            m.command_duration.clone(),
+        );
+        registry.register(
+            COMMAND_LATENCY,
+            "Time from a command's publish to its ack",
+            m.command_latency.clone(),
+        );
+        registry.register(
+            QUEUE_PENDING,
+            "Commands not yet delivered to a worker",
+            m.queue_pending.clone(),
+        );
+        registry.register(
+            QUEUE_ACK_PENDING,
+            "Commands delivered and not yet acknowledged",
+            m.queue_ack_pending.clone(),
+        );
+        registry.register(
+            QUEUE_REDELIVERED,
+            "Commands delivered more than once and not yet acknowledged",
+            m.queue_redelivered.clone(),
+        );
+        registry.register(
+            QUEUE_WAITING,
+            "Pull requests waiting (workers idle and consuming)",
+            m.queue_waiting.clone(),
+        );
+        registry.register(
+            QUEUE_OLDEST_AGE,
+            "Age of the oldest unprocessed command",
+            m.queue_oldest_age.clone(),
+        );
+        registry.register(
+            DEAD_LETTERS,
+            "Commands set aside in the dead-letter stream",
+            m.dead_letters.clone(),
+        );
+        registry.register(
+            LOCK_WAIT,
+            "Time waiting for etcd locks",
+            m.lock_wait.clone(),
+        );
+        registry.register(
+            PULUMI_DURATION,
+            "Pulumi runs, by phase and outcome",
+            m.pulumi_duration.clone(),
+        );
+        registry.register(
+            POOL_SIZE,
+            "Pooled (unclaimed) instances per challenge",
+            m.pool_size.clone(),
+        );
+        registry.register(
+            JANITOR_TICKS,
+            "Janitor ticks, by outcome",
+            m.janitor_ticks.clone(),
+        );
+        registry.register(
+            JANITOR_EXPIRED,
+            "Expired instances the janitor found",
+            m.janitor_expired.clone(),
+        );
+        registry.register(
+            JANITOR_LAST_TICK,
+            "Unix time of the janitor's last successful tick",
+            m.janitor_last_tick.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// This process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// An axum router serving `/metrics`.
+pub fn router<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )],
+                metrics().render(),
+            )
+        }),
+    )
+}
+
+/// Serves `/metrics` on `addr` until the process ends.
+pub async fn serve(addr: std::net::SocketAddr) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics on /metrics");
+    axum::serve(listener, router::<()>()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_documented_names() {
+        let m = metrics();
+        m.commands
+            .get_or_create(&labels(&[
+                ("kind", "instance.create"),
+                ("outcome", "success"),
+            ]))
+            .inc();
+        m.command_latency
+            .get_or_create(&labels(&[("kind", "instance.create")]))
+            .observe(0.2);
+        m.janitor_ticks
+            .get_or_create(&labels(&[("outcome", "ok")]))
+            .inc();
+        m.queue_oldest_age
+            .get_or_create(&labels(&[
+                ("stream", "CM_COMMANDS"),
+                ("consumer", "cm-workers"),
+            ]))
+            .set(12.5);
+        let text = m.render();
+        for name in [
+            "cm_commands_total{kind=\"instance.create\",outcome=\"success\"} 1",
+            "cm_command_latency_seconds_bucket{le=\"30.0\",kind=\"instance.create\"} 1",
+            "cm_janitor_ticks_total{outcome=\"ok\"} 1",
+            "# TYPE challenges gauge",
+            "cm_queue_oldest_pending_age_seconds{stream=\"CM_COMMANDS\",consumer=\"cm-workers\"} 12.5",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+}

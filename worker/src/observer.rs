@@ -1,0 +1,86 @@
+//! The queue-lag and inventory gauges, read every few seconds from
+//! JetStream's consumer and stream state and from etcd (count-only reads):
+//! pending, ack-pending, redelivered, waiting pull requests, the age of the
+//! oldest unprocessed command, dead letters; challenges, instances (claimed,
+//! pooled) and pool sizes. Every worker exports them; so does
+//! `cm-worker queue-exporter` for deployments that want them apart.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use cm_core::{
+    metrics::{labels, metrics},
+    queue::{COMMANDS_STREAM, DEAD_LETTERS_STREAM, WORKERS_CONSUMER},
+    store::Store,
+};
+use tokio_util::sync::CancellationToken;
+
+/// Refreshes the gauges every `every` until `stop`.
+pub async fn run(js: jetstream::Context, store: Store, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = observe_queue(&js).await {
+            tracing::debug!(error = %e, "queue state not read");
+        }
+        if let Err(e) = observe_inventory(&store).await {
+            tracing::debug!(error = %e, "inventory not read");
+        }
+    }
+}
+
+/// Reads the consumer and streams once.
+pub async fn observe_queue(js: &jetstream::Context) -> Result<(), async_nats::Error> {
+    let m = metrics();
+    let at = labels(&[("stream", COMMANDS_STREAM), ("consumer", WORKERS_CONSUMER)]);
+    let mut stream = js.get_stream(COMMANDS_STREAM).await?;
+    let state = stream.info().await?.state.clone();
+    let oldest = if state.messages > 0 {
+        (time::OffsetDateTime::now_utc() - state.first_timestamp)
+            .as_seconds_f64()
+            .max(0.0)
+    } else {
+        0.0
+    };
+    m.queue_oldest_age.get_or_create(&at).set(oldest);
+    let mut consumer = stream
+        .get_consumer::<jetstream::consumer::pull::Config>(WORKERS_CONSUMER)
+        .await?;
+    let info = consumer.info().await?;
+    m.queue_pending
+        .get_or_create(&at)
+        .set(info.num_pending as i64);
+    m.queue_ack_pending
+        .get_or_create(&at)
+        .set(info.num_ack_pending as i64);
+    m.queue_redelivered
+        .get_or_create(&at)
+        .set(info.num_redelivered as i64);
+    m.queue_waiting
+        .get_or_create(&at)
+        .set(info.num_waiting as i64);
+    let mut dlq = js.get_stream(DEAD_LETTERS_STREAM).await?;
+    m.dead_letters.set(dlq.info().await?.state.messages as i64);
+    Ok(())
+}
+
+async fn observe_inventory(store: &Store) -> Result<(), cm_core::store::StoreError> {
+    let m = metrics();
+    let (challenges, claimed, pooled, pools) = store.inventory().await?;
+    m.challenges.set(challenges);
+    m.instances
+        .get_or_create(&labels(&[("state", "claimed")]))
+        .set(claimed);
+    m.instances
+        .get_or_create(&labels(&[("state", "pooled")]))
+        .set(pooled);
+    for (cid, size) in pools {
+        m.pool_size
+            .get_or_create(&labels(&[("challenge", &cid)]))
+            .set(size);
+    }
+    Ok(())
+}

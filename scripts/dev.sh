@@ -44,7 +44,8 @@ JetStream and a single-node etcd. Data, logs and pid files live in \$CM_DEV_DIR.
 Commands:
   install       Install what is missing, quietly when everything is present:
                 the Debian packages nats-server, etcd-server (/usr/bin/etcd) and
-                protobuf-compiler (protoc) with apt-get (apt-get update first only
+                protobuf-compiler (protoc), prometheus and prometheus-alertmanager
+                (used by the monitoring tests) with apt-get (apt-get update first only
                 when something is missing), then the Pulumi CLI and its Go
                 language host via scripts/install-pulumi.sh (cached; the first
                 build takes minutes).
@@ -119,7 +120,8 @@ as_root() {
 
 install_packages() {
   # package:command pairs
-  local pairs=(nats-server:nats-server etcd-server:etcd protobuf-compiler:protoc)
+  local pairs=(nats-server:nats-server etcd-server:etcd protobuf-compiler:protoc
+    prometheus:prometheus prometheus-alertmanager:amtool)
   local missing=() pair
   for pair in "${pairs[@]}"; do
     find_bin "${pair#*:}" >/dev/null || missing+=("${pair%%:*}")

@@ -39,12 +39,14 @@ impl Server {
     }
 }
 
-fn require(name: &'static str) -> std::path::PathBuf {
+/// A required program on PATH; panics with the setup command when missing.
+pub fn require(name: &'static str) -> std::path::PathBuf {
     tools::on_path(name)
         .unwrap_or_else(|| panic!("this test needs {name} on PATH; {}", tools::SETUP_HINT))
 }
 
-fn free_port() -> u16 {
+/// A loopback port the OS just handed out (for servers that cannot bind port 0).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -62,6 +62,50 @@ pub enum WorkerError {
     Driver(#[from] pulumi::DriverError),
 }
 
+/// Exports the queue-lag and inventory gauges on `listen` until `shutdown`,
+/// consuming nothing (for deployments that keep it apart from the workers).
+pub async fn run_exporter(
+    config: &cm_core::config::ConnectArgs,
+    queue_config: &QueueConfig,
+    listen: std::net::SocketAddr,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let nats = async_nats::ConnectOptions::new()
+        .name("cm-queue-exporter")
+        .connect(config.nats_url.as_str())
+        .await
+        .map_err(|e| WorkerError::Nats(e.to_string()))?;
+    let js = async_nats::jetstream::new(nats);
+    queue::ensure_streams(&js, queue_config)
+        .await
+        .map_err(|e| WorkerError::Nats(e.to_string()))?;
+    // The consumer must exist for its lag to be read, workers running or not.
+    queue::workers_consumer(&js, queue_config)
+        .await
+        .map_err(|e| WorkerError::Nats(e.to_string()))?;
+    let store = Store::connect(
+        &config.etcd_endpoints,
+        &config.etcd_root,
+        &StoreOptions::default(),
+    )
+    .await?;
+    let stop = CancellationToken::new();
+    tokio::spawn(observer::run(
+        js,
+        store,
+        Duration::from_secs(2),
+        stop.clone(),
+    ));
+    let serve = cm_core::metrics::serve(listen);
+    tokio::pin!(serve);
+    tokio::select! {
+        r = &mut serve => r.map_err(|e| WorkerError::Nats(format!("metrics endpoint: {e}")))?,
+        _ = shutdown => {}
+    }
+    stop.cancel();
+    Ok(())
+}
+
 /// Runs a worker until `shutdown` completes, then drains in-flight commands
 /// (within the grace period) and revokes its lease.
 pub async fn run(

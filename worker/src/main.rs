@@ -62,9 +62,22 @@ struct PulumiArgs {
 enum Command {
     /// Consume commands from JetStream until SIGINT/SIGTERM (the service).
     Run(RunArgs),
+    /// Export only the queue-lag and inventory gauges on /metrics (no
+    /// consuming), for a deployment that scrapes them apart from the workers.
+    QueueExporter(ExporterArgs),
     /// Run a scenario directly through the Pulumi driver, without the queue.
     #[command(subcommand)]
     Scenario(ScenarioCommand),
+}
+
+#[derive(Debug, Args)]
+struct ExporterArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+
+    /// Address of the Prometheus `/metrics` endpoint.
+    #[arg(long, env = "CM_METRICS_LISTEN", default_value = "127.0.0.1:9466")]
+    metrics_listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -190,6 +203,16 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = cm_core::telemetry::init("cm-worker")?;
     match cli.command {
         Command::Run(args) => run(&cli.pulumi, args).await,
+        Command::QueueExporter(args) => {
+            cm_worker::run_exporter(
+                &args.connect,
+                &QueueConfig::default(),
+                args.metrics_listen,
+                cm_core::shutdown::signal(),
+            )
+            .await?;
+            Ok(())
+        }
         Command::Scenario(cmd) => scenario(&cli.pulumi, cmd).await,
     }
 }

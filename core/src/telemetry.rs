@@ -78,21 +78,52 @@ fn otlp_configured() -> bool {
 }
 
 fn otlp_provider(service: &'static str) -> Result<SdkTracerProvider, TelemetryError> {
-    use opentelemetry_otlp::{SpanExporter, WithExportConfig};
     let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
         .unwrap_or_else(|_| "grpc".into());
-    let exporter = match protocol.as_str() {
-        "http/protobuf" => SpanExporter::builder()
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .build(),
-        _ => SpanExporter::builder().with_tonic().build(),
+    otlp_provider_to(service, &protocol, None)
+}
+
+/// An OTLP trace provider for `protocol` (`grpc` or `http/protobuf`); the
+/// endpoint comes from `endpoint` when given (an HTTP base URL such as
+/// `http://127.0.0.1:4318`), else from the standard `OTEL_*` variables.
+pub fn otlp_provider_to(
+    service: &'static str,
+    protocol: &str,
+    endpoint: Option<&str>,
+) -> Result<SdkTracerProvider, TelemetryError> {
+    use opentelemetry_otlp::{SpanExporter, WithExportConfig};
+    let exporter = match protocol {
+        "http/protobuf" => {
+            let mut builder = SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+            if let Some(base) = endpoint {
+                builder =
+                    builder.with_endpoint(format!("{}/v1/traces", base.trim_end_matches('/')));
+            }
+            builder.build()
+        }
+        _ => {
+            let mut builder = SpanExporter::builder().with_tonic();
+            if let Some(base) = endpoint {
+                builder = builder.with_endpoint(base);
+            }
+            builder.build()
+        }
     }
     .map_err(|e| TelemetryError(e.to_string()))?;
     let name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
+    // The batch processor runs on the tokio runtime (the exporters' HTTP and
+    // gRPC clients need it; the default processor's own thread has none).
+    let processor =
+        opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+            exporter,
+            opentelemetry_sdk::runtime::Tokio,
+        )
+        .build();
     Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
+        .with_span_processor(processor)
         .with_resource(Resource::builder().with_service_name(name).build())
         .build())
 }

@@ -7,6 +7,11 @@
 //!   operation record, JetStream publish + ack, worker consume, two locks,
 //!   reads and a guarded write in etcd, operation record, result event,
 //!   reply routed back to the waiting request. No Pulumi run.
+//!
+//! Telemetry cost: the bench runs twice, as two processes — tracing off
+//! (logs and metrics, no span export), then tracing on with every span exported over
+//! OTLP/HTTP to a receiver inside the bench — and prints both tables and the
+//! ratio of the write p50s.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -31,8 +36,64 @@ fn row(name: &str, mut samples: Vec<Duration>) {
     );
 }
 
+/// An OTLP/HTTP endpoint that accepts and drops spans.
+async fn otlp_sink() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let app = axum::Router::new().route("/v1/traces", axum::routing::post(|| async { "" }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
 #[tokio::main]
 async fn main() {
+    let tracing_on = std::env::var("CM_BENCH_TRACING").is_ok_and(|v| v == "on");
+    if std::env::var_os("CM_BENCH_CHILD").is_none() {
+        // Parent: run both configurations as children, then compare.
+        let exe = std::env::current_exe().expect("bench binary");
+        let mut p50 = Vec::new();
+        for mode in ["off", "on"] {
+            let out = std::process::Command::new(&exe)
+                .env("CM_BENCH_CHILD", "1")
+                .env("CM_BENCH_TRACING", mode)
+                .output()
+                .expect("bench child");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            print!("{text}");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let write_p50 = text
+                .lines()
+                .find(|l| l.starts_with("write: PATCH"))
+                .and_then(|l| l.split_whitespace().nth(7))
+                .and_then(|v| v.trim_end_matches("ms").parse::<f64>().ok())
+                .unwrap_or(f64::NAN);
+            p50.push(write_p50);
+        }
+        println!();
+        println!(
+            "telemetry cost: write p50 {:.2} ms with tracing exported vs {:.2} ms without ({:+.1}%)",
+            p50[1],
+            p50[0],
+            (p50[1] / p50[0] - 1.0) * 100.0
+        );
+        return;
+    }
+    let _telemetry = if tracing_on {
+        let sink = otlp_sink().await;
+        let provider =
+            cm_core::telemetry::otlp_provider_to("cm-bench", "http/protobuf", Some(&sink))
+                .expect("otlp");
+        Some(cm_core::telemetry::install("cm-bench", Some(provider)))
+    } else {
+        // Same logging, no span export.
+        Some(cm_core::telemetry::install("cm-bench", None))
+    };
     let iters: usize = std::env::var("CM_BENCH_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -91,6 +152,14 @@ async fn main() {
         accepted.push(started.elapsed());
     }
     println!();
+    println!(
+        "tracing: {}",
+        if tracing_on {
+            "on (OTLP/HTTP export of every span)"
+        } else {
+            "off"
+        }
+    );
     println!(
         "Pipeline overhead bench ({iters} sequential requests each, 1 worker in-process, no Pulumi)"
     );

@@ -11,7 +11,7 @@ use cm_janitor::JanitorConfig;
 /// them). Safe to run several at once. Every flag can also be set through the
 /// environment variable shown in brackets.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Cli {
     #[command(flatten)]
     connect: ConnectArgs,

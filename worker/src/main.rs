@@ -18,7 +18,7 @@ const DEV_PASSPHRASE: &str = "cm-dev-passphrase-not-for-production";
 /// instances. Every flag can also be set through the environment variable
 /// shown in brackets.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Cli {
     #[command(flatten)]
     pulumi: PulumiArgs,

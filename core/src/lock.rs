@@ -278,10 +278,7 @@ struct ObserveWait {
 
 impl Drop for ObserveWait {
     fn drop(&mut self) {
-        crate::metrics::metrics()
-            .lock_wait
-            .get_or_create(&crate::metrics::labels(&[("lock", self.lock)]))
-            .observe(self.started.elapsed().as_secs_f64());
+        crate::metrics::metrics().lock_waited(self.lock, self.started.elapsed().as_secs_f64());
     }
 }
 

@@ -190,6 +190,199 @@ impl Metrics {
     }
 }
 
+/// The same metrics as OpenTelemetry instruments, pushed over OTLP when an
+/// exporter is configured (see `telemetry`). Recorded through the methods of
+/// [`Metrics`], so every measurement reaches both the scrape endpoint and OTLP.
+struct Otel {
+    commands: opentelemetry::metrics::Counter<u64>,
+    command_duration: opentelemetry::metrics::Histogram<f64>,
+    command_latency: opentelemetry::metrics::Histogram<f64>,
+    lock_wait: opentelemetry::metrics::Histogram<f64>,
+    pulumi_duration: opentelemetry::metrics::Histogram<f64>,
+    janitor_ticks: opentelemetry::metrics::Counter<u64>,
+    janitor_expired: opentelemetry::metrics::Counter<u64>,
+    gauge: opentelemetry::metrics::Gauge<f64>,
+    gauges: std::collections::HashMap<&'static str, opentelemetry::metrics::Gauge<f64>>,
+}
+
+static OTEL: OnceLock<Otel> = OnceLock::new();
+
+const SECONDS_BUCKETS: [f64; 17] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1200.0,
+];
+
+/// Creates the OTLP instruments on `meter` (once per process).
+pub fn install_otel(meter: &opentelemetry::metrics::Meter) {
+    let histogram = |name: &'static str| {
+        meter
+            .f64_histogram(name)
+            .with_unit("s")
+            .with_boundaries(SECONDS_BUCKETS.to_vec())
+            .build()
+    };
+    let gauges = [
+        CHALLENGES,
+        INSTANCES,
+        QUEUE_PENDING,
+        QUEUE_ACK_PENDING,
+        QUEUE_REDELIVERED,
+        QUEUE_WAITING,
+        QUEUE_OLDEST_AGE,
+        DEAD_LETTERS,
+        POOL_SIZE,
+        JANITOR_LAST_TICK,
+    ]
+    .into_iter()
+    .map(|name| (name, meter.f64_gauge(name).build()))
+    .collect();
+    let _ = OTEL.set(Otel {
+        commands: meter.u64_counter(COMMANDS).build(),
+        command_duration: histogram(COMMAND_DURATION),
+        command_latency: histogram(COMMAND_LATENCY),
+        lock_wait: histogram(LOCK_WAIT),
+        pulumi_duration: histogram(PULUMI_DURATION),
+        janitor_ticks: meter.u64_counter(JANITOR_TICKS).build(),
+        janitor_expired: meter.u64_counter(JANITOR_EXPIRED).build(),
+        gauge: meter.f64_gauge("cm_unused").build(),
+        gauges,
+    });
+}
+
+fn otel_attrs(pairs: &[(&str, &str)]) -> Vec<opentelemetry::KeyValue> {
+    pairs
+        .iter()
+        .map(|(k, v)| opentelemetry::KeyValue::new((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+impl Metrics {
+    fn set_gauge(&self, name: &'static str, pairs: &[(&str, &str)], value: f64) {
+        if let Some(o) = OTEL.get() {
+            o.gauges
+                .get(name)
+                .unwrap_or(&o.gauge)
+                .record(value, &otel_attrs(pairs));
+        }
+    }
+
+    /// A command settled with `outcome`, its handler having taken `seconds`.
+    pub fn command(&self, kind: &str, outcome: &str, seconds: Option<f64>) {
+        let pairs = [("kind", kind), ("outcome", outcome)];
+        self.commands.get_or_create(&labels(&pairs)).inc();
+        if let Some(s) = seconds {
+            self.command_duration
+                .get_or_create(&labels(&pairs))
+                .observe(s);
+        }
+        if let Some(o) = OTEL.get() {
+            o.commands.add(1, &otel_attrs(&pairs));
+            if let Some(s) = seconds {
+                o.command_duration.record(s, &otel_attrs(&pairs));
+            }
+        }
+    }
+
+    /// Publish-to-ack time of a command.
+    pub fn latency(&self, kind: &str, seconds: f64) {
+        let pairs = [("kind", kind)];
+        self.command_latency
+            .get_or_create(&labels(&pairs))
+            .observe(seconds);
+        if let Some(o) = OTEL.get() {
+            o.command_latency.record(seconds, &otel_attrs(&pairs));
+        }
+    }
+
+    /// Time spent waiting for a lock.
+    pub fn lock_waited(&self, lock: &str, seconds: f64) {
+        let pairs = [("lock", lock)];
+        self.lock_wait
+            .get_or_create(&labels(&pairs))
+            .observe(seconds);
+        if let Some(o) = OTEL.get() {
+            o.lock_wait.record(seconds, &otel_attrs(&pairs));
+        }
+    }
+
+    /// A Pulumi phase's duration.
+    pub fn pulumi(&self, phase: &str, outcome: &str, seconds: f64) {
+        let pairs = [("phase", phase), ("outcome", outcome)];
+        self.pulumi_duration
+            .get_or_create(&labels(&pairs))
+            .observe(seconds);
+        if let Some(o) = OTEL.get() {
+            o.pulumi_duration.record(seconds, &otel_attrs(&pairs));
+        }
+    }
+
+    /// The workers' consumer lag and the dead letters.
+    pub fn queue(
+        &self,
+        at: &[(&str, &str)],
+        pending: i64,
+        ack_pending: i64,
+        redelivered: i64,
+        waiting: i64,
+        oldest_age: f64,
+        dead_letters: i64,
+    ) {
+        let l = labels(at);
+        self.queue_pending.get_or_create(&l).set(pending);
+        self.queue_ack_pending.get_or_create(&l).set(ack_pending);
+        self.queue_redelivered.get_or_create(&l).set(redelivered);
+        self.queue_waiting.get_or_create(&l).set(waiting);
+        self.queue_oldest_age.get_or_create(&l).set(oldest_age);
+        self.dead_letters.set(dead_letters);
+        self.set_gauge(QUEUE_PENDING, at, pending as f64);
+        self.set_gauge(QUEUE_ACK_PENDING, at, ack_pending as f64);
+        self.set_gauge(QUEUE_REDELIVERED, at, redelivered as f64);
+        self.set_gauge(QUEUE_WAITING, at, waiting as f64);
+        self.set_gauge(QUEUE_OLDEST_AGE, at, oldest_age);
+        self.set_gauge(DEAD_LETTERS, &[], dead_letters as f64);
+    }
+
+    /// Challenges, instances by state, and pool sizes.
+    pub fn inventory(&self, challenges: i64, claimed: i64, pooled: i64, pools: &[(String, i64)]) {
+        self.challenges.set(challenges);
+        self.instances
+            .get_or_create(&labels(&[("state", "claimed")]))
+            .set(claimed);
+        self.instances
+            .get_or_create(&labels(&[("state", "pooled")]))
+            .set(pooled);
+        self.set_gauge(CHALLENGES, &[], challenges as f64);
+        self.set_gauge(INSTANCES, &[("state", "claimed")], claimed as f64);
+        self.set_gauge(INSTANCES, &[("state", "pooled")], pooled as f64);
+        for (cid, size) in pools {
+            self.pool_size
+                .get_or_create(&labels(&[("challenge", cid)]))
+                .set(*size);
+            self.set_gauge(POOL_SIZE, &[("challenge", cid)], *size as f64);
+        }
+    }
+
+    /// A janitor tick's outcome and what it found.
+    pub fn janitor_tick(&self, ok: bool, expired: u64) {
+        let pairs = [("outcome", if ok { "ok" } else { "error" })];
+        self.janitor_ticks.get_or_create(&labels(&pairs)).inc();
+        if let Some(o) = OTEL.get() {
+            o.janitor_ticks.add(1, &otel_attrs(&pairs));
+        }
+        if ok {
+            self.janitor_expired.inc_by(expired);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.janitor_last_tick.set(now);
+            if let Some(o) = OTEL.get() {
+                o.janitor_expired.add(expired, &[]);
+            }
+            self.set_gauge(JANITOR_LAST_TICK, &[], now);
+        }
+    }
+}
+
 /// This process's metrics.
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();

@@ -10,13 +10,17 @@
 //!   SDK reads the other standard `OTEL_*` variables (sampler, batch sizes).
 
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use opentelemetry_sdk::{
+    Resource, metrics::SdkMeterProvider, propagation::TraceContextPropagator,
+    trace::SdkTracerProvider,
+};
 use tracing_subscriber::{EnvFilter, Layer, Registry, fmt, prelude::*};
 
 /// Keeps telemetry alive; flushes and shuts the exporters down on drop.
 #[derive(Debug)]
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
+    meters: Option<SdkMeterProvider>,
 }
 
 impl Drop for TelemetryGuard {
@@ -24,6 +28,10 @@ impl Drop for TelemetryGuard {
         if let Some(provider) = self.provider.take() {
             let _ = provider.force_flush();
             let _ = provider.shutdown();
+        }
+        if let Some(meters) = self.meters.take() {
+            let _ = meters.force_flush();
+            let _ = meters.shutdown();
         }
     }
 }
@@ -35,12 +43,74 @@ pub struct TelemetryError(String);
 
 /// Installs logging, propagation and (when configured) OTLP export for `service`.
 pub fn init(service: &'static str) -> Result<TelemetryGuard, TelemetryError> {
-    let provider = if otlp_configured() {
-        Some(otlp_provider(service)?)
-    } else {
-        None
-    };
-    Ok(install(service, provider))
+    if !otlp_configured() {
+        return Ok(install(service, None));
+    }
+    let protocol = otlp_protocol();
+    let provider = otlp_provider_to(service, &protocol, None)?;
+    let meters = otlp_meter_provider_to(service, &protocol, None)?;
+    let mut guard = install(service, Some(provider));
+    guard.meters = Some(meters);
+    Ok(guard)
+}
+
+fn otlp_protocol() -> String {
+    std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_else(|_| "grpc".into())
+}
+
+/// Pushes this process's metrics (see `metrics`) over OTLP every
+/// `OTEL_METRIC_EXPORT_INTERVAL` milliseconds (default 60 s); the Prometheus
+/// endpoint serves the same measurements.
+pub fn otlp_meter_provider_to(
+    service: &'static str,
+    protocol: &str,
+    endpoint: Option<&str>,
+) -> Result<SdkMeterProvider, TelemetryError> {
+    use opentelemetry::metrics::MeterProvider as _;
+    use opentelemetry_otlp::{MetricExporter, WithExportConfig};
+    let exporter = match protocol {
+        "http/protobuf" => {
+            let mut builder = MetricExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+            if let Some(base) = endpoint {
+                builder =
+                    builder.with_endpoint(format!("{}/v1/metrics", base.trim_end_matches('/')));
+            }
+            builder.build()
+        }
+        _ => {
+            let mut builder = MetricExporter::builder().with_tonic();
+            if let Some(base) = endpoint {
+                builder = builder.with_endpoint(base);
+            }
+            builder.build()
+        }
+    }
+    .map_err(|e| TelemetryError(e.to_string()))?;
+    let interval = std::env::var("OTEL_METRIC_EXPORT_INTERVAL")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_millis,
+        );
+    let reader =
+        opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicReader::builder(
+            exporter,
+            opentelemetry_sdk::runtime::Tokio,
+        )
+        .with_interval(interval)
+        .build();
+    let name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
+    let meters = SdkMeterProvider::builder()
+        .with_reader(reader)
+        .with_resource(Resource::builder().with_service_name(name).build())
+        .build();
+    crate::metrics::install_otel(&meters.meter("cm"));
+    Ok(meters)
 }
 
 /// Installs logging and propagation with a given tracer provider (tests use
@@ -63,7 +133,10 @@ pub fn install(service: &'static str, provider: Option<SdkTracerProvider>) -> Te
         .with(otel)
         .with(filter)
         .try_init();
-    TelemetryGuard { provider }
+    TelemetryGuard {
+        provider,
+        meters: None,
+    }
 }
 
 fn otlp_configured() -> bool {
@@ -75,13 +148,6 @@ fn otlp_configured() -> bool {
     .iter()
     .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()));
     endpoint && !exporter_off
-}
-
-fn otlp_provider(service: &'static str) -> Result<SdkTracerProvider, TelemetryError> {
-    let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        .unwrap_or_else(|_| "grpc".into());
-    otlp_provider_to(service, &protocol, None)
 }
 
 /// An OTLP trace provider for `protocol` (`grpc` or `http/protobuf`); the

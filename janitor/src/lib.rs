@@ -91,23 +91,14 @@ impl Janitor {
     /// One pass: publish an expiry command for every expired instance.
     #[tracing::instrument(name = "janitor tick", skip(self), fields(expired, published))]
     pub async fn tick(&self) -> Result<TickReport, TickError> {
-        let m = cm_core::metrics::metrics();
         let outcome = async {
             let expired = self.collect(&now()).await?;
             self.publish(expired).await
         }
         .await;
-        let label = if outcome.is_ok() { "ok" } else { "error" };
-        m.janitor_ticks
-            .get_or_create(&cm_core::metrics::labels(&[("outcome", label)]))
-            .inc();
+        let expired = outcome.as_ref().map_or(0, |r| r.expired as u64);
+        cm_core::metrics::metrics().janitor_tick(outcome.is_ok(), expired);
         let report = outcome?;
-        m.janitor_expired.inc_by(report.expired as u64);
-        m.janitor_last_tick.set(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
-        );
         let span = tracing::Span::current();
         span.record("expired", report.expired);
         span.record("published", report.published);

@@ -181,13 +181,11 @@ async fn settle(
 
     let started = std::time::Instant::now();
     let record_outcome = |outcome: &str| {
-        let m = cm_core::metrics::metrics();
-        let kind_outcome =
-            cm_core::metrics::labels(&[("kind", kind.as_str()), ("outcome", outcome)]);
-        m.commands.get_or_create(&kind_outcome).inc();
-        m.command_duration
-            .get_or_create(&kind_outcome)
-            .observe(started.elapsed().as_secs_f64());
+        cm_core::metrics::metrics().command(
+            kind.as_str(),
+            outcome,
+            Some(started.elapsed().as_secs_f64()),
+        );
     };
     let progress = CancellationToken::new();
     let ticker = tokio::spawn(keep_in_progress(
@@ -253,13 +251,7 @@ async fn settle(
 }
 
 fn count_poison() {
-    cm_core::metrics::metrics()
-        .commands
-        .get_or_create(&cm_core::metrics::labels(&[
-            ("kind", "unknown"),
-            ("outcome", "dead_lettered"),
-        ]))
-        .inc();
+    cm_core::metrics::metrics().command("unknown", "dead_lettered", None);
 }
 
 /// Publish-to-ack time, the latency SLO's measure.
@@ -270,10 +262,7 @@ fn observe_latency(command: &Command, kind: CommandKind) {
     if let Ok(age) =
         std::time::SystemTime::now().duration_since(cm_core::model::to_system_time(issued))
     {
-        cm_core::metrics::metrics()
-            .command_latency
-            .get_or_create(&cm_core::metrics::labels(&[("kind", kind.as_str())]))
-            .observe(age.as_secs_f64());
+        cm_core::metrics::metrics().latency(kind.as_str(), age.as_secs_f64());
     }
 }
 

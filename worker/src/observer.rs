@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use cm_core::{
-    metrics::{labels, metrics},
+    metrics::metrics,
     queue::{COMMANDS_STREAM, DEAD_LETTERS_STREAM, WORKERS_CONSUMER},
     store::Store,
 };
@@ -34,8 +34,6 @@ pub async fn run(js: jetstream::Context, store: Store, every: Duration, stop: Ca
 
 /// Reads the consumer and streams once.
 pub async fn observe_queue(js: &jetstream::Context) -> Result<(), async_nats::Error> {
-    let m = metrics();
-    let at = labels(&[("stream", COMMANDS_STREAM), ("consumer", WORKERS_CONSUMER)]);
     let mut stream = js.get_stream(COMMANDS_STREAM).await?;
     let state = stream.info().await?.state.clone();
     let oldest = if state.messages > 0 {
@@ -45,42 +43,26 @@ pub async fn observe_queue(js: &jetstream::Context) -> Result<(), async_nats::Er
     } else {
         0.0
     };
-    m.queue_oldest_age.get_or_create(&at).set(oldest);
     let mut consumer = stream
         .get_consumer::<jetstream::consumer::pull::Config>(WORKERS_CONSUMER)
         .await?;
-    let info = consumer.info().await?;
-    m.queue_pending
-        .get_or_create(&at)
-        .set(info.num_pending as i64);
-    m.queue_ack_pending
-        .get_or_create(&at)
-        .set(info.num_ack_pending as i64);
-    m.queue_redelivered
-        .get_or_create(&at)
-        .set(info.num_redelivered as i64);
-    m.queue_waiting
-        .get_or_create(&at)
-        .set(info.num_waiting as i64);
+    let info = consumer.info().await?.clone();
     let mut dlq = js.get_stream(DEAD_LETTERS_STREAM).await?;
-    m.dead_letters.set(dlq.info().await?.state.messages as i64);
+    let dead_letters = dlq.info().await?.state.messages as i64;
+    metrics().queue(
+        &[("stream", COMMANDS_STREAM), ("consumer", WORKERS_CONSUMER)],
+        info.num_pending as i64,
+        info.num_ack_pending as i64,
+        info.num_redelivered as i64,
+        info.num_waiting as i64,
+        oldest,
+        dead_letters,
+    );
     Ok(())
 }
 
 async fn observe_inventory(store: &Store) -> Result<(), cm_core::store::StoreError> {
-    let m = metrics();
     let (challenges, claimed, pooled, pools) = store.inventory().await?;
-    m.challenges.set(challenges);
-    m.instances
-        .get_or_create(&labels(&[("state", "claimed")]))
-        .set(claimed);
-    m.instances
-        .get_or_create(&labels(&[("state", "pooled")]))
-        .set(pooled);
-    for (cid, size) in pools {
-        m.pool_size
-            .get_or_create(&labels(&[("challenge", &cid)]))
-            .set(size);
-    }
+    metrics().inventory(challenges, claimed, pooled, &pools);
     Ok(())
 }

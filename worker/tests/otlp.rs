@@ -1,6 +1,7 @@
 //! Spans over real OTLP (HTTP/protobuf) from the API and a worker process,
 //! received by an OTLP endpoint in the test: one trace through the NATS
-//! headers, the Pulumi phase spans, and no flag anywhere in what was exported.
+//! headers, the Pulumi phase spans, the worker's metrics, and no flag anywhere
+//! in what was exported.
 
 mod support;
 
@@ -10,7 +11,9 @@ use std::{
 };
 
 use axum::{body::Bytes, extract::State, routing::post};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::{
+    metrics::v1::ExportMetricsServiceRequest, trace::v1::ExportTraceServiceRequest,
+};
 use prost::Message as _;
 use reqwest::Method;
 use serde_json::json;
@@ -28,7 +31,22 @@ struct Received {
 #[derive(Default, Clone)]
 struct Sink {
     spans: Arc<Mutex<Vec<Received>>>,
+    metrics: Arc<Mutex<Vec<String>>>,
     raw: Arc<Mutex<Vec<u8>>>,
+}
+
+async fn receive_metrics(State(sink): State<Sink>, body: Bytes) -> &'static str {
+    sink.raw.lock().expect("raw").extend_from_slice(&body);
+    let Ok(request) = ExportMetricsServiceRequest::decode(body) else {
+        return "";
+    };
+    let mut names = sink.metrics.lock().expect("metrics");
+    for rm in request.resource_metrics {
+        for sm in rm.scope_metrics {
+            names.extend(sm.metrics.into_iter().map(|m| m.name));
+        }
+    }
+    ""
 }
 
 async fn receive(State(sink): State<Sink>, body: Bytes) -> &'static str {
@@ -70,6 +88,7 @@ async fn one_trace_over_otlp_from_the_api_and_worker_processes() {
     let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
     let app = axum::Router::new()
         .route("/v1/traces", post(receive))
+        .route("/v1/metrics", post(receive_metrics))
         .with_state(sink.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
 
@@ -83,6 +102,7 @@ async fn one_trace_over_otlp_from_the_api_and_worker_processes() {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
         ],
     )
     .await;
@@ -151,6 +171,26 @@ async fn one_trace_over_otlp_from_the_api_and_worker_processes() {
         process.parent_span_id, publish.span_id,
         "parent chain through the NATS headers"
     );
+    // The worker's metrics arrive over OTLP too.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let wanted = [
+        "cm_commands",
+        "cm_command_latency_seconds",
+        "cm_pulumi_duration_seconds",
+        "cm_lock_wait_seconds",
+        "cm_queue_pending",
+    ];
+    loop {
+        let names = sink.metrics.lock().expect("metrics").clone();
+        if wanted.iter().all(|w| names.iter().any(|n| n == w)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics missing over OTLP: got {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let raw = sink.raw.lock().expect("raw").clone();
     assert!(
         !raw.windows(flag.len()).any(|w| w == flag.as_bytes()),

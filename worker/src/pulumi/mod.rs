@@ -380,13 +380,7 @@ impl Driver {
 /// Records a Pulumi phase's duration and outcome.
 fn observe<T>(phase: &str, started: std::time::Instant, result: &Result<T, DriverError>) {
     let outcome = if result.is_ok() { "success" } else { "failure" };
-    cm_core::metrics::metrics()
-        .pulumi_duration
-        .get_or_create(&cm_core::metrics::labels(&[
-            ("phase", phase),
-            ("outcome", outcome),
-        ]))
-        .observe(started.elapsed().as_secs_f64());
+    cm_core::metrics::metrics().pulumi(phase, outcome, started.elapsed().as_secs_f64());
 }
 
 /// Copies a directory tree (regular files and directories only).

@@ -190,6 +190,17 @@ impl Metrics {
     }
 }
 
+/// A consumer's lag, as JetStream reports it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueLag {
+    pub pending: i64,
+    pub ack_pending: i64,
+    pub redelivered: i64,
+    pub waiting: i64,
+    /// Seconds since the oldest unprocessed command was published.
+    pub oldest_age: f64,
+}
+
 /// The same metrics as OpenTelemetry instruments, pushed over OTLP when an
 /// exporter is configured (see `telemetry`). Recorded through the methods of
 /// [`Metrics`], so every measurement reaches both the scrape endpoint and OTLP.
@@ -317,28 +328,23 @@ impl Metrics {
     }
 
     /// The workers' consumer lag and the dead letters.
-    pub fn queue(
-        &self,
-        at: &[(&str, &str)],
-        pending: i64,
-        ack_pending: i64,
-        redelivered: i64,
-        waiting: i64,
-        oldest_age: f64,
-        dead_letters: i64,
-    ) {
+    pub fn queue(&self, at: &[(&str, &str)], lag: &QueueLag, dead_letters: i64) {
         let l = labels(at);
-        self.queue_pending.get_or_create(&l).set(pending);
-        self.queue_ack_pending.get_or_create(&l).set(ack_pending);
-        self.queue_redelivered.get_or_create(&l).set(redelivered);
-        self.queue_waiting.get_or_create(&l).set(waiting);
-        self.queue_oldest_age.get_or_create(&l).set(oldest_age);
+        self.queue_pending.get_or_create(&l).set(lag.pending);
+        self.queue_ack_pending
+            .get_or_create(&l)
+            .set(lag.ack_pending);
+        self.queue_redelivered
+            .get_or_create(&l)
+            .set(lag.redelivered);
+        self.queue_waiting.get_or_create(&l).set(lag.waiting);
+        self.queue_oldest_age.get_or_create(&l).set(lag.oldest_age);
         self.dead_letters.set(dead_letters);
-        self.set_gauge(QUEUE_PENDING, at, pending as f64);
-        self.set_gauge(QUEUE_ACK_PENDING, at, ack_pending as f64);
-        self.set_gauge(QUEUE_REDELIVERED, at, redelivered as f64);
-        self.set_gauge(QUEUE_WAITING, at, waiting as f64);
-        self.set_gauge(QUEUE_OLDEST_AGE, at, oldest_age);
+        self.set_gauge(QUEUE_PENDING, at, lag.pending as f64);
+        self.set_gauge(QUEUE_ACK_PENDING, at, lag.ack_pending as f64);
+        self.set_gauge(QUEUE_REDELIVERED, at, lag.redelivered as f64);
+        self.set_gauge(QUEUE_WAITING, at, lag.waiting as f64);
+        self.set_gauge(QUEUE_OLDEST_AGE, at, lag.oldest_age);
         self.set_gauge(DEAD_LETTERS, &[], dead_letters as f64);
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use cm_core::{
-    metrics::metrics,
+    metrics::{QueueLag, metrics},
     queue::{COMMANDS_STREAM, DEAD_LETTERS_STREAM, WORKERS_CONSUMER},
     store::Store,
 };
@@ -49,13 +49,16 @@ pub async fn observe_queue(js: &jetstream::Context) -> Result<(), async_nats::Er
     let info = consumer.info().await?.clone();
     let mut dlq = js.get_stream(DEAD_LETTERS_STREAM).await?;
     let dead_letters = dlq.info().await?.state.messages as i64;
+    let lag = QueueLag {
+        pending: info.num_pending as i64,
+        ack_pending: info.num_ack_pending as i64,
+        redelivered: info.num_redelivered as i64,
+        waiting: info.num_waiting as i64,
+        oldest_age: oldest,
+    };
     metrics().queue(
         &[("stream", COMMANDS_STREAM), ("consumer", WORKERS_CONSUMER)],
-        info.num_pending as i64,
-        info.num_ack_pending as i64,
-        info.num_redelivered as i64,
-        info.num_waiting as i64,
-        oldest,
+        &lag,
         dead_letters,
     );
     Ok(())

@@ -18,6 +18,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use serde_json::json;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -54,6 +55,7 @@ async fn main() {
         // Parent: run both configurations as children, then compare.
         let exe = std::env::current_exe().expect("bench binary");
         let mut p50 = Vec::new();
+        let mut throughput = Vec::new();
         for mode in ["off", "on"] {
             let out = std::process::Command::new(&exe)
                 .env("CM_BENCH_CHILD", "1")
@@ -74,6 +76,14 @@ async fn main() {
                 .and_then(|v| v.trim_end_matches("ms").parse::<f64>().ok())
                 .unwrap_or(f64::NAN);
             p50.push(write_p50);
+            throughput.push(
+                text.lines()
+                    .find(|l| l.starts_with("worker throughput"))
+                    .and_then(|l| l.split(" = ").nth(1))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(f64::NAN),
+            );
         }
         println!();
         println!(
@@ -81,6 +91,12 @@ async fn main() {
             p50[1],
             p50[0],
             (p50[1] / p50[0] - 1.0) * 100.0
+        );
+        println!(
+            "telemetry cost: worker throughput {:.0}/s with tracing exported vs {:.0}/s without ({:+.1}%)",
+            throughput[1],
+            throughput[0],
+            (throughput[1] / throughput[0] - 1.0) * 100.0
         );
         return;
     }
@@ -170,5 +186,45 @@ async fn main() {
     row("read: GET instance (etcd read)", reads);
     row("write: PATCH instance (renew, full pipeline)", writes);
     row("write accepted: PATCH + Prefer: respond-async", accepted);
+
+    // Worker throughput: commands queued at once (challenge creates, no
+    // Pulumi run), timed until the consumer has none left.
+    let burst = iters;
+    let started = Instant::now();
+    let mut requests = futures::stream::iter(0..burst)
+        .map(|n| {
+            http.post(format!("{base}/api/v1/challenge"))
+                .header("Prefer", "respond-async")
+                .json(&json!({"id": format!("t{n}"), "scenario": "identity"}))
+                .send()
+        })
+        .buffer_unordered(32);
+    while let Some(r) = requests.next().await {
+        assert_eq!(r.expect("queue").status(), 202);
+    }
+    let client = async_nats::connect(nats.url.as_str()).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    loop {
+        let mut consumer = js
+            .get_stream(cm_core::queue::COMMANDS_STREAM)
+            .await
+            .expect("stream")
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
+                cm_core::queue::WORKERS_CONSUMER,
+            )
+            .await
+            .expect("consumer");
+        let info = consumer.info().await.expect("info");
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "worker throughput: {burst} commands in {:.2} s = {:.0} commands/s (1 worker, concurrency 4)",
+        elapsed.as_secs_f64(),
+        burst as f64 / elapsed.as_secs_f64()
+    );
     println!("reproduce: cargo bench -p cm-worker --bench pipeline (CM_BENCH_ITERS={iters})");
 }

@@ -122,13 +122,6 @@ fn reply<T: Serialize>(reply: Reply<T>) -> Result<Bytes, DomainError> {
     }
 }
 
-fn empty(r: Reply<()>) -> Reply<serde_json::Value> {
-    match r {
-        Reply::Done(()) => Reply::Done(serde_json::json!({})),
-        Reply::Accepted { operation_id } => Reply::Accepted { operation_id },
-    }
-}
-
 async fn dispatch(app: &App, name: &str, body: &[u8], mode: Mode) -> Result<Bytes, DomainError> {
     match name {
         "challenge.create" => reply(
@@ -146,7 +139,11 @@ async fn dispatch(app: &App, name: &str, body: &[u8], mode: Mode) -> Result<Byte
         ),
         "challenge.delete" => {
             let req = parse::<DeleteChallengeRequest>(body)?;
-            reply(empty(app.delete_challenge(req.id, who(), mode).await?))
+            reply(
+                app.delete_challenge(req.id, who(), mode)
+                    .await?
+                    .into_empty(),
+            )
         }
         "instance.create" => reply(
             app.create_instance(parse::<CreateInstanceRequest>(body)?, who(), mode)
@@ -169,10 +166,11 @@ async fn dispatch(app: &App, name: &str, body: &[u8], mode: Mode) -> Result<Byte
         }
         "instance.delete" => {
             let req = parse::<DeleteInstanceRequest>(body)?;
-            reply(empty(
+            reply(
                 app.delete_instance(req.challenge_id, req.source_id, who(), mode)
-                    .await?,
-            ))
+                    .await?
+                    .into_empty(),
+            )
         }
         "instance.reset" => {
             let req = parse::<ResetInstanceRequest>(body)?;

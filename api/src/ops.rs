@@ -3,7 +3,11 @@
 
 use std::time::Duration;
 
-use cm_core::{DomainError, ids, model::InstanceStatus, store::Store};
+use cm_core::{
+    DomainError, ids,
+    model::{ChallengeRecord, InstanceStatus},
+    store::Store,
+};
 use cm_schemas::v1::{
     Challenge, CreateChallengeRequest, CreateInstanceRequest, DeleteChallengeRequest,
     DeleteInstanceRequest, Instance, Operation, RenewInstanceRequest, Requester,
@@ -20,6 +24,16 @@ use crate::{
 pub enum Reply<T> {
     Done(T),
     Accepted { operation_id: String },
+}
+
+impl Reply<()> {
+    /// Deletions answer `{}` (google.protobuf.Empty).
+    pub fn into_empty(self) -> Reply<serde_json::Value> {
+        match self {
+            Reply::Done(()) => Reply::Done(serde_json::json!({})),
+            Reply::Accepted { operation_id } => Reply::Accepted { operation_id },
+        }
+    }
 }
 
 /// What the front doors share.
@@ -78,11 +92,9 @@ impl App {
 
     pub async fn get_challenge(&self, id: &str) -> Result<Challenge, DomainError> {
         ids::validate("challenge id", id)?;
-        let Some(record) = self.store.get_challenge(id).await? else {
-            return Err(DomainError::not_found(format!("challenge {id} not found")));
-        };
+        let record = self.require_challenge(id).await?;
         let instances = self.ready_instances(id).await?;
-        Ok(record.value.to_api(instances))
+        Ok(record.to_api(instances))
     }
 
     pub async fn list_challenges(&self) -> Result<Vec<Challenge>, DomainError> {
@@ -92,6 +104,24 @@ impl App {
             out.push(record.to_api(instances));
         }
         Ok(out)
+    }
+
+    /// The challenge `id`, or not found.
+    async fn require_challenge(&self, id: &str) -> Result<ChallengeRecord, DomainError> {
+        match self.store.get_challenge(id).await? {
+            Some(c) => Ok(c.value),
+            None => Err(DomainError::not_found(format!("challenge {id} not found"))),
+        }
+    }
+
+    /// Not found unless (`cid`, `sid`) has an instance.
+    async fn require_instance(&self, cid: &str, sid: &str) -> Result<(), DomainError> {
+        match self.store.get_instance(cid, sid).await? {
+            Some(_) => Ok(()),
+            None => Err(DomainError::not_found(format!(
+                "no instance of challenge {cid} for source {sid}"
+            ))),
+        }
     }
 
     async fn ready_instances(&self, cid: &str) -> Result<Vec<Instance>, DomainError> {
@@ -112,12 +142,7 @@ impl App {
         mode: Mode,
     ) -> Result<Reply<Challenge>, DomainError> {
         validate::update_challenge(&req)?;
-        if self.store.get_challenge(&req.id).await?.is_none() {
-            return Err(DomainError::not_found(format!(
-                "challenge {} not found",
-                req.id
-            )));
-        }
+        self.require_challenge(&req.id).await?;
         expect_challenge(self.write(Request::ChallengeUpdate(req), who, mode).await?)
     }
 
@@ -128,9 +153,7 @@ impl App {
         mode: Mode,
     ) -> Result<Reply<()>, DomainError> {
         ids::validate("challenge id", &id)?;
-        if self.store.get_challenge(&id).await?.is_none() {
-            return Err(DomainError::not_found(format!("challenge {id} not found")));
-        }
+        self.require_challenge(&id).await?;
         expect_deleted(
             self.write(
                 Request::ChallengeDelete(DeleteChallengeRequest { id }),
@@ -150,12 +173,7 @@ impl App {
         mode: Mode,
     ) -> Result<Reply<Instance>, DomainError> {
         validate::create_instance(&req)?;
-        if self.store.get_challenge(&req.challenge_id).await?.is_none() {
-            return Err(DomainError::not_found(format!(
-                "challenge {} not found",
-                req.challenge_id
-            )));
-        }
+        self.require_challenge(&req.challenge_id).await?;
         expect_instance(self.write(Request::InstanceCreate(req), who, mode).await?)
     }
 
@@ -204,11 +222,7 @@ impl App {
         mode: Mode,
     ) -> Result<Reply<Instance>, DomainError> {
         validate::instance_key(&cid, &sid)?;
-        if self.store.get_instance(&cid, &sid).await?.is_none() {
-            return Err(DomainError::not_found(format!(
-                "no instance of challenge {cid} for source {sid}"
-            )));
-        }
+        self.require_instance(&cid, &sid).await?;
         let req = ResetInstanceRequest {
             challenge_id: cid,
             source_id: sid,
@@ -224,11 +238,7 @@ impl App {
         mode: Mode,
     ) -> Result<Reply<()>, DomainError> {
         validate::instance_key(&cid, &sid)?;
-        if self.store.get_instance(&cid, &sid).await?.is_none() {
-            return Err(DomainError::not_found(format!(
-                "no instance of challenge {cid} for source {sid}"
-            )));
-        }
+        self.require_instance(&cid, &sid).await?;
         let req = DeleteInstanceRequest {
             challenge_id: cid,
             source_id: sid,

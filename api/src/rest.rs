@@ -233,7 +233,7 @@ async fn delete_challenge(
 ) -> Result<Response, ApiError> {
     let mode = mode(&headers);
     let done = app.delete_challenge(id, requester(), mode).await?;
-    Ok(reply(map_empty(done), mode))
+    Ok(reply(done.into_empty(), mode))
 }
 
 async fn create_instance(
@@ -307,7 +307,7 @@ async fn delete_instance(
 ) -> Result<Response, ApiError> {
     let mode = mode(&headers);
     let done = app.delete_instance(cid, sid, requester(), mode).await?;
-    Ok(reply(map_empty(done), mode))
+    Ok(reply(done.into_empty(), mode))
 }
 
 async fn get_operation(
@@ -315,12 +315,4 @@ async fn get_operation(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     Ok(json_response(StatusCode::OK, &app.operation(&id).await?))
-}
-
-/// Deletions answer `{}` (google.protobuf.Empty).
-fn map_empty(reply: Reply<()>) -> Reply<serde_json::Value> {
-    match reply {
-        Reply::Done(()) => Reply::Done(serde_json::json!({})),
-        Reply::Accepted { operation_id } => Reply::Accepted { operation_id },
-    }
 }

@@ -261,21 +261,8 @@ impl Store {
         &self,
         cid: &str,
     ) -> Result<Vec<Versioned<InstanceRecord>>, StoreError> {
-        let prefix = format!("{}pool/", self.instances_prefix(cid));
-        let resp = self
-            .client
-            .clone()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await?;
-        resp.kvs()
-            .iter()
-            .map(|kv| {
-                Ok(Versioned {
-                    value: from_json(&String::from_utf8_lossy(kv.key()), kv.value())?,
-                    mod_revision: kv.mod_revision(),
-                })
-            })
-            .collect()
+        self.list_versioned(&format!("{}pool/", self.instances_prefix(cid)))
+            .await
     }
 
     /// Moves a pooled instance to a source in one transaction: the pooled
@@ -569,6 +556,18 @@ impl Store {
     }
 
     async fn list_json<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, StoreError> {
+        Ok(self
+            .list_versioned(prefix)
+            .await?
+            .into_iter()
+            .map(|v| v.value)
+            .collect())
+    }
+
+    async fn list_versioned<T: DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<Versioned<T>>, StoreError> {
         let resp = self
             .client
             .clone()
@@ -576,7 +575,12 @@ impl Store {
             .await?;
         resp.kvs()
             .iter()
-            .map(|kv| from_json(&String::from_utf8_lossy(kv.key()), kv.value()))
+            .map(|kv| {
+                Ok(Versioned {
+                    value: from_json(&String::from_utf8_lossy(kv.key()), kv.value())?,
+                    mod_revision: kv.mod_revision(),
+                })
+            })
             .collect()
     }
 }

@@ -202,24 +202,15 @@ async fn main() {
     while let Some(r) = requests.next().await {
         assert_eq!(r.expect("queue").status(), 202);
     }
-    let client = async_nats::connect(nats.url.as_str()).await.expect("nats");
-    let js = async_nats::jetstream::new(client);
-    loop {
-        let mut consumer = js
-            .get_stream(cm_core::queue::COMMANDS_STREAM)
-            .await
-            .expect("stream")
-            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
-                cm_core::queue::WORKERS_CONSUMER,
-            )
-            .await
-            .expect("consumer");
-        let info = consumer.info().await.expect("info");
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        support::wait_drained(
+            &nats.url,
+            Duration::from_millis(20),
+            Duration::from_secs(600)
+        )
+        .await,
+        "the queue never drained"
+    );
     let elapsed = started.elapsed();
     println!(
         "worker throughput: {burst} commands in {:.2} s = {:.0} commands/s (1 worker, concurrency 4)",

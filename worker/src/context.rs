@@ -7,6 +7,7 @@ use async_nats::jetstream;
 use cm_core::{
     DomainError, ids,
     lock::{self, LockGuard, LockMode, LockSet, Session},
+    model::ChallengeRecord,
     queue::{self, CommandKind, QueueConfig},
     store::Store,
 };
@@ -147,6 +148,14 @@ impl Ctx {
                 tracing::warn!(error = %e, challenge = %cid, "pool refill not requested");
             }
         });
+    }
+
+    /// The challenge `cid`, or the command's final answer: not found.
+    pub async fn challenge(&self, cid: &str) -> Result<ChallengeRecord, HandlerError> {
+        match self.store.get_challenge(cid).await? {
+            Some(c) => Ok(c.value),
+            None => Err(DomainError::not_found(format!("challenge {cid} not found")).into()),
+        }
     }
 
     /// Resolves a scenario reference and prepares (validates, compiles) it.

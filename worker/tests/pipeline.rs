@@ -308,26 +308,12 @@ async fn deleting_a_challenge_during_creates_leaves_no_orphan() {
     assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
 
     // Creates that ran after the delete fail with NotFound; wait for the queue to drain.
-    let client = async_nats::connect(stack.nats.url.as_str())
-        .await
-        .expect("connect");
-    let js = async_nats::jetstream::new(client);
-    for _ in 0..600 {
-        let mut consumer = js
-            .get_stream(cm_core::queue::COMMANDS_STREAM)
-            .await
-            .expect("stream")
-            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
-                cm_core::queue::WORKERS_CONSUMER,
-            )
-            .await
-            .expect("consumer");
-        let info = consumer.info().await.expect("info");
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    support::wait_drained(
+        &stack.nats.url,
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(60),
+    )
+    .await;
     assert!(
         stack
             .store

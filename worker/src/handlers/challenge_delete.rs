@@ -8,7 +8,7 @@
 //! Undo: none needed; each step is idempotent and a failed destroy retries the
 //! whole command, which resumes with the instances that remain.
 
-use cm_core::{DomainError, ids, lock::LockMode};
+use cm_core::{ids, lock::LockMode};
 use cm_schemas::v1::{DeleteChallengeRequest, Deleted, command_result::Outcome};
 
 use super::{HandlerError, destroy_instance};
@@ -28,12 +28,10 @@ pub async fn handle(
 }
 
 async fn delete(ctx: &Ctx, cid: &str) -> Result<Outcome, HandlerError> {
-    let Some(challenge) = ctx.store.get_challenge(cid).await? else {
-        return Err(DomainError::not_found(format!("challenge {cid} not found")).into());
-    };
+    let challenge = ctx.challenge(cid).await?;
     let instances = ctx.store.list_instances(cid).await?;
     if !instances.is_empty() {
-        let scenario = ctx.scenario(&challenge.value.scenario).await?;
+        let scenario = ctx.scenario(&challenge.scenario).await?;
         for rec in &instances {
             destroy_instance(ctx, &scenario, rec).await?;
         }

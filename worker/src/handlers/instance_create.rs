@@ -49,10 +49,7 @@ async fn create(
     req: &CreateInstanceRequest,
 ) -> Result<Outcome, HandlerError> {
     let (cid, sid) = (&req.challenge_id, &req.source_id);
-    let Some(challenge) = ctx.store.get_challenge(cid).await? else {
-        return Err(DomainError::not_found(format!("challenge {cid} not found")).into());
-    };
-    let challenge = challenge.value;
+    let challenge = ctx.challenge(cid).await?;
     let now = SystemTime::now();
     if challenge.is_expired(now) {
         return Err(DomainError::failed_precondition("Challenge has expired.").into());

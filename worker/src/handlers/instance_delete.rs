@@ -33,12 +33,10 @@ async fn delete(ctx: &Ctx, req: &DeleteInstanceRequest) -> Result<Outcome, Handl
         ))
         .into());
     };
-    let Some(challenge) = ctx.store.get_challenge(cid).await? else {
-        return Err(DomainError::not_found(format!("challenge {cid} not found")).into());
-    };
-    let scenario = ctx.scenario(&challenge.value.scenario).await?;
+    let challenge = ctx.challenge(cid).await?;
+    let scenario = ctx.scenario(&challenge.scenario).await?;
     destroy_instance(ctx, &scenario, &instance.value).await?;
-    if challenge.value.min > 0 {
+    if challenge.min > 0 {
         ctx.request_refill(cid).await;
     }
     Ok(Outcome::Deleted(Deleted {}))

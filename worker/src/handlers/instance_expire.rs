@@ -7,7 +7,7 @@
 //! janitor looked), do nothing; 3. otherwise destroy it and delete its records.
 //! Undo: none; a failed destroy is retried with the records intact.
 
-use cm_core::{DomainError, ids};
+use cm_core::ids;
 use cm_schemas::v1::{Deleted, ExpireInstance, command_result::Outcome};
 
 use super::{HandlerError, destroy_instance};
@@ -37,12 +37,10 @@ async fn expire(ctx: &Ctx, req: &ExpireInstance) -> Result<Outcome, HandlerError
         tracing::info!("instance renewed or replaced since the janitor looked; kept");
         return Ok(Outcome::Instance(rec.to_api()));
     }
-    let Some(challenge) = ctx.store.get_challenge(cid).await? else {
-        return Err(DomainError::not_found(format!("challenge {cid} not found")).into());
-    };
-    let scenario = ctx.scenario(&challenge.value.scenario).await?;
+    let challenge = ctx.challenge(cid).await?;
+    let scenario = ctx.scenario(&challenge.scenario).await?;
     destroy_instance(ctx, &scenario, &rec).await?;
-    if challenge.value.min > 0 {
+    if challenge.min > 0 {
         ctx.request_refill(cid).await;
     }
     Ok(Outcome::Deleted(Deleted {}))

@@ -45,10 +45,7 @@ async fn reset(
     if previous.command_id == command_id {
         return Ok(Outcome::Instance(previous.to_api()));
     }
-    let Some(challenge) = ctx.store.get_challenge(cid).await? else {
-        return Err(DomainError::not_found(format!("challenge {cid} not found")).into());
-    };
-    let challenge = challenge.value;
+    let challenge = ctx.challenge(cid).await?;
     let scenario = ctx.scenario(&challenge.scenario).await?;
     let additional = merged_additional(&challenge, &previous);
 

@@ -54,10 +54,7 @@ async fn update(
     strategy: UpdateStrategy,
 ) -> Result<Outcome, HandlerError> {
     let cid = &req.challenge_id;
-    let Some(challenge) = ctx.store.get_challenge(cid).await? else {
-        return Err(DomainError::not_found(format!("challenge {cid} not found")).into());
-    };
-    let challenge = challenge.value;
+    let challenge = ctx.challenge(cid).await?;
     // Re-read under the lock, with the revision guarding the final write.
     let current = ctx
         .store

@@ -13,7 +13,7 @@
 use std::time::SystemTime;
 
 use cm_core::{
-    DomainError, Identity, ids,
+    Identity, ids,
     model::{InstanceRecord, InstanceStatus, to_timestamp},
     store::Expect,
 };
@@ -49,10 +49,7 @@ pub async fn handle(
 }
 
 async fn refill(ctx: &Ctx, command_id: &str, cid: &str) -> Result<Outcome, HandlerError> {
-    let Some(challenge) = ctx.store.get_challenge(cid).await? else {
-        return Err(DomainError::not_found(format!("challenge {cid} not found")).into());
-    };
-    let challenge = challenge.value;
+    let challenge = ctx.challenge(cid).await?;
     let (mut deployed, mut destroyed) = (0, 0);
     loop {
         // Re-read each round: claims made meanwhile are counted.

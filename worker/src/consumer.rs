@@ -334,7 +334,7 @@ async fn publish_event(ctx: &Ctx, kind: CommandKind, challenge_id: &str, result:
     headers.insert(queue::HDR_MSG_ID, format!("{}-{name}", result.command_id));
     queue::inject_trace_context(&mut headers);
     let subject = queue::event_subject(name, challenge_id);
-    let payload = Bytes::from(result.encode_to_vec());
+    let payload = Bytes::from(without_flags(result).encode_to_vec());
     match ctx.js.publish_with_headers(subject, headers, payload).await {
         Ok(ack) => {
             if let Err(e) = ack.await {
@@ -343,6 +343,22 @@ async fn publish_event(ctx: &Ctx, kind: CommandKind, challenge_id: &str, result:
         }
         Err(e) => tracing::warn!(error = %e, "event not published"),
     }
+}
+
+/// The result as events carry it: flags are secrets, kept for the caller's
+/// reply and the store, never written to the retained event stream.
+fn without_flags(result: &CommandResult) -> CommandResult {
+    let mut event = result.clone();
+    let strip = |i: &mut cm_schemas::v1::Instance| {
+        i.flags.clear();
+        i.flag = None;
+    };
+    match &mut event.outcome {
+        Some(Outcome::Instance(i)) => strip(i),
+        Some(Outcome::Challenge(c)) => c.instances.iter_mut().for_each(strip),
+        _ => {}
+    }
+    event
 }
 
 async fn reply(ctx: &Ctx, message: &Message, result: &CommandResult) {

@@ -101,6 +101,35 @@ async fn whole_lifecycle_over_rest() {
             .is_some()
     );
 
+    // Events are retained: they must not carry the flag.
+    let client = async_nats::connect(stack.nats.url.as_str())
+        .await
+        .expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let events = js
+        .get_stream(cm_core::queue::EVENTS_STREAM)
+        .await
+        .expect("events");
+    let flag = created["flags"][0].as_str().expect("flag").to_owned();
+    let mut seen = 0;
+    for seq in 1..=20 {
+        let Ok(msg) = events.get_raw_message(seq).await else {
+            break;
+        };
+        seen += 1;
+        assert!(
+            !msg.payload
+                .windows(flag.len())
+                .any(|w| w == flag.as_bytes()),
+            "event {} carries the flag",
+            msg.subject
+        );
+    }
+    assert!(
+        seen >= 2,
+        "challenge.created and instance.created events stored"
+    );
+
     let (status, deleted) = stack
         .call(Method::DELETE, "/api/v1/instance/web-1/team-1", None)
         .await;

@@ -422,6 +422,22 @@ impl Store {
         Ok(out)
     }
 
+    /// Writes a stack state on its own, while Pulumi runs: the checkpoint of
+    /// an operation in flight, so a worker that dies mid-run leaves the state
+    /// of what it already deployed for the next one to resume from.
+    pub async fn put_stack(
+        &self,
+        cid: &str,
+        identity: &Identity,
+        state: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        self.client
+            .clone()
+            .put(self.stack_key(cid, identity), state, None)
+            .await?;
+        Ok(())
+    }
+
     /// Deletes a stack state (after its stack was destroyed).
     pub async fn delete_stack(&self, cid: &str, identity: &Identity) -> Result<(), StoreError> {
         self.client

@@ -246,6 +246,7 @@ async fn settle(
         return;
     }
     publish_event(ctx, kind, challenge_id, &result).await;
+    crate::failpoint::hit("before-ack");
     ack(message, AckKind::Ack).await;
     observe_latency(command, kind);
 }

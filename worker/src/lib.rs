@@ -9,9 +9,11 @@
 //! - [`context`]: what handlers share (store, queue, driver, locks).
 //! - [`observer`]: queue-lag and inventory gauges for `/metrics`.
 //! - [`pulumi`]: the Pulumi driver, the only place that runs the CLI.
+//! - [`failpoint`]: places the crash tests make the worker die on purpose.
 
 pub mod consumer;
 pub mod context;
+pub mod failpoint;
 pub mod handlers;
 pub mod observer;
 pub mod pulumi;
@@ -112,6 +114,7 @@ pub async fn run(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
+    failpoint::announce();
     let driver = Arc::new(Driver::new(config.driver.clone())?);
     let nats = async_nats::ConnectOptions::new()
         .name("cm-worker")

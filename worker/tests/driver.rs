@@ -247,3 +247,60 @@ fn without_pulumi_a_test_fails_and_names_the_setup_command() {
     assert!(all.contains("1 failed"), "{all}");
     assert!(all.contains("scripts/dev.sh install"), "{all}");
 }
+
+#[tokio::test]
+async fn a_run_interrupted_with_pending_operations_is_recovered() {
+    let driver = driver();
+    let scenario = driver
+        .prepare(&cm_testkit::example("steps"))
+        .await
+        .expect("prepare");
+    let identity = Identity::random();
+    let two = BTreeMap::from([("steps".to_owned(), "2".to_owned())]);
+    let first = driver
+        .up(&scenario, &identity, &two, None)
+        .await
+        .expect("first up");
+
+    // What a run killed in the middle of creating a third step leaves: a
+    // checkpoint with a pending `creating` operation.
+    let mut interrupted = first.state.clone();
+    let latest = interrupted
+        .checkpoint
+        .pointer_mut("/checkpoint/latest")
+        .expect("latest");
+    let mut half_made = latest["resources"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["type"] == "cm:example:Step"))
+        .cloned()
+        .expect("a step");
+    let urn = half_made["urn"].as_str().expect("urn").replace("step-0", "step-2");
+    half_made["urn"] = serde_json::Value::String(urn);
+    latest["pending_operations"] = serde_json::json!([{"type": "creating", "resource": half_made}]);
+
+    let three = BTreeMap::from([("steps".to_owned(), "3".to_owned())]);
+    let resumed = driver
+        .up(&scenario, &identity, &three, Some(&interrupted))
+        .await
+        .expect("the interrupted stack is resumed");
+    let pending = resumed
+        .state
+        .checkpoint
+        .pointer("/checkpoint/latest/pending_operations")
+        .and_then(|p| p.as_array())
+        .map_or(0, Vec::len);
+    assert_eq!(pending, 0, "pending operations cleared");
+    let steps: Vec<String> = urns(&resumed.state)
+        .into_iter()
+        .filter(|u| u.contains("cm:example:Step"))
+        .collect();
+    assert_eq!(steps.len(), 3, "{steps:?}");
+    assert_eq!(
+        urns(&resumed.state)
+            .iter()
+            .filter(|u| u.ends_with("::step-0"))
+            .count(),
+        1,
+        "step-0 kept, not duplicated"
+    );
+}

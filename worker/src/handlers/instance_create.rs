@@ -20,7 +20,10 @@ use cm_core::{
 };
 use cm_schemas::v1::{CreateInstanceRequest, command_result::Outcome};
 
-use super::{HandlerError, encode_state, merged_additional, stack_state, store_deployment};
+use super::{
+    HandlerError, destroy_persisted, encode_state, merged_additional, stack_state,
+    store_deployment, up_persisted,
+};
 use crate::{context::Ctx, pulumi::DriverError};
 
 #[tracing::instrument(
@@ -126,16 +129,14 @@ pub(crate) async fn deploy_reserved(
     };
     let additional = merged_additional(challenge, record);
     let previous = stack_state(ctx, &record.challenge_id, &record.identity).await?;
-    let deployment = match ctx
-        .driver
-        .up(&scenario, &record.identity, &additional, previous.as_ref())
+    let deployment = match up_persisted(ctx, &scenario, record, &additional, previous.as_ref())
         .await
     {
         Ok(d) => d,
         Err(DriverError::ProgramFailed { message, state }) => {
             // Undo: destroy partial resources, then release the slot.
             if let Some(state) = state.filter(|s| s.resource_count() > 0)
-                && let Err(e) = ctx.driver.destroy(&scenario, &state).await
+                && let Err(e) = destroy_persisted(ctx, &scenario, record, &state).await
             {
                 tracing::error!(error = %e, identity = %record.identity, "cleanup of a failed deploy failed");
                 ctx.store
@@ -155,6 +156,7 @@ pub(crate) async fn deploy_reserved(
         Err(other) => return Err(other.into()),
     };
 
+    crate::failpoint::hit("after-up");
     record.status = InstanceStatus::Ready;
     // The caller's lock excludes other writers of this record.
     store_deployment(ctx, record, deployment, Expect::Any, None).await
@@ -209,10 +211,7 @@ async fn apply_additional(
     let scenario = ctx.scenario(&challenge.scenario).await?;
     let additional = merged_additional(challenge, record);
     let previous = stack_state(ctx, &record.challenge_id, &record.identity).await?;
-    let deployment = ctx
-        .driver
-        .up(&scenario, &record.identity, &additional, previous.as_ref())
-        .await?;
+    let deployment = up_persisted(ctx, &scenario, record, &additional, previous.as_ref()).await?;
     store_deployment(ctx, record, deployment, Expect::Any, None).await
 }
 

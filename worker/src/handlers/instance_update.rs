@@ -18,7 +18,9 @@
 use cm_core::{DomainError, Identity, model::InstanceRecord, store::Expect};
 use cm_schemas::v1::{UpdateInstance, UpdateStrategy, command_result::Outcome};
 
-use super::{HandlerError, encode_state, merged_additional, stack_state};
+use super::{
+    HandlerError, destroy_persisted, encode_state, merged_additional, stack_state, up_persisted,
+};
 use crate::{context::Ctx, pulumi::DriverError};
 
 #[tracing::instrument(name = "instance.update", skip_all, fields(challenge = %req.challenge_id, identity = %req.identity, strategy))]
@@ -73,17 +75,14 @@ async fn update(
     record.command_id = command_id.to_owned();
     let deployment = match strategy {
         UpdateStrategy::UpdateInPlace => {
-            ctx.driver
-                .up(&scenario, &record.identity, &additional, old_state.as_ref())
-                .await?
+            up_persisted(ctx, &scenario, &record, &additional, old_state.as_ref()).await?
         }
         UpdateStrategy::Recreate => {
-            if let Some(state) = &old_state {
-                ctx.driver.destroy(&scenario, state).await?;
-            }
-            ctx.driver
-                .up(&scenario, &record.identity, &additional, None)
-                .await?
+            let emptied = match &old_state {
+                Some(state) => Some(destroy_persisted(ctx, &scenario, &record, state).await?),
+                None => None,
+            };
+            up_persisted(ctx, &scenario, &record, &additional, emptied.as_ref()).await?
         }
         UpdateStrategy::BlueGreen => {
             let green = Identity::random();

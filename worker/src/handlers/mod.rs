@@ -112,6 +112,72 @@ pub(crate) async fn stack_state(
     }
 }
 
+/// `up` of an instance's own stack, each checkpoint stored as Pulumi writes
+/// it (see `pulumi::CheckpointSink`): a worker killed mid-run leaves the
+/// state of what it deployed for the next delivery to resume from.
+pub(crate) async fn up_persisted(
+    ctx: &Ctx,
+    scenario: &crate::pulumi::PreparedScenario,
+    record: &cm_core::model::InstanceRecord,
+    additional: &std::collections::BTreeMap<String, String>,
+    previous: Option<&crate::pulumi::StackState>,
+) -> Result<crate::pulumi::Deployment, DriverError> {
+    let (sink, writer) = persist_checkpoints(ctx, record);
+    let result = ctx
+        .driver
+        .up_with(
+            scenario,
+            &record.identity,
+            additional,
+            previous,
+            Some(&sink),
+        )
+        .await;
+    drop(sink);
+    let _ = writer.await;
+    result
+}
+
+/// `destroy` of an instance's stack, checkpoints stored as they come.
+pub(crate) async fn destroy_persisted(
+    ctx: &Ctx,
+    scenario: &crate::pulumi::PreparedScenario,
+    record: &cm_core::model::InstanceRecord,
+    state: &crate::pulumi::StackState,
+) -> Result<crate::pulumi::StackState, DriverError> {
+    let (sink, writer) = persist_checkpoints(ctx, record);
+    let result = ctx.driver.destroy_with(scenario, state, Some(&sink)).await;
+    drop(sink);
+    let _ = writer.await;
+    result
+}
+
+/// A sink whose checkpoints a background task writes to the instance's
+/// stack key, latest first; the task ends once the sink is dropped and the
+/// last checkpoint is written.
+fn persist_checkpoints(
+    ctx: &Ctx,
+    record: &cm_core::model::InstanceRecord,
+) -> (crate::pulumi::CheckpointSink, tokio::task::JoinHandle<()>) {
+    let (sink, mut rx) = crate::pulumi::CheckpointSink::channel();
+    let store = ctx.store.clone();
+    let (cid, identity) = (record.challenge_id.clone(), record.identity.clone());
+    let writer = tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let Some(state) = rx.borrow_and_update().clone() else {
+                continue;
+            };
+            let Ok(bytes) = serde_json::to_vec(&state) else {
+                continue;
+            };
+            if let Err(e) = store.put_stack(&cid, &identity, bytes).await {
+                tracing::warn!(error = %e, "checkpoint not stored; the final state still will be");
+            }
+        }
+    });
+    (sink, writer)
+}
+
 /// Destroys an instance's stack (when it has state) and deletes its records.
 pub(crate) async fn destroy_instance(
     ctx: &Ctx,
@@ -119,8 +185,7 @@ pub(crate) async fn destroy_instance(
     rec: &cm_core::model::InstanceRecord,
 ) -> Result<(), HandlerError> {
     if let Some(state) = stack_state(ctx, &rec.challenge_id, &rec.identity).await? {
-        ctx.driver
-            .destroy(scenario, &state)
+        destroy_persisted(ctx, scenario, rec, &state)
             .await
             .map_err(|e| match e {
                 // A stack that cannot be destroyed now is retried, not forgotten.

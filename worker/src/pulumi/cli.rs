@@ -16,10 +16,17 @@ use super::{DriverError, secrets::Crypter};
 /// System directories kept on the scenario's `PATH` besides Pulumi's and Go's.
 const SYSTEM_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
+/// util-linux's `setpriv`, used to have the kernel kill the CLI when the
+/// worker dies (`--pdeathsig`): a killed worker must not leave a Pulumi run
+/// going on that the worker taking its command over would race with.
+const SETPRIV: &str = "/usr/bin/setpriv";
+
 /// Where the CLI, its language host and Go are.
 #[derive(Debug, Clone)]
 pub(crate) struct Cli {
     pulumi: PathBuf,
+    /// `setpriv`, when the machine has it.
+    setpriv: Option<PathBuf>,
     path: OsString,
     pulumi_home: PathBuf,
 }
@@ -47,8 +54,15 @@ impl Cli {
             path.push(":");
         }
         path.push(SYSTEM_PATH);
+        let setpriv = Path::new(SETPRIV).is_file().then(|| PathBuf::from(SETPRIV));
+        if setpriv.is_none() {
+            tracing::warn!(
+                "{SETPRIV} not found: a Pulumi run outlives a killed worker (install util-linux)"
+            );
+        }
         Self {
             pulumi,
+            setpriv,
             path,
             pulumi_home,
         }
@@ -65,7 +79,15 @@ impl Cli {
         let started = Instant::now();
         let mut backend = OsString::from("file://");
         backend.push(workspace);
-        let output = Command::new(&self.pulumi)
+        let mut command = match &self.setpriv {
+            Some(setpriv) => {
+                let mut c = Command::new(setpriv);
+                c.args(["--pdeathsig", "KILL", "--"]).arg(&self.pulumi);
+                c
+            }
+            None => Command::new(&self.pulumi),
+        };
+        let output = command
             .args(args)
             .args(["--non-interactive", "--color", "never"])
             .current_dir(workspace)
@@ -80,7 +102,6 @@ impl Cli {
             .env("PULUMI_SKIP_CONFIRMATIONS", "true")
             .env("PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION", "true")
             .env("PULUMI_DIY_BACKEND_DISABLE_CHECKPOINT_BACKUPS", "true")
-            .env("PULUMI_SKIP_CHECKPOINTS", "true")
             .env("CM_PROJECT", project)
             .env("CM_PULUMI_GO_BINARY", "./main")
             .stdin(Stdio::null())

@@ -11,6 +11,7 @@
 //! `<project>:additional` (a JSON object), environment `CM_PROJECT`, outputs
 //! `connection_info`, `flags` and the deprecated `flag`.
 
+mod checkpoint;
 mod cli;
 mod error;
 mod outputs;
@@ -29,12 +30,14 @@ use cm_core::{Identity, Secret};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use checkpoint::CheckpointSink;
 pub use error::DriverError;
 pub use outputs::StackOutputs;
 pub use scenario::PreparedScenario;
 pub use secrets::Crypter;
 
-use cli::Cli;
+use cli::{Cli, CliOutput};
+use tokio_util::sync::CancellationToken;
 use workspace::Workspace;
 
 /// Where the driver finds its tools and keeps its caches.
@@ -231,7 +234,6 @@ impl Driver {
     /// Creates or updates the stack `identity` (in place), returning its
     /// outputs and the state to store. `previous` is the stored state of an
     /// existing stack, `None` for a new one.
-    #[tracing::instrument(name = "up", skip(self, scenario, additional, previous), fields(project = %scenario.project), err(Display))]
     pub async fn up(
         &self,
         scenario: &PreparedScenario,
@@ -239,8 +241,25 @@ impl Driver {
         additional: &BTreeMap<String, String>,
         previous: Option<&StackState>,
     ) -> Result<Deployment, DriverError> {
+        self.up_with(scenario, identity, additional, previous, None)
+            .await
+    }
+
+    /// [`Driver::up`], handing every checkpoint the run writes to `sink`
+    /// (the last one, once the CLI has exited, included).
+    #[tracing::instrument(name = "up", skip(self, scenario, additional, previous, sink), fields(project = %scenario.project), err(Display))]
+    pub async fn up_with(
+        &self,
+        scenario: &PreparedScenario,
+        identity: &Identity,
+        additional: &BTreeMap<String, String>,
+        previous: Option<&StackState>,
+        sink: Option<&CheckpointSink>,
+    ) -> Result<Deployment, DriverError> {
         let started = std::time::Instant::now();
-        let result = self.run_up(scenario, identity, additional, previous).await;
+        let result = self
+            .run_up(scenario, identity, additional, previous, sink)
+            .await;
         observe("up", started, &result);
         result
     }
@@ -251,6 +270,7 @@ impl Driver {
         identity: &Identity,
         additional: &BTreeMap<String, String>,
         previous: Option<&StackState>,
+        sink: Option<&CheckpointSink>,
     ) -> Result<Deployment, DriverError> {
         let salt = match previous {
             Some(p) => p.encryption_salt.clone(),
@@ -264,42 +284,40 @@ impl Driver {
         ]);
         // A new stack is an empty checkpoint written directly: no
         // `pulumi stack init` run (~0.35 s) is needed.
-        let fresh;
-        let checkpoint = match previous {
-            Some(p) => &p.checkpoint,
-            None => {
-                fresh = serde_json::json!({"version": 3, "checkpoint": {
-                    "stack": format!("organization/{}/{identity}", scenario.project),
-                    "latest": null,
-                }});
-                &fresh
-            }
+        let mut checkpoint = match previous {
+            Some(p) => p.checkpoint.clone(),
+            None => serde_json::json!({"version": 3, "checkpoint": {
+                "stack": format!("organization/{}/{identity}", scenario.project),
+                "latest": null,
+            }}),
         };
+        let refresh = recover_interrupted(&mut checkpoint, identity.as_str());
         let ws = Workspace::create(
             &self.scratch_dir,
             scenario,
             identity.as_str(),
             &salt,
             &config,
-            Some(checkpoint),
+            Some(&checkpoint),
         )
         .await?;
+        let mut args = vec![
+            "up",
+            "--yes",
+            "--skip-preview",
+            "--stack",
+            identity.as_str(),
+        ];
+        if refresh {
+            args.push("--refresh");
+        }
         let out = self
-            .cli
-            .run(
-                ws.path(),
-                &scenario.project,
-                &self.crypter,
-                &[
-                    "up",
-                    "--yes",
-                    "--skip-preview",
-                    "--stack",
-                    identity.as_str(),
-                ],
-            )
+            .run_watched(&ws, &scenario.project, &salt, &args, sink)
             .await?;
         let state = ws.read_state(&salt).await?;
+        if let (Some(sink), Some(state)) = (sink, &state) {
+            sink.send(state.clone());
+        }
         if !out.success {
             return Err(DriverError::ProgramFailed {
                 message: cli::diagnostics(&out),
@@ -315,14 +333,24 @@ impl Driver {
 
     /// Destroys every resource of the stack whose state is `state`, returning
     /// the (now empty) state the CLI left.
-    #[tracing::instrument(name = "destroy", skip(self, scenario, state), fields(project = %scenario.project, stack = %state.stack), err(Display))]
     pub async fn destroy(
         &self,
         scenario: &PreparedScenario,
         state: &StackState,
     ) -> Result<StackState, DriverError> {
+        self.destroy_with(scenario, state, None).await
+    }
+
+    /// [`Driver::destroy`], handing every checkpoint the run writes to `sink`.
+    #[tracing::instrument(name = "destroy", skip(self, scenario, state, sink), fields(project = %scenario.project, stack = %state.stack), err(Display))]
+    pub async fn destroy_with(
+        &self,
+        scenario: &PreparedScenario,
+        state: &StackState,
+        sink: Option<&CheckpointSink>,
+    ) -> Result<StackState, DriverError> {
         let started = std::time::Instant::now();
-        let result = self.run_destroy(scenario, state).await;
+        let result = self.run_destroy(scenario, state, sink).await;
         observe("destroy", started, &result);
         result
     }
@@ -331,31 +359,35 @@ impl Driver {
         &self,
         scenario: &PreparedScenario,
         state: &StackState,
+        sink: Option<&CheckpointSink>,
     ) -> Result<StackState, DriverError> {
+        let mut checkpoint = state.checkpoint.clone();
+        let refresh = recover_interrupted(&mut checkpoint, &state.stack);
         let ws = Workspace::create(
             &self.scratch_dir,
             scenario,
             &state.stack,
             &state.encryption_salt,
             &BTreeMap::new(),
-            Some(&state.checkpoint),
+            Some(&checkpoint),
         )
         .await?;
+        let mut args = vec![
+            "destroy",
+            "--yes",
+            "--skip-preview",
+            "--stack",
+            &state.stack,
+        ];
+        if refresh {
+            args.push("--refresh");
+        }
         let out = self
-            .cli
-            .run(
-                ws.path(),
-                &scenario.project,
-                &self.crypter,
-                &[
-                    "destroy",
-                    "--yes",
-                    "--skip-preview",
-                    "--stack",
-                    &state.stack,
-                ],
-            )
+            .run_watched(&ws, &scenario.project, &state.encryption_salt, &args, sink)
             .await?;
+        if let (Some(sink), Ok(Some(after))) = (sink, ws.read_state(&state.encryption_salt).await) {
+            sink.send(after);
+        }
         if !out.success {
             let state = ws.read_state(&state.encryption_salt).await?;
             return Err(DriverError::ProgramFailed {
@@ -369,12 +401,52 @@ impl Driver {
         })
     }
 
+    /// Runs the CLI in `ws`, watching its checkpoint for `sink` meanwhile.
+    async fn run_watched(
+        &self,
+        ws: &Workspace,
+        project: &str,
+        salt: &str,
+        args: &[&str],
+        sink: Option<&CheckpointSink>,
+    ) -> Result<CliOutput, DriverError> {
+        let run = self.cli.run(ws.path(), project, &self.crypter, args);
+        let Some(sink) = sink else {
+            return run.await;
+        };
+        let done = CancellationToken::new();
+        let run = async {
+            let out = run.await;
+            done.cancel();
+            out
+        };
+        let (out, ()) = tokio::join!(run, checkpoint::watch(ws, salt, sink, &done));
+        out
+    }
+
     fn compile_lock(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
         match self.compiling.lock() {
             Ok(mut map) => map.entry(digest.to_owned()).or_default().clone(),
             Err(_) => Arc::new(tokio::sync::Mutex::new(())),
         }
     }
+}
+
+/// Prepares a stored checkpoint for a new run: drops the pending operations
+/// an interrupted run left. Returns whether the run must refresh the stack
+/// first (it must when something was pending).
+fn recover_interrupted(checkpoint: &mut Value, stack: &str) -> bool {
+    let cleared = checkpoint::clear_pending(checkpoint);
+    if cleared.is_empty() {
+        return false;
+    }
+    tracing::warn!(
+        stack,
+        pending = ?cleared,
+        "resuming a stack whose last run was interrupted: pending operations cleared, refreshing"
+    );
+    cm_core::metrics::metrics().pulumi("recover", "success", 0.0);
+    true
 }
 
 /// Records a Pulumi phase's duration and outcome.

@@ -165,6 +165,12 @@ impl Stack {
 
     /// Starts one more worker process.
     pub fn spawn_worker(&mut self) {
+        self.spawn_worker_with(&[]);
+    }
+
+    /// Starts one more worker process with extra environment (on top of the
+    /// stack's), e.g. `CM_FAILPOINT` or a short `CM_LEASE_TTL`.
+    pub fn spawn_worker_with(&mut self, extra_env: &[(&str, &str)]) {
         let n = self.workers.len();
         let log =
             std::fs::File::create(self.logs.path().join(format!("worker-{n}.log"))).expect("log");
@@ -183,6 +189,7 @@ impl Stack {
             .env("RUST_LOG", "info")
             .env("CM_METRICS_LISTEN", "off")
             .envs(self.worker_env.iter().map(|(k, v)| (k, v)))
+            .envs(extra_env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -195,6 +202,11 @@ impl Stack {
     pub fn kill_worker(&mut self, n: usize) {
         let _ = self.workers[n].kill();
         let _ = self.workers[n].wait();
+    }
+
+    /// Whether worker `n` has exited, and how (`None` while it runs).
+    pub fn worker_exit(&mut self, n: usize) -> Option<std::process::ExitStatus> {
+        self.workers[n].try_wait().ok().flatten()
     }
 
     /// The workers' logs, for failure messages.

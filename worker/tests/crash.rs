@@ -1,0 +1,445 @@
+//! Workers killed at the worst moments: in the middle of a Pulumi run,
+//! between the run and the store write, between the store write and the ack.
+//! Each time another worker takes the command over once its ack deadline has
+//! passed, the dead worker's locks are gone once its lease has expired, and
+//! the end state is exactly one ready instance whose stack state is whole,
+//! with nothing deployed twice and nothing left over.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use cm_core::{
+    Identity,
+    model::{InstanceRecord, InstanceStatus},
+};
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::Stack;
+
+/// The killed worker's lease: its locks are freed this long after it died.
+const SHORT_LEASE: (&str, &str) = ("CM_LEASE_TTL", "3");
+
+async fn create_challenge(stack: &Stack, id: &str, additional: Value) {
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": id, "scenario": "steps", "additional": additional})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+}
+
+/// Queues an instance create without waiting; returns its operation id.
+async fn queue_instance(stack: &Stack, cid: &str, sid: &str) -> String {
+    let (status, body) = stack
+        .call_with(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": cid, "sourceId": sid})),
+            &[("Prefer", "respond-async")],
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    body["operationId"]
+        .as_str()
+        .expect("operation id")
+        .to_owned()
+}
+
+/// Waits for an operation to end; returns its JSON.
+async fn wait_operation(stack: &Stack, id: &str, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (status, body) = stack
+            .call(Method::GET, &format!("/api/v1/operation/{id}"), None)
+            .await;
+        if status == 200 && body["state"] != "PENDING" && !body["state"].is_null() {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "operation {id} not finished after {limit:?}: {status} {body}\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn record(stack: &Stack, cid: &str, sid: &str) -> Option<InstanceRecord> {
+    stack
+        .store
+        .get_instance(cid, sid)
+        .await
+        .expect("store")
+        .map(|v| v.value)
+}
+
+/// The stored stack state of an instance, as JSON.
+async fn stack_state(stack: &Stack, cid: &str, identity: &Identity) -> Option<Value> {
+    stack
+        .store
+        .get_stack(cid, identity)
+        .await
+        .expect("store")
+        .map(|b| serde_json::from_slice(&b).expect("stack state is JSON"))
+}
+
+/// The `steps` scenario's step resources in a stack state: (name, created).
+fn steps_of(state: &Value) -> Vec<(String, String)> {
+    state
+        .pointer("/checkpoint/checkpoint/latest/resources")
+        .and_then(Value::as_array)
+        .map(|rs| {
+            rs.iter()
+                .filter(|r| r["type"] == "cm:example:Step")
+                .map(|r| {
+                    let urn = r["urn"].as_str().unwrap_or_default();
+                    let name = urn.rsplit("::").next().unwrap_or_default().to_owned();
+                    let created = r["created"].as_str().unwrap_or_default().to_owned();
+                    (name, created)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pending_operations(state: &Value) -> usize {
+    state
+        .pointer("/checkpoint/checkpoint/latest/pending_operations")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len)
+}
+
+/// Keys under `prefix` in etcd.
+async fn count_keys(stack: &Stack, prefix: &str) -> usize {
+    let resp = stack
+        .store
+        .client()
+        .get(
+            prefix,
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .expect("etcd");
+    resp.kvs().len()
+}
+
+/// Waits until no lock key is left (the dead worker's lease has expired and
+/// the live one released its own).
+async fn wait_locks_free(stack: &Stack) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count_keys(stack, "/cm/lock/").await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "lock keys still held 20 s later\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Pulumi processes still running for `identity` (its stack name is on
+/// their command line).
+fn pulumi_processes(identity: &Identity) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmd| {
+            let text = String::from_utf8_lossy(cmd);
+            text.contains("pulumi") && text.contains(identity.as_str())
+        })
+        .count()
+}
+
+/// The end state every test requires: one ready record, one stack state,
+/// whole (no pending operation) and holding each step exactly once.
+async fn assert_one_whole_instance(stack: &Stack, cid: &str, sid: &str, steps: usize) -> Value {
+    let rec = record(stack, cid, sid).await.expect("the instance exists");
+    assert_eq!(rec.status, InstanceStatus::Ready);
+    assert!(!rec.flags.is_empty(), "the instance has its flag");
+    assert_eq!(
+        count_keys(stack, &format!("/cm/instance/{cid}/")).await,
+        1,
+        "exactly one instance record"
+    );
+    assert_eq!(
+        count_keys(stack, &format!("/cm/stack/{cid}/")).await,
+        1,
+        "exactly one stack state, no orphan"
+    );
+    let state = stack_state(stack, cid, &rec.identity)
+        .await
+        .expect("stack state");
+    assert_eq!(pending_operations(&state), 0, "no pending operation left");
+    let mut names: Vec<String> = steps_of(&state).into_iter().map(|(n, _)| n).collect();
+    names.sort();
+    let want: Vec<String> = {
+        let mut w: Vec<String> = (0..steps).map(|i| format!("step-{i}")).collect();
+        w.sort();
+        w
+    };
+    assert_eq!(names, want, "each step deployed exactly once");
+    let (status, body) = stack
+        .call(Method::GET, &format!("/api/v1/instance/{cid}/{sid}"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["connectionInfo"],
+        format!("steps {} x{steps}", rec.identity)
+    );
+    state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_killed_mid_pulumi_run_is_resumed_by_another() {
+    let mut stack = Stack::start(0).await;
+    stack.spawn_worker_with(&[SHORT_LEASE]);
+    create_challenge(&stack, "slow", json!({"steps": "6", "step_ms": "600"})).await;
+    let op = queue_instance(&stack, "slow", "team-a").await;
+
+    // Wait until the run is half way: some steps are in the stored checkpoint.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (identity, at_kill) = loop {
+        if let Some(rec) = record(&stack, "slow", "team-a").await
+            && let Some(state) = stack_state(&stack, "slow", &rec.identity).await
+            && steps_of(&state).len() >= 2
+        {
+            assert_eq!(rec.status, InstanceStatus::Deploying);
+            break (rec.identity, state);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint with 2 steps stored while Pulumi ran\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        pulumi_processes(&identity) > 0,
+        "pulumi is running for the instance when the worker is killed"
+    );
+    stack.kill_worker(0);
+    let steps_at_kill = steps_of(&at_kill);
+    assert!(steps_at_kill.len() < 6, "killed before the run ended");
+
+    // The dead worker's Pulumi run dies with it (no run racing the next one).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pulumi_processes(&identity) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the killed worker's pulumi kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored = stack_state(&stack, "slow", &identity).await.expect("state");
+    assert!(
+        steps_of(&stored).len() >= steps_at_kill.len(),
+        "the stored checkpoint never goes backwards"
+    );
+
+    // Another worker takes the command over after the ack deadline.
+    stack.spawn_worker();
+    let done = wait_operation(&stack, &op, Duration::from_secs(90)).await;
+    assert_eq!(
+        done["state"],
+        "SUCCEEDED",
+        "{done}\n{}",
+        stack.worker_logs()
+    );
+    let rec = record(&stack, "slow", "team-a").await.expect("record");
+    assert_eq!(
+        rec.identity, identity,
+        "resumed with the reservation's identity"
+    );
+    let end = assert_one_whole_instance(&stack, "slow", "team-a", 6).await;
+
+    // Steps deployed before the kill were resumed from the checkpoint, not
+    // deployed a second time: their creation times are the dead run's.
+    let final_steps = steps_of(&end);
+    for (name, created) in steps_of(&stored) {
+        assert!(!created.is_empty(), "Pulumi records when {name} was created");
+        let now = final_steps
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("step kept");
+        assert_eq!(&now.1, &created, "{name} was deployed again");
+    }
+    wait_locks_free(&stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_killed_between_pulumi_and_the_store_write() {
+    let mut stack = Stack::start(1).await;
+    create_challenge(&stack, "cut", json!({"steps": "2"})).await;
+    stack.kill_worker(0);
+    stack.spawn_worker_with(&[SHORT_LEASE, ("CM_FAILPOINT", "after-up")]);
+    let op = queue_instance(&stack, "cut", "team-b").await;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stack.worker_exit(1).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the failpoint never fired\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Pulumi finished: its final state is stored, the record still says deploying.
+    let rec = record(&stack, "cut", "team-b").await.expect("reservation");
+    assert_eq!(rec.status, InstanceStatus::Deploying);
+    let deployed = stack_state(&stack, "cut", &rec.identity)
+        .await
+        .expect("the finished run's state was stored");
+    assert_eq!(steps_of(&deployed).len(), 2);
+
+    stack.spawn_worker();
+    let done = wait_operation(&stack, &op, Duration::from_secs(90)).await;
+    assert_eq!(
+        done["state"],
+        "SUCCEEDED",
+        "{done}\n{}",
+        stack.worker_logs()
+    );
+    let end = assert_one_whole_instance(&stack, "cut", "team-b", 2).await;
+    assert_eq!(
+        steps_of(&end),
+        steps_of(&deployed),
+        "the resumed run changed nothing the dead one had deployed"
+    );
+    wait_locks_free(&stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_killed_between_the_store_write_and_the_ack() {
+    let mut stack = Stack::start(1).await;
+    create_challenge(&stack, "late", json!({"steps": "1"})).await;
+    stack.kill_worker(0);
+    stack.spawn_worker_with(&[SHORT_LEASE, ("CM_FAILPOINT", "before-ack")]);
+    let op = queue_instance(&stack, "late", "team-c").await;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stack.worker_exit(1).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the failpoint never fired\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = record(&stack, "late", "team-c").await.expect("record");
+    assert_eq!(first.status, InstanceStatus::Ready);
+
+    stack.spawn_worker();
+    // The redelivery is settled without running anything again.
+    assert!(
+        support::wait_drained(
+            &stack.nats.url,
+            Duration::from_millis(200),
+            Duration::from_secs(60)
+        )
+        .await,
+        "the redelivered command was not settled\n{}",
+        stack.worker_logs()
+    );
+    let done = wait_operation(&stack, &op, Duration::from_secs(5)).await;
+    assert_eq!(done["state"], "SUCCEEDED");
+    assert_one_whole_instance(&stack, "late", "team-c", 1).await;
+    let after = record(&stack, "late", "team-c").await.expect("record");
+    assert_eq!(after.identity, first.identity);
+    assert_eq!(after.since, first.since, "the record was not rewritten");
+
+    // One `instance.created` event for the command, not two.
+    let client = async_nats::connect(stack.nats.url.as_str())
+        .await
+        .expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let events = js
+        .get_stream(cm_core::queue::EVENTS_STREAM)
+        .await
+        .expect("events stream");
+    let consumer = events
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            filter_subject: "cm.evt.instance.created.>".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut batch = consumer
+        .fetch()
+        .max_messages(100)
+        .expires(Duration::from_secs(1))
+        .messages()
+        .await
+        .expect("fetch");
+    let mut created = 0;
+    while let Some(Ok(msg)) = batch.next().await {
+        let id = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(cm_core::queue::HDR_COMMAND_ID))
+            .map(|v| v.as_str().to_owned());
+        if id.as_deref() == Some(op.as_str()) {
+            created += 1;
+        }
+    }
+    assert_eq!(created, 1, "exactly one instance.created event");
+    wait_locks_free(&stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_create_leaves_nothing_and_the_next_create_works() {
+    let stack = Stack::start(1).await;
+    // Fails after deploying two steps.
+    create_challenge(&stack, "flaky", json!({"steps": "4", "fail_at": "2"})).await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "flaky", "sourceId": "team-d"})),
+        )
+        .await;
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        stack.worker_logs().contains("step 2 fails on purpose"),
+        "the scenario's own error is in the worker's log"
+    );
+    assert!(
+        record(&stack, "flaky", "team-d").await.is_none(),
+        "nothing registered"
+    );
+    assert_eq!(
+        count_keys(&stack, "/cm/stack/flaky/").await,
+        0,
+        "nothing deployed"
+    );
+
+    // The same source creates again once the challenge no longer fails.
+    let (status, body) = stack
+        .call(
+            Method::PATCH,
+            "/api/v1/challenge/flaky",
+            Some(json!({"additional": {"steps": "4"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "flaky", "sourceId": "team-d"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    assert_one_whole_instance(&stack, "flaky", "team-d", 4).await;
+}

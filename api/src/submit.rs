@@ -8,6 +8,10 @@
 //! that prefix serves every waiting request (no per-request SUB round trip).
 //! The API answers only once JetStream acknowledged the publish: an accepted
 //! command is on disk.
+//!
+//! A reply is a plain NATS message, lost if it is sent while this process is
+//! reconnecting. So a waiter that heard nothing for a while also reads the
+//! operation record the worker writes after replying, and answers from it.
 
 use std::{
     collections::HashMap,
@@ -40,6 +44,9 @@ pub enum Submitted {
     /// Accepted; the caller did not wait (or stopped waiting): poll the operation.
     Accepted { operation_id: String },
 }
+
+/// How long a waiter trusts the reply alone before reading the record too.
+const RECORD_POLL: Duration = Duration::from_secs(1);
 
 type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<CommandResult>>>>;
 
@@ -133,8 +140,17 @@ impl Submitter {
             let (Some(limit), Some(receiver)) = (wait, receiver) else {
                 return Ok(Submitted::Accepted { operation_id: id });
             };
-            match tokio::time::timeout(limit, receiver).await {
-                Ok(Ok(result)) => Ok(Submitted::Done(Box::new(result))),
+            let answered = async {
+                tokio::select! {
+                    r = receiver => r.ok(),
+                    r = self.recorded_result(&id) => Some(r),
+                }
+            };
+            match tokio::time::timeout(limit, answered).await {
+                Ok(Some(result)) => {
+                    self.forget(&id);
+                    Ok(Submitted::Done(Box::new(result)))
+                }
                 _ => {
                     self.forget(&id);
                     self.record_pending(&command, kind).await?;
@@ -199,6 +215,28 @@ impl Submitter {
         .map_err(unavailable)?;
         tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "command accepted");
         Ok(())
+    }
+
+    /// The command's result as the worker recorded it: looked for after
+    /// [`RECORD_POLL`] without a reply, then every [`RECORD_POLL`]. A read
+    /// that fails (etcd away) is simply tried again.
+    async fn recorded_result(&self, id: &str) -> CommandResult {
+        loop {
+            tokio::time::sleep(RECORD_POLL).await;
+            let Ok(Some(bytes)) = self.store.get_operation(id).await else {
+                continue;
+            };
+            if let Ok(op) = serde_json::from_slice::<Operation>(&bytes)
+                && op.state != State::Pending as i32
+                && let Some(result) = op.result
+            {
+                tracing::debug!(
+                    command = id,
+                    "answered from the operation record (reply lost)"
+                );
+                return result;
+            }
+        }
     }
 
     fn register(&self, id: &str) -> oneshot::Receiver<CommandResult> {

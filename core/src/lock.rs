@@ -9,7 +9,13 @@
 //! cancelled or times out deletes its key (the guard's drop does it), so no
 //! lock leaks.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
 
 use etcd_client::{
     Client, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
@@ -51,16 +57,21 @@ impl From<etcd_client::Error> for LockError {
 }
 
 /// A lease kept alive in the background, revoked on [`Session::close`].
+///
+/// The keep-alive survives etcd outages: a broken stream is re-opened with
+/// backoff, and a lease that expired meanwhile (etcd was away longer than
+/// its TTL) is replaced by a new one, so the process recovers without a
+/// restart. Locks held under an expired lease are gone; that is logged.
 pub struct Session {
     client: Client,
-    lease: i64,
+    lease: Arc<AtomicI64>,
     stop: CancellationToken,
 }
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
-            .field("lease", &self.lease)
+            .field("lease", &self.lease())
             .finish_non_exhaustive()
     }
 }
@@ -76,30 +87,10 @@ impl std::fmt::Debug for LockGuard {
 impl Session {
     /// Grants a lease of `ttl` seconds and keeps it alive every `ttl / 3`.
     pub async fn start(client: Client, ttl: i64) -> Result<Self, StoreError> {
-        let lease = client.clone().lease_grant(ttl, None).await?.id();
+        let granted = client.clone().lease_grant(ttl, None).await?.id();
+        let lease = Arc::new(AtomicI64::new(granted));
         let stop = CancellationToken::new();
-        let (mut keeper, mut responses) = client.clone().lease_keep_alive(lease).await?;
-        let token = stop.clone();
-        let period = Duration::from_secs((ttl / 3).max(1) as u64);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    _ = tick.tick() => {
-                        if let Err(e) = keeper.keep_alive().await {
-                            tracing::warn!(error = %e, lease, "lease keep-alive failed");
-                            continue;
-                        }
-                        match responses.message().await {
-                            Ok(Some(r)) if r.ttl() > 0 => {}
-                            Ok(_) => { tracing::error!(lease, "lease expired"); break; }
-                            Err(e) => tracing::warn!(error = %e, lease, "lease keep-alive failed"),
-                        }
-                    }
-                }
-            }
-        });
+        tokio::spawn(keep_alive(client.clone(), ttl, lease.clone(), stop.clone()));
         Ok(Self {
             client,
             lease,
@@ -107,15 +98,90 @@ impl Session {
         })
     }
 
-    /// The lease id.
+    /// The lease id (it changes when etcd lost the previous one).
     pub fn lease(&self) -> i64 {
-        self.lease
+        self.lease.load(Ordering::Acquire)
     }
 
     /// Stops the keep-alive and revokes the lease (releasing every lock).
     pub async fn close(self) {
         self.stop.cancel();
-        let _ = self.client.clone().lease_revoke(self.lease).await;
+        let _ = self.client.clone().lease_revoke(self.lease()).await;
+    }
+}
+
+/// Keeps `lease` alive until `stop`, re-opening the stream after errors and
+/// granting a new lease when etcd says the old one is gone.
+async fn keep_alive(client: Client, ttl: i64, lease: Arc<AtomicI64>, stop: CancellationToken) {
+    let period = Duration::from_secs((ttl / 3).max(1) as u64);
+    let mut retry = Duration::from_millis(200);
+    loop {
+        let id = lease.load(Ordering::Acquire);
+        let mut lease_client = client.lease_client();
+        let opened = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = lease_client.keep_alive(id) => r,
+        };
+        let (mut keeper, mut responses) = match opened {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, lease = id, ?retry, "lease keep-alive unavailable; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(period);
+                continue;
+            }
+        };
+        let mut tick = tokio::time::interval(period);
+        let expired = loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = keeper.keep_alive().await {
+                tracing::warn!(error = %e, lease = id, "lease keep-alive failed; reconnecting");
+                break false;
+            }
+            match responses.message().await {
+                Ok(Some(r)) if r.ttl() > 0 => retry = Duration::from_millis(200),
+                Ok(Some(_)) => break true,
+                Ok(None) | Err(_) => {
+                    tracing::warn!(lease = id, "lease keep-alive stream ended; reconnecting");
+                    break false;
+                }
+            }
+        };
+        if !expired {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(retry) => {}
+            }
+            retry = (retry * 2).min(period);
+            continue;
+        }
+        tracing::error!(
+            lease = id,
+            "lease expired (etcd was unreachable longer than its TTL): locks held under it are lost; granting a new one"
+        );
+        loop {
+            match client.clone().lease_grant(ttl, None).await {
+                Ok(r) => {
+                    lease.store(r.id(), Ordering::Release);
+                    tracing::info!(lease = r.id(), "new lease granted");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, ?retry, "lease grant failed; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(retry) => {}
+                    }
+                    retry = (retry * 2).min(period);
+                }
+            }
+        }
     }
 }
 
@@ -138,7 +204,8 @@ impl LockGuard {
     pub async fn release_now(mut self) {
         self.released = true;
         if let Err(e) = self.client.delete(self.key.clone(), None).await {
-            tracing::warn!(error = %e, key = %self.key, "lock release failed; the lease will free it");
+            tracing::warn!(error = %e, key = %self.key, "lock release failed; retrying in the background");
+            release_in_background(self.client.clone(), vec![std::mem::take(&mut self.key)]);
         }
     }
 }
@@ -148,13 +215,8 @@ impl Drop for LockGuard {
         if self.released {
             return;
         }
-        let mut client = self.client.clone();
         let key = std::mem::take(&mut self.key);
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = client.delete(key, None).await;
-            });
-        }
+        release_in_background(self.client.clone(), vec![key]);
     }
 }
 
@@ -185,16 +247,35 @@ impl Drop for LockSet {
         if keys.is_empty() {
             return;
         }
-        let mut client = self.client.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let ops: Vec<TxnOp> = keys.into_iter().map(|k| TxnOp::delete(k, None)).collect();
-                if let Err(e) = client.txn(Txn::new().and_then(ops)).await {
-                    tracing::warn!(error = %e, "lock release failed; the lease will free them");
-                }
-            });
-        }
+        release_in_background(self.client.clone(), keys);
     }
+}
+
+/// Deletes lock keys in the background (one transaction), retrying with
+/// backoff until etcd takes it: the keys are bound to a lease this process
+/// keeps alive, so a release lost to an etcd outage would otherwise hold the
+/// lock for as long as the process lives.
+fn release_in_background(mut client: Client, keys: Vec<String>) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    handle.spawn(async move {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let ops: Vec<TxnOp> = keys
+                .iter()
+                .map(|k| TxnOp::delete(k.as_str(), None))
+                .collect();
+            match client.txn(Txn::new().and_then(ops)).await {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, ?delay, "lock release failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    });
 }
 
 /// Takes several locks at once, in the order given, bound to `lease`.

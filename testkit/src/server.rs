@@ -19,23 +19,48 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// A child process killed on drop, with its data directory.
 #[derive(Debug)]
 pub struct Server {
-    child: Child,
-    _dir: tempfile::TempDir,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    kind: Kind,
     /// The client URL (`nats://127.0.0.1:port`, `http://127.0.0.1:port`).
     pub url: String,
 }
 
+/// What was started, so that it can be started again the same way.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Nats { port: u16 },
+    Etcd { client: u16, peer: u16 },
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
 impl Server {
-    /// The process id, for tests that stop or kill it.
+    /// The process id, for tests that stop or kill it (0 once stopped).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Kills the server (SIGKILL, as a crash); its data stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port with the same data, and
+    /// waits until it is ready.
+    pub fn start(&mut self) {
+        self.stop();
+        self.child = Some(match self.kind {
+            Kind::Nats { port } => launch_nats(self.dir.path(), &port.to_string()).0,
+            Kind::Etcd { client, peer } => launch_etcd(self.dir.path(), client, peer),
+        });
     }
 }
 
@@ -55,11 +80,21 @@ pub fn free_port() -> u16 {
 
 /// Starts `nats-server -js` on a random loopback port with file storage.
 pub fn nats() -> Server {
-    let bin = require("nats-server");
     let dir = tempdir("cm-nats-");
+    let (child, port) = launch_nats(dir.path(), "-1");
+    Server {
+        child: Some(child),
+        dir,
+        kind: Kind::Nats { port },
+        url: format!("nats://127.0.0.1:{port}"),
+    }
+}
+
+fn launch_nats(dir: &std::path::Path, port: &str) -> (Child, u16) {
+    let bin = require("nats-server");
     let mut child = Command::new(bin)
-        .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
-        .arg(dir.path())
+        .args(["-js", "-a", "127.0.0.1", "-p", port, "-sd"])
+        .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -71,23 +106,29 @@ pub fn nats() -> Server {
             .and_then(|addr| addr.trim().rsplit(':').next())
             .and_then(|p| p.parse::<u16>().ok())
     });
-    Server {
-        child,
-        _dir: dir,
-        url: format!("nats://127.0.0.1:{port}"),
-    }
+    (child, port)
 }
 
 /// Starts a single-node `etcd` on loopback ports handed out by the OS.
 pub fn etcd() -> Server {
-    let bin = require("etcd");
     let dir = tempdir("cm-etcd-");
     let (client, peer) = (free_port(), free_port());
+    let child = launch_etcd(dir.path(), client, peer);
+    Server {
+        child: Some(child),
+        dir,
+        kind: Kind::Etcd { client, peer },
+        url: format!("http://127.0.0.1:{client}"),
+    }
+}
+
+fn launch_etcd(dir: &std::path::Path, client: u16, peer: u16) -> Child {
+    let bin = require("etcd");
     let client_url = format!("http://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
     let mut child = Command::new(bin)
         .arg("--data-dir")
-        .arg(dir.path().join("data"))
+        .arg(dir.join("data"))
         .args(["--name", "test", "--listen-client-urls", &client_url])
         .args(["--advertise-client-urls", &client_url])
         .args(["--listen-peer-urls", &peer_url])
@@ -101,11 +142,7 @@ pub fn etcd() -> Server {
         line.contains("ready to serve client requests")
             .then_some(())
     });
-    Server {
-        child,
-        _dir: dir,
-        url: client_url,
-    }
+    child
 }
 
 fn tempdir(prefix: &str) -> tempfile::TempDir {

@@ -44,14 +44,7 @@ pub async fn run(
     shutdown: CancellationToken,
     grace: Duration,
 ) -> Result<(), async_nats::Error> {
-    let consumer = queue::workers_consumer(&ctx.js, &ctx.queue).await?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(concurrency)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await?;
+    let mut messages = open_stream(&ctx, concurrency).await?;
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut tasks = tokio::task::JoinSet::new();
     tracing::info!(concurrency, "worker consuming commands");
@@ -76,7 +69,15 @@ pub async fn run(
                 tracing::warn!(error = %e, "pull failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            None => break,
+            None => {
+                // The pull stream ended (e.g. NATS went away for long):
+                // open a new one rather than stop consuming.
+                tracing::warn!("pull stream ended; reopening");
+                match reopen(&ctx, concurrency, &shutdown).await {
+                    Some(m) => messages = m,
+                    None => break,
+                }
+            }
         }
         while tasks.try_join_next().is_some() {}
     }
@@ -91,6 +92,35 @@ pub async fn run(
         tasks.abort_all();
     }
     Ok(())
+}
+
+type Messages = async_nats::jetstream::consumer::pull::Stream;
+
+async fn open_stream(ctx: &Ctx, concurrency: usize) -> Result<Messages, async_nats::Error> {
+    let consumer = queue::workers_consumer(&ctx.js, &ctx.queue).await?;
+    Ok(consumer
+        .stream()
+        .max_messages_per_batch(concurrency)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await?)
+}
+
+/// Opens the pull stream again, with backoff, until it opens or `shutdown`.
+async fn reopen(ctx: &Ctx, concurrency: usize, shutdown: &CancellationToken) -> Option<Messages> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match open_stream(ctx, concurrency).await {
+            Ok(m) => return Some(m),
+            Err(e) => tracing::warn!(error = %e, ?delay, "cannot reopen the pull stream; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
 }
 
 async fn process(ctx: &Ctx, retention: &RetentionLease, message: Message) {

@@ -268,7 +268,10 @@ async fn worker_killed_mid_pulumi_run_is_resumed_by_another() {
     // deployed a second time: their creation times are the dead run's.
     let final_steps = steps_of(&end);
     for (name, created) in steps_of(&stored) {
-        assert!(!created.is_empty(), "Pulumi records when {name} was created");
+        assert!(
+            !created.is_empty(),
+            "Pulumi records when {name} was created"
+        );
         let now = final_steps
             .iter()
             .find(|(n, _)| *n == name)

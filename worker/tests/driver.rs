@@ -274,7 +274,10 @@ async fn a_run_interrupted_with_pending_operations_is_recovered() {
         .and_then(|rs| rs.iter().find(|r| r["type"] == "cm:example:Step"))
         .cloned()
         .expect("a step");
-    let urn = half_made["urn"].as_str().expect("urn").replace("step-0", "step-2");
+    let urn = half_made["urn"]
+        .as_str()
+        .expect("urn")
+        .replace("step-0", "step-2");
     half_made["urn"] = serde_json::Value::String(urn);
     latest["pending_operations"] = serde_json::json!([{"type": "creating", "resource": half_made}]);
 

@@ -219,7 +219,7 @@ impl Letter {
 
 fn sorted(map: Map<String, Value>) -> Map<String, Value> {
     let mut entries: Vec<(String, Value)> = map.into_iter().collect();
-    entries.sort_by(|a, b| a.0.to_ascii_lowercase().cmp(&b.0.to_ascii_lowercase()));
+    entries.sort_by_key(|e| e.0.to_ascii_lowercase());
     entries.into_iter().collect()
 }
 

@@ -143,6 +143,8 @@ async fn challenges_and_instances_through_the_rest_api() {
             "--timeout",
             "20m",
             "--no-until",
+            "--strategy",
+            "blue_green",
             "-o",
             "json",
         ])

@@ -72,14 +72,17 @@ pub struct CreateArgs {
     write: WriteArgs,
 }
 
-/// `--strategy`.
+/// `--strategy`, named as the API names them.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum Strategy {
     /// Update each instance's stack where it stands.
+    #[value(name = "update_in_place")]
     UpdateInPlace,
     /// Bring a new identity up, switch, then take the old one down.
+    #[value(name = "blue_green")]
     BlueGreen,
     /// Take the stack down, then up again (same identity).
+    #[value(name = "recreate")]
     Recreate,
 }
 

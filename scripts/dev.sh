@@ -121,7 +121,7 @@ as_root() {
 install_packages() {
   # package:command pairs
   local pairs=(nats-server:nats-server etcd-server:etcd protobuf-compiler:protoc
-    prometheus:prometheus prometheus-alertmanager:amtool)
+    prometheus:prometheus prometheus-alertmanager:amtool bsdutils:script)
   local missing=() pair
   for pair in "${pairs[@]}"; do
     find_bin "${pair#*:}" >/dev/null || missing+=("${pair%%:*}")

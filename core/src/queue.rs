@@ -8,7 +8,10 @@
 //! - `CM_EVENTS` (`cm.evt.>`): results and lifecycle events, limits retention
 //!   (kept for replay).
 //! - `CM_DEAD_LETTERS` (`cm.dlq.>`): commands that could not be processed,
-//!   with the reason in a header; never dropped.
+//!   with the reason in a header; never dropped. A dead letter keeps the
+//!   command's payload and headers and records where it came from (original
+//!   subject, `Nats-Msg-Id` and sequence), so an operator can replay it onto
+//!   the command stream as it was (`cmctl dlq replay`).
 //!
 //! Subjects are `cm.<cmd|evt|dlq>.<kind>.<encoded challenge id>`, where a kind
 //! has two tokens (`instance.create`).
@@ -41,6 +44,12 @@ pub const HDR_COMMAND_ID: &str = "cm-command-id";
 pub const HDR_FAILURE_REASON: &str = "cm-failure-reason";
 /// How many times it was delivered before being dead-lettered.
 pub const HDR_DELIVERIES: &str = "cm-deliveries";
+/// A dead letter's subject on the command stream, where a replay publishes it.
+pub const HDR_ORIGINAL_SUBJECT: &str = "cm-original-subject";
+/// A dead letter's `Nats-Msg-Id` on the command stream, which a replay restores.
+pub const HDR_ORIGINAL_MSG_ID: &str = "cm-original-msg-id";
+/// A dead letter's sequence in the command stream.
+pub const HDR_ORIGINAL_SEQUENCE: &str = "cm-original-sequence";
 /// JetStream de-duplication header.
 pub const HDR_MSG_ID: &str = "Nats-Msg-Id";
 

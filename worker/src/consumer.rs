@@ -196,11 +196,14 @@ async fn settle(
 ) {
     // Already settled (a redelivery after the result was recorded): answer
     // again. A first delivery cannot have been settled (a re-published id is
-    // de-duplicated by JetStream), so it skips this read.
+    // de-duplicated by JetStream), so it skips this read. A record older than
+    // this message settled an earlier life of the command (dead-lettered, then
+    // replayed by an operator), not this one.
     if delivered > 1
         && let Ok(Some(bytes)) = ctx.store.get_operation(&command.command_id).await
         && let Ok(op) = serde_json::from_slice::<Operation>(&bytes)
         && op.state != State::Pending as i32
+        && recorded_since_published(&op, message)
     {
         if let Some(result) = op.result {
             reply(ctx, message, &result).await;
@@ -279,6 +282,17 @@ async fn settle(
     crate::failpoint::hit("before-ack");
     ack(message, AckKind::Ack).await;
     observe_latency(command, kind);
+}
+
+/// Whether `op` was recorded after `message` was stored (unknown: assume so).
+fn recorded_since_published(op: &Operation, message: &Message) -> bool {
+    let finished = op.result.as_ref().and_then(|r| r.finished_at.as_ref());
+    match (finished, message.info()) {
+        (Some(finished), Ok(info)) => {
+            cm_core::model::to_system_time(finished) >= std::time::SystemTime::from(info.published)
+        }
+        _ => true,
+    }
 }
 
 fn count_poison() {
@@ -422,13 +436,28 @@ async fn dead_letter(
     let mut headers = message.headers.clone().unwrap_or_default();
     headers.insert(queue::HDR_FAILURE_REASON, reason.replace(['\r', '\n'], " "));
     headers.insert(queue::HDR_DELIVERIES, delivered.to_string());
-    headers.insert("cm-original-subject", message.subject.as_str());
-    // A dead letter must not be de-duplicated away by the command's own id.
-    let msg_id = headers
+    headers.insert(queue::HDR_ORIGINAL_SUBJECT, message.subject.as_str());
+    let original_id = headers
         .get(queue::HDR_MSG_ID)
-        .map(|v| format!("dlq-{}", v.as_str()));
-    if let Some(id) = msg_id {
-        headers.insert(queue::HDR_MSG_ID, id);
+        .map(|v| v.as_str().to_owned());
+    if let Some(id) = &original_id {
+        headers.insert(queue::HDR_ORIGINAL_MSG_ID, id.as_str());
+    }
+    // A dead letter must not be de-duplicated away by the command's own id,
+    // nor by an earlier dead letter of the same command (replayed, then failed
+    // again): its id names the command's message in the stream, the same for
+    // every delivery of that message.
+    let sequence = message.info().map(|i| i.stream_sequence).ok();
+    if let Some(seq) = sequence {
+        headers.insert(queue::HDR_ORIGINAL_SEQUENCE, seq.to_string());
+    }
+    match (sequence, &original_id) {
+        (Some(seq), id) => headers.insert(
+            queue::HDR_MSG_ID,
+            format!("dlq-{seq}-{}", id.as_deref().unwrap_or_default()),
+        ),
+        (None, Some(id)) => headers.insert(queue::HDR_MSG_ID, format!("dlq-{id}")),
+        (None, None) => {}
     }
     match ctx
         .js

@@ -1,0 +1,71 @@
+//! The command line: global flags (every one also an environment variable)
+//! and the subcommand tree, which lives in [`crate::commands`].
+
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::{commands::Command, error::EXIT_CODES_HELP, output::Format};
+
+/// Operate a ctf-instancer deployment: challenges and instances through the
+/// REST API, the command queue and its dead letters through NATS JetStream.
+/// Every flag can also be set through the environment variable shown in
+/// brackets.
+#[derive(Debug, Parser)]
+#[command(name = "cmctl", version, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every subcommand takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Global {
+    /// Base URL of cm-api's REST API (challenge, instance, operation).
+    #[arg(
+        long,
+        env = "CM_API_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub api_url: String,
+
+    /// NATS server URL(s), comma-separated (queue, dlq).
+    #[arg(
+        long,
+        env = "CM_NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
+    pub nats_url: String,
+
+    /// Output format: aligned tables, or one JSON document.
+    #[arg(
+        long,
+        short = 'o',
+        env = "CMCTL_OUTPUT",
+        value_enum,
+        default_value_t = Format::Table,
+        global = true
+    )]
+    pub output: Format,
+
+    /// Give up after this long (a write waits for the worker's result, a
+    /// deploy can take minutes). Give it before the subcommand
+    /// (`cmctl --timeout 10m instance create ...`): after `challenge create`
+    /// or `update`, `--timeout` is the challenge's instance lifetime.
+    #[arg(
+        long,
+        env = "CMCTL_TIMEOUT",
+        default_value = "6m",
+        value_parser = humantime::parse_duration
+    )]
+    pub timeout: Duration,
+
+    /// Print instance flags (left out of every output by default).
+    #[arg(long, env = "CMCTL_SHOW_FLAGS", global = true)]
+    pub show_flags: bool,
+}

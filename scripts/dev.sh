@@ -48,7 +48,10 @@ Commands:
                 (used by the monitoring tests) with apt-get (apt-get update first only
                 when something is missing), then the Pulumi CLI and its Go
                 language host via scripts/install-pulumi.sh (cached; the first
-                build takes minutes).
+                build takes minutes), then the project's provider plugins
+                (providers/*, e.g. pulumi-resource-localservice) into the same
+                bin directory via scripts/install-providers.sh (cached by
+                source digest).
   up            install, then start nats-server and etcd unless already running
                 (pid file + live process), wait until both answer their health
                 checks (at most \$CM_DEV_TIMEOUT s, the log tail is shown on
@@ -162,6 +165,9 @@ install_pulumi() {
   bin_dir="$("$SCRIPT_DIR/install-pulumi.sh")" || die "scripts/install-pulumi.sh failed"
   bin_dir="$(tail -n 1 <<<"$bin_dir")"
   [[ -x "$bin_dir/pulumi" ]] || die "install-pulumi.sh printed '$bin_dir' without a pulumi binary in it"
+  # The project's own provider plugins (providers/*), beside pulumi so that
+  # the engine finds them on the PATH the worker gives it; cached by digest.
+  "$SCRIPT_DIR/install-providers.sh" "$bin_dir" >/dev/null || die "scripts/install-providers.sh failed"
   mkdir -p "$DEV_DIR"
   echo "$bin_dir" >"$PULUMI_DIR_FILE"
 }

@@ -45,7 +45,8 @@ Commands:
   install       Install what is missing, quietly when everything is present:
                 the Debian packages nats-server, etcd-server (/usr/bin/etcd) and
                 protobuf-compiler (protoc), prometheus and prometheus-alertmanager
-                (used by the monitoring tests) with apt-get (apt-get update first only
+                (used by the monitoring tests), netcat-openbsd (nc, to talk to
+                the demo's TCP service) with apt-get (apt-get update first only
                 when something is missing), then the Pulumi CLI and its Go
                 language host via scripts/install-pulumi.sh (cached; the first
                 build takes minutes), then the project's provider plugins
@@ -124,7 +125,7 @@ as_root() {
 install_packages() {
   # package:command pairs
   local pairs=(nats-server:nats-server etcd-server:etcd protobuf-compiler:protoc
-    prometheus:prometheus prometheus-alertmanager:amtool)
+    prometheus:prometheus prometheus-alertmanager:amtool netcat-openbsd:nc)
   local missing=() pair
   for pair in "${pairs[@]}"; do
     find_bin "${pair#*:}" >/dev/null || missing+=("${pair%%:*}")

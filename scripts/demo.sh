@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The main job, end to end on this machine: brings the whole system up
 # (nats-server, etcd, a worker and the API, installing what is missing),
-# registers a challenge, deploys an instance through the API and prints its
-# connection info.
+# registers a challenge with the tcp-flag scenario, deploys an instance
+# through the API — a real TCP service on loopback, started by the
+# localservice provider plugin — checks that it answers, and prints the
+# `nc` command that reads the instance's flag.
 #
 #   scripts/demo.sh          bring everything up and deploy
-#   scripts/demo.sh down     stop the API and worker, then the local stack
+#   scripts/demo.sh down     destroy the demo challenge (its services stop),
+#                            stop the API and worker, then the local stack
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -30,6 +33,16 @@ stop_service() {
 }
 
 if [[ "${1:-}" == "down" ]]; then
+  # The instances' TCP services are detached processes: destroy them through
+  # the API (challenge delete destroys every instance) while it still runs.
+  if curl -fsS --max-time 2 "$API/healthcheck" >/dev/null 2>&1; then
+    code="$(curl -sS -o /dev/null -w '%{http_code}' --max-time 120 -X DELETE "$API/api/v1/challenge/demo" || true)"
+    case "$code" in
+      200) echo "demo: destroyed challenge 'demo' and its instances" >&2 ;;
+      404) ;;
+      *) echo "demo: deleting challenge 'demo' answered HTTP $code; its services may still run" >&2 ;;
+    esac
+  fi
   stop_service cm-api
   stop_service cm-worker
   exec scripts/dev.sh down
@@ -62,23 +75,51 @@ done
 curl -fsS "$API/healthcheck" >/dev/null || { echo "demo: the API did not come up; see $LOG_DIR/cm-api.log" >&2; exit 1; }
 
 call() { curl -sS -X "$1" "$API$2" -H 'content-type: application/json' ${3:+--data "$3"}; }
+status_of() { curl -sS -o /dev/null -w '%{http_code}' -X "$1" "$API$2" -H 'content-type: application/json' ${3:+--data "$3"}; }
 
-echo "demo: registering challenge 'demo' (scenario examples/identity, 1h timeout)" >&2
-call POST /api/v1/challenge '{"id":"demo","scenario":"identity","timeout":"3600s"}' >/dev/null
+echo "demo: registering challenge 'demo' (scenario examples/tcp-flag: one TCP service on loopback per instance, 1h timeout)" >&2
+code="$(status_of POST /api/v1/challenge '{"id":"demo","scenario":"tcp-flag","timeout":"3600s"}')"
+case "$code" in
+  200) ;;
+  409) # registered by an earlier run, maybe with another scenario
+    call PATCH /api/v1/challenge/demo '{"scenario":"tcp-flag","timeout":"3600s"}' >/dev/null ;;
+  *) echo "demo: registering the challenge answered HTTP $code; see $LOG_DIR/cm-worker.log" >&2; exit 1 ;;
+esac
 echo "demo: deploying an instance for source 'player-1'" >&2
 instance="$(call POST /api/v1/instance '{"challengeId":"demo","sourceId":"player-1"}')"
 if ! grep -q '"connectionInfo"' <<<"$instance"; then
   instance="$(call GET /api/v1/instance/demo/player-1)"
 fi
-python3 - "$instance" <<'PY'
-import json, sys
+
+# Reads the service's answer; prints the connection info, or fails.
+check_instance() {
+  python3 - "$1" <<'PY'
+import json, socket, sys
 i = json.loads(sys.argv[1])
-if "connectionInfo" not in i:
+info = i.get("connectionInfo")
+if not info:
     sys.exit(f"demo: no instance: {i}")
+try:
+    _, host, port = info.split()
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        answer = s.makefile().readline().strip()
+except (ValueError, OSError) as e:
+    sys.exit(f"demo: the service at {info!r} does not answer: {e}")
+if answer not in i.get("flags", []):
+    sys.exit("demo: the service answered something else than the instance's flag")
 print(f"challenge:       {i['challengeId']}")
 print(f"source:          {i['sourceId']}")
-print(f"connection info: {i['connectionInfo']}")
+print(f"connection info: {info}")
 print(f"until:           {i.get('until', 'never')}")
+print(f"read the flag:   {info}")
 PY
+}
+if ! check_instance "$instance"; then
+  # e.g. an instance of an earlier run whose service died with the machine
+  echo "demo: resetting the instance (new identity, new service)" >&2
+  call POST /api/v1/instance/demo/player-1/reset >/dev/null
+  instance="$(call GET /api/v1/instance/demo/player-1)"
+  check_instance "$instance"
+fi
 echo >&2
 echo "demo: the API is at $API (try: curl $API/api/v1/instance/demo/player-1); stop everything with: scripts/demo.sh down" >&2

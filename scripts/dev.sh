@@ -45,10 +45,14 @@ Commands:
   install       Install what is missing, quietly when everything is present:
                 the Debian packages nats-server, etcd-server (/usr/bin/etcd) and
                 protobuf-compiler (protoc), prometheus and prometheus-alertmanager
-                (used by the monitoring tests) with apt-get (apt-get update first only
+                (used by the monitoring tests), netcat-openbsd (nc, to talk to
+                the demo's TCP service) with apt-get (apt-get update first only
                 when something is missing), then the Pulumi CLI and its Go
                 language host via scripts/install-pulumi.sh (cached; the first
-                build takes minutes).
+                build takes minutes), then the project's provider plugins
+                (providers/*, e.g. pulumi-resource-localservice) into the same
+                bin directory via scripts/install-providers.sh (cached by
+                source digest).
   up            install, then start nats-server and etcd unless already running
                 (pid file + live process), wait until both answer their health
                 checks (at most \$CM_DEV_TIMEOUT s, the log tail is shown on
@@ -121,7 +125,8 @@ as_root() {
 install_packages() {
   # package:command pairs
   local pairs=(nats-server:nats-server etcd-server:etcd protobuf-compiler:protoc
-    prometheus:prometheus prometheus-alertmanager:amtool bsdutils:script)
+    prometheus:prometheus prometheus-alertmanager:amtool bsdutils:script
+    netcat-openbsd:nc)
   local missing=() pair
   for pair in "${pairs[@]}"; do
     find_bin "${pair#*:}" >/dev/null || missing+=("${pair%%:*}")
@@ -162,6 +167,9 @@ install_pulumi() {
   bin_dir="$("$SCRIPT_DIR/install-pulumi.sh")" || die "scripts/install-pulumi.sh failed"
   bin_dir="$(tail -n 1 <<<"$bin_dir")"
   [[ -x "$bin_dir/pulumi" ]] || die "install-pulumi.sh printed '$bin_dir' without a pulumi binary in it"
+  # The project's own provider plugins (providers/*), beside pulumi so that
+  # the engine finds them on the PATH the worker gives it; cached by digest.
+  "$SCRIPT_DIR/install-providers.sh" "$bin_dir" >/dev/null || die "scripts/install-providers.sh failed"
   mkdir -p "$DEV_DIR"
   echo "$bin_dir" >"$PULUMI_DIR_FILE"
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs what is missing (Debian
-# packages, Pulumi built from its Go modules, cached), checks formatting and
-# lints, then runs every test of the workspace against the real nats-server,
-# etcd and pulumi (tests start their own servers on free loopback ports).
+# packages, Pulumi built from its Go modules and the project's provider
+# plugins, cached), checks formatting and lints, runs the providers' Go tests,
+# then every test of the workspace against the real nats-server, etcd and
+# pulumi (tests start their own servers on free loopback ports).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -16,6 +17,11 @@ echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== deploy/monitoring (promtool, amtool, dashboards, collector, manifests)" >&2
 bash deploy/monitoring/test.sh
+
+echo "== providers (go vet, go test: real server processes on loopback)" >&2
+for dir in providers/*/; do
+  (cd "$dir" && go vet ./... && go test -count=1 ./...)
+done
 
 echo "== cargo test" >&2
 LOG="$(mktemp)"

@@ -7,14 +7,18 @@
 //!
 //! # Layout
 //! - [`pulumi`], [`go`]: the real Pulumi CLI and Go toolchain.
+//! - [`plugin`]: the project's own provider plugins (`providers/`), built.
 //! - [`server`]: `nats-server` (JetStream on) and `etcd` processes.
 //! - [`workspace_root`], [`example`]: paths into this repository.
 
+pub mod plugin;
 pub mod server;
 
 use std::path::PathBuf;
 
 use cm_core::tools;
+
+pub use plugin::provider_plugin;
 
 /// The real `pulumi` CLI; panics with the setup command when it is missing.
 pub fn pulumi() -> PathBuf {

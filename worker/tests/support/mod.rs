@@ -92,7 +92,7 @@ pub async fn wait_healthy(http: &reqwest::Client, base: &str) {
 }
 
 /// A compiled-scenario cache shared by every test of this binary.
-fn shared_cache() -> PathBuf {
+pub fn shared_cache() -> PathBuf {
     static CACHE: OnceLock<(Option<tempfile::TempDir>, PathBuf)> = OnceLock::new();
     CACHE.get_or_init(cm_testkit::worker_cache).1.clone()
 }

@@ -1,0 +1,300 @@
+//! A scenario that deploys a real network service: `examples/tcp-flag`
+//! registers a `localservice:index:TcpService` (the provider plugin built from
+//! `providers/localservice`), a detached TCP server on loopback answering
+//! with the instance's flag. Through the REST API (real nats-server, etcd,
+//! worker process, pulumi) and through the driver directly.
+
+mod support;
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration, time::Instant};
+
+use cm_core::{Identity, Secret};
+use cm_worker::pulumi::{Driver, DriverConfig, StackState};
+use reqwest::Method;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use support::Stack;
+use tokio::{io::AsyncReadExt, net::TcpStream};
+
+/// argv[0] of every server the provider starts.
+const SERVER_BINARY: &str = "pulumi-resource-localservice";
+
+/// The flag the tcp-flag example derives, computed independently here.
+fn expected_flag(identity: &Identity) -> String {
+    let digest = Sha256::digest(format!("tcp-flag:{identity}"));
+    format!("CTF{{{}}}", &hex::encode(digest)[..16])
+}
+
+/// The port of `nc 127.0.0.1 <port>`.
+fn port_of(connection_info: &str) -> u16 {
+    let parts: Vec<&str> = connection_info.split_whitespace().collect();
+    assert_eq!(
+        parts.first().zip(parts.get(1)),
+        Some((&"nc", &"127.0.0.1")),
+        "connection info {connection_info:?}"
+    );
+    parts
+        .get(2)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {connection_info:?}"))
+}
+
+/// Live server processes for `port`, found by their command line
+/// (`pulumi-resource-localservice serve --port <port>`) in /proc.
+fn server_pids(port: u16) -> Vec<u32> {
+    let want = ["serve", "--port", &port.to_string()].map(str::to_owned);
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.len() == 4 && args[0].ends_with(SERVER_BINARY) && args[1..] == want {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn kill(pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -KILL {pid}");
+}
+
+/// Kills, when the test ends (also on a failure), any server still
+/// listening on the ports it saw, so that a failed run leaves no process.
+#[derive(Default)]
+struct Reaper(Vec<u16>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for port in &self.0 {
+            for pid in server_pids(*port) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+/// The line the service on `port` answers with.
+async fn read_answer(port: u16) -> std::io::Result<String> {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::other("no answer within 5 s"))??;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Waits until `port` refuses connections.
+async fn wait_refused(port: u16) -> bool {
+    for _ in 0..100 {
+        match TcpStream::connect(("127.0.0.1", port)).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_flag_instances_serve_their_flag_and_are_gone_after_delete() {
+    cm_testkit::provider_plugin("localservice");
+    let stack = Stack::start(1).await;
+    let mut reaper = Reaper::default();
+
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "tcp-1", "scenario": "tcp-flag", "timeout": "600s"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+
+    let mut deployed: Vec<(String, u16, String)> = Vec::new();
+    for source in ["team-1", "team-2"] {
+        let started = Instant::now();
+        let (status, created) = stack
+            .call(
+                Method::POST,
+                "/api/v1/instance",
+                Some(json!({"challengeId": "tcp-1", "sourceId": source})),
+            )
+            .await;
+        let elapsed = started.elapsed();
+        assert_eq!(status, 200, "{created}\n{}", stack.worker_logs());
+        let info = created["connectionInfo"].as_str().expect("connectionInfo");
+        let port = port_of(info);
+        reaper.0.push(port);
+        eprintln!("create {source} (through the API): {elapsed:?}");
+
+        let flag = created["flags"][0].as_str().expect("flags[0]").to_owned();
+        let identity = stack
+            .store
+            .get_instance("tcp-1", source)
+            .await
+            .expect("store")
+            .expect("record")
+            .value
+            .identity;
+        assert_eq!(flag, expected_flag(&identity), "the scenario's flag");
+        assert_eq!(created["flag"], Value::String(flag.clone()));
+
+        let answer = read_answer(port).await.expect("connect to the service");
+        assert_eq!(answer, format!("{flag}\n"), "the service answers its flag");
+        assert_eq!(
+            server_pids(port).len(),
+            1,
+            "one server process for port {port}"
+        );
+        let state = stack
+            .store
+            .get_stack("tcp-1", &identity)
+            .await
+            .expect("store")
+            .expect("stack state");
+        assert!(
+            !state.windows(flag.len()).any(|w| w == flag.as_bytes()),
+            "the flag is a secret: the stored stack state must not hold it in clear"
+        );
+        deployed.push((source.to_owned(), port, flag));
+    }
+    assert_ne!(deployed[0].1, deployed[1].1, "one port per instance");
+    assert_ne!(deployed[0].2, deployed[1].2, "one flag per instance");
+    let logs = stack.worker_logs();
+    for (_, _, flag) in &deployed {
+        assert!(
+            !logs.contains(flag.as_str()),
+            "a flag reached the worker log"
+        );
+    }
+
+    for (source, port, _) in &deployed {
+        let started = Instant::now();
+        let (status, body) = stack
+            .call(
+                Method::DELETE,
+                &format!("/api/v1/instance/tcp-1/{source}"),
+                None,
+            )
+            .await;
+        let elapsed = started.elapsed();
+        assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+        eprintln!("delete {source} (through the API): {elapsed:?}");
+        let refused = TcpStream::connect(("127.0.0.1", *port)).await;
+        assert!(
+            matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "port {port} must refuse connections after the delete: {refused:?}"
+        );
+        assert_eq!(
+            server_pids(*port),
+            Vec::<u32>::new(),
+            "no server process left for port {port}"
+        );
+    }
+}
+
+/// The `pid` output of the stack's TcpService.
+fn server_pid(state: &StackState) -> u32 {
+    state
+        .checkpoint
+        .pointer("/checkpoint/latest/resources")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|r| r["type"] == "localservice:index:TcpService")
+        .and_then(|r| r.pointer("/outputs/pid"))
+        .and_then(Value::as_u64)
+        .and_then(|p| u32::try_from(p).ok())
+        .expect("a TcpService with a pid output")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_server_is_replaced_by_up_and_destroy_does_not_mind() {
+    cm_testkit::provider_plugin("localservice");
+    let driver = Arc::new(
+        Driver::new(DriverConfig {
+            pulumi: cm_testkit::pulumi(),
+            go: cm_testkit::go(),
+            cache_dir: support::shared_cache(),
+            passphrase: Secret::new("localservice-test-passphrase".to_owned()),
+        })
+        .expect("driver"),
+    );
+    let mut reaper = Reaper::default();
+    let scenario = driver
+        .prepare(&cm_testkit::example("tcp-flag"))
+        .await
+        .expect("prepare");
+    let identity = Identity::random();
+    let flag = expected_flag(&identity);
+
+    let started = Instant::now();
+    let first = driver
+        .up(&scenario, &identity, &BTreeMap::new(), None)
+        .await
+        .expect("up");
+    eprintln!("driver up (new stack): {:?}", started.elapsed());
+    let port = port_of(&first.outputs.connection_info);
+    reaper.0.push(port);
+    assert_eq!(first.outputs.flags, vec![flag.clone()]);
+    assert_eq!(
+        read_answer(port).await.expect("answer"),
+        format!("{flag}\n")
+    );
+    let pid = server_pid(&first.state);
+    assert_eq!(server_pids(port), vec![pid], "the pid output is the server");
+
+    // The server dies behind Pulumi's back: the next `up` brings a new one.
+    kill(pid);
+    assert!(
+        wait_refused(port).await,
+        "port {port} still open after kill"
+    );
+    let started = Instant::now();
+    let second = driver
+        .up(&scenario, &identity, &BTreeMap::new(), Some(&first.state))
+        .await
+        .expect("up after the server died");
+    eprintln!(
+        "driver up (replacing a dead server): {:?}",
+        started.elapsed()
+    );
+    let new_port = port_of(&second.outputs.connection_info);
+    reaper.0.push(new_port);
+    assert_eq!(
+        read_answer(new_port).await.expect("answer"),
+        format!("{flag}\n")
+    );
+    let new_pid = server_pid(&second.state);
+    assert_ne!(new_pid, pid, "a new server process");
+    assert_eq!(server_pids(new_port), vec![new_pid]);
+
+    // Dead again: destroying the stack is still not an error.
+    kill(new_pid);
+    assert!(wait_refused(new_port).await, "port {new_port} still open");
+    let started = Instant::now();
+    let after = driver
+        .destroy(&scenario, &second.state)
+        .await
+        .expect("destroy with the server already gone");
+    eprintln!(
+        "driver destroy (server already gone): {:?}",
+        started.elapsed()
+    );
+    assert_eq!(after.resource_count(), 0, "destroy leaves no resource");
+    assert_eq!(server_pids(new_port), Vec::<u32>::new());
+}

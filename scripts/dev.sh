@@ -45,7 +45,9 @@ Commands:
   install       Install what is missing, quietly when everything is present:
                 the Debian packages nats-server, etcd-server (/usr/bin/etcd) and
                 protobuf-compiler (protoc), prometheus and prometheus-alertmanager
-                (used by the monitoring tests) with apt-get (apt-get update first only
+                (used by the monitoring tests), docker-registry (the OCI registry
+                the scenario-source tests push to; its systemd service is not
+                used) with apt-get (apt-get update first only
                 when something is missing), then the Pulumi CLI and its Go
                 language host via scripts/install-pulumi.sh (cached; the first
                 build takes minutes).
@@ -121,7 +123,7 @@ as_root() {
 install_packages() {
   # package:command pairs
   local pairs=(nats-server:nats-server etcd-server:etcd protobuf-compiler:protoc
-    prometheus:prometheus prometheus-alertmanager:amtool)
+    prometheus:prometheus prometheus-alertmanager:amtool docker-registry:docker-registry)
   local missing=() pair
   for pair in "${pairs[@]}"; do
     find_bin "${pair#*:}" >/dev/null || missing+=("${pair%%:*}")

@@ -8,8 +8,11 @@
 //! # Layout
 //! - [`pulumi`], [`go`]: the real Pulumi CLI and Go toolchain.
 //! - [`server`]: `nats-server` (JetStream on) and `etcd` processes.
+//! - [`registry`]: a real OCI registry (`docker-registry`), optionally with
+//!   htpasswd authentication.
 //! - [`workspace_root`], [`example`]: paths into this repository.
 
+pub mod registry;
 pub mod server;
 
 use std::path::PathBuf;

@@ -33,6 +33,15 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// Wraps a started, ready child with its data directory.
+    pub fn new(child: Child, dir: tempfile::TempDir, url: String) -> Self {
+        Self {
+            child,
+            _dir: dir,
+            url,
+        }
+    }
+
     /// The process id, for tests that stop or kill it.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -108,7 +117,7 @@ pub fn etcd() -> Server {
     }
 }
 
-fn tempdir(prefix: &str) -> tempfile::TempDir {
+pub(crate) fn tempdir(prefix: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix(prefix)
         .tempdir()
@@ -117,7 +126,7 @@ fn tempdir(prefix: &str) -> tempfile::TempDir {
 
 /// Reads the child's stderr until `probe` finds what it looks for, then keeps
 /// draining it in the background so the child never blocks on a full pipe.
-fn wait_for_line<T: Send + 'static>(
+pub(crate) fn wait_for_line<T: Send + 'static>(
     child: &mut Child,
     name: &str,
     probe: impl Fn(&str) -> Option<T> + Send + 'static,

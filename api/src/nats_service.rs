@@ -182,10 +182,7 @@ async fn dispatch(app: &App, name: &str, body: &[u8], mode: Mode) -> Result<Byte
             )
         }
         // The body is the archive itself (within the server's max_payload).
-        "scenario.upload" => to_bytes(
-            &app.upload_scenario(Bytes::copy_from_slice(body))
-                .await?,
-        ),
+        "scenario.upload" => to_bytes(&app.upload_scenario(Bytes::copy_from_slice(body)).await?),
         "operation.get" => {
             #[derive(serde::Deserialize)]
             struct ById {

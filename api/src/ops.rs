@@ -256,7 +256,10 @@ impl App {
     // ---- scenarios ----------------------------------------------------------
 
     /// Stores an uploaded scenario archive; its `{"scenario": reference}`.
-    pub async fn upload_scenario(&self, archive: bytes::Bytes) -> Result<serde_json::Value, DomainError> {
+    pub async fn upload_scenario(
+        &self,
+        archive: bytes::Bytes,
+    ) -> Result<serde_json::Value, DomainError> {
         let reference = self.scenarios.upload(archive).await?;
         Ok(serde_json::json!({ "scenario": reference }))
     }

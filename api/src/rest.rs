@@ -317,7 +317,10 @@ async fn delete_instance(
 
 /// `POST /api/v1/scenario`: the body is a tar or tar.gz of a scenario
 /// directory; answers `{"scenario": "nats-object:sha256:<hex>"}`.
-async fn upload_scenario(State(app): State<App>, body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>) -> Result<Response, ApiError> {
+async fn upload_scenario(
+    State(app): State<App>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = body.map_err(|e| {
         ApiError(if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             DomainError::invalid(format!(
@@ -328,7 +331,10 @@ async fn upload_scenario(State(app): State<App>, body: Result<axum::body::Bytes,
             DomainError::invalid(format!("cannot read the request body: {e}"))
         })
     })?;
-    Ok(json_response(StatusCode::OK, &app.upload_scenario(body).await?))
+    Ok(json_response(
+        StatusCode::OK,
+        &app.upload_scenario(body).await?,
+    ))
 }
 
 async fn get_operation(

@@ -97,7 +97,10 @@ pub fn safe_relative(path: &str) -> Result<String, ArchiveError> {
         return Err(ArchiveError::unsafe_path(path, "it is empty"));
     }
     if path.len() > 4096 {
-        return Err(ArchiveError::unsafe_path(path, "it is longer than 4096 bytes"));
+        return Err(ArchiveError::unsafe_path(
+            path,
+            "it is longer than 4096 bytes",
+        ));
     }
     if path.chars().any(char::is_control) {
         return Err(ArchiveError::unsafe_path(
@@ -237,7 +240,12 @@ fn unpack_tar(
             None => match safe_relative(&name) {
                 Ok(p) => Some(p),
                 // The archive's own root (`./`) is no file.
-                Err(_) if kind.is_dir() && name.trim_start_matches("./").trim_matches('/').is_empty() => None,
+                Err(_)
+                    if kind.is_dir()
+                        && name.trim_start_matches("./").trim_matches('/').is_empty() =>
+                {
+                    None
+                }
                 Err(e) => return Err(e),
             },
             Some(prefix) => {
@@ -338,11 +346,7 @@ fn write_file(
 /// The regular files under `dir` as (normalised relative path, absolute
 /// path), sorted; `.git` is left out and links are refused.
 pub fn list_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, ArchiveError> {
-    fn walk(
-        root: &Path,
-        dir: &Path,
-        out: &mut Vec<(String, PathBuf)>,
-    ) -> Result<(), ArchiveError> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<(), ArchiveError> {
         for entry in std::fs::read_dir(dir).map_err(ArchiveError::io("listing", dir))? {
             let entry = entry.map_err(ArchiveError::io("listing", dir))?;
             let path = entry.path();
@@ -356,9 +360,7 @@ pub fn list_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, ArchiveError> {
                 .strip_prefix(root)
                 .ok()
                 .and_then(Path::to_str)
-                .ok_or_else(|| {
-                    ArchiveError::unsafe_path(&path.display().to_string(), "not UTF-8")
-                })?
+                .ok_or_else(|| ArchiveError::unsafe_path(&path.display().to_string(), "not UTF-8"))?
                 .to_owned();
             if kind.is_dir() {
                 walk(root, &path, out)?;
@@ -459,7 +461,12 @@ mod tests {
             ("./", tar::EntryType::Directory, b"", None),
             ("./Pulumi.yaml", tar::EntryType::Regular, b"name: x\n", None),
             ("sub/", tar::EntryType::Directory, b"", None),
-            ("sub/main.go", tar::EntryType::Regular, b"package main\n", None),
+            (
+                "sub/main.go",
+                tar::EntryType::Regular,
+                b"package main\n",
+                None,
+            ),
         ]);
         let mut budget = Budget::new(Limits::default());
         let files = unpack(tar.as_slice(), None, None, &mut budget).expect("checks");
@@ -468,8 +475,7 @@ mod tests {
 
         let dir = tempfile::tempdir().expect("tempdir");
         let gz = {
-            let mut enc =
-                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
             enc.write_all(&tar).expect("gzip");
             enc.finish().expect("gzip")
         };
@@ -493,7 +499,12 @@ mod tests {
                 "absolute",
             ),
             (
-                vec![("link", tar::EntryType::Symlink, &b""[..], Some("/etc/passwd"))],
+                vec![(
+                    "link",
+                    tar::EntryType::Symlink,
+                    &b""[..],
+                    Some("/etc/passwd"),
+                )],
                 "symbolic link",
             ),
             (
@@ -511,8 +522,7 @@ mod tests {
             let tar = tar_with(&entries);
             let dir = tempfile::tempdir().expect("tempdir");
             let mut budget = Budget::new(Limits::default());
-            let err = unpack(tar.as_slice(), None, Some(dir.path()), &mut budget)
-                .expect_err(why);
+            let err = unpack(tar.as_slice(), None, Some(dir.path()), &mut budget).expect_err(why);
             assert!(err.to_string().contains(why), "{why}: {err}");
             assert!(!dir.path().parent().expect("parent").join("evil").exists());
         }

@@ -23,8 +23,9 @@ use std::{
 
 use async_nats::jetstream;
 use cm_core::{
-    DomainError, ids,
+    DomainError,
     archive::Limits,
+    ids,
     oci::{self, OciError, Reference},
     scenario_ref::{ScenarioRef, ScenarioRefError},
     scenario_store::{self, ScenarioStoreError},

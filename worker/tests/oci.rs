@@ -90,7 +90,10 @@ async fn refused(stack: &Stack, id: &str, scenario: &str, why: &str) {
         .await;
     assert_eq!(status, 400, "{scenario}: {body}");
     let message = body["message"].as_str().expect("message");
-    assert!(message.contains(why), "{scenario}: {message:?} should say {why:?}");
+    assert!(
+        message.contains(why),
+        "{scenario}: {message:?} should say {why:?}"
+    );
     assert!(
         stack.store.get_challenge(id).await.expect("etcd").is_none(),
         "{id} must not be stored"
@@ -111,7 +114,11 @@ async fn push_raw(
     let mut layers = Vec::new();
     for (title, content) in files {
         let mut layer: Descriptor = client
-            .push_blob(r, manifest::SCENARIO_FILE_MEDIA_TYPE, Bytes::copy_from_slice(content))
+            .push_blob(
+                r,
+                manifest::SCENARIO_FILE_MEDIA_TYPE,
+                Bytes::copy_from_slice(content),
+            )
             .await
             .expect("layer blob");
         layer.annotations = BTreeMap::from([(manifest::TITLE_ANNOTATION.into(), (*title).into())]);
@@ -156,7 +163,13 @@ async fn pushed_scenario_deploys_and_pulls_verified() {
     );
     let by_digest = Reference::parse(&format!("{}@{digest}", registry.reference("ctf/identity")))
         .expect("digest reference");
-    assert_eq!(oci::inspect(&client, &by_digest).await.expect("inspect").digest, digest);
+    assert_eq!(
+        oci::inspect(&client, &by_digest)
+            .await
+            .expect("inspect")
+            .digest,
+        digest
+    );
 
     let stack = stack_for(&registry, None).await;
     deploy(&stack, "by-tag", &r.to_string()).await;
@@ -170,7 +183,8 @@ async fn bad_references_and_artifacts_are_refused_up_front() {
     let registry = registry::start();
     let client = client_for(&registry, None);
     let project: &[u8] = b"name: identity\nruntime: go\n";
-    let source = |name: &str| std::fs::read(cm_testkit::example("identity").join(name)).expect(name);
+    let source =
+        |name: &str| std::fs::read(cm_testkit::example("identity").join(name)).expect(name);
     let (main_go, go_mod, go_sum) = (source("main.go"), source("go.mod"), source("go.sum"));
 
     let good = Reference::parse(&registry.reference("ctf/good:v1")).expect("ref");
@@ -207,12 +221,17 @@ async fn bad_references_and_artifacts_are_refused_up_front() {
         &client,
         &escaping,
         manifest::SCENARIO_ARTIFACT_TYPE,
-        &[("Pulumi.yaml", project), ("../../etc/cron.d/evil", b"* * * * * root id")],
+        &[
+            ("Pulumi.yaml", project),
+            ("../../etc/cron.d/evil", b"* * * * * root id"),
+        ],
     )
     .await;
     // The library refuses them too, before writing anything.
     let dest = tempfile::tempdir().expect("tempdir");
-    let err = oci::pull(&client, &escaping, dest.path()).await.expect_err("escape");
+    let err = oci::pull(&client, &escaping, dest.path())
+        .await
+        .expect_err("escape");
     assert!(matches!(err, OciError::Archive(_)), "{err}");
     assert_eq!(std::fs::read_dir(dest.path()).expect("dir").count(), 0);
 
@@ -222,14 +241,26 @@ async fn bad_references_and_artifacts_are_refused_up_front() {
         format!("127.0.0.1:{port}/ctf/identity:v1")
     };
     let cases = [
-        (registry.reference("ctf/good:nope"), "not found in the registry"),
-        (registry.reference("ctf/unknown:v1"), "not found in the registry"),
+        (
+            registry.reference("ctf/good:nope"),
+            "not found in the registry",
+        ),
+        (
+            registry.reference("ctf/unknown:v1"),
+            "not found in the registry",
+        ),
         (wrong_type.to_string(), "is not a scenario"),
         (no_project.to_string(), "no Pulumi.yaml"),
         (escaping.to_string(), "it holds '..'"),
         (closed.clone(), "is unreachable"),
-        ("registry.example/UPPER:v1".into(), "not a valid OCI reference"),
-        (format!("nats-object:sha256:{}", "0".repeat(64)), "not in the object store"),
+        (
+            "registry.example/UPPER:v1".into(),
+            "not a valid OCI reference",
+        ),
+        (
+            format!("nats-object:sha256:{}", "0".repeat(64)),
+            "not in the object store",
+        ),
     ];
     for (n, (scenario, why)) in cases.iter().enumerate() {
         refused(&stack, &format!("bad-{n}"), scenario, why).await;
@@ -243,10 +274,17 @@ async fn bad_references_and_artifacts_are_refused_up_front() {
         )
         .await;
     assert_eq!(status, 400, "{body}");
-    assert!(body["message"].as_str().is_some_and(|m| m.contains("--oci-insecure-registries")), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--oci-insecure-registries")),
+        "{body}"
+    );
 
     // The NATS front door takes the same path.
-    let nats = async_nats::connect(stack.nats.url.as_str()).await.expect("nats");
+    let nats = async_nats::connect(stack.nats.url.as_str())
+        .await
+        .expect("nats");
     let resp = nats
         .request(
             "cm.api.challenge.create",
@@ -257,13 +295,23 @@ async fn bad_references_and_artifacts_are_refused_up_front() {
         .await
         .expect("request");
     let headers = resp.headers.expect("error headers");
-    assert_eq!(headers.get("Nats-Service-Error-Code").map(|v| v.as_str()), Some("400"));
+    assert_eq!(
+        headers.get("Nats-Service-Error-Code").map(|v| v.as_str()),
+        Some("400")
+    );
     assert!(
         headers
             .get("Nats-Service-Error")
             .is_some_and(|v| v.as_str().contains("is not a scenario"))
     );
-    assert!(stack.store.get_challenge("nats-bad").await.expect("etcd").is_none());
+    assert!(
+        stack
+            .store
+            .get_challenge("nats-bad")
+            .await
+            .expect("etcd")
+            .is_none()
+    );
 
     // An update to a bad reference changes nothing; to a good one, it applies.
     deploy(&stack, "kept", &good.to_string()).await;
@@ -275,7 +323,12 @@ async fn bad_references_and_artifacts_are_refused_up_front() {
         )
         .await;
     assert_eq!(status, 400, "{body}");
-    let stored = stack.store.get_challenge("kept").await.expect("etcd").expect("kept");
+    let stored = stack
+        .store
+        .get_challenge("kept")
+        .await
+        .expect("etcd")
+        .expect("kept");
     assert_eq!(stored.value.scenario, good.to_string());
 }
 
@@ -290,7 +343,11 @@ fn go_build(dir: &Path) {
         .env("CGO_ENABLED", "0")
         .output()
         .expect("go build");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,7 +398,10 @@ async fn basic_auth_registry() {
         }),
     );
     let err = oci::inspect(&wrong, &r).await.expect_err("wrong password");
-    assert!(err.to_string().contains("credentials were refused"), "{err}");
+    assert!(
+        err.to_string().contains("credentials were refused"),
+        "{err}"
+    );
 
     let authed = client_for(
         &registry,
@@ -380,7 +440,12 @@ async fn uploaded_scenario_deploys() {
     let reference = body["scenario"].as_str().expect("scenario").to_owned();
     assert!(reference.starts_with("nats-object:sha256:"), "{reference}");
     // Same archive, same reference.
-    let again: Value = upload(archive).await.expect("upload").json().await.expect("json");
+    let again: Value = upload(archive)
+        .await
+        .expect("upload")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(again["scenario"], reference.as_str());
 
     deploy(&stack, "uploaded", &reference).await;
@@ -393,15 +458,27 @@ async fn uploaded_scenario_deploys() {
     header.as_old_mut().name[..9].copy_from_slice(b"../evil.x");
     header.set_cksum();
     escaping.append(&header, &b"x"[..]).expect("append");
-    let resp = upload(escaping.into_inner().expect("tar")).await.expect("upload");
+    let resp = upload(escaping.into_inner().expect("tar"))
+        .await
+        .expect("upload");
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.expect("json");
-    assert!(body["message"].as_str().is_some_and(|m| m.contains("'..'")), "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| m.contains("'..'")),
+        "{body}"
+    );
 
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("main.go"), "package main\n").expect("write");
-    let resp = upload(archive::pack_dir(dir.path()).expect("pack")).await.expect("upload");
+    let resp = upload(archive::pack_dir(dir.path()).expect("pack"))
+        .await
+        .expect("upload");
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.expect("json");
-    assert!(body["message"].as_str().is_some_and(|m| m.contains("no Pulumi.yaml")), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no Pulumi.yaml")),
+        "{body}"
+    );
 }

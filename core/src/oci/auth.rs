@@ -175,7 +175,10 @@ mod tests {
 
     #[test]
     fn challenges_parse() {
-        assert_eq!(parse_challenge("Basic realm=\"registry\""), Some(Challenge::Basic));
+        assert_eq!(
+            parse_challenge("Basic realm=\"registry\""),
+            Some(Challenge::Basic)
+        );
         assert_eq!(
             parse_challenge(
                 r#"Bearer realm="https://auth.example/token",service="reg.example",scope="repository:a/b:pull,push""#
@@ -187,7 +190,11 @@ mod tests {
             })
         );
         assert_eq!(parse_challenge("Negotiate x"), None);
-        assert_eq!(parse_challenge("Bearer service=\"x\""), None, "a realm is required");
+        assert_eq!(
+            parse_challenge("Bearer service=\"x\""),
+            None,
+            "a realm is required"
+        );
     }
 
     #[test]
@@ -199,7 +206,10 @@ mod tests {
         );
         let creds = parse_docker_config(text.as_bytes()).expect("parses");
         let ann = &creds["reg.example:5000"];
-        assert_eq!((ann.username.as_str(), ann.password.expose().as_str()), ("ann", "s3cret:with-colon"));
+        assert_eq!(
+            (ann.username.as_str(), ann.password.expose().as_str()),
+            ("ann", "s3cret:with-colon")
+        );
         assert_eq!(creds["other.example"].username, "bob");
         assert!(!creds.contains_key("empty.example"));
         let err = parse_docker_config(br#"{"auths":{"x":{"auth":"!!"}}}"#).expect_err("bad");

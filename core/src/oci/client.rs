@@ -138,7 +138,10 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .and_then(auth::parse_challenge);
         let Some(challenge) = challenge else {
-            return Err(self.unauthorized(r, "it asks for an authentication scheme this client does not speak"));
+            return Err(self.unauthorized(
+                r,
+                "it asks for an authentication scheme this client does not speak",
+            ));
         };
         let value = self.authorize(r, access, &challenge).await?;
         let response = build(&self.http)
@@ -192,7 +195,11 @@ impl Client {
                 }
                 let response = request.send().await.map_err(|e| OciError::Unreachable {
                     registry: format!("{} (token service)", r.registry),
-                    scheme: if realm.starts_with("http://") { "HTTP" } else { "HTTPS" },
+                    scheme: if realm.starts_with("http://") {
+                        "HTTP"
+                    } else {
+                        "HTTPS"
+                    },
                     reason: error_chain(&e),
                     hint: "",
                 })?;
@@ -263,7 +270,10 @@ impl Client {
         let announced = header_str(&response, "docker-content-digest");
         let body = read_bounded(response, manifest::MAX_MANIFEST, "the manifest", r).await?;
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
-        let expected = r.digest.clone().or(announced.filter(|d| d.starts_with("sha256:")));
+        let expected = r
+            .digest
+            .clone()
+            .or(announced.filter(|d| d.starts_with("sha256:")));
         if let Some(expected) = expected
             && expected != digest
         {
@@ -290,7 +300,13 @@ impl Client {
         let url = self.url(r, &format!("blobs/{}", descriptor.digest));
         let response = self.send(r, Access::Pull, |http| http.get(&url)).await?;
         if response.status() == StatusCode::NOT_FOUND {
-            return Err(OciError::layout(r, format!("{what}: blob {} is missing from the registry", descriptor.digest)));
+            return Err(OciError::layout(
+                r,
+                format!(
+                    "{what}: blob {} is missing from the registry",
+                    descriptor.digest
+                ),
+            ));
         }
         let mut response = self.check_status(r, response).await?;
         let mut hasher = Sha256::new();
@@ -304,7 +320,10 @@ impl Client {
             if read > descriptor.size {
                 return Err(OciError::layout(
                     r,
-                    format!("{what} is longer than the {} bytes its descriptor says", descriptor.size),
+                    format!(
+                        "{what} is longer than the {} bytes its descriptor says",
+                        descriptor.size
+                    ),
                 ));
             }
             hasher.update(&chunk);
@@ -356,8 +375,8 @@ impl Client {
         let start = self.url(r, "blobs/uploads/");
         let started = self.send(r, Access::Push, |http| http.post(&start)).await?;
         let started = self.check_status(r, started).await?;
-        let location = header_str(&started, header::LOCATION.as_str())
-            .ok_or_else(|| OciError::Registry {
+        let location =
+            header_str(&started, header::LOCATION.as_str()).ok_or_else(|| OciError::Registry {
                 registry: r.registry.clone(),
                 status: started.status().as_u16(),
                 detail: ": the upload has no Location".into(),
@@ -381,7 +400,11 @@ impl Client {
     }
 
     /// Uploads a manifest under `r`'s tag; the manifest's digest.
-    pub async fn push_manifest(&self, r: &Reference, body: bytes::Bytes) -> Result<String, OciError> {
+    pub async fn push_manifest(
+        &self,
+        r: &Reference,
+        body: bytes::Bytes,
+    ) -> Result<String, OciError> {
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
         if let Some(expected) = &r.digest
             && *expected != digest
@@ -411,7 +434,9 @@ impl Client {
         if status.is_success() {
             return Ok(response);
         }
-        let body = read_bounded(response, 64 * 1024, "an error", r).await.unwrap_or_default();
+        let body = read_bounded(response, 64 * 1024, "an error", r)
+            .await
+            .unwrap_or_default();
         let detail = registry_errors(&body);
         if status == StatusCode::FORBIDDEN {
             return Err(self.unauthorized(r, &format!("access denied{detail}")));
@@ -466,7 +491,10 @@ async fn read_bounded(
     r: &Reference,
 ) -> Result<Vec<u8>, OciError> {
     if response.content_length().is_some_and(|n| n > max) {
-        return Err(OciError::layout(r, format!("{what} is larger than {max} bytes")));
+        return Err(OciError::layout(
+            r,
+            format!("{what} is larger than {max} bytes"),
+        ));
     }
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(|e| OciError::Unreachable {
@@ -476,7 +504,10 @@ async fn read_bounded(
         hint: "",
     })? {
         if body.len() as u64 + chunk.len() as u64 > max {
-            return Err(OciError::layout(r, format!("{what} is larger than {max} bytes")));
+            return Err(OciError::layout(
+                r,
+                format!("{what} is larger than {max} bytes"),
+            ));
         }
         body.extend_from_slice(&chunk);
     }

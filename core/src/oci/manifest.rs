@@ -83,7 +83,11 @@ pub struct Layer {
 }
 
 /// Reads a manifest, refusing what is not an image manifest.
-pub fn parse(reference: &str, content_type: Option<&str>, bytes: &[u8]) -> Result<Manifest, OciError> {
+pub fn parse(
+    reference: &str,
+    content_type: Option<&str>,
+    bytes: &[u8],
+) -> Result<Manifest, OciError> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Probe {
@@ -101,7 +105,8 @@ pub fn parse(reference: &str, content_type: Option<&str>, bytes: &[u8]) -> Resul
         .clone()
         .or_else(|| content_type.map(|c| c.split(';').next().unwrap_or(c).trim().to_owned()))
         .unwrap_or_default();
-    let is_index = probe.manifests.is_some() || media_type.contains("index") || media_type.contains("list");
+    let is_index =
+        probe.manifests.is_some() || media_type.contains("index") || media_type.contains("list");
     if probe.schema_version != 2 || is_index {
         return Err(OciError::UnsupportedManifest {
             reference: reference.to_owned(),
@@ -132,7 +137,11 @@ impl Manifest {
     /// that are missing, duplicated or escape the directory, sizes over the
     /// budget, and file layers without a `Pulumi.yaml` (when no directory
     /// layer could bring one).
-    pub fn scenario_layers(&self, reference: &str, budget: &mut Budget) -> Result<Vec<Layer>, OciError> {
+    pub fn scenario_layers(
+        &self,
+        reference: &str,
+        budget: &mut Budget,
+    ) -> Result<Vec<Layer>, OciError> {
         if self.artifact_type() != SCENARIO_ARTIFACT_TYPE {
             return Err(OciError::NotAScenario {
                 reference: reference.to_owned(),
@@ -163,7 +172,10 @@ impl Manifest {
             let Some(title) = layer.annotations.get(TITLE_ANNOTATION) else {
                 return Err(OciError::layout(
                     &reference,
-                    format!("layer {} has no {TITLE_ANNOTATION} annotation", layer.digest),
+                    format!(
+                        "layer {} has no {TITLE_ANNOTATION} annotation",
+                        layer.digest
+                    ),
                 ));
             };
             let path = archive::safe_relative(title)?;
@@ -184,7 +196,9 @@ impl Manifest {
                 },
             });
         }
-        let has_directory = layers.iter().any(|l| matches!(l.kind, LayerKind::Directory(_)));
+        let has_directory = layers
+            .iter()
+            .any(|l| matches!(l.kind, LayerKind::Directory(_)));
         let files: Vec<String> = layers
             .iter()
             .filter_map(|l| match &l.kind {
@@ -248,10 +262,28 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_a_scenario_with_reasons() {
-        let wrong_type = manifest(Some("application/vnd.example"), EMPTY_CONFIG, vec![layer("Pulumi.yaml")]);
-        assert!(check(&wrong_type).expect_err("type").to_string().contains("is not a scenario"));
-        let no_project = manifest(Some(SCENARIO_ARTIFACT_TYPE), EMPTY_CONFIG, vec![layer("main")]);
-        assert!(check(&no_project).expect_err("project").to_string().contains("no Pulumi.yaml"));
+        let wrong_type = manifest(
+            Some("application/vnd.example"),
+            EMPTY_CONFIG,
+            vec![layer("Pulumi.yaml")],
+        );
+        assert!(
+            check(&wrong_type)
+                .expect_err("type")
+                .to_string()
+                .contains("is not a scenario")
+        );
+        let no_project = manifest(
+            Some(SCENARIO_ARTIFACT_TYPE),
+            EMPTY_CONFIG,
+            vec![layer("main")],
+        );
+        assert!(
+            check(&no_project)
+                .expect_err("project")
+                .to_string()
+                .contains("no Pulumi.yaml")
+        );
         for bad in ["../../etc/cron.d/x", "/etc/passwd", "a/../../b"] {
             let escaping = manifest(
                 Some(SCENARIO_ARTIFACT_TYPE),
@@ -261,16 +293,43 @@ mod tests {
             let err = check(&escaping).expect_err(bad).to_string();
             assert!(err.contains("is refused"), "{bad}: {err}");
         }
-        let twice = manifest(Some(SCENARIO_ARTIFACT_TYPE), EMPTY_CONFIG, vec![layer("Pulumi.yaml"), layer("./Pulumi.yaml")]);
-        assert!(check(&twice).expect_err("twice").to_string().contains("twice"));
+        let twice = manifest(
+            Some(SCENARIO_ARTIFACT_TYPE),
+            EMPTY_CONFIG,
+            vec![layer("Pulumi.yaml"), layer("./Pulumi.yaml")],
+        );
+        assert!(
+            check(&twice)
+                .expect_err("twice")
+                .to_string()
+                .contains("twice")
+        );
         let mut untitled = layer("x");
         untitled.annotations.clear();
-        let m = manifest(Some(SCENARIO_ARTIFACT_TYPE), EMPTY_CONFIG, vec![layer("Pulumi.yaml"), untitled]);
-        assert!(check(&m).expect_err("title").to_string().contains("no org.opencontainers.image.title"));
+        let m = manifest(
+            Some(SCENARIO_ARTIFACT_TYPE),
+            EMPTY_CONFIG,
+            vec![layer("Pulumi.yaml"), untitled],
+        );
+        assert!(
+            check(&m)
+                .expect_err("title")
+                .to_string()
+                .contains("no org.opencontainers.image.title")
+        );
         let mut big = layer("main");
         big.size = 1 << 40;
-        let m = manifest(Some(SCENARIO_ARTIFACT_TYPE), EMPTY_CONFIG, vec![layer("Pulumi.yaml"), big]);
-        assert!(check(&m).expect_err("size").to_string().contains("larger than"));
+        let m = manifest(
+            Some(SCENARIO_ARTIFACT_TYPE),
+            EMPTY_CONFIG,
+            vec![layer("Pulumi.yaml"), big],
+        );
+        assert!(
+            check(&m)
+                .expect_err("size")
+                .to_string()
+                .contains("larger than")
+        );
     }
 
     #[test]
@@ -282,6 +341,9 @@ mod tests {
             "config":{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"sha256:x","size":1},"layers":[]}"#;
         let m = parse("r", None, docker).expect("parses");
         let err = check(&m).expect_err("not a scenario").to_string();
-        assert!(err.contains("application/vnd.docker.container.image.v1+json"), "{err}");
+        assert!(
+            err.contains("application/vnd.docker.container.image.v1+json"),
+            "{err}"
+        );
     }
 }

@@ -96,16 +96,22 @@ async fn fetch_layers(
                         .open(&target)
                         .await
                         .map_err(archive::ArchiveError::io("creating", &target))?;
-                    client.blob_to(r, &layer.descriptor, path, &mut file).await?;
+                    client
+                        .blob_to(r, &layer.descriptor, path, &mut file)
+                        .await?;
                 }
                 contents.add(path, layer.descriptor.size)?;
                 files.push(path.clone());
             }
             LayerKind::Directory(prefix) => {
-                let tmp = tempfile::tempfile()
-                    .map_err(archive::ArchiveError::io("creating a temporary file in", &std::env::temp_dir()))?;
+                let tmp = tempfile::tempfile().map_err(archive::ArchiveError::io(
+                    "creating a temporary file in",
+                    &std::env::temp_dir(),
+                ))?;
                 let mut out = tokio::fs::File::from_std(tmp);
-                client.blob_to(r, &layer.descriptor, prefix, &mut out).await?;
+                client
+                    .blob_to(r, &layer.descriptor, prefix, &mut out)
+                    .await?;
                 let mut std_file = out.into_std().await;
                 let (prefix, dest) = (prefix.clone(), dest.map(Path::to_owned));
                 let unpacked = tokio::task::spawn_blocking(move || {
@@ -113,7 +119,8 @@ async fn fetch_layers(
                     std_file
                         .rewind()
                         .map_err(archive::ArchiveError::io("reading", Path::new(&prefix)))?;
-                    let listed = archive::unpack(&std_file, Some(&prefix), dest.as_deref(), &mut contents)?;
+                    let listed =
+                        archive::unpack(&std_file, Some(&prefix), dest.as_deref(), &mut contents)?;
                     Ok::<_, archive::ArchiveError>((listed, contents))
                 })
                 .await

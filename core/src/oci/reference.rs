@@ -33,7 +33,9 @@ pub enum ReferenceError {
         "repository {0:?} is invalid (lowercase letters, digits and '.', '_', '-' separators, '/' between components)"
     )]
     BadRepository(String),
-    #[error("tag {0:?} is invalid (1-128 letters, digits, '_', '.', '-', not starting with '.' or '-')")]
+    #[error(
+        "tag {0:?} is invalid (1-128 letters, digits, '_', '.', '-', not starting with '.' or '-')"
+    )]
     BadTag(String),
     #[error("digest {0:?} is invalid (expected sha256: and 64 lowercase hex digits)")]
     BadDigest(String),
@@ -145,12 +147,15 @@ fn is_registry(s: &str) -> bool {
         Some((h, p)) => (h, Some(p)),
         None => (s, None),
     };
-    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    let port_ok =
+        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
     let host_ok = !host.is_empty()
         && host.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
@@ -210,24 +215,38 @@ mod tests {
     fn parses_tags_digests_and_both() {
         let r = Reference::parse("registry.example.org/ctf/web-1:v1").expect("tag");
         assert_eq!(
-            (r.registry.as_str(), r.repository.as_str(), r.tag.as_deref(), r.digest.as_deref()),
+            (
+                r.registry.as_str(),
+                r.repository.as_str(),
+                r.tag.as_deref(),
+                r.digest.as_deref()
+            ),
             ("registry.example.org", "ctf/web-1", Some("v1"), None)
         );
         assert_eq!(r.manifest_reference(), "v1");
 
         let r = Reference::parse(&format!("localhost:5000/a/b@{D}")).expect("digest");
-        assert_eq!((r.registry.as_str(), r.repository.as_str()), ("localhost:5000", "a/b"));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("localhost:5000", "a/b")
+        );
         assert_eq!((r.tag.as_deref(), r.digest.as_deref()), (None, Some(D)));
         assert_eq!(r.manifest_reference(), D);
 
         let s = format!("127.0.0.1:5000/scenario:latest@{D}");
         let r = Reference::parse(&s).expect("both");
-        assert_eq!((r.tag.as_deref(), r.digest.as_deref()), (Some("latest"), Some(D)));
+        assert_eq!(
+            (r.tag.as_deref(), r.digest.as_deref()),
+            (Some("latest"), Some(D))
+        );
         assert_eq!(r.manifest_reference(), D, "the digest wins");
         assert_eq!(r.to_string(), s);
 
         let r = Reference::parse("localhost/x").expect("no tag");
-        assert_eq!((r.tag_or_latest(), r.manifest_reference()), ("latest", "latest"));
+        assert_eq!(
+            (r.tag_or_latest(), r.manifest_reference()),
+            ("latest", "latest")
+        );
     }
 
     #[test]

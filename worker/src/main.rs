@@ -61,7 +61,7 @@ struct PulumiArgs {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Consume commands from JetStream until SIGINT/SIGTERM (the service).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Export only the queue-lag and inventory gauges on /metrics (no
     /// consuming), for a deployment that scrapes them apart from the workers.
     QueueExporter(ExporterArgs),
@@ -206,7 +206,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = cm_core::telemetry::init("cm-worker")?;
     match cli.command {
-        Command::Run(args) => run(&cli.pulumi, args).await,
+        Command::Run(args) => run(&cli.pulumi, *args).await,
         Command::QueueExporter(args) => {
             cm_worker::run_exporter(
                 &args.connect,

@@ -49,6 +49,9 @@ impl ClientConfig {
     }
 }
 
+/// (registry, repository, actions) an `Authorization` value is good for.
+type AuthKey = (String, String, &'static str);
+
 /// A distribution API client. Cheap to clone (shared connection pool and
 /// token cache).
 #[derive(Debug, Clone)]
@@ -56,7 +59,7 @@ pub struct Client {
     http: reqwest::Client,
     config: Arc<ClientConfig>,
     /// `Authorization` values by (registry, repository, actions).
-    auth: Arc<Mutex<HashMap<(String, String, &'static str), Secret<String>>>>,
+    auth: Arc<Mutex<HashMap<AuthKey, Secret<String>>>>,
 }
 
 /// Access a request needs.

@@ -11,7 +11,7 @@
 //! - [`auth`]: credentials (flags, docker `config.json`) and the
 //!   `WWW-Authenticate` handshake (basic, bearer tokens).
 //! - [`config`]: the shared `--oci-*` flags.
-//! - [`error`]: [`OciError`].
+//! - [`error`]: the client's errors, [`OciError`].
 
 pub mod auth;
 pub mod client;

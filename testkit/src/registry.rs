@@ -15,12 +15,24 @@ pub struct Registry {
     /// `127.0.0.1:<port>`: the registry part of references, and the entry
     /// for `--oci-insecure-registries`.
     pub host: String,
+    storage: std::path::PathBuf,
 }
 
 impl Registry {
     /// `<host>/<repository>` for a reference.
     pub fn reference(&self, repository_and_tag: &str) -> String {
         format!("{}/{repository_and_tag}", self.host)
+    }
+
+    /// Where the registry keeps the blob `sha256:<hex>` on disk (for tests
+    /// that tamper with stored content).
+    pub fn blob_path(&self, digest: &str) -> std::path::PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.storage
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2.min(hex.len())])
+            .join(hex)
+            .join("data")
     }
 
     /// The registry's base URL (`http://127.0.0.1:<port>`).
@@ -98,7 +110,9 @@ fn launch(htpasswd: Option<String>) -> Registry {
             .and_then(|p| p.parse::<u16>().ok())
     });
     let host = format!("127.0.0.1:{port}");
+    let storage = root.join("data");
     Registry {
+        storage,
         server: Server::new(child, dir, format!("http://{host}")),
         host,
     }

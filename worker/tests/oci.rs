@@ -332,6 +332,114 @@ async fn bad_references_and_artifacts_are_refused_up_front() {
     assert_eq!(stored.value.scenario, good.to_string());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digests_are_verified_and_directory_layers_unpack() {
+    let registry = registry::start();
+    let client = client_for(&registry, None);
+    let project: &[u8] = b"name: x\nruntime: go\n";
+
+    // oras's directory layer: a tar.gz of `web/`, marked to be unpacked.
+    let tgz = |entries: &[(&str, &[u8])]| {
+        let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut tar = tar::Builder::new(gz);
+        for (name, data) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            header.set_cksum();
+            tar.append(&header, *data).expect("append");
+        }
+        tar.into_inner().expect("tar").finish().expect("gzip")
+    };
+    let push_with_directory = |repo: &'static str, layer: Vec<u8>| {
+        let client = client.clone();
+        let r = Reference::parse(&registry.reference(repo)).expect("ref");
+        async move {
+            let config = client
+                .push_blob(&r, manifest::EMPTY_CONFIG, Bytes::from_static(b"{}"))
+                .await
+                .expect("config");
+            let mut file = client
+                .push_blob(
+                    &r,
+                    manifest::SCENARIO_FILE_MEDIA_TYPE,
+                    Bytes::from_static(b"name: x\nruntime: go\n"),
+                )
+                .await
+                .expect("file");
+            file.annotations =
+                BTreeMap::from([(manifest::TITLE_ANNOTATION.into(), "Pulumi.yaml".into())]);
+            let mut web = client
+                .push_blob(&r, manifest::SCENARIO_FILE_MEDIA_TYPE, Bytes::from(layer))
+                .await
+                .expect("directory");
+            web.annotations = BTreeMap::from([
+                (manifest::TITLE_ANNOTATION.into(), "web".into()),
+                (manifest::UNPACK_ANNOTATION.into(), "true".into()),
+            ]);
+            let m = Manifest {
+                schema_version: 2,
+                media_type: Some(manifest::IMAGE_MANIFEST.into()),
+                artifact_type: None,
+                // Older oras: the artifact type as the config's media type.
+                config: Descriptor {
+                    media_type: manifest::SCENARIO_ARTIFACT_TYPE.into(),
+                    ..config
+                },
+                layers: vec![file, web],
+                annotations: BTreeMap::new(),
+            };
+            client
+                .push_manifest(&r, Bytes::from(serde_json::to_vec(&m).expect("json")))
+                .await
+                .expect("manifest");
+            r
+        }
+    };
+    let r = push_with_directory("ctf/dir:v1", tgz(&[("web/css/site.css", b"body{}")])).await;
+    let dest = tempfile::tempdir().expect("tempdir");
+    let pulled = oci::pull(&client, &r, dest.path()).await.expect("pull");
+    assert_eq!(pulled.files, ["Pulumi.yaml", "web/css/site.css"]);
+    assert_eq!(
+        std::fs::read(dest.path().join("web/css/site.css")).expect("css"),
+        b"body{}"
+    );
+    assert_eq!(
+        oci::inspect(&client, &r).await.expect("inspect").files,
+        pulled.files
+    );
+
+    let outside = push_with_directory("ctf/dir-escape:v1", tgz(&[("other/x", b"x")])).await;
+    let err = oci::inspect(&client, &outside)
+        .await
+        .expect_err("outside its directory");
+    assert!(
+        err.to_string().contains("outside the layer's directory"),
+        "{err}"
+    );
+
+    // A blob altered in the registry's storage no longer matches its digest.
+    let tampered = Reference::parse(&registry.reference("ctf/tampered:v1")).expect("ref");
+    push_raw(
+        &client,
+        &tampered,
+        manifest::SCENARIO_ARTIFACT_TYPE,
+        &[("Pulumi.yaml", project)],
+    )
+    .await;
+    let (_, m) = client.manifest(&tampered).await.expect("manifest");
+    let blob = registry.blob_path(&m.layers[0].digest);
+    let mut bytes = std::fs::read(&blob).expect("stored blob");
+    bytes[0] ^= 0x20;
+    std::fs::write(&blob, bytes).expect("tamper");
+    let dest = tempfile::tempdir().expect("tempdir");
+    let err = oci::pull(&client, &tampered, dest.path())
+        .await
+        .expect_err("tampered");
+    assert!(matches!(err, OciError::DigestMismatch { .. }), "{err}");
+}
+
 /// Builds the identity example into `dir/main` with `go build`.
 fn go_build(dir: &Path) {
     let out = std::process::Command::new(cm_testkit::go())

@@ -64,9 +64,8 @@ impl Scenarios {
                 "the request body is empty; a tar or tar.gz of a scenario directory is expected",
             ));
         }
-        let mut limits = self.oci.config().limits;
-        limits.max_total = limits.max_total.min(self.max_upload as u64);
-        scenario_store::upload(&self.js, archive, limits)
+        let limits = self.oci.config().limits;
+        scenario_store::upload(&self.js, archive, self.max_upload as u64, limits)
             .await
             .map_err(|e| store_error(&e))
     }

@@ -70,18 +70,18 @@ fn object_name(hex: &str) -> String {
     format!("sha256:{hex}")
 }
 
-/// Checks `archive` (tar or tar.gz of a scenario directory) and stores it;
-/// returns its reference, `nats-object:sha256:<hex>`. Storing the same
-/// archive twice stores it once.
+/// Checks `archive` (tar or tar.gz of a scenario directory, at most
+/// `max_archive` bytes, its content within `limits`) and stores it; returns
+/// its reference, `nats-object:sha256:<hex>`. Storing the same archive twice
+/// stores it once.
 pub async fn upload(
     js: &jetstream::Context,
     archive: bytes::Bytes,
+    max_archive: u64,
     limits: Limits,
 ) -> Result<String, ScenarioStoreError> {
-    if archive.len() as u64 > limits.max_total {
-        return Err(ScenarioStoreError::TooLarge {
-            limit: limits.max_total,
-        });
+    if archive.len() as u64 > max_archive {
+        return Err(ScenarioStoreError::TooLarge { limit: max_archive });
     }
     let checked = archive.clone();
     tokio::task::spawn_blocking(move || {

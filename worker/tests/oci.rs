@@ -558,6 +558,23 @@ async fn uploaded_scenario_deploys() {
 
     deploy(&stack, "uploaded", &reference).await;
 
+    // The NATS front door stores it under the same reference.
+    let nats = async_nats::connect(stack.nats.url.as_str())
+        .await
+        .expect("nats");
+    let resp = nats
+        .request(
+            "cm.api.scenario.upload",
+            archive::pack_dir(&cm_testkit::example("identity"))
+                .expect("pack")
+                .into(),
+        )
+        .await
+        .expect("NATS upload");
+    assert!(resp.headers.is_none(), "{:?}", resp.headers);
+    let body: Value = serde_json::from_slice(&resp.payload).expect("json");
+    assert_eq!(body["scenario"], reference.as_str());
+
     // An archive escaping its directory, or without Pulumi.yaml, is refused.
     let mut escaping = tar::Builder::new(Vec::new());
     let mut header = tar::Header::new_gnu();

@@ -46,7 +46,9 @@ Commands:
                 the Debian packages nats-server, etcd-server (/usr/bin/etcd) and
                 protobuf-compiler (protoc), prometheus and prometheus-alertmanager
                 (used by the monitoring tests), netcat-openbsd (nc, to talk to
-                the demo's TCP service) with apt-get (apt-get update first only
+                the demo's TCP service), docker-registry (the OCI registry the
+                scenario-source tests push to; its systemd service is not
+                used) with apt-get (apt-get update first only
                 when something is missing), then the Pulumi CLI and its Go
                 language host via scripts/install-pulumi.sh (cached; the first
                 build takes minutes), then the project's provider plugins
@@ -126,7 +128,7 @@ install_packages() {
   # package:command pairs
   local pairs=(nats-server:nats-server etcd-server:etcd protobuf-compiler:protoc
     prometheus:prometheus prometheus-alertmanager:amtool bsdutils:script
-    netcat-openbsd:nc)
+    netcat-openbsd:nc docker-registry:docker-registry)
   local missing=() pair
   for pair in "${pairs[@]}"; do
     find_bin "${pair#*:}" >/dev/null || missing+=("${pair%%:*}")

@@ -8,6 +8,8 @@
 //! - [`nats_service`]: the same operations as a NATS service.
 //! - [`ops`]: the operations both front doors share.
 //! - [`validate`]: request validation.
+//! - [`scenarios`]: scenario checks before publishing (OCI registries, the
+//!   object store) and direct uploads.
 //! - [`submit`]: publishing commands and routing their results back.
 //! - [`json`]: lenient protobuf-JSON parsing (grpc-gateway's behaviour).
 //! - [`error`]: the one mapping of domain errors to HTTP and NATS errors.
@@ -17,6 +19,7 @@ pub mod json;
 pub mod nats_service;
 pub mod ops;
 pub mod rest;
+pub mod scenarios;
 pub mod submit;
 pub mod validate;
 
@@ -43,7 +46,14 @@ pub struct ApiConfig {
     pub result_timeout: Duration,
     /// Serve the NATS service front door too.
     pub nats_service: bool,
+    /// How OCI registries are reached, and scenario size bounds.
+    pub oci: cm_core::oci::ClientConfig,
+    /// Largest scenario archive accepted by `POST /api/v1/scenario`, in bytes.
+    pub max_upload: usize,
 }
+
+/// Default of [`ApiConfig::max_upload`]: 128 MiB.
+pub const DEFAULT_MAX_UPLOAD: usize = 128 << 20;
 
 /// Why the API could not run.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +82,11 @@ pub async fn run(
         .await
         .map_err(|e| ApiRunError::Nats(e.to_string()))?;
     let store = Store::connect(&config.etcd_endpoints, &config.etcd_root, &config.store).await?;
+    let scenarios = scenarios::Scenarios::new(
+        cm_core::oci::Client::new(config.oci.clone()),
+        js.clone(),
+        config.max_upload,
+    );
     let submitter = Submitter::start(nats.clone(), js, store.clone())
         .await
         .map_err(|e| ApiRunError::Nats(e.to_string()))?;
@@ -79,6 +94,7 @@ pub async fn run(
         store,
         submitter,
         result_timeout: config.result_timeout,
+        scenarios,
     };
 
     let token = CancellationToken::new();

@@ -2,6 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use anyhow::Context;
 use clap::Parser;
 use cm_api::ApiConfig;
 use cm_core::{config::ConnectArgs, queue::QueueConfig, store::StoreOptions};
@@ -28,6 +29,13 @@ struct Cli {
     /// Do not serve the NATS service front door (REST only).
     #[arg(long, env = "CM_NO_NATS_SERVICE")]
     no_nats_service: bool,
+
+    #[command(flatten)]
+    oci: cm_core::oci::config::OciArgs,
+
+    /// Largest scenario archive `POST /api/v1/scenario` accepts, in bytes.
+    #[arg(long, env = "CM_SCENARIO_MAX_UPLOAD", default_value_t = cm_api::DEFAULT_MAX_UPLOAD)]
+    scenario_max_upload: usize,
 }
 
 #[tokio::main]
@@ -43,6 +51,11 @@ async fn main() -> anyhow::Result<()> {
         queue: QueueConfig::default(),
         result_timeout: cli.result_timeout,
         nats_service: !cli.no_nats_service,
+        oci: cli
+            .oci
+            .client_config()
+            .context("reading the OCI registry credentials")?,
+        max_upload: cli.scenario_max_upload,
     };
     cm_api::run(config, listener, cm_core::shutdown::signal()).await?;
     Ok(())

@@ -4,7 +4,8 @@
 //!
 //! Endpoints (group `cm.api`), request and response bodies are the REST JSON:
 //! `challenge.create|get|list|update|delete`, `instance.create|get|list|renew|delete`,
-//! `operation.get`. `get`/`delete` take `{"id"}` or `{"challengeId","sourceId"}`,
+//! `operation.get`, `scenario.upload` (the body is the tar(.gz) itself, so
+//! within the server's `max_payload`). `get`/`delete` take `{"id"}` or `{"challengeId","sourceId"}`,
 //! `instance.list` takes `{"sourceId"}`; lists answer a JSON array. A request
 //! with the header `Prefer: respond-async` is answered once accepted.
 //! Errors are service errors: code = the HTTP status REST would answer,
@@ -31,7 +32,7 @@ use crate::{
 /// The service's name in `$SRV` discovery.
 pub const SERVICE_NAME: &str = "cm";
 
-const ENDPOINTS: [&str; 12] = [
+const ENDPOINTS: [&str; 13] = [
     "challenge.create",
     "challenge.get",
     "challenge.list",
@@ -44,6 +45,7 @@ const ENDPOINTS: [&str; 12] = [
     "instance.delete",
     "instance.reset",
     "operation.get",
+    "scenario.upload",
 ];
 
 /// Serves the NATS service until `shutdown`.
@@ -179,6 +181,8 @@ async fn dispatch(app: &App, name: &str, body: &[u8], mode: Mode) -> Result<Byte
                     .await?,
             )
         }
+        // The body is the archive itself (within the server's max_payload).
+        "scenario.upload" => to_bytes(&app.upload_scenario(Bytes::copy_from_slice(body)).await?),
         "operation.get" => {
             #[derive(serde::Deserialize)]
             struct ById {

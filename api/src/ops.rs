@@ -15,6 +15,7 @@ use cm_schemas::v1::{
 };
 
 use crate::{
+    scenarios::Scenarios,
     submit::{Submitted, Submitter},
     validate,
 };
@@ -43,6 +44,8 @@ pub struct App {
     pub submitter: Submitter,
     /// How long a write waits for the worker's result.
     pub result_timeout: Duration,
+    /// Scenario checks (registries, object store) and uploads.
+    pub scenarios: Scenarios,
 }
 
 /// How the caller wants a write handled.
@@ -87,6 +90,7 @@ impl App {
                 req.id
             )));
         }
+        self.scenarios.check(&req.scenario).await?;
         expect_challenge(self.write(Request::ChallengeCreate(req), who, mode).await?)
     }
 
@@ -143,6 +147,9 @@ impl App {
     ) -> Result<Reply<Challenge>, DomainError> {
         validate::update_challenge(&req)?;
         self.require_challenge(&req.id).await?;
+        if let Some(scenario) = &req.scenario {
+            self.scenarios.check(scenario).await?;
+        }
         expect_challenge(self.write(Request::ChallengeUpdate(req), who, mode).await?)
     }
 
@@ -244,6 +251,17 @@ impl App {
             source_id: sid,
         };
         expect_deleted(self.write(Request::InstanceDelete(req), who, mode).await?)
+    }
+
+    // ---- scenarios ----------------------------------------------------------
+
+    /// Stores an uploaded scenario archive; its `{"scenario": reference}`.
+    pub async fn upload_scenario(
+        &self,
+        archive: bytes::Bytes,
+    ) -> Result<serde_json::Value, DomainError> {
+        let reference = self.scenarios.upload(archive).await?;
+        Ok(serde_json::json!({ "scenario": reference }))
     }
 
     // ---- operations ---------------------------------------------------------

@@ -55,6 +55,11 @@ pub fn router(app: App) -> Router {
             axum::routing::post(reset_instance),
         )
         .route("/api/v1/operation/{id}", get(get_operation))
+        .route(
+            "/api/v1/scenario",
+            axum::routing::post(upload_scenario)
+                .layer(DefaultBodyLimit::max(app.scenarios.max_upload)),
+        )
         .merge(cm_core::metrics::router())
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(
@@ -308,6 +313,28 @@ async fn delete_instance(
     let mode = mode(&headers);
     let done = app.delete_instance(cid, sid, requester(), mode).await?;
     Ok(reply(done.into_empty(), mode))
+}
+
+/// `POST /api/v1/scenario`: the body is a tar or tar.gz of a scenario
+/// directory; answers `{"scenario": "nats-object:sha256:<hex>"}`.
+async fn upload_scenario(
+    State(app): State<App>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| {
+        ApiError(if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            DomainError::invalid(format!(
+                "the scenario archive is larger than {} bytes",
+                app.scenarios.max_upload
+            ))
+        } else {
+            DomainError::invalid(format!("cannot read the request body: {e}"))
+        })
+    })?;
+    Ok(json_response(
+        StatusCode::OK,
+        &app.upload_scenario(body).await?,
+    ))
 }
 
 async fn get_operation(

@@ -11,32 +11,11 @@ use pbjson_types::Duration;
 const MAX_ADDITIONAL_ENTRIES: usize = 64;
 const MAX_ADDITIONAL_KEY: usize = 128;
 const MAX_ADDITIONAL_VALUE: usize = 4096;
-const MAX_SCENARIO_LEN: usize = 512;
 
-/// Checks a scenario reference: a relative path or an OCI reference.
+/// Checks a scenario reference's syntax: a relative directory, an OCI
+/// reference or an uploaded archive's `nats-object:sha256:<hex>`.
 pub fn scenario(reference: &str) -> Result<(), DomainError> {
-    if reference.is_empty() {
-        return Err(DomainError::invalid("scenario must not be empty"));
-    }
-    if reference.len() > MAX_SCENARIO_LEN {
-        return Err(DomainError::invalid(format!(
-            "scenario is longer than {MAX_SCENARIO_LEN} bytes"
-        )));
-    }
-    if reference
-        .chars()
-        .any(|c| c.is_control() || c.is_whitespace())
-    {
-        return Err(DomainError::invalid(
-            "scenario must not contain whitespace or control characters",
-        ));
-    }
-    if reference.starts_with('/') || reference.split('/').any(|part| part == "..") {
-        return Err(DomainError::invalid(
-            "scenario must be a relative reference without '..'",
-        ));
-    }
-    Ok(())
+    crate::scenarios::parse(reference).map(|_| ())
 }
 
 fn timeout(t: &Option<Duration>) -> Result<(), DomainError> {

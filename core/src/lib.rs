@@ -2,6 +2,7 @@
 //! etcd store and locks, the queue contract and the telemetry setup.
 //!
 //! # Layout
+//! - [`archive`]: scenario file rules (safe paths, links, sizes) and tar(.gz).
 //! - [`config`]: the NATS/etcd options every binary shares.
 //! - [`error`]: [`DomainError`], a gRPC code and a client-safe message.
 //! - [`ids`]: validation of user ids and their encoding into subjects and keys.
@@ -10,12 +11,16 @@
 //! - [`model`]: challenge and instance records, the `until` rules.
 //! - [`store`]: the etcd store (revision-guarded transactions).
 //! - [`lock`]: leases and reader/writer locks on etcd.
+//! - [`oci`]: scenarios in OCI registries (chall-manager's layout): pull, inspect, push.
+//! - [`scenario_ref`]: what a challenge's `scenario` names (directory, OCI, upload).
+//! - [`scenario_store`]: uploaded scenario archives in the JetStream object store.
 //! - [`queue`]: streams, subjects, headers and trace-context propagation.
 //! - [`secret`]: a wrapper that keeps secrets (passphrases, tokens) out of logs.
 //! - [`shutdown`]: SIGINT/SIGTERM handling (graceful, then immediate).
 //! - [`telemetry`]: logging/tracing setup, one function returning a guard.
 //! - [`tools`]: finding `pulumi` and `go`, with the setup hint when missing.
 
+pub mod archive;
 pub mod config;
 pub mod error;
 pub mod identity;
@@ -23,7 +28,10 @@ pub mod ids;
 pub mod lock;
 pub mod metrics;
 pub mod model;
+pub mod oci;
 pub mod queue;
+pub mod scenario_ref;
+pub mod scenario_store;
 pub mod secret;
 pub mod shutdown;
 pub mod store;

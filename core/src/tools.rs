@@ -7,8 +7,7 @@
 use std::path::{Path, PathBuf};
 
 /// The setup command to name when a tool is missing.
-pub const SETUP_HINT: &str =
-    "run `scripts/dev.sh install` (it installs nats-server, etcd and protoc, and builds Pulumi)";
+pub const SETUP_HINT: &str = "run `scripts/dev.sh install` (it installs nats-server, etcd, protoc and docker-registry, and builds Pulumi)";
 
 /// A required program that could not be found.
 #[derive(Debug, thiserror::Error)]

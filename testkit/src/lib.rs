@@ -9,9 +9,12 @@
 //! - [`pulumi`], [`go`]: the real Pulumi CLI and Go toolchain.
 //! - [`plugin`]: the project's own provider plugins (`providers/`), built.
 //! - [`server`]: `nats-server` (JetStream on) and `etcd` processes.
+//! - [`registry`]: a real OCI registry (`docker-registry`), optionally with
+//!   htpasswd authentication.
 //! - [`workspace_root`], [`example`]: paths into this repository.
 
 pub mod plugin;
+pub mod registry;
 pub mod server;
 
 use std::path::PathBuf;

@@ -29,8 +29,15 @@ pub struct Server {
 /// What was started, so that it can be started again the same way.
 #[derive(Debug, Clone, Copy)]
 enum Kind {
-    Nats { port: u16 },
-    Etcd { client: u16, peer: u16 },
+    Nats {
+        port: u16,
+    },
+    Etcd {
+        client: u16,
+        peer: u16,
+    },
+    /// Started elsewhere (see [`Server::new`]).
+    Other,
 }
 
 impl Drop for Server {
@@ -40,6 +47,17 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// Wraps a started, ready child with its data directory (a server that
+    /// [`Server::start`] cannot start again).
+    pub fn new(child: Child, dir: tempfile::TempDir, url: String) -> Self {
+        Self {
+            child: Some(child),
+            dir,
+            kind: Kind::Other,
+            url,
+        }
+    }
+
     /// The process id, for tests that stop or kill it (0 once stopped).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
@@ -60,6 +78,7 @@ impl Server {
         self.child = Some(match self.kind {
             Kind::Nats { port } => launch_nats(self.dir.path(), &port.to_string()).0,
             Kind::Etcd { client, peer } => launch_etcd(self.dir.path(), client, peer),
+            Kind::Other => panic!("this server cannot be started again"),
         });
     }
 }
@@ -145,7 +164,7 @@ fn launch_etcd(dir: &std::path::Path, client: u16, peer: u16) -> Child {
     child
 }
 
-fn tempdir(prefix: &str) -> tempfile::TempDir {
+pub(crate) fn tempdir(prefix: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix(prefix)
         .tempdir()
@@ -154,7 +173,7 @@ fn tempdir(prefix: &str) -> tempfile::TempDir {
 
 /// Reads the child's stderr until `probe` finds what it looks for, then keeps
 /// draining it in the background so the child never blocks on a full pipe.
-fn wait_for_line<T: Send + 'static>(
+pub(crate) fn wait_for_line<T: Send + 'static>(
     child: &mut Child,
     name: &str,
     probe: impl Fn(&str) -> Option<T> + Send + 'static,

@@ -1,11 +1,15 @@
 //! What every command handler works with: the store, the queue, the Pulumi
-//! driver, the lease that binds this worker's locks, and the scenario root.
+//! driver, the lease that binds this worker's locks, and the scenario sources.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use async_nats::jetstream;
 use cm_core::{
-    DomainError, ids,
+    DomainError,
     lock::{self, LockGuard, LockMode, LockSet, Session},
     model::ChallengeRecord,
     queue::{self, CommandKind, QueueConfig},
@@ -16,6 +20,7 @@ use cm_schemas::v1::{Command, RefillPool, Requester, command::Request};
 use crate::{
     handlers::HandlerError,
     pulumi::{Driver, PreparedScenario},
+    sources::{Source, SourceError, Sources},
 };
 
 /// Shared state of a running worker.
@@ -27,8 +32,10 @@ pub struct Ctx {
     pub driver: Arc<Driver>,
     pub session: Session,
     pub queue: QueueConfig,
-    /// Scenario references resolve to directories under this root.
-    pub scenarios_dir: PathBuf,
+    /// Resolves scenario references (directories, OCI, uploads).
+    pub sources: Sources,
+    /// Prepared scenarios of immutable (digest-named) sources, by their key.
+    pub prepared: Mutex<HashMap<String, PreparedScenario>>,
     /// Longest wait for a lock before the command is retried later.
     pub lock_timeout: Duration,
     /// Cap on concurrent instances per source.
@@ -159,39 +166,34 @@ impl Ctx {
     }
 
     /// Resolves a scenario reference and prepares (validates, compiles) it.
+    /// Content named by a digest is prepared once per process.
     pub async fn scenario(&self, reference: &str) -> Result<PreparedScenario, HandlerError> {
-        let dir = resolve_scenario(&self.scenarios_dir, reference)?;
-        Ok(self.driver.prepare(&dir).await?)
+        let source = self.sources.resolve(reference).await?;
+        let Source::Cached { key, dir } = source else {
+            return Ok(self.driver.prepare(source.dir()).await?);
+        };
+        let memo = self.prepared.lock().ok().and_then(|m| m.get(&key).cloned());
+        if let Some(prepared) = memo.filter(|p| p.binary.is_file()) {
+            return Ok(prepared);
+        }
+        let prepared = self.driver.prepare(&dir).await?;
+        if let Ok(mut map) = self.prepared.lock() {
+            map.insert(key, prepared.clone());
+        }
+        Ok(prepared)
     }
 }
 
-/// A scenario reference is, for now, a relative directory under the workers'
-/// scenario root (`--scenarios-dir`).
-pub fn resolve_scenario(root: &std::path::Path, reference: &str) -> Result<PathBuf, DomainError> {
-    ids::validate(
-        "scenario",
-        reference
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap_or_default(),
-    )?;
-    let relative = std::path::Path::new(reference);
-    let safe = relative
-        .components()
-        .all(|c| matches!(c, std::path::Component::Normal(_)));
-    if !safe {
-        return Err(DomainError::invalid(format!(
-            "scenario {reference:?} must be a relative path without '..'"
-        )));
+impl From<SourceError> for HandlerError {
+    fn from(e: SourceError) -> Self {
+        if e.is_retryable() {
+            return Self::Retry(e.to_string());
+        }
+        match e {
+            SourceError::Directory(d) => Self::Domain(d),
+            other => Self::Domain(DomainError::invalid(other.to_string())),
+        }
     }
-    let dir = root.join(relative);
-    if !dir.is_dir() {
-        return Err(DomainError::invalid(format!(
-            "scenario {reference:?} not found in the workers' scenario directory"
-        )));
-    }
-    Ok(dir)
 }
 
 /// Publishes a command issued by the worker itself and waits for

@@ -10,6 +10,8 @@
 //! - [`observer`]: queue-lag and inventory gauges for `/metrics`.
 //! - [`pulumi`]: the Pulumi driver, the only place that runs the CLI.
 //! - [`failpoint`]: places the crash tests make the worker die on purpose.
+//! - [`sources`]: scenario references to local directories (scenario root,
+//!   OCI registries, uploads in the object store), cached per digest.
 
 pub mod consumer;
 pub mod context;
@@ -17,6 +19,7 @@ pub mod failpoint;
 pub mod handlers;
 pub mod observer;
 pub mod pulumi;
+pub mod sources;
 
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 
@@ -39,8 +42,10 @@ pub struct WorkerConfig {
     pub queue: QueueConfig,
     /// Commands processed at once by this worker.
     pub concurrency: usize,
-    /// Scenario references resolve under this directory.
+    /// Directory scenario references resolve under this directory.
     pub scenarios_dir: PathBuf,
+    /// How OCI registries are reached, and scenario size bounds.
+    pub oci: cm_core::oci::ClientConfig,
     pub driver: pulumi::DriverConfig,
     pub lock_timeout: Duration,
     /// Cap on concurrent instances per source.
@@ -131,11 +136,17 @@ pub async fn run(
     let ctx = Arc::new(Ctx {
         store,
         nats: nats.clone(),
-        js,
+        js: js.clone(),
         driver,
         session,
         queue: config.queue.clone(),
-        scenarios_dir: config.scenarios_dir.clone(),
+        sources: sources::Sources::new(
+            config.scenarios_dir.clone(),
+            config.driver.cache_dir.join("sources"),
+            cm_core::oci::Client::new(config.oci.clone()),
+            js.clone(),
+        ),
+        prepared: Default::default(),
         lock_timeout: config.lock_timeout,
         quota: config.quota,
     });

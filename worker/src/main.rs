@@ -61,7 +61,7 @@ struct PulumiArgs {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Consume commands from JetStream until SIGINT/SIGTERM (the service).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Export only the queue-lag and inventory gauges on /metrics (no
     /// consuming), for a deployment that scrapes them apart from the workers.
     QueueExporter(ExporterArgs),
@@ -89,9 +89,13 @@ struct RunArgs {
     #[arg(long, env = "CM_WORKER_CONCURRENCY", default_value_t = 4)]
     concurrency: usize,
 
-    /// Directory that scenario references (a challenge's `scenario`) resolve in.
+    /// Directory that directory scenario references (a challenge's
+    /// `scenario` naming neither a registry nor an upload) resolve in.
     #[arg(long, env = "CM_SCENARIOS_DIR", default_value = "examples")]
     scenarios_dir: PathBuf,
+
+    #[command(flatten)]
+    oci: cm_core::oci::config::OciArgs,
 
     /// Longest wait for a lock before the command is retried later.
     #[arg(long, env = "CM_LOCK_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
@@ -202,7 +206,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = cm_core::telemetry::init("cm-worker")?;
     match cli.command {
-        Command::Run(args) => run(&cli.pulumi, args).await,
+        Command::Run(args) => run(&cli.pulumi, *args).await,
         Command::QueueExporter(args) => {
             cm_worker::run_exporter(
                 &args.connect,
@@ -232,6 +236,10 @@ async fn run(pulumi: &PulumiArgs, args: RunArgs) -> anyhow::Result<()> {
         queue,
         concurrency: args.concurrency.max(1),
         scenarios_dir: args.scenarios_dir,
+        oci: args
+            .oci
+            .client_config()
+            .context("reading the OCI registry credentials")?,
         driver: pulumi.driver_config()?,
         lock_timeout: args.lock_timeout,
         quota: cm_worker::context::Quota {

@@ -63,42 +63,190 @@ fn corpus() -> Vec<Case> {
         "]".repeat(40)
     );
     vec![
-        case("traversal in a challenge id", post.clone(), c, cc,
-            challenge(json!({"id": "../../etc/passwd", "scenario": "identity"})), 400, "must not contain '/'"),
-        case("dot-dot challenge id", post.clone(), c, cc,
-            challenge(json!({"id": "..", "scenario": "identity"})), 400, "'.' or '..'"),
-        case("traversal in a scenario", post.clone(), c, cc,
-            challenge(json!({"id": "t1", "scenario": "../../../etc"})), 400, "'..'"),
-        case("absolute scenario path", post.clone(), c, cc,
-            challenge(json!({"id": "t2", "scenario": "/etc/passwd"})), 400, "scenario"),
-        case("traversal in a source id", post.clone(), i, ic,
-            challenge(json!({"challengeId": "x", "sourceId": "../x"})), 400, "must not contain '/'"),
-        case("NUL in an id", post.clone(), c, cc,
-            challenge(json!({"id": "a\u{0}b", "scenario": "identity"})), 400, "control characters"),
-        case("escape sequence in a source id", post.clone(), i, ic,
-            challenge(json!({"challengeId": "x", "sourceId": "x\u{1b}[31m"})), 400, "control characters"),
-        case("non-UTF-8 bytes", post.clone(), c, cc,
-            vec![b'{', b'"', b'i', b'd', b'"', b':', b'"', 0xff, 0xfe, b'"', b'}'], 400, "not valid JSON"),
-        case("truncated JSON", post.clone(), c, cc, b"{\"id\": \"c\",".to_vec(), 400, "not valid JSON"),
-        case("very deeply nested JSON", post.clone(), c, cc, nested.into_bytes(), 400, "recursion limit"),
-        case("deeply nested JSON", post.clone(), c, cc, nested40.into_bytes(), 400, "deep"),
-        case("id of the wrong type", post.clone(), c, cc,
-            challenge(json!({"id": true, "scenario": "identity"})), 400, "invalid request"),
-        case("timeout of the wrong type", post.clone(), c, cc,
-            challenge(json!({"id": "t3", "scenario": "identity", "timeout": 5})), 400, "invalid request"),
-        case("additional of the wrong type", post.clone(), c, cc,
-            challenge(json!({"id": "t4", "scenario": "identity", "additional": {"k": 1}})), 400, "invalid request"),
-        case("pool size overflowing int64", post.clone(), c, cc,
-            b"{\"id\":\"t5\",\"scenario\":\"identity\",\"min\":99999999999999999999999}".to_vec(), 400, "invalid request"),
-        case("negative pool size", post.clone(), c, cc,
-            challenge(json!({"id": "t6", "scenario": "identity", "max": -3})), 400, "max"),
-        case("timeout overflowing", post.clone(), c, cc,
-            challenge(json!({"id": "t7", "scenario": "identity", "timeout": "99999999999999999999s"})), 400, "invalid request"),
-        case("OCI reference with a bad digest", post.clone(), c, cc,
-            challenge(json!({"id": "t8", "scenario": "registry.example:5000/repo@sha256:nothex"})), 400, "scenario"),
-        case("OCI reference with whitespace", post.clone(), c, cc,
-            challenge(json!({"id": "t9", "scenario": "registry.example/repo:ta g"})), 400, "whitespace"),
-        case("an array instead of an object", post.clone(), c, cc, b"[]".to_vec(), 400, "JSON object"),
+        case(
+            "traversal in a challenge id",
+            post.clone(),
+            c,
+            cc,
+            challenge(json!({"id": "../../etc/passwd", "scenario": "identity"})),
+            400,
+            "must not contain '/'",
+        ),
+        case(
+            "dot-dot challenge id",
+            post.clone(),
+            c,
+            cc,
+            challenge(json!({"id": "..", "scenario": "identity"})),
+            400,
+            "'.' or '..'",
+        ),
+        case(
+            "traversal in a scenario",
+            post.clone(),
+            c,
+            cc,
+            challenge(json!({"id": "t1", "scenario": "../../../etc"})),
+            400,
+            "'..'",
+        ),
+        case(
+            "absolute scenario path",
+            post.clone(),
+            c,
+            cc,
+            challenge(json!({"id": "t2", "scenario": "/etc/passwd"})),
+            400,
+            "scenario",
+        ),
+        case(
+            "traversal in a source id",
+            post.clone(),
+            i,
+            ic,
+            challenge(json!({"challengeId": "x", "sourceId": "../x"})),
+            400,
+            "must not contain '/'",
+        ),
+        case(
+            "NUL in an id",
+            post.clone(),
+            c,
+            cc,
+            challenge(json!({"id": "a\u{0}b", "scenario": "identity"})),
+            400,
+            "control characters",
+        ),
+        case(
+            "escape sequence in a source id",
+            post.clone(),
+            i,
+            ic,
+            challenge(json!({"challengeId": "x", "sourceId": "x\u{1b}[31m"})),
+            400,
+            "control characters",
+        ),
+        case(
+            "non-UTF-8 bytes",
+            post.clone(),
+            c,
+            cc,
+            vec![
+                b'{', b'"', b'i', b'd', b'"', b':', b'"', 0xff, 0xfe, b'"', b'}',
+            ],
+            400,
+            "not valid JSON",
+        ),
+        case(
+            "truncated JSON",
+            post.clone(),
+            c,
+            cc,
+            b"{\"id\": \"c\",".to_vec(),
+            400,
+            "not valid JSON",
+        ),
+        case(
+            "very deeply nested JSON",
+            post.clone(),
+            c,
+            cc,
+            nested.into_bytes(),
+            400,
+            "recursion limit",
+        ),
+        case(
+            "deeply nested JSON",
+            post.clone(),
+            c,
+            cc,
+            nested40.into_bytes(),
+            400,
+            "deep",
+        ),
+        case(
+            "id of the wrong type",
+            post.clone(),
+            c,
+            cc,
+            challenge(json!({"id": true, "scenario": "identity"})),
+            400,
+            "invalid request",
+        ),
+        case(
+            "timeout of the wrong type",
+            post.clone(),
+            c,
+            cc,
+            challenge(json!({"id": "t3", "scenario": "identity", "timeout": 5})),
+            400,
+            "invalid request",
+        ),
+        case(
+            "additional of the wrong type",
+            post.clone(),
+            c,
+            cc,
+            challenge(json!({"id": "t4", "scenario": "identity", "additional": {"k": 1}})),
+            400,
+            "invalid request",
+        ),
+        case(
+            "pool size overflowing int64",
+            post.clone(),
+            c,
+            cc,
+            b"{\"id\":\"t5\",\"scenario\":\"identity\",\"min\":99999999999999999999999}".to_vec(),
+            400,
+            "invalid request",
+        ),
+        case(
+            "negative pool size",
+            post.clone(),
+            c,
+            cc,
+            challenge(json!({"id": "t6", "scenario": "identity", "max": -3})),
+            400,
+            "max",
+        ),
+        case(
+            "timeout overflowing",
+            post.clone(),
+            c,
+            cc,
+            challenge(
+                json!({"id": "t7", "scenario": "identity", "timeout": "99999999999999999999s"}),
+            ),
+            400,
+            "invalid request",
+        ),
+        case(
+            "OCI reference with a bad digest",
+            post.clone(),
+            c,
+            cc,
+            challenge(json!({"id": "t8", "scenario": "registry.example:5000/repo@sha256:nothex"})),
+            400,
+            "scenario",
+        ),
+        case(
+            "OCI reference with whitespace",
+            post.clone(),
+            c,
+            cc,
+            challenge(json!({"id": "t9", "scenario": "registry.example/repo:ta g"})),
+            400,
+            "whitespace",
+        ),
+        case(
+            "an array instead of an object",
+            post.clone(),
+            c,
+            cc,
+            b"[]".to_vec(),
+            400,
+            "JSON object",
+        ),
     ]
 }
 
@@ -114,7 +262,9 @@ async fn malformed_requests_are_refused_on_both_front_doors_and_nothing_is_writt
     let mut huge = b"{\"id\":\"c\",\"scenario\":\"".to_vec();
     huge.extend(std::iter::repeat_n(b'y', 1024 * 1024 + 10));
     huge.extend(b"\"}");
-    let (status, text) = stack.call_raw(Method::POST, "/api/v1/challenge", huge).await;
+    let (status, text) = stack
+        .call_raw(Method::POST, "/api/v1/challenge", huge)
+        .await;
     assert_eq!(status, 400, "huge body: {text}");
     assert!(text.contains("larger than"), "huge body: {text}");
 
@@ -123,8 +273,8 @@ async fn malformed_requests_are_refused_on_both_front_doors_and_nothing_is_writt
             .call_raw(case.method.clone(), case.path, case.body.clone())
             .await;
         assert_eq!(status, case.status, "REST, {}: {text}", case.what);
-        let body: serde_json::Value =
-            serde_json::from_str(&text).unwrap_or_else(|_| panic!("REST, {}: not JSON: {text}", case.what));
+        let body: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("REST, {}: not JSON: {text}", case.what));
         let message = body["message"].as_str().unwrap_or_default();
         assert!(
             message.contains(case.says),
@@ -134,11 +284,17 @@ async fn malformed_requests_are_refused_on_both_front_doors_and_nothing_is_writt
         );
 
         let reply = nats
-            .request(format!("cm.api.{}", case.endpoint), case.body.clone().into())
+            .request(
+                format!("cm.api.{}", case.endpoint),
+                case.body.clone().into(),
+            )
             .await
             .unwrap_or_else(|e| panic!("NATS, {}: no answer: {e}", case.what));
         let headers = reply.headers.as_ref().unwrap_or_else(|| {
-            panic!("NATS, {}: answered without an error: {:?}", case.what, reply.payload)
+            panic!(
+                "NATS, {}: answered without an error: {:?}",
+                case.what, reply.payload
+            )
         });
         let code = headers
             .get("Nats-Service-Error-Code")
@@ -148,7 +304,12 @@ async fn malformed_requests_are_refused_on_both_front_doors_and_nothing_is_writt
             .get("Nats-Service-Error")
             .map(|v| v.as_str().to_owned())
             .unwrap_or_default();
-        assert_eq!(code, case.status.to_string(), "NATS, {}: {error}", case.what);
+        assert_eq!(
+            code,
+            case.status.to_string(),
+            "NATS, {}: {error}",
+            case.what
+        );
         assert!(
             error.contains(case.says),
             "NATS, {}: the error should say {:?}: {error}",
@@ -162,15 +323,19 @@ async fn malformed_requests_are_refused_on_both_front_doors_and_nothing_is_writt
         .call(
             Method::POST,
             "/api/v1/challenge",
-            Some(json!({"id": "lenient", "scenario": "identity", "unknownField": 1,
-                        "nested": {"x": [1, 2]}})),
+            Some(
+                json!({"id": "lenient", "scenario": "identity", "unknownField": 1,
+                        "nested": {"x": [1, 2]}}),
+            ),
         )
         .await;
     assert_eq!(status, 200, "{body}");
     let reply = nats
         .request(
             "cm.api.challenge.get",
-            json!({"id": "lenient", "somethingNew": true}).to_string().into(),
+            json!({"id": "lenient", "somethingNew": true})
+                .to_string()
+                .into(),
         )
         .await
         .expect("NATS get");
@@ -186,7 +351,11 @@ async fn malformed_requests_are_refused_on_both_front_doors_and_nothing_is_writt
     let mut published = Vec::new();
     for seq in 1..=last {
         if let Ok(m) = stream.get_raw_message(seq).await {
-            published.push(format!("{} {}", m.subject, String::from_utf8_lossy(&m.payload)));
+            published.push(format!(
+                "{} {}",
+                m.subject,
+                String::from_utf8_lossy(&m.payload)
+            ));
         }
     }
     assert_eq!(
@@ -201,7 +370,11 @@ async fn malformed_requests_are_refused_on_both_front_doors_and_nothing_is_writt
         .client()
         .get(
             "/cm/instance/",
-            Some(etcd_client::GetOptions::new().with_prefix().with_count_only()),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
         )
         .await
         .expect("etcd");

@@ -108,6 +108,8 @@ impl Stack {
             queue: queue_config(&options),
             result_timeout: Duration::from_secs(120),
             nats_service: false,
+            oci: Default::default(),
+            max_upload: cm_api::DEFAULT_MAX_UPLOAD,
         };
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -162,6 +164,7 @@ impl Stack {
             lease_ttl: 10,
             shutdown_grace: Duration::from_secs(5),
             metrics_listen: None,
+            oci: Default::default(),
         };
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {

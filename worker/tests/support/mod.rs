@@ -26,6 +26,7 @@ pub fn worker_config(nats: &str, etcd: &str, cache: PathBuf) -> cm_worker::Worke
         queue: Default::default(),
         concurrency: 4,
         scenarios_dir: cm_testkit::workspace_root().join("examples"),
+        oci: Default::default(),
         driver: cm_worker::pulumi::DriverConfig {
             pulumi: cm_testkit::pulumi(),
             go: cm_testkit::go(),
@@ -50,6 +51,8 @@ pub fn api_config(nats: &str, etcd: &str) -> cm_api::ApiConfig {
         queue: Default::default(),
         result_timeout: Duration::from_secs(120),
         nats_service: true,
+        oci: Default::default(),
+        max_upload: cm_api::DEFAULT_MAX_UPLOAD,
     }
 }
 
@@ -118,13 +121,23 @@ impl Stack {
 
     /// Same, with extra environment for the workers (`CM_LOCK_TIMEOUT`, ...).
     pub async fn start_with(workers: usize, worker_env: &[(&str, &str)]) -> Self {
+        Self::start_custom(workers, worker_env, |_| {}).await
+    }
+
+    /// Same, with the API's configuration adjusted by `configure`.
+    pub async fn start_custom(
+        workers: usize,
+        worker_env: &[(&str, &str)],
+        configure: impl FnOnce(&mut cm_api::ApiConfig),
+    ) -> Self {
         let nats = server::nats();
         let etcd = server::etcd();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let api = format!("http://{}", listener.local_addr().expect("addr"));
-        let config = api_config(&nats.url, &etcd.url);
+        let mut config = api_config(&nats.url, &etcd.url);
+        configure(&mut config);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let api_task = tokio::spawn(async move {
             let shutdown = async {

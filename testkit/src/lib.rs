@@ -8,9 +8,11 @@
 //! # Layout
 //! - [`pulumi`], [`go`]: the real Pulumi CLI and Go toolchain.
 //! - [`server`]: `nats-server` (JetStream on) and `etcd` processes.
+//! - [`wait`]: an API healthy, the workers' queue drained.
 //! - [`workspace_root`], [`example`]: paths into this repository.
 
 pub mod server;
+pub mod wait;
 
 use std::path::PathBuf;
 

@@ -63,7 +63,9 @@ impl Bins {
         if workspace.join("Cargo.toml").is_file() {
             match cargo_build(workspace, release) {
                 Ok(bins) => return Ok(bins),
-                Err(e) => tracing::warn!(error = %e, "cargo could not build the service binaries; looking next to cm-bench"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cargo could not build the service binaries; looking next to cm-bench")
+                }
             }
         }
         Self::in_dir(&here, &format!("next to {}", exe.display()))
@@ -141,7 +143,10 @@ mod tests {
         );
         let lib = r#"{"reason":"compiler-artifact","target":{"name":"cm_core"},"executable":null}"#;
         assert_eq!(executable(lib), None);
-        assert_eq!(executable(r#"{"reason":"build-finished","success":true}"#), None);
+        assert_eq!(
+            executable(r#"{"reason":"build-finished","success":true}"#),
+            None
+        );
         assert_eq!(executable("not json"), None);
     }
 
@@ -149,6 +154,9 @@ mod tests {
     fn a_directory_without_the_binaries_is_refused_with_a_hint() {
         let dir = tempfile::tempdir().expect("tempdir");
         let err = Bins::in_dir(dir.path(), "test").expect_err("empty dir");
-        assert!(err.to_string().contains("cargo build --release -p cm-api"), "{err}");
+        assert!(
+            err.to_string().contains("cargo build --release -p cm-api"),
+            "{err}"
+        );
     }
 }

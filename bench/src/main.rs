@@ -121,7 +121,12 @@ struct Opts {
 
     /// Stored instances at which the janitor tick is timed
     /// [default: 1000,10000,100000; quick: 1000,10000].
-    #[arg(long, global = true, env = "CM_BENCH_JANITOR_SIZES", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        env = "CM_BENCH_JANITOR_SIZES",
+        value_delimiter = ','
+    )]
     janitor_sizes: Option<Vec<usize>>,
 
     /// Janitor ticks timed at each size [default: 20; quick: 5].
@@ -133,7 +138,12 @@ struct Opts {
     idle_settle: Option<u64>,
 
     /// Commands each worker runs at once (the worker's own default).
-    #[arg(long, global = true, env = "CM_WORKER_CONCURRENCY", default_value_t = 4)]
+    #[arg(
+        long,
+        global = true,
+        env = "CM_WORKER_CONCURRENCY",
+        default_value_t = 4
+    )]
     worker_concurrency: usize,
 
     /// Where the JSON goes [default: target/cm-bench.json in the workspace].

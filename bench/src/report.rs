@@ -224,8 +224,8 @@ impl Report {
                 },
                 r.verdict.as_str().into(),
                 match (&r.ratio, &r.ratio_of) {
-                    (Some(v), Some(of)) => format!("{}x {of}", num(*v)),
-                    (Some(v), None) => format!("{}x", num(*v)),
+                    (Some(v), Some(of)) => format!("{v:.2}x {of}"),
+                    (Some(v), None) => format!("{v:.2}x"),
                     _ => "-".into(),
                 },
             ]);
@@ -317,7 +317,7 @@ mod tests {
     fn table_has_every_column_and_the_notes() {
         let mut report = Report::default();
         report.push(
-            Row::latency("x", "pool claim", &[4.0, 6.0])
+            Row::latency("x", "pool claim", &[6.0, 7.0])
                 .at_most(Stat::P50, 5.0)
                 .ratio(1.5, "vs raw"),
         );

@@ -143,7 +143,12 @@ impl Load {
         let ours: BTreeMap<String, f64> = after
             .ours
             .iter()
-            .map(|(n, t)| (n.clone(), pct(t.saturating_sub(self.before.ours.get(n).copied().unwrap_or(0)))))
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    pct(t.saturating_sub(self.before.ours.get(n).copied().unwrap_or(0))),
+                )
+            })
             .collect();
         let ours_ticks: u64 = after
             .ours

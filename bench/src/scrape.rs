@@ -40,7 +40,8 @@ pub fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 /// The mean of histogram `name` (seconds) between two scrapes, in
 /// milliseconds, and how many observations it covers.
 pub fn mean_ms(before: &str, after: &str, name: &str, labels: &[(&str, &str)]) -> (f64, u64) {
-    let s = sum(after, &format!("{name}_sum"), labels) - sum(before, &format!("{name}_sum"), labels);
+    let s =
+        sum(after, &format!("{name}_sum"), labels) - sum(before, &format!("{name}_sum"), labels);
     let c = sum(after, &format!("{name}_count"), labels)
         - sum(before, &format!("{name}_count"), labels);
     if c <= 0.0 {
@@ -58,7 +59,10 @@ mod tests {
 
     #[test]
     fn sums_matching_series() {
-        assert_eq!(sum(AFTER, "cm_pulumi_duration_seconds_sum", &[("phase", "up")]), 4.0);
+        assert_eq!(
+            sum(AFTER, "cm_pulumi_duration_seconds_sum", &[("phase", "up")]),
+            4.0
+        );
         assert_eq!(sum(AFTER, "cm_pulumi_duration_seconds_sum", &[]), 13.0);
         assert_eq!(sum(AFTER, "plain", &[]), 3.0);
         assert_eq!(sum(AFTER, "absent", &[]), 0.0);
@@ -66,7 +70,12 @@ mod tests {
 
     #[test]
     fn mean_between_scrapes() {
-        let (mean, n) = mean_ms(BEFORE, AFTER, "cm_pulumi_duration_seconds", &[("phase", "up")]);
+        let (mean, n) = mean_ms(
+            BEFORE,
+            AFTER,
+            "cm_pulumi_duration_seconds",
+            &[("phase", "up")],
+        );
         assert_eq!(n, 3);
         assert!((mean - 1000.0).abs() < 1e-9);
         let (none, zero) = mean_ms(AFTER, AFTER, "cm_pulumi_duration_seconds", &[]);

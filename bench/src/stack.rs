@@ -153,7 +153,10 @@ impl Stack {
                 .env("CM_GO", &env.go)
                 .env("CM_WORKER_CACHE_DIR", &env.cache_dir)
                 .env("CM_PULUMI_PASSPHRASE", PASSPHRASE)
-                .env("CM_WORKER_CONCURRENCY", config.worker_concurrency.to_string())
+                .env(
+                    "CM_WORKER_CONCURRENCY",
+                    config.worker_concurrency.to_string(),
+                )
                 .env("CM_METRICS_LISTEN", format!("127.0.0.1:{metrics}"))
                 .env("CM_SHUTDOWN_GRACE", "5s");
             connect(&mut cmd);
@@ -240,10 +243,29 @@ impl Stack {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!("{} of {} workers pulling after {limit:?}", waiting, self.workers.len());
+                bail!(
+                    "{} of {} workers pulling after {limit:?}",
+                    waiting,
+                    self.workers.len()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Waits until the workers have acknowledged everything (so their
+    /// `/metrics` count every command answered so far).
+    pub async fn settle(&self) -> anyhow::Result<()> {
+        let drained = cm_testkit::wait::drained(
+            &self.nats.url,
+            Duration::from_millis(10),
+            Duration::from_secs(60),
+        )
+        .await?;
+        if !drained {
+            bail!("the workers did not drain the queue\n{}", self.logs(15));
+        }
+        Ok(())
     }
 
     /// The API, the workers and the janitor.
@@ -278,9 +300,15 @@ impl Stack {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = req.send().await.with_context(|| format!("requesting {path}"))?;
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("requesting {path}"))?;
         let status = resp.status().as_u16();
-        let text = resp.text().await.with_context(|| format!("reading {path}"))?;
+        let text = resp
+            .text()
+            .await
+            .with_context(|| format!("reading {path}"))?;
         let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok((status, value))
     }
@@ -344,7 +372,8 @@ fn spawn(
     metrics: String,
 ) -> anyhow::Result<Service> {
     let log = logs.join(format!("{tag}-{name}.log"));
-    let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let file =
+        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -14,6 +14,7 @@ use serde_json::json;
 use super::Ctx;
 use crate::{
     report::{Row, Stat},
+    scrape,
     stack::{Stack, StackConfig},
     stats::ms,
 };
@@ -51,9 +52,32 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
             "each claim asks for a refill; its Pulumi runs while later claims are timed",
         ),
     ] {
+        let worker = &stack.workers[0].metrics;
+        let capped = id == "capped";
+        if capped {
+            stack.settle().await?;
+        }
+        let before = scrape::fetch(&stack.http, worker).await?;
         let mut samples = Vec::with_capacity(pool);
         for n in 0..pool {
             samples.push(ms(stack.create(id, &format!("{id}-{n}")).await?));
+        }
+        if capped {
+            // Refills of a capped pool run no Pulumi: waiting for them is quick.
+            stack.settle().await?;
+            let after = scrape::fetch(&stack.http, worker).await?;
+            let kind = [("kind", "instance.create")];
+            let (handler, n) =
+                scrape::mean_ms(&before, &after, "cm_command_duration_seconds", &kind);
+            ctx.report.push(
+                Row::value(
+                    "claim.capped.handler",
+                    "claim: worker handler (mean, /metrics)",
+                    handler,
+                    "ms",
+                )
+                .n(n as usize),
+            );
         }
         ctx.report.push(
             Row::latency(&format!("claim.{id}"), name, &samples)
@@ -66,7 +90,12 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
 }
 
 /// Waits until `challenge` has `size` ready pooled instances.
-async fn wait_pool(stack: &Stack, challenge: &str, size: usize, limit: Duration) -> anyhow::Result<()> {
+async fn wait_pool(
+    stack: &Stack,
+    challenge: &str,
+    size: usize,
+    limit: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     loop {
         let ready = stack

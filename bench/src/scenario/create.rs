@@ -28,12 +28,14 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         .challenge(json!({"id": "fresh", "scenario": super::EXAMPLE, "timeout": "3600s"}))
         .await?;
     stack.create("fresh", "warm-up").await?;
+    stack.settle().await?;
     let worker = &stack.workers[0];
     let before = scrape::fetch(&stack.http, &worker.metrics).await?;
     let mut samples = Vec::new();
     for n in 0..ctx.params.iterations {
         samples.push(ms(stack.create("fresh", &format!("s{n}")).await?));
     }
+    stack.settle().await?;
     let after = scrape::fetch(&stack.http, &worker.metrics).await?;
     let e2e = p50(&samples);
     let e2e_mean = samples.iter().sum::<f64>() / samples.len().max(1) as f64;
@@ -47,7 +49,8 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         .at_most(Stat::Ratio, MAX_RATIO),
     );
     let kind = [("kind", "instance.create")];
-    let (handler, n_handler) = scrape::mean_ms(&before, &after, "cm_command_duration_seconds", &kind);
+    let (handler, n_handler) =
+        scrape::mean_ms(&before, &after, "cm_command_duration_seconds", &kind);
     let (pulumi, n_pulumi) = scrape::mean_ms(
         &before,
         &after,
@@ -82,7 +85,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     ctx.report.push(
         Row::value(
             "create.publish_to_ack",
-            "create: publish to ack (mean, /metrics)",
+            "create: publish to ack (mean, /metrics; the ack follows the reply)",
             queue,
             "ms",
         )

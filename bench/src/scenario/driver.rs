@@ -17,7 +17,12 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
 
     // First deploy: a fresh scenario cache each time (Go's build cache warm).
     let mut first = Vec::new();
-    for _ in 0..ctx.params.iterations.clamp(1, 3) {
+    let compiles = if ctx.params.quick {
+        1
+    } else {
+        ctx.params.iterations.clamp(1, 3)
+    };
+    for _ in 0..compiles {
         let cache = tempfile::tempdir().context("creating a cache")?;
         let driver = ctx.driver(cache.path().to_owned())?;
         let started = Instant::now();
@@ -53,7 +58,11 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         destroy.push(ms(started.elapsed()));
     }
     for (id, name, samples) in [
-        ("driver.first_deploy", "driver: first deploy (compile + up)", first),
+        (
+            "driver.first_deploy",
+            "driver: first deploy (compile + up)",
+            first,
+        ),
         ("driver.up_new", "driver: new stack (up)", create),
         ("driver.up_update", "driver: update in place (up)", update),
         ("driver.destroy", "driver: destroy", destroy),

@@ -9,11 +9,7 @@ use anyhow::{Context, bail};
 use cm_core::Identity;
 
 use super::Ctx;
-use crate::{
-    report::Row,
-    stack::PASSPHRASE,
-    stats::ms,
-};
+use crate::{report::Row, stack::PASSPHRASE, stats::ms};
 
 pub const PULUMI_UP: &str = "floor.pulumi_up";
 
@@ -52,13 +48,9 @@ pub async fn raw_up(pulumi: &Path, binary: &Path, home: &Path) -> anyhow::Result
     .context("writing Pulumi.yaml")?;
     std::os::unix::fs::symlink(binary, root.join("main")).context("linking the program")?;
     let identity = Identity::random();
-    let path = std::env::join_paths(
-        pulumi
-            .parent()
-            .map(Path::to_path_buf)
-            .into_iter()
-            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
-    )
+    let path = std::env::join_paths(pulumi.parent().map(Path::to_path_buf).into_iter().chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))
     .context("building PATH")?;
     let pulumi_cmd = |args: &[&str]| {
         let mut cmd = tokio::process::Command::new(pulumi);
@@ -81,7 +73,9 @@ pub async fn raw_up(pulumi: &Path, binary: &Path, home: &Path) -> anyhow::Result
         .await;
     check("pulumi config set", set)?;
     let started = Instant::now();
-    let up = pulumi_cmd(&["up", "--yes", "--skip-preview"]).output().await;
+    let up = pulumi_cmd(&["up", "--yes", "--skip-preview"])
+        .output()
+        .await;
     let elapsed = started.elapsed();
     check("pulumi up", up)?;
     Ok(ms(elapsed))

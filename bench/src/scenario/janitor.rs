@@ -60,7 +60,10 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
             let report = janitor.tick().await.context("janitor tick")?;
             samples.push(ms(started.elapsed()));
             if report.expired != EXPIRED {
-                bail!("the tick found {} expired instances, expected {EXPIRED}", report.expired);
+                bail!(
+                    "the tick found {} expired instances, expected {EXPIRED}",
+                    report.expired
+                );
             }
         }
         let row = Row::latency(

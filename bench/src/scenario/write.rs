@@ -1,7 +1,7 @@
 //! The API's own overhead, no Pulumi in the timed path: a read
 //! (`GET /api/v1/instance/{c}/{s}`, one etcd read), a write through the full
 //! pipeline (`PATCH` renew: validation, operation record, JetStream publish
-//! + ack, worker consume, locks, guarded etcd write, result, reply) and the
+//! and ack, worker consume, locks, guarded etcd write, result, reply) and the
 //! same write answered at acceptance (`Prefer: respond-async`). The worker's
 //! `/metrics` split the renew into its handler and publish-to-ack.
 
@@ -58,8 +58,10 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     prepare(&stack).await?;
     let worker = stack.workers[0].metrics.clone();
     let reads = timed(&stack, Method::GET, &[], n).await?;
+    stack.settle().await?;
     let before = scrape::fetch(&stack.http, &worker).await?;
     let writes = timed(&stack, Method::PATCH, &[], n).await?;
+    stack.settle().await?;
     let after = scrape::fetch(&stack.http, &worker).await?;
     let accepted = timed(&stack, Method::PATCH, &[("Prefer", "respond-async")], n).await?;
     ctx.report.push(Row::latency(
@@ -95,7 +97,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     ctx.report.push(
         Row::value(
             "write.renew_publish_to_ack",
-            "renew: publish to ack (mean, /metrics)",
+            "renew: publish to ack (mean, /metrics; the ack follows the reply)",
             queue,
             "ms",
         )

@@ -78,6 +78,15 @@ fn cargo_build(workspace: &Path, release: bool) -> anyhow::Result<Bins> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace).arg("build");
+    // Under `cargo run`, this process carries the package variables cargo
+    // sets for it; build scripts (ring's) watch some of them, so passing
+    // them on would rebuild half the dependency tree on every switch
+    // between `cargo run` and running the binary directly.
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(set_by_cargo_run) {
+            cmd.env_remove(&name);
+        }
+    }
     if release {
         cmd.arg("--release");
     }
@@ -119,6 +128,27 @@ fn cargo_build(workspace: &Path, release: bool) -> anyhow::Result<Bins> {
     })
 }
 
+/// Whether `cargo run` sets `name` for the program it runs (rather than the
+/// user for cargo: `CARGO_HOME`, `CARGO_TARGET_DIR`, `CARGO_BUILD_*`, ...).
+fn set_by_cargo_run(name: &str) -> bool {
+    const PREFIXES: [&str; 4] = [
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_CFG_",
+        "CARGO_BIN_EXE_",
+    ];
+    const NAMES: [&str; 7] = [
+        "CARGO",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "CARGO_TARGET_TMPDIR",
+        "OUT_DIR",
+    ];
+    NAMES.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
 /// `(target name, executable)` from one `compiler-artifact` message.
 fn executable(line: &str) -> Option<(String, PathBuf)> {
     let msg: serde_json::Value = serde_json::from_str(line).ok()?;
@@ -148,6 +178,22 @@ mod tests {
             None
         );
         assert_eq!(executable("not json"), None);
+    }
+
+    #[test]
+    fn only_what_cargo_run_sets_is_dropped() {
+        for dropped in ["CARGO_PKG_NAME", "CARGO_MANIFEST_DIR", "CARGO", "OUT_DIR"] {
+            assert!(set_by_cargo_run(dropped), "{dropped}");
+        }
+        for kept in [
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_JOBS",
+            "PATH",
+            "RUSTFLAGS",
+        ] {
+            assert!(!set_by_cargo_run(kept), "{kept}");
+        }
     }
 
     #[test]

@@ -11,11 +11,13 @@
 //! - [`server`]: `nats-server` (JetStream on) and `etcd` processes.
 //! - [`registry`]: a real OCI registry (`docker-registry`), optionally with
 //!   htpasswd authentication.
+//! - [`wait`]: an API healthy, the workers' queue drained.
 //! - [`workspace_root`], [`example`]: paths into this repository.
 
 pub mod plugin;
 pub mod registry;
 pub mod server;
+pub mod wait;
 
 use std::path::PathBuf;
 

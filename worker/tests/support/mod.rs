@@ -59,39 +59,16 @@ pub fn api_config(nats: &str, etcd: &str) -> cm_api::ApiConfig {
 /// Waits (polling every `poll`, at most `limit`) until the workers' consumer
 /// has nothing pending or unacknowledged; whether it got there.
 pub async fn wait_drained(nats_url: &str, poll: Duration, limit: Duration) -> bool {
-    let client = async_nats::connect(nats_url).await.expect("connect");
-    let js = async_nats::jetstream::new(client);
-    let deadline = std::time::Instant::now() + limit;
-    while std::time::Instant::now() < deadline {
-        let mut consumer = js
-            .get_stream(cm_core::queue::COMMANDS_STREAM)
-            .await
-            .expect("stream")
-            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
-                cm_core::queue::WORKERS_CONSUMER,
-            )
-            .await
-            .expect("consumer");
-        let info = consumer.info().await.expect("info");
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            return true;
-        }
-        tokio::time::sleep(poll).await;
-    }
-    false
+    cm_testkit::wait::drained(nats_url, poll, limit)
+        .await
+        .expect("queue state")
 }
 
 /// Waits until the API at `base` answers its health check.
 pub async fn wait_healthy(http: &reqwest::Client, base: &str) {
-    for _ in 0..200 {
-        if let Ok(r) = http.get(format!("{base}/healthcheck")).send().await
-            && r.status().is_success()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("API at {base} not healthy");
+    cm_testkit::wait::healthy(http, base, Duration::from_secs(10))
+        .await
+        .expect("API healthy");
 }
 
 /// A compiled-scenario cache shared by every test of this binary.

@@ -20,6 +20,7 @@ pub const PASSPHRASE: &str = "e2e-test-passphrase";
 pub fn worker_config(nats: &str, etcd: &str, cache: PathBuf) -> cm_worker::WorkerConfig {
     cm_worker::WorkerConfig {
         nats_url: nats.to_owned(),
+        nats: Default::default(),
         etcd_endpoints: vec![etcd.to_owned()],
         etcd_root: "/cm".into(),
         store: StoreOptions::default(),
@@ -44,12 +45,16 @@ pub fn worker_config(nats: &str, etcd: &str, cache: PathBuf) -> cm_worker::Worke
 pub fn api_config(nats: &str, etcd: &str) -> cm_api::ApiConfig {
     cm_api::ApiConfig {
         nats_url: nats.to_owned(),
+        nats: Default::default(),
         etcd_endpoints: vec![etcd.to_owned()],
         etcd_root: "/cm".into(),
         store: StoreOptions::default(),
         queue: Default::default(),
         result_timeout: Duration::from_secs(120),
         nats_service: true,
+        auth: cm_api::auth::ApiAuth::open(),
+        tls: None,
+        metrics_listen: None,
     }
 }
 

@@ -161,9 +161,30 @@ pub async fn connect(
                 }
             }
             ConnectErrorKind::Tls => NatsError::Tls { url: shown, detail },
+            _ if rustls_failure(&e) => NatsError::Tls { url: shown, detail },
             _ => NatsError::Unreachable { url: shown, detail },
         }
     })
+}
+
+/// Whether an I/O error under `e` is a TLS failure (a handshake alert, a
+/// plain-text server), which async-nats reports as a mere I/O error.
+fn rustls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if err.is::<async_nats::rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+        {
+            return true;
+        }
+        current = err.source();
+    }
+    false
 }
 
 /// `url` without credentials: `nats://user:pass@host` becomes

@@ -41,10 +41,12 @@ pub enum StoreError {
     Conflict { key: String },
     /// The first request after connecting failed: etcd is away, refused the
     /// TLS handshake or the credentials. `detail` is the whole error chain.
-    #[error("cannot use etcd at {endpoints}: {detail}")]
+    #[error("cannot use etcd at {endpoints}: {detail}{hint}")]
     Connect {
         endpoints: String,
         detail: String,
+        /// What to check, from the options used (may be empty).
+        hint: &'static str,
         /// etcd refused the credentials or the configuration is invalid:
         /// retrying cannot help.
         permanent: bool,
@@ -202,9 +204,23 @@ impl Store {
                 etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => true,
                 _ => false,
             };
+            let hint = match (&e, &options.tls, &options.user) {
+                (etcd_client::Error::GRpcStatus(_), _, Some(_)) if permanent => {
+                    "; check --etcd-user and --etcd-password"
+                }
+                (etcd_client::Error::GRpcStatus(_), _, None) if permanent => {
+                    "; etcd has authentication on: give --etcd-user and --etcd-password"
+                }
+                (_, Some(_), _) if !permanent => {
+                    "; over TLS, check --etcd-ca, and --etcd-cert/--etcd-key when etcd \
+                     requires client certificates (--client-cert-auth)"
+                }
+                _ => "",
+            };
             StoreError::Connect {
                 endpoints: endpoints.join(","),
                 detail: crate::error::chain(&e),
+                hint,
                 permanent,
             }
         };

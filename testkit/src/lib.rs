@@ -7,9 +7,12 @@
 //!
 //! # Layout
 //! - [`pulumi`], [`go`]: the real Pulumi CLI and Go toolchain.
-//! - [`server`]: `nats-server` (JetStream on) and `etcd` processes.
+//! - [`server`]: `nats-server` (JetStream on) and `etcd` processes, plain or
+//!   with TLS and authentication.
+//! - [`pki`]: a CA, server and client certificates generated per test.
 //! - [`workspace_root`], [`example`]: paths into this repository.
 
+pub mod pki;
 pub mod server;
 
 use std::path::PathBuf;

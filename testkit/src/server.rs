@@ -55,9 +55,20 @@ pub fn free_port() -> u16 {
 
 /// Starts `nats-server -js` on a random loopback port with file storage.
 pub fn nats() -> Server {
+    nats_configured("", false)
+}
+
+/// Starts `nats-server -js` like [`nats`], with `config` (nats-server's
+/// configuration syntax: `tls { ... }`, `authorization { ... }`) as its
+/// configuration file. With `tls`, the URL is `tls://`.
+pub fn nats_configured(config: &str, tls: bool) -> Server {
     let bin = require("nats-server");
     let dir = tempdir("cm-nats-");
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, config).unwrap_or_else(|e| panic!("writing {}: {e}", conf.display()));
     let mut child = Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
         .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
         .arg(dir.path())
         .stdout(Stdio::null())
@@ -71,21 +82,50 @@ pub fn nats() -> Server {
             .and_then(|addr| addr.trim().rsplit(':').next())
             .and_then(|p| p.parse::<u16>().ok())
     });
+    let scheme = if tls { "tls" } else { "nats" };
     Server {
         child,
         _dir: dir,
-        url: format!("nats://127.0.0.1:{port}"),
+        url: format!("{scheme}://127.0.0.1:{port}"),
     }
 }
 
 /// Starts a single-node `etcd` on loopback ports handed out by the OS.
 pub fn etcd() -> Server {
+    etcd_with(&[], "http")
+}
+
+/// Starts a single-node `etcd` serving clients over TLS with the
+/// certificates of `pki` (URL `https://`). With `client_cert_auth`, clients
+/// must present a certificate signed by the CA. `auth_token_ttl`: lifetime
+/// in seconds of the simple auth tokens (etcd's default is 300).
+pub fn etcd_tls(pki: &crate::pki::Pki, client_cert_auth: bool, auth_token_ttl: u32) -> Server {
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let mut args = vec![
+        "--cert-file".to_owned(),
+        path(&pki.server_cert),
+        "--key-file".to_owned(),
+        path(&pki.server_key),
+        "--trusted-ca-file".to_owned(),
+        path(&pki.ca),
+        "--auth-token-ttl".to_owned(),
+        auth_token_ttl.to_string(),
+    ];
+    if client_cert_auth {
+        args.push("--client-cert-auth".to_owned());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    etcd_with(&args, "https")
+}
+
+fn etcd_with(extra: &[&str], scheme: &str) -> Server {
     let bin = require("etcd");
     let dir = tempdir("cm-etcd-");
     let (client, peer) = (free_port(), free_port());
-    let client_url = format!("http://127.0.0.1:{client}");
+    let client_url = format!("{scheme}://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
     let mut child = Command::new(bin)
+        .args(extra)
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .args(["--name", "test", "--listen-client-urls", &client_url])

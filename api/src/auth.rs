@@ -134,8 +134,7 @@ pub async fn require_token(State(auth): State<ApiAuth>, request: Request, next: 
 
 fn unauthorized(message: &str) -> Response {
     tracing::info!(reason = message, "request refused: unauthenticated");
-    let mut response =
-        ApiError(DomainError::new(Code::Unauthenticated, message)).into_response();
+    let mut response = ApiError(DomainError::new(Code::Unauthenticated, message)).into_response();
     response.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static("Bearer realm=\"cm-api\""),

@@ -57,8 +57,8 @@ pub fn server_config(
         path: key.to_owned(),
         detail: e.to_string(),
     })?;
-    let builder =
-        ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
     let builder = match client_ca {
         Some(ca) => {
             let mut roots = RootCertStore::empty();

@@ -161,7 +161,12 @@ impl NatsArgs {
             &self.nats_password,
             &self.nats_password_file,
         )?;
-        let token = either("--nats-token", "--nats-token-file", &self.nats_token, &self.nats_token_file)?;
+        let token = either(
+            "--nats-token",
+            "--nats-token-file",
+            &self.nats_token,
+            &self.nats_token_file,
+        )?;
         let mut methods = Vec::new();
         if self.nats_user.is_some() || password.is_some() {
             methods.push("--nats-user/--nats-password");
@@ -198,7 +203,9 @@ impl NatsArgs {
             }
             (None, None) => match (token, &self.nats_nkey_seed_file, &self.nats_creds_file) {
                 (Some(token), _, _) => NatsAuth::Token(token),
-                (None, Some(path), _) => NatsAuth::NkeySeed(read_secret("--nats-nkey-seed-file", path)?),
+                (None, Some(path), _) => {
+                    NatsAuth::NkeySeed(read_secret("--nats-nkey-seed-file", path)?)
+                }
                 (None, None, Some(path)) => {
                     readable("--nats-creds-file", path)?;
                     NatsAuth::CredsFile(path.clone())
@@ -418,8 +425,15 @@ mod tests {
         assert!(err(&["--nats-user", "cm"]).contains("--nats-password"));
         assert!(err(&["--nats-password", "x"]).contains("--nats-user"));
         assert!(
-            err(&["--nats-user", "u", "--nats-password", "p", "--nats-token", "t"])
-                .contains("one NATS authentication method")
+            err(&[
+                "--nats-user",
+                "u",
+                "--nats-password",
+                "p",
+                "--nats-token",
+                "t"
+            ])
+            .contains("one NATS authentication method")
         );
         assert!(err(&["--nats-cert", "/c"]).contains("go together"));
         assert!(err(&["--nats-nkey-seed-file", "/nonexistent/seed"]).contains("/nonexistent/seed"));

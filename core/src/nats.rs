@@ -111,8 +111,12 @@ impl NatsOptions {
                     password.expose().clone(),
                 )
             }
-            NatsAuth::Token(token) => async_nats::ConnectOptions::with_token(token.expose().clone()),
-            NatsAuth::NkeySeed(seed) => async_nats::ConnectOptions::with_nkey(seed.expose().clone()),
+            NatsAuth::Token(token) => {
+                async_nats::ConnectOptions::with_token(token.expose().clone())
+            }
+            NatsAuth::NkeySeed(seed) => {
+                async_nats::ConnectOptions::with_nkey(seed.expose().clone())
+            }
             NatsAuth::CredsFile(path) => async_nats::ConnectOptions::with_credentials_file(path)
                 .await
                 .map_err(|source| NatsError::CredsFile {

@@ -56,7 +56,13 @@ pub enum StoreError {
 impl StoreError {
     /// Whether retrying cannot help (credentials refused, bad configuration).
     pub fn is_permanent(&self) -> bool {
-        matches!(self, Self::Connect { permanent: true, .. })
+        matches!(
+            self,
+            Self::Connect {
+                permanent: true,
+                ..
+            }
+        )
     }
 }
 
@@ -233,7 +239,10 @@ impl Store {
         store
             .client
             .kv_client()
-            .get(store.root.as_str(), Some(GetOptions::new().with_count_only()))
+            .get(
+                store.root.as_str(),
+                Some(GetOptions::new().with_count_only()),
+            )
             .await
             .map_err(failed)?;
         Ok(store)

@@ -52,10 +52,18 @@ impl Pki {
                 ExtendedKeyUsagePurpose::ClientAuth,
             ],
         );
-        let (client_cert, client_key) =
-            leaf(&ca, "cm-client", &[], &[ExtendedKeyUsagePurpose::ClientAuth]);
-        let (rogue_cert, rogue_key) =
-            leaf(&rogue_ca, "cm-client", &[], &[ExtendedKeyUsagePurpose::ClientAuth]);
+        let (client_cert, client_key) = leaf(
+            &ca,
+            "cm-client",
+            &[],
+            &[ExtendedKeyUsagePurpose::ClientAuth],
+        );
+        let (rogue_cert, rogue_key) = leaf(
+            &rogue_ca,
+            "cm-client",
+            &[],
+            &[ExtendedKeyUsagePurpose::ClientAuth],
+        );
         Self {
             ca: ca_path,
             server_cert: write("server.pem", server_cert),
@@ -107,7 +115,9 @@ fn leaf(
     let key = KeyPair::generate().unwrap_or_else(|e| panic!("key generation: {e}"));
     let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
     let mut params = CertificateParams::new(names).unwrap_or_else(|e| panic!("params: {e}"));
-    params.distinguished_name.push(DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,

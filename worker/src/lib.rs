@@ -77,9 +77,12 @@ pub async fn run_exporter(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
     let store_options = config.store_options()?;
-    let nats =
-        cm_core::nats::connect(&config.nats_url, "cm-queue-exporter", &config.nats_options()?)
-            .await?;
+    let nats = cm_core::nats::connect(
+        &config.nats_url,
+        "cm-queue-exporter",
+        &config.nats_options()?,
+    )
+    .await?;
     let js = async_nats::jetstream::new(nats);
     queue::ensure_streams(&js, queue_config)
         .await

@@ -215,7 +215,9 @@ impl PulumiArgs {
             return Ok(read_secret("PULUMI_CONFIG_PASSPHRASE_FILE", &path)?);
         }
         if self.dev {
-            tracing::warn!("--dev: Pulumi secrets are encrypted with the public development passphrase");
+            tracing::warn!(
+                "--dev: Pulumi secrets are encrypted with the public development passphrase"
+            );
             return Ok(Secret::new(DEV_PASSPHRASE.to_owned()));
         }
         bail!(

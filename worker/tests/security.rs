@@ -60,7 +60,11 @@ const PLATFORM_PERMISSIONS: &str = r#"{
 }"#;
 
 fn random_secret() -> String {
-    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
 }
 
 fn path_str(p: &Path) -> String {
@@ -130,7 +134,10 @@ authorization {{
         let api_token_file = dir.join("api-tokens");
         std::fs::write(
             &api_token_file,
-            format!("# tokens of the platform\n{api_token}\n\nother-token-{}\n", random_secret()),
+            format!(
+                "# tokens of the platform\n{api_token}\n\nother-token-{}\n",
+                random_secret()
+            ),
         )
         .expect("write");
         Self {
@@ -316,7 +323,10 @@ async fn enable_etcd_auth(url: &str, pki: &Pki, password: &str) {
         .expect("grant root");
     client.role_add("cm").await.expect("add role");
     client
-        .role_grant_permission("cm", etcd_client::Permission::read_write("/cm").with_prefix())
+        .role_grant_permission(
+            "cm",
+            etcd_client::Permission::read_write("/cm").with_prefix(),
+        )
         .await
         .expect("grant /cm");
     client.user_add("cm", password, None).await.expect("add cm");
@@ -511,9 +521,9 @@ async fn secured_stack_end_to_end() {
     let logs = tempfile::tempdir().expect("tempdir");
     let log_path = logs.path().join("worker.log");
     let mut worker = secure.worker_command(&secure.worker_password, &cache, &[]);
-    worker.stdout(Stdio::null()).stderr(
-        std::fs::File::create(&log_path).expect("log"),
-    );
+    worker
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).expect("log"));
     let _worker = KillOnDrop(worker.spawn().expect("spawn cm-worker"));
 
     let with_cert = tls_client(
@@ -539,7 +549,10 @@ async fn secured_stack_end_to_end() {
     tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             if let Ok(mut stream) = js.get_stream(cm_core::queue::COMMANDS_STREAM).await
-                && stream.info().await.is_ok_and(|i| i.state.consumer_count > 0)
+                && stream
+                    .info()
+                    .await
+                    .is_ok_and(|i| i.state.consumer_count > 0)
             {
                 return;
             }
@@ -569,19 +582,32 @@ async fn secured_stack_end_to_end() {
         assert!(a.body["message"].as_str().is_some_and(|m| !m.is_empty()));
         assert_eq!(a.body["details"], json!([]));
         assert!(
-            a.headers.to_ascii_lowercase().contains("www-authenticate: bearer"),
+            a.headers
+                .to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
             "{a:?}"
         );
     }
-    let a = https(with_cert.clone(), addr, "GET", "/api/v1/challenge/sneaky", None, None)
-        .await
-        .expect("answer");
+    let a = https(
+        with_cert.clone(),
+        addr,
+        "GET",
+        "/api/v1/challenge/sneaky",
+        None,
+        None,
+    )
+    .await
+    .expect("answer");
     assert_eq!(a.status, 401, "reads need the token too: {a:?}");
     let a = https(with_cert.clone(), addr, "GET", "/metrics", None, None)
         .await
         .expect("answer");
     assert_eq!(a.status, 401, "/metrics is behind the same auth: {a:?}");
-    assert_eq!(commands_published(&js).await, published, "a refused request published a command");
+    assert_eq!(
+        commands_published(&js).await,
+        published,
+        "a refused request published a command"
+    );
     assert!(
         store.get_challenge("sneaky").await.expect("read").is_none(),
         "a refused request wrote to etcd"
@@ -596,7 +622,10 @@ async fn secured_stack_end_to_end() {
     );
     for client in [no_cert, rogue] {
         let refused = https(client, addr, "GET", "/healthcheck", token, None).await;
-        assert!(refused.is_err(), "served without a valid client certificate: {refused:?}");
+        assert!(
+            refused.is_err(),
+            "served without a valid client certificate: {refused:?}"
+        );
     }
 
     // The happy path: a challenge and an instance through HTTPS + token.
@@ -643,7 +672,10 @@ async fn secured_stack_end_to_end() {
         "CM_WORKER_CACHE_DIR",
         "RUST_LOG",
     ] {
-        assert!(!names.contains(&leaked), "{leaked} reached the scenario: {names:?}");
+        assert!(
+            !names.contains(&leaked),
+            "{leaked} reached the scenario: {names:?}"
+        );
     }
     let cm_vars: Vec<&&str> = names.iter().filter(|n| n.starts_with("CM_")).collect();
     assert!(
@@ -652,10 +684,19 @@ async fn secured_stack_end_to_end() {
             .all(|n| ["CM_PROJECT", "CM_PULUMI_GO_BINARY"].contains(n)),
         "worker variables reached the scenario: {cm_vars:?}"
     );
-    assert!(names.contains(&"CM_PROJECT"), "chall-manager's CM_PROJECT is set");
+    assert!(
+        names.contains(&"CM_PROJECT"),
+        "chall-manager's CM_PROJECT is set"
+    );
 
     // The record is there for whoever holds the etcd credentials.
-    assert!(store.get_instance("env", "team-1").await.expect("read").is_some());
+    assert!(
+        store
+            .get_instance("env", "team-1")
+            .await
+            .expect("read")
+            .is_some()
+    );
 
     // etcd auth tokens expire while everything idles; the API and the worker
     // authenticate again by themselves.
@@ -670,13 +711,20 @@ async fn secured_stack_end_to_end() {
     )
     .await
     .expect("answer");
-    assert_eq!(a.status, 200, "after token expiry: {a:?}\n{}", read_log(&log_path));
+    assert_eq!(
+        a.status,
+        200,
+        "after token expiry: {a:?}\n{}",
+        read_log(&log_path)
+    );
     let a = https(with_cert.clone(), addr, "GET", "/metrics", token, None)
         .await
         .expect("answer");
     assert_eq!(a.status, 200);
     assert!(
-        a.body.as_str().is_some_and(|m| m.contains("# TYPE challenges gauge")),
+        a.body
+            .as_str()
+            .is_some_and(|m| m.contains("# TYPE challenges gauge")),
         "{a:?}"
     );
 
@@ -687,7 +735,10 @@ async fn secured_stack_end_to_end() {
         .await
         .expect("platform connects");
     let reply = platform
-        .request("cm.api.challenge.get", json!({"id": "env"}).to_string().into())
+        .request(
+            "cm.api.challenge.get",
+            json!({"id": "env"}).to_string().into(),
+        )
         .await
         .expect("service answers the platform");
     let got: Value = serde_json::from_slice(&reply.payload).expect("json");
@@ -713,7 +764,10 @@ async fn secured_stack_end_to_end() {
         &secure.api_token,
         &"security-test-passphrase".to_owned(),
     ] {
-        assert!(!log.contains(secret.as_str()), "a secret is in the worker's log");
+        assert!(
+            !log.contains(secret.as_str()),
+            "a secret is in the worker's log"
+        );
     }
     assert!(!log.contains("invalid auth token"), "{log}");
 
@@ -792,7 +846,11 @@ async fn refused_credentials_end_the_binaries_with_a_clear_error() {
         .expect("bind");
     let ran = tokio::time::timeout(
         limit,
-        cm_api::run(cli.config().expect("config"), listener, std::future::pending()),
+        cm_api::run(
+            cli.config().expect("config"),
+            listener,
+            std::future::pending(),
+        ),
     )
     .await
     .expect("the API gave up at once");
@@ -818,9 +876,12 @@ async fn refused_credentials_end_the_binaries_with_a_clear_error() {
         batch: 10,
         metrics_listen: None,
     };
-    let ran = tokio::time::timeout(limit, cm_janitor::run(janitor.clone(), std::future::pending()))
-        .await
-        .expect("the janitor gave up at once");
+    let ran = tokio::time::timeout(
+        limit,
+        cm_janitor::run(janitor.clone(), std::future::pending()),
+    )
+    .await
+    .expect("the janitor gave up at once");
     assert!(ran.is_err());
     // ...and with the right one, it ticks.
     let janitor = cm_janitor::JanitorConfig {
@@ -849,14 +910,18 @@ fn the_worker_refuses_to_start_without_a_passphrase() {
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", dir.path())
-            .args(["run", "--nats-url", "nats://127.0.0.1:1", "--metrics-listen", "off"])
+            .args([
+                "run",
+                "--nats-url",
+                "nats://127.0.0.1:1",
+                "--metrics-listen",
+                "off",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         cmd
     };
-    let run = |mut cmd: Command| {
-        wait_exit(cmd.spawn().expect("spawn"), Duration::from_secs(20))
-    };
+    let run = |mut cmd: Command| wait_exit(cmd.spawn().expect("spawn"), Duration::from_secs(20));
 
     // Nothing configured; an empty CM_PULUMI_PASSPHRASE; an empty file.
     let mut empty_env = base();
@@ -916,12 +981,22 @@ async fn nats_token_authentication() {
     let e = cm_core::nats::connect(&nats.url, "t", &with("wrong-token-0123456789"))
         .await
         .expect_err("wrong token refused");
-    assert!(started.elapsed() < Duration::from_secs(10), "refusal took {:?}", started.elapsed());
-    assert!(e.is_permanent() && e.to_string().contains("--nats-token"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "refusal took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        e.is_permanent() && e.to_string().contains("--nats-token"),
+        "{e}"
+    );
     let e = cm_core::nats::connect(&nats.url, "t", &NatsOptions::default())
         .await
         .expect_err("no credentials refused");
-    assert!(e.to_string().contains("the server wants credentials"), "{e}");
+    assert!(
+        e.to_string().contains("the server wants credentials"),
+        "{e}"
+    );
     // TLS required, plain-text server: refused.
     let required = NatsOptions {
         tls: NatsTls {

@@ -386,8 +386,8 @@ mod tests {
 
     #[test]
     fn secrets_come_from_files_and_never_print() {
-        let dir = tempfile_dir();
-        let pw = dir.join("pw");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pw = dir.path().join("pw");
         std::fs::write(&pw, "hunter2-from-file\n").expect("write");
         let c = parse(&[
             "--nats-user",
@@ -439,18 +439,12 @@ mod tests {
         assert!(err(&["--nats-nkey-seed-file", "/nonexistent/seed"]).contains("/nonexistent/seed"));
         assert!(err(&["--etcd-user", "root"]).contains("--etcd-password"));
         assert!(err(&["--etcd-endpoints", "https://127.0.0.1:2379"]).contains("--etcd-ca"));
-        let dir = tempfile_dir();
-        let ca = dir.join("ca.pem");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
         std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").expect("write");
         assert!(
             err(&["--etcd-ca", ca.to_str().expect("utf8")]).contains("use https://"),
             "TLS with the default http:// endpoint"
         );
-    }
-
-    fn tempfile_dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("cm-config-test-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        dir
     }
 }

@@ -66,7 +66,8 @@ start_service() {
 
 export CM_NATS_URL CM_ETCD_ENDPOINTS
 start_service cm-worker target/release/cm-worker --dev run --scenarios-dir examples
-start_service cm-api target/release/cm-api --listen "$API_ADDR"
+# --dev: the local demo API is open (loopback only); see README "Security".
+start_service cm-api target/release/cm-api --dev --listen "$API_ADDR"
 
 for _ in $(seq 100); do
   curl -fsS "$API/healthcheck" >/dev/null 2>&1 && break

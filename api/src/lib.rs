@@ -4,6 +4,9 @@
 //!
 //! # Layout
 //! - [`run`]: connects, then serves REST and the NATS service until shutdown.
+//! - [`cli`]: the command line (flags and environment) and its checks.
+//! - [`auth`]: bearer tokens, checked before any route runs.
+//! - [`tls`]: HTTPS and client certificates (mutual TLS).
 //! - [`rest`]: the chall-manager-compatible REST routes.
 //! - [`nats_service`]: the same operations as a NATS service.
 //! - [`ops`]: the operations both front doors share.
@@ -14,6 +17,8 @@
 //! - [`json`]: lenient protobuf-JSON parsing (grpc-gateway's behaviour).
 //! - [`error`]: the one mapping of domain errors to HTTP and NATS errors.
 
+pub mod auth;
+pub mod cli;
 pub mod error;
 pub mod json;
 pub mod nats_service;
@@ -21,23 +26,27 @@ pub mod ops;
 pub mod rest;
 pub mod scenarios;
 pub mod submit;
+pub mod tls;
 pub mod validate;
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use cm_core::{
+    nats::NatsOptions,
     queue::{self, QueueConfig},
     store::{Store, StoreOptions},
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{ops::App, submit::Submitter};
+use crate::{auth::ApiAuth, ops::App, submit::Submitter};
 
 /// Everything the API needs to run.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub nats_url: String,
+    /// NATS authentication and TLS.
+    pub nats: NatsOptions,
     pub etcd_endpoints: Vec<String>,
     pub etcd_root: String,
     pub store: StoreOptions,
@@ -50,6 +59,14 @@ pub struct ApiConfig {
     pub oci: cm_core::oci::ClientConfig,
     /// Largest scenario archive accepted by `POST /api/v1/scenario`, in bytes.
     pub max_upload: usize,
+    /// Bearer tokens required on every route but `/healthcheck` (none: open).
+    pub auth: ApiAuth,
+    /// Serve HTTPS with this configuration (client certificates required
+    /// when it says so).
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// Serve `/metrics` on its own listener, unauthenticated, instead of on
+    /// the API's port behind its authentication.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Default of [`ApiConfig::max_upload`]: 128 MiB.
@@ -58,6 +75,8 @@ pub const DEFAULT_MAX_UPLOAD: usize = 128 << 20;
 /// Why the API could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiRunError {
+    #[error(transparent)]
+    Connect(#[from] cm_core::nats::NatsError),
     #[error("NATS: {0}")]
     Nats(String),
     #[error(transparent)]
@@ -72,11 +91,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ApiRunError> {
-    let nats = async_nats::ConnectOptions::new()
-        .name("cm-api")
-        .connect(config.nats_url.as_str())
-        .await
-        .map_err(|e| ApiRunError::Nats(e.to_string()))?;
+    let nats = cm_core::nats::connect(&config.nats_url, "cm-api", &config.nats).await?;
     let js = async_nats::jetstream::new(nats.clone());
     queue::ensure_streams(&js, &config.queue)
         .await
@@ -106,13 +121,43 @@ pub async fn run(
         ))
     });
     let stop = token.clone();
-    tracing::info!(addr = ?listener.local_addr().ok(), "API listening");
-    let served = axum::serve(listener, rest::router(app))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            stop.cancel();
-        })
-        .await;
+    let metrics_apart = config.metrics_listen.is_some();
+    if let Some(addr) = config.metrics_listen {
+        let metrics = tokio::net::TcpListener::bind(addr).await?;
+        let stop = token.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(metrics, cm_core::metrics::router::<()>())
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, %addr, "metrics endpoint failed");
+            }
+        });
+    }
+    tracing::info!(
+        addr = ?listener.local_addr().ok(),
+        https = config.tls.is_some(),
+        tokens = !config.auth.is_open(),
+        "API listening"
+    );
+    let router = rest::router(app, config.auth.clone(), !metrics_apart);
+    let graceful = async move {
+        shutdown.await;
+        stop.cancel();
+    };
+    let served = match config.tls {
+        Some(tls) => {
+            let listener = tls::TlsListener::new(listener, tls)?;
+            axum::serve(listener, router)
+                .with_graceful_shutdown(graceful)
+                .await
+        }
+        None => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(graceful)
+                .await
+        }
+    };
     token.cancel();
     if let Some(service) = service {
         match service.await {

@@ -2,6 +2,10 @@
 //! `/api/v1/instance` routes (grpc-gateway JSON), plus
 //! `/api/v1/operation/{id}` and `/healthcheck`.
 //!
+//! Every route but `/healthcheck` requires the API's credentials (see
+//! [`crate::auth`]); `/healthcheck` stays open for load balancers and probes
+//! and says only whether etcd answers.
+//!
 //! Writes wait for the worker's result; with `Prefer: respond-async` they
 //! answer `202 Accepted` with the operation to poll. A write that outlives the
 //! result timeout answers `504` naming that operation.
@@ -21,15 +25,16 @@ use cm_schemas::v1::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    auth::{ApiAuth, require_token},
     error::ApiError,
     json::{MAX_BODY, ProtoJson, top_level_fields},
     ops::{App, Mode, Reply},
 };
 
-/// The REST router.
-pub fn router(app: App) -> Router {
-    Router::new()
-        .route("/healthcheck", get(healthcheck))
+/// The REST router. Every route but `/healthcheck` sits behind `auth`;
+/// `/metrics` is served too when `metrics` is set (behind `auth` as well).
+pub fn router(app: App, auth: ApiAuth, metrics: bool) -> Router {
+    let mut protected = Router::new()
         .route(
             "/api/v1/challenge",
             get(list_challenges).post(create_challenge),
@@ -59,8 +64,16 @@ pub fn router(app: App) -> Router {
             "/api/v1/scenario",
             axum::routing::post(upload_scenario)
                 .layer(DefaultBodyLimit::max(app.scenarios.max_upload)),
-        )
-        .merge(cm_core::metrics::router())
+        );
+    if metrics {
+        protected = protected.merge(cm_core::metrics::router());
+    }
+    // The token check runs before any extractor: an unauthenticated request
+    // is answered 401 before its body is read, so nothing is published.
+    let protected = protected.layer(axum::middleware::from_fn_with_state(auth, require_token));
+    Router::new()
+        .route("/healthcheck", get(healthcheck))
+        .merge(protected)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(
             tower_http::trace::TraceLayer::new_for_http().make_span_with(

@@ -71,3 +71,19 @@ impl DomainError {
         }
     }
 }
+
+/// `error: source: source...`, the whole chain of an error on one line (for
+/// startup failures, where the innermost cause, e.g. a TLS alert, is the
+/// useful part). Adjacent repeats are dropped.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if parts.last().is_none_or(|last| !last.contains(&text)) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    parts.join(": ")
+}

@@ -3,11 +3,13 @@
 //!
 //! # Layout
 //! - [`archive`]: scenario file rules (safe paths, links, sizes) and tar(.gz).
-//! - [`config`]: the NATS/etcd options every binary shares.
+//! - [`config`]: the NATS/etcd options every binary shares (addresses,
+//!   credentials, TLS files).
 //! - [`error`]: [`DomainError`], a gRPC code and a client-safe message.
 //! - [`ids`]: validation of user ids and their encoding into subjects and keys.
 //! - [`identity`]: the random 16-hex-character names of deployed infrastructure.
 //! - [`metrics`]: the metric names and the `/metrics` endpoint.
+//! - [`nats`]: connecting to NATS with authentication and TLS.
 //! - [`model`]: challenge and instance records, the `until` rules.
 //! - [`store`]: the etcd store (revision-guarded transactions).
 //! - [`lock`]: leases and reader/writer locks on etcd.
@@ -28,6 +30,7 @@ pub mod ids;
 pub mod lock;
 pub mod metrics;
 pub mod model;
+pub mod nats;
 pub mod oci;
 pub mod queue;
 pub mod scenario_ref;

@@ -15,7 +15,10 @@
 //! <root>/lock/...                           see `lock`
 //! ```
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity as TlsIdentity,
+    PutOptions, TlsOptions, Txn, TxnOp,
+};
 use pbjson_types::Timestamp;
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -36,12 +39,37 @@ pub enum StoreError {
     /// A guarded write lost against a concurrent one.
     #[error("conflicting concurrent write on {key}")]
     Conflict { key: String },
+    /// The first request after connecting failed: etcd is away, refused the
+    /// TLS handshake or the credentials. `detail` is the whole error chain.
+    #[error("cannot use etcd at {endpoints}: {detail}{hint}")]
+    Connect {
+        endpoints: String,
+        detail: String,
+        /// What to check, from the options used (may be empty).
+        hint: &'static str,
+        /// etcd refused the credentials or the configuration is invalid:
+        /// retrying cannot help.
+        permanent: bool,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying cannot help (credentials refused, bad configuration).
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            Self::Connect {
+                permanent: true,
+                ..
+            }
+        )
+    }
 }
 
 impl From<StoreError> for DomainError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(_) => {
+            StoreError::Unavailable(_) | StoreError::Connect { .. } => {
                 DomainError::unavailable("the store is unavailable, retry later")
             }
             StoreError::Corrupt { .. } => DomainError::internal("internal error"),
@@ -99,8 +127,32 @@ pub enum Expect {
 /// Connection options for etcd.
 #[derive(Debug, Clone, Default)]
 pub struct StoreOptions {
-    /// `(user, password)` for etcd authentication.
+    /// `(user, password)` for etcd authentication. The auth token etcd hands
+    /// out expires (simple tokens: `--auth-token-ttl`, 300 s by default, idle
+    /// time; JWT: their `ttl`); a request refused with `invalid auth token`
+    /// authenticates again and is retried once, so long-running workers
+    /// outlive their tokens.
     pub user: Option<(String, crate::Secret<String>)>,
+    /// TLS towards etcd (`https://` endpoints).
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS material for etcd, read from the PEM files at startup.
+#[derive(Clone, Default)]
+pub struct EtcdTls {
+    /// CA bundle the server certificate must chain to.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and its private key, for `--client-cert-auth`.
+    pub identity: Option<(Vec<u8>, crate::Secret<Vec<u8>>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_cert", &self.identity.is_some())
+            .finish()
+    }
 }
 
 /// The etcd store. Cheap to clone.
@@ -133,10 +185,67 @@ impl Store {
                 std::time::Duration::from_secs(5),
             );
         if let Some((user, password)) = &options.user {
-            opts = opts.with_user(user.clone(), password.expose().clone());
+            opts = opts
+                .with_user(user.clone(), password.expose().clone())
+                .with_auto_token_refresh(true);
         }
-        let client = Client::connect(endpoints, Some(opts)).await?;
-        Ok(Self::from_client(client, root))
+        if let Some(tls) = &options.tls {
+            let mut config = TlsOptions::new();
+            if let Some(ca) = &tls.ca_pem {
+                config = config.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(TlsIdentity::from_pem(cert, key.expose()));
+            }
+            opts = opts.with_tls(config);
+        }
+        let failed = |e: etcd_client::Error| {
+            let permanent = match &e {
+                etcd_client::Error::GRpcStatus(status) => matches!(
+                    cm_schemas::v1::Code::try_from(i32::from(status.code())),
+                    Ok(cm_schemas::v1::Code::Unauthenticated
+                        | cm_schemas::v1::Code::PermissionDenied
+                        | cm_schemas::v1::Code::InvalidArgument)
+                ),
+                etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => true,
+                _ => false,
+            };
+            let hint = match (&e, &options.tls, &options.user) {
+                (etcd_client::Error::GRpcStatus(_), _, Some(_)) if permanent => {
+                    "; check --etcd-user and --etcd-password"
+                }
+                (etcd_client::Error::GRpcStatus(_), _, None) if permanent => {
+                    "; etcd has authentication on: give --etcd-user and --etcd-password"
+                }
+                (_, Some(_), _) if !permanent => {
+                    "; over TLS, check --etcd-ca, and --etcd-cert/--etcd-key when etcd \
+                     requires client certificates (--client-cert-auth)"
+                }
+                _ => "",
+            };
+            StoreError::Connect {
+                endpoints: endpoints.join(","),
+                detail: crate::error::chain(&e),
+                hint,
+                permanent,
+            }
+        };
+        let client = Client::connect(endpoints, Some(opts))
+            .await
+            .map_err(failed)?;
+        let store = Self::from_client(client, root);
+        // The client connects lazily: one read now turns a refused TLS
+        // handshake or missing permission into a startup error.
+        store
+            .client
+            .kv_client()
+            .get(
+                store.root.as_str(),
+                Some(GetOptions::new().with_count_only()),
+            )
+            .await
+            .map_err(failed)?;
+        Ok(store)
     }
 
     /// Wraps an existing client.

@@ -593,7 +593,8 @@ def check_compose() -> int:
     # Prometheus targets are compose services, on the ports the services listen on.
     prom = load_yaml(MON / "prometheus.yml")
     listen = {
-        "cm-api": listen_port(svcs.get("cm-api", {}).get("command", []), "--listen"),
+        "cm-api": listen_port(svcs.get("cm-api", {}).get("command", []), "--metrics-listen")
+        or listen_port(svcs.get("cm-api", {}).get("command", []), "--listen"),
         "cm-worker": listen_port(worker.get("command", []), "--metrics-listen"),
         "cm-janitor": listen_port(svcs.get("cm-janitor", {}).get("command", []), "--metrics-listen"),
     }

@@ -29,6 +29,8 @@ use prost::Message as _;
 #[derive(Debug, Clone)]
 pub struct JanitorConfig {
     pub nats_url: String,
+    /// NATS authentication and TLS.
+    pub nats: cm_core::nats::NatsOptions,
     pub etcd_endpoints: Vec<String>,
     pub etcd_root: String,
     pub store: StoreOptions,
@@ -46,6 +48,8 @@ pub struct JanitorConfig {
 /// Why the janitor could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum JanitorError {
+    #[error(transparent)]
+    Connect(#[from] cm_core::nats::NatsError),
     #[error("NATS: {0}")]
     Nats(String),
     #[error(transparent)]
@@ -209,14 +213,17 @@ async fn connect(config: &JanitorConfig) -> Result<Janitor, JanitorError> {
         max_elapsed_time: None,
         ..Default::default()
     };
+    // Refused credentials or TLS end the janitor at once (retrying cannot
+    // help); an unreachable server is waited for.
     let nats = backoff::future::retry(policy(), || async {
-        async_nats::ConnectOptions::new()
-            .name("cm-janitor")
-            .connect(config.nats_url.as_str())
+        cm_core::nats::connect(&config.nats_url, "cm-janitor", &config.nats)
             .await
             .map_err(|e| {
+                if e.is_permanent() {
+                    return backoff::Error::permanent(JanitorError::Connect(e));
+                }
                 tracing::warn!(error = %e, "NATS unreachable; retrying");
-                backoff::Error::transient(JanitorError::Nats(e.to_string()))
+                backoff::Error::transient(JanitorError::Connect(e))
             })
     })
     .await?;
@@ -234,6 +241,9 @@ async fn connect(config: &JanitorConfig) -> Result<Janitor, JanitorError> {
         Store::connect(&config.etcd_endpoints, &config.etcd_root, &config.store)
             .await
             .map_err(|e| {
+                if e.is_permanent() {
+                    return backoff::Error::permanent(JanitorError::Store(e));
+                }
                 tracing::warn!(error = %e, "etcd unreachable; retrying");
                 backoff::Error::transient(JanitorError::Store(e))
             })

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use cm_core::{config::ConnectArgs, queue::QueueConfig, store::StoreOptions};
+use cm_core::{config::ConnectArgs, queue::QueueConfig};
 use cm_janitor::JanitorConfig;
 
 /// Janitor of the CTF instance manager: on a timer, finds the instances past
@@ -38,10 +38,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = cm_core::telemetry::init("cm-janitor")?;
     let config = JanitorConfig {
+        nats: cli.connect.nats_options()?,
+        store: cli.connect.store_options()?,
         nats_url: cli.connect.nats_url,
         etcd_endpoints: cli.connect.etcd_endpoints,
         etcd_root: cli.connect.etcd_root,
-        store: StoreOptions::default(),
         queue: QueueConfig::default(),
         interval: cli.interval,
         once: cli.once,

@@ -8,12 +8,15 @@
 //! # Layout
 //! - [`pulumi`], [`go`]: the real Pulumi CLI and Go toolchain.
 //! - [`plugin`]: the project's own provider plugins (`providers/`), built.
-//! - [`server`]: `nats-server` (JetStream on) and `etcd` processes.
+//! - [`server`]: `nats-server` (JetStream on) and `etcd` processes, plain or
+//!   with TLS and authentication.
+//! - [`pki`]: a CA, server and client certificates generated per test.
 //! - [`registry`]: a real OCI registry (`docker-registry`), optionally with
 //!   htpasswd authentication.
 //! - [`wait`]: an API healthy, the workers' queue drained.
 //! - [`workspace_root`], [`example`]: paths into this repository.
 
+pub mod pki;
 pub mod plugin;
 pub mod registry;
 pub mod server;

@@ -27,7 +27,7 @@ pub struct Server {
 }
 
 /// What was started, so that it can be started again the same way.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Kind {
     Nats {
         port: u16,
@@ -35,6 +35,8 @@ enum Kind {
     Etcd {
         client: u16,
         peer: u16,
+        extra: Vec<String>,
+        scheme: &'static str,
     },
     /// Started elsewhere (see [`Server::new`]).
     Other,
@@ -75,9 +77,14 @@ impl Server {
     /// waits until it is ready.
     pub fn start(&mut self) {
         self.stop();
-        self.child = Some(match self.kind {
+        self.child = Some(match &self.kind {
             Kind::Nats { port } => launch_nats(self.dir.path(), &port.to_string()).0,
-            Kind::Etcd { client, peer } => launch_etcd(self.dir.path(), client, peer),
+            Kind::Etcd {
+                client,
+                peer,
+                extra,
+                scheme,
+            } => launch_etcd(self.dir.path(), *client, *peer, extra, scheme),
             Kind::Other => panic!("this server cannot be started again"),
         });
     }
@@ -99,19 +106,32 @@ pub fn free_port() -> u16 {
 
 /// Starts `nats-server -js` on a random loopback port with file storage.
 pub fn nats() -> Server {
+    nats_configured("", false)
+}
+
+/// Starts `nats-server -js` like [`nats`], with `config` (nats-server's
+/// configuration syntax: `tls { ... }`, `authorization { ... }`) as its
+/// configuration file. With `tls`, the URL is `tls://`.
+pub fn nats_configured(config: &str, tls: bool) -> Server {
     let dir = tempdir("cm-nats-");
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, config).unwrap_or_else(|e| panic!("writing {}: {e}", conf.display()));
     let (child, port) = launch_nats(dir.path(), "-1");
+    let scheme = if tls { "tls" } else { "nats" };
     Server {
         child: Some(child),
         dir,
         kind: Kind::Nats { port },
-        url: format!("nats://127.0.0.1:{port}"),
+        url: format!("{scheme}://127.0.0.1:{port}"),
     }
 }
 
+/// Runs nats-server with `<dir>/nats.conf` and its store in `dir`.
 fn launch_nats(dir: &std::path::Path, port: &str) -> (Child, u16) {
     let bin = require("nats-server");
     let mut child = Command::new(bin)
+        .arg("-c")
+        .arg(dir.join("nats.conf"))
         .args(["-js", "-a", "127.0.0.1", "-p", port, "-sd"])
         .arg(dir)
         .stdout(Stdio::null())
@@ -130,22 +150,60 @@ fn launch_nats(dir: &std::path::Path, port: &str) -> (Child, u16) {
 
 /// Starts a single-node `etcd` on loopback ports handed out by the OS.
 pub fn etcd() -> Server {
+    etcd_with(Vec::new(), "http")
+}
+
+/// Starts a single-node `etcd` serving clients over TLS with the
+/// certificates of `pki` (URL `https://`). With `client_cert_auth`, clients
+/// must present a certificate signed by the CA. `auth_token_ttl`: lifetime
+/// in seconds of the simple auth tokens (etcd's default is 300).
+pub fn etcd_tls(pki: &crate::pki::Pki, client_cert_auth: bool, auth_token_ttl: u32) -> Server {
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let mut args = vec![
+        "--cert-file".to_owned(),
+        path(&pki.server_cert),
+        "--key-file".to_owned(),
+        path(&pki.server_key),
+        "--trusted-ca-file".to_owned(),
+        path(&pki.ca),
+        "--auth-token-ttl".to_owned(),
+        auth_token_ttl.to_string(),
+    ];
+    if client_cert_auth {
+        args.push("--client-cert-auth".to_owned());
+    }
+    etcd_with(args, "https")
+}
+
+fn etcd_with(extra: Vec<String>, scheme: &'static str) -> Server {
     let dir = tempdir("cm-etcd-");
     let (client, peer) = (free_port(), free_port());
-    let child = launch_etcd(dir.path(), client, peer);
+    let child = launch_etcd(dir.path(), client, peer, &extra, scheme);
     Server {
         child: Some(child),
         dir,
-        kind: Kind::Etcd { client, peer },
-        url: format!("http://127.0.0.1:{client}"),
+        kind: Kind::Etcd {
+            client,
+            peer,
+            extra,
+            scheme,
+        },
+        url: format!("{scheme}://127.0.0.1:{client}"),
     }
 }
 
-fn launch_etcd(dir: &std::path::Path, client: u16, peer: u16) -> Child {
+fn launch_etcd(
+    dir: &std::path::Path,
+    client: u16,
+    peer: u16,
+    extra: &[String],
+    scheme: &str,
+) -> Child {
     let bin = require("etcd");
-    let client_url = format!("http://127.0.0.1:{client}");
+    let client_url = format!("{scheme}://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
     let mut child = Command::new(bin)
+        .args(extra)
         .arg("--data-dir")
         .arg(dir.join("data"))
         .args(["--name", "test", "--listen-client-urls", &client_url])

@@ -36,6 +36,8 @@ use crate::{context::Ctx, pulumi::Driver};
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub nats_url: String,
+    /// NATS authentication and TLS.
+    pub nats: cm_core::nats::NatsOptions,
     pub etcd_endpoints: Vec<String>,
     pub etcd_root: String,
     pub store: StoreOptions,
@@ -61,6 +63,10 @@ pub struct WorkerConfig {
 /// Why the worker could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
+    #[error(transparent)]
+    Connect(#[from] cm_core::nats::NatsError),
+    #[error(transparent)]
+    Config(#[from] cm_core::config::ConfigError),
     #[error("NATS: {0}")]
     Nats(String),
     #[error(transparent)]
@@ -77,11 +83,13 @@ pub async fn run_exporter(
     listen: std::net::SocketAddr,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
-    let nats = async_nats::ConnectOptions::new()
-        .name("cm-queue-exporter")
-        .connect(config.nats_url.as_str())
-        .await
-        .map_err(|e| WorkerError::Nats(e.to_string()))?;
+    let store_options = config.store_options()?;
+    let nats = cm_core::nats::connect(
+        &config.nats_url,
+        "cm-queue-exporter",
+        &config.nats_options()?,
+    )
+    .await?;
     let js = async_nats::jetstream::new(nats);
     queue::ensure_streams(&js, queue_config)
         .await
@@ -90,12 +98,7 @@ pub async fn run_exporter(
     queue::workers_consumer(&js, queue_config)
         .await
         .map_err(|e| WorkerError::Nats(e.to_string()))?;
-    let store = Store::connect(
-        &config.etcd_endpoints,
-        &config.etcd_root,
-        &StoreOptions::default(),
-    )
-    .await?;
+    let store = Store::connect(&config.etcd_endpoints, &config.etcd_root, &store_options).await?;
     let stop = CancellationToken::new();
     tokio::spawn(observer::run(
         js,
@@ -121,11 +124,7 @@ pub async fn run(
 ) -> Result<(), WorkerError> {
     failpoint::announce();
     let driver = Arc::new(Driver::new(config.driver.clone())?);
-    let nats = async_nats::ConnectOptions::new()
-        .name("cm-worker")
-        .connect(config.nats_url.as_str())
-        .await
-        .map_err(|e| WorkerError::Nats(e.to_string()))?;
+    let nats = cm_core::nats::connect(&config.nats_url, "cm-worker", &config.nats).await?;
     let js = async_nats::jetstream::new(nats.clone());
     queue::ensure_streams(&js, &config.queue)
         .await

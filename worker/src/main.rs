@@ -4,8 +4,8 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use cm_core::{Identity, Secret, tools};
-use cm_core::{config::ConnectArgs, queue::QueueConfig, store::StoreOptions};
+use cm_core::{Identity, Secret, config::read_secret, tools};
+use cm_core::{config::ConnectArgs, queue::QueueConfig};
 use cm_worker::{
     WorkerConfig,
     pulumi::{Driver, DriverConfig, StackState},
@@ -44,7 +44,9 @@ struct PulumiArgs {
     cache_dir: Option<PathBuf>,
 
     /// Passphrase of Pulumi's passphrase secrets provider, encrypting every
-    /// stack's secrets. Required, unless `--dev` is given.
+    /// stack's secrets. Required (this, --pulumi-passphrase-file, or Pulumi's
+    /// own PULUMI_CONFIG_PASSPHRASE / PULUMI_CONFIG_PASSPHRASE_FILE), unless
+    /// `--dev` is given. Scenarios never see it.
     #[arg(
         long,
         env = "CM_PULUMI_PASSPHRASE",
@@ -53,7 +55,12 @@ struct PulumiArgs {
     )]
     pulumi_passphrase: Option<Secret<String>>,
 
-    /// Development mode: allows running without a configured passphrase.
+    /// File holding the Pulumi passphrase (first line).
+    #[arg(long, env = "CM_PULUMI_PASSPHRASE_FILE", global = true)]
+    pulumi_passphrase_file: Option<PathBuf>,
+
+    /// Development mode: allows running without a configured passphrase
+    /// (a fixed, public one is used).
     #[arg(long, env = "CM_DEV", global = true)]
     dev: bool,
 }
@@ -180,14 +187,52 @@ impl PulumiArgs {
         Ok(Driver::new(self.driver_config()?)?)
     }
 
+    /// The passphrase, from the first of: --pulumi-passphrase
+    /// (CM_PULUMI_PASSPHRASE), --pulumi-passphrase-file
+    /// (CM_PULUMI_PASSPHRASE_FILE), PULUMI_CONFIG_PASSPHRASE,
+    /// PULUMI_CONFIG_PASSPHRASE_FILE; the development one under `--dev`.
+    /// An empty value counts as none.
+    fn passphrase(&self) -> anyhow::Result<Secret<String>> {
+        let inline = self
+            .pulumi_passphrase
+            .clone()
+            .filter(|p| !p.expose().is_empty());
+        if inline.is_some() && self.pulumi_passphrase_file.is_some() {
+            bail!("give --pulumi-passphrase or --pulumi-passphrase-file, not both");
+        }
+        if let Some(p) = inline {
+            return Ok(p);
+        }
+        if let Some(path) = &self.pulumi_passphrase_file {
+            return Ok(read_secret("--pulumi-passphrase-file", path)?);
+        }
+        if let Some(p) = std::env::var("PULUMI_CONFIG_PASSPHRASE")
+            .ok()
+            .filter(|p| !p.is_empty())
+        {
+            return Ok(Secret::new(p));
+        }
+        if let Some(path) = std::env::var_os("PULUMI_CONFIG_PASSPHRASE_FILE")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+        {
+            return Ok(read_secret("PULUMI_CONFIG_PASSPHRASE_FILE", &path)?);
+        }
+        if self.dev {
+            tracing::warn!(
+                "--dev: Pulumi secrets are encrypted with the public development passphrase"
+            );
+            return Ok(Secret::new(DEV_PASSPHRASE.to_owned()));
+        }
+        bail!(
+            "no Pulumi passphrase configured: set CM_PULUMI_PASSPHRASE or PULUMI_CONFIG_PASSPHRASE, \
+             or give --pulumi-passphrase-file (CM_PULUMI_PASSPHRASE_FILE, PULUMI_CONFIG_PASSPHRASE_FILE); \
+             it encrypts every stack's secrets (`--dev` uses a public development passphrase)"
+        )
+    }
+
     fn driver_config(&self) -> anyhow::Result<DriverConfig> {
-        let passphrase = match (&self.pulumi_passphrase, self.dev) {
-            (Some(p), _) if !p.expose().is_empty() => p.clone(),
-            (_, true) => Secret::new(DEV_PASSPHRASE.to_owned()),
-            _ => bail!(
-                "no Pulumi passphrase: set CM_PULUMI_PASSPHRASE (or --pulumi-passphrase), or pass --dev"
-            ),
-        };
+        let passphrase = self.passphrase()?;
         let config = DriverConfig {
             pulumi: tools::find_pulumi(self.pulumi_bin.as_deref())?,
             go: tools::find_go(self.go_bin.as_deref())?,
@@ -228,11 +273,14 @@ async fn run(pulumi: &PulumiArgs, args: RunArgs) -> anyhow::Result<()> {
         max_ack_pending: args.max_ack_pending,
         ..QueueConfig::default()
     };
+    // The passphrase first: without one, nothing else is worth checking.
+    let driver = pulumi.driver_config()?;
     let config = WorkerConfig {
+        nats: args.connect.nats_options()?,
+        store: args.connect.store_options()?,
         nats_url: args.connect.nats_url,
         etcd_endpoints: args.connect.etcd_endpoints,
         etcd_root: args.connect.etcd_root,
-        store: StoreOptions::default(),
         queue,
         concurrency: args.concurrency.max(1),
         scenarios_dir: args.scenarios_dir,
@@ -240,7 +288,7 @@ async fn run(pulumi: &PulumiArgs, args: RunArgs) -> anyhow::Result<()> {
             .oci
             .client_config()
             .context("reading the OCI registry credentials")?,
-        driver: pulumi.driver_config()?,
+        driver,
         lock_timeout: args.lock_timeout,
         quota: cm_worker::context::Quota {
             max_per_source: args.max_instances_per_source.max(0),

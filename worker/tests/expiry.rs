@@ -36,6 +36,7 @@ async fn janitor(stack: &Stack) -> cm_janitor::Janitor {
 fn janitor_config(stack: &Stack, interval: Duration) -> cm_janitor::JanitorConfig {
     cm_janitor::JanitorConfig {
         nats_url: stack.nats.url.clone(),
+        nats: Default::default(),
         etcd_endpoints: vec![stack.etcd.url.clone()],
         etcd_root: "/cm".into(),
         store: StoreOptions::default(),

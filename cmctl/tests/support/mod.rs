@@ -110,6 +110,10 @@ impl Stack {
             nats_service: false,
             oci: Default::default(),
             max_upload: cm_api::DEFAULT_MAX_UPLOAD,
+            nats: Default::default(),
+            auth: cm_api::auth::ApiAuth::open(),
+            tls: None,
+            metrics_listen: None,
         };
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -165,6 +169,7 @@ impl Stack {
             shutdown_grace: Duration::from_secs(5),
             metrics_listen: None,
             oci: Default::default(),
+            nats: Default::default(),
         };
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {

@@ -1,6 +1,15 @@
 //! Running the `pulumi` CLI: one process per call, in a scratch workspace,
 //! with a minimal environment built from scratch (nothing of the worker's own
 //! environment, so no NATS, etcd or API credential reaches a scenario).
+//!
+//! The engine needs `PULUMI_CONFIG_PASSPHRASE`, but the Go language host it
+//! starts, and so the scenario program, would inherit it. A small wrapper
+//! written into the worker's cache ([`LANGUAGE_HOST_WRAPPER`]) comes first on
+//! `PATH`, where Pulumi looks for `pulumi-language-go`: it unsets the
+//! passphrase, then runs the real host. What a program sees is then only
+//! `PATH`, `HOME`, `TMPDIR`, `CM_PROJECT`, the driver's
+//! `CM_PULUMI_GO_BINARY` and the variables the engine sets (`PULUMI_*`
+//! without the passphrase); `worker/tests/security.rs` checks it.
 
 use std::{
     ffi::OsString,
@@ -39,9 +48,47 @@ pub(crate) struct CliOutput {
     pub stderr: String,
 }
 
+/// The language-host wrapper: drops the passphrase, runs the real host.
+const LANGUAGE_HOST_WRAPPER: &str = "#!/bin/sh
+# Written by cm-worker (worker/src/pulumi/cli.rs): the Go language host, and so
+# the scenario program, runs without the passphrase only the engine needs.
+unset PULUMI_CONFIG_PASSPHRASE PULUMI_CONFIG_PASSPHRASE_FILE
+exec @HOST@ \"$@\"
+";
+
+/// Writes the wrapper of `host` as `<dir>/pulumi-language-go`, atomically
+/// (workers sharing a cache may do it at once), unless it is there already.
+fn write_wrapper(dir: &Path, host: &Path) -> Result<(), DriverError> {
+    use std::os::unix::fs::PermissionsExt;
+    let quoted = format!("'{}'", host.to_string_lossy().replace('\'', r"'\''"));
+    let script = LANGUAGE_HOST_WRAPPER.replace("@HOST@", &quoted);
+    let target = dir.join("pulumi-language-go");
+    if std::fs::read_to_string(&target).is_ok_and(|current| current == script) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(DriverError::io("creating", dir))?;
+    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(DriverError::io("writing in", dir))?;
+    std::fs::write(tmp.path(), &script).map_err(DriverError::io("writing", tmp.path()))?;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+        .map_err(DriverError::io("setting permissions of", tmp.path()))?;
+    tmp.persist(&target)
+        .map_err(|e| e.error)
+        .map_err(DriverError::io("installing", &target))?;
+    Ok(())
+}
+
 impl Cli {
-    pub(crate) fn new(pulumi: PathBuf, go: &Path, pulumi_home: PathBuf) -> Self {
-        let mut dirs: Vec<PathBuf> = Vec::new();
+    /// Runs `pulumi`, with the language-host wrapper written into
+    /// `wrapper_dir` first on `PATH`, then Pulumi's and Go's directories.
+    pub(crate) fn new(
+        pulumi: PathBuf,
+        go: &Path,
+        pulumi_home: PathBuf,
+        wrapper_dir: &Path,
+    ) -> Result<Self, DriverError> {
+        let host = pulumi.with_file_name("pulumi-language-go");
+        write_wrapper(wrapper_dir, &host)?;
+        let mut dirs: Vec<PathBuf> = vec![wrapper_dir.to_owned()];
         for bin in [pulumi.as_path(), go] {
             if let Some(dir) = bin.parent().filter(|d| !d.as_os_str().is_empty())
                 && !dirs.iter().any(|d| d == dir)
@@ -60,12 +107,12 @@ impl Cli {
                 "{SETPRIV} not found: a Pulumi run outlives a killed worker (install util-linux)"
             );
         }
-        Self {
+        Ok(Self {
             pulumi,
             setpriv,
             path,
             pulumi_home,
-        }
+        })
     }
 
     /// Runs `pulumi <args>` in `workspace` against its file backend.

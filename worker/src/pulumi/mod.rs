@@ -134,7 +134,12 @@ impl Driver {
         }
         let pulumi_home = config.cache_dir.join("pulumi-home");
         Ok(Self {
-            cli: Cli::new(config.pulumi, &config.go, pulumi_home),
+            cli: Cli::new(
+                config.pulumi,
+                &config.go,
+                pulumi_home,
+                &config.cache_dir.join("bin"),
+            )?,
             go: config.go,
             scenarios_dir: config.cache_dir.join("scenarios"),
             scratch_dir: config.cache_dir.join("scratch"),

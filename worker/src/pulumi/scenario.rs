@@ -188,14 +188,53 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), D
     Ok(())
 }
 
+/// What `go build` keeps of the worker's environment: where Go and its
+/// caches are, how it reaches modules. Nothing else (no credentials of the
+/// worker) reaches the toolchain.
+const GO_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "XDG_CACHE_HOME",
+    "GOROOT",
+    "GOPATH",
+    "GOMODCACHE",
+    "GOCACHE",
+    "GOENV",
+    "GOTMPDIR",
+    "GOPROXY",
+    "GONOPROXY",
+    "GOPRIVATE",
+    "GONOSUMDB",
+    "GOSUMDB",
+    "GOINSECURE",
+    "GOAUTH",
+    "GOVCS",
+    "GOTOOLCHAIN",
+    "GOTELEMETRY",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+];
+
 /// Compiles the Go program in `src` into `out` with `go build`.
 pub(crate) async fn compile_go(go: &Path, src: &Path, out: &Path) -> Result<(), DriverError> {
     let tmp = out.with_extension("partial");
+    let kept = GO_ENV
+        .iter()
+        .filter_map(|name| std::env::var_os(name).map(|value| (*name, value)));
     let output = Command::new(go)
         .args(["build", "-trimpath", "-o"])
         .arg(&tmp)
         .arg(".")
         .current_dir(src)
+        .env_clear()
+        .envs(kept)
         .env("GOFLAGS", "-mod=mod")
         .env("CGO_ENABLED", "0")
         .stdin(Stdio::null())

@@ -20,6 +20,7 @@ pub const PASSPHRASE: &str = "e2e-test-passphrase";
 pub fn worker_config(nats: &str, etcd: &str, cache: PathBuf) -> cm_worker::WorkerConfig {
     cm_worker::WorkerConfig {
         nats_url: nats.to_owned(),
+        nats: Default::default(),
         etcd_endpoints: vec![etcd.to_owned()],
         etcd_root: "/cm".into(),
         store: StoreOptions::default(),
@@ -45,6 +46,7 @@ pub fn worker_config(nats: &str, etcd: &str, cache: PathBuf) -> cm_worker::Worke
 pub fn api_config(nats: &str, etcd: &str) -> cm_api::ApiConfig {
     cm_api::ApiConfig {
         nats_url: nats.to_owned(),
+        nats: Default::default(),
         etcd_endpoints: vec![etcd.to_owned()],
         etcd_root: "/cm".into(),
         store: StoreOptions::default(),
@@ -53,6 +55,9 @@ pub fn api_config(nats: &str, etcd: &str) -> cm_api::ApiConfig {
         nats_service: true,
         oci: Default::default(),
         max_upload: cm_api::DEFAULT_MAX_UPLOAD,
+        auth: cm_api::auth::ApiAuth::open(),
+        tls: None,
+        metrics_listen: None,
     }
 }
 

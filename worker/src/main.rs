@@ -71,7 +71,7 @@ enum Command {
     Run(Box<RunArgs>),
     /// Export only the queue-lag and inventory gauges on /metrics (no
     /// consuming), for a deployment that scrapes them apart from the workers.
-    QueueExporter(ExporterArgs),
+    QueueExporter(Box<ExporterArgs>),
     /// Run a scenario directly through the Pulumi driver, without the queue.
     #[command(subcommand)]
     Scenario(ScenarioCommand),

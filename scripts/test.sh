@@ -18,6 +18,14 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== deploy/monitoring (promtool, amtool, dashboards, collector, manifests)" >&2
 bash deploy/monitoring/test.sh
 
+echo "== cargo audit (RustSec advisories)" >&2
+audit=0
+scripts/audit.sh || audit=$?
+if [[ $audit -ne 0 && $audit -ne 3 ]]; then
+  echo "audit: vulnerable dependencies (see above)" >&2
+  exit "$audit"
+fi
+
 echo "== providers (go vet, go test: real server processes on loopback)" >&2
 for dir in providers/*/; do
   (cd "$dir" && go vet ./... && go test -count=1 ./...)

@@ -168,11 +168,7 @@ async fn dispatch(app: &App, name: &str, body: &[u8], mode: Mode) -> Result<Byte
         }
         "instance.delete" => {
             let req = parse::<DeleteInstanceRequest>(body)?;
-            reply(
-                app.delete_instance(req.challenge_id, req.source_id, who(), mode)
-                    .await?
-                    .into_empty(),
-            )
+            reply(app.delete_instance(req, who(), mode).await?.into_empty())
         }
         "instance.reset" => {
             let req = parse::<ResetInstanceRequest>(body)?;

@@ -239,17 +239,13 @@ impl App {
 
     pub async fn delete_instance(
         &self,
-        cid: String,
-        sid: String,
+        req: DeleteInstanceRequest,
         who: Requester,
         mode: Mode,
     ) -> Result<Reply<()>, DomainError> {
-        validate::instance_key(&cid, &sid)?;
-        self.require_instance(&cid, &sid).await?;
-        let req = DeleteInstanceRequest {
-            challenge_id: cid,
-            source_id: sid,
-        };
+        validate::instance_key(&req.challenge_id, &req.source_id)?;
+        self.require_instance(&req.challenge_id, &req.source_id)
+            .await?;
         expect_deleted(self.write(Request::InstanceDelete(req), who, mode).await?)
     }
 

@@ -20,7 +20,8 @@ use axum::{
 };
 use cm_core::DomainError;
 use cm_schemas::v1::{
-    Code, CreateChallengeRequest, CreateInstanceRequest, Requester, UpdateChallengeRequest,
+    Code, CreateChallengeRequest, CreateInstanceRequest, DeleteInstanceRequest, Requester,
+    UpdateChallengeRequest,
 };
 use serde::{Deserialize, Serialize};
 
@@ -318,13 +319,26 @@ async fn reset_instance(
     ))
 }
 
+/// `?force=true`: see `DeleteInstanceRequest.force`.
+#[derive(Debug, Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
 async fn delete_instance(
     State(app): State<App>,
     Path((cid, sid)): Path<(String, String)>,
+    Query(q): Query<DeleteQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let mode = mode(&headers);
-    let done = app.delete_instance(cid, sid, requester(), mode).await?;
+    let req = DeleteInstanceRequest {
+        challenge_id: cid,
+        source_id: sid,
+        force: q.force,
+    };
+    let done = app.delete_instance(req, requester(), mode).await?;
     Ok(reply(done.into_empty(), mode))
 }
 

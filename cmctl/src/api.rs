@@ -149,8 +149,21 @@ impl Api {
         body: Option<&Value>,
         respond_async: bool,
     ) -> Result<Written, CliError> {
+        self.write_query(method, segments, &[], body, respond_async)
+            .await
+    }
+
+    /// [`Api::write`] with query parameters.
+    pub async fn write_query(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+        respond_async: bool,
+    ) -> Result<Written, CliError> {
         let (status, text) = self
-            .send(method, self.url(segments, &[]), body, respond_async)
+            .send(method, self.url(segments, query), body, respond_async)
             .await?;
         let value = parse(&text)?;
         if status == StatusCode::ACCEPTED {

@@ -446,3 +446,62 @@ async fn failed_create_leaves_nothing_and_the_next_create_works() {
     assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
     assert_one_whole_instance(&stack, "flaky", "team-d", 4).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_stuck_in_a_failed_state_can_be_force_deleted() {
+    let stack = Stack::start_with(1, &[("CM_MAX_DELIVER", "2")]).await;
+    create_challenge(&stack, "stuck", json!({"steps": "2"})).await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "stuck", "sourceId": "team-e"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Its stack state is damaged: no destroy can run any more.
+    let rec = record(&stack, "stuck", "team-e").await.expect("record");
+    stack
+        .store
+        .put_stack(
+            "stuck",
+            &rec.identity,
+            b"{\"not\": \"a stack state\"}".to_vec(),
+        )
+        .await
+        .expect("etcd");
+
+    let (status, body) = stack
+        .call(Method::DELETE, "/api/v1/instance/stuck/team-e", None)
+        .await;
+    assert_eq!(status, 500, "a plain delete fails: {body}");
+    assert!(
+        record(&stack, "stuck", "team-e").await.is_some(),
+        "and keeps the records"
+    );
+
+    let (status, body) = stack
+        .call(
+            Method::DELETE,
+            "/api/v1/instance/stuck/team-e?force=true",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    assert!(record(&stack, "stuck", "team-e").await.is_none());
+    assert_eq!(count_keys(&stack, "/cm/stack/stuck/").await, 0);
+    assert!(
+        stack.worker_logs().contains("forced delete"),
+        "the worker says what it left behind"
+    );
+    // The source can deploy again.
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "stuck", "sourceId": "team-e"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    wait_locks_free(&stack).await;
+}

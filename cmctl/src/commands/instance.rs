@@ -63,6 +63,10 @@ pub enum Cmd {
         key: Key,
         #[command(flatten)]
         write: WriteArgs,
+        /// Forget the instance even if its stack cannot be destroyed (an
+        /// instance stuck in a failed state); the worker logs what is left.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -129,16 +133,17 @@ pub async fn run(cmd: Cmd, ctx: &Ctx) -> Result<(), CliError> {
             .await?;
             ctx.print_written(written, |i| (i.clone(), view(&i, show_flags)));
         }
-        Cmd::Delete { key, write } => {
+        Cmd::Delete { key, write, force } => {
             let label = format!(
                 "destroying the instance of {} for {}",
                 key.challenge_id, key.source_id
             );
             let written = progress::spin(
                 &label,
-                api.write(
+                api.write_query(
                     Method::DELETE,
                     &["api", "v1", "instance", &key.challenge_id, &key.source_id],
+                    if force { &[("force", "true")] } else { &[] },
                     None,
                     write.no_wait,
                 ),

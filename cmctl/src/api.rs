@@ -102,6 +102,29 @@ impl Api {
         }
     }
 
+    /// Sends a raw body (an archive), answering the JSON document.
+    pub async fn post_bytes(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Vec<u8>,
+    ) -> Result<Value, CliError> {
+        let resp = self
+            .http
+            .request(method, self.url(segments, &[]))
+            .header("content-type", "application/gzip")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.transport(&e))?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| self.transport(&e))?;
+        if !status.is_success() {
+            return Err(api_error(status, &text));
+        }
+        parse(&text)
+    }
+
     /// `GET` one JSON document.
     pub async fn get(&self, segments: &[&str]) -> Result<Value, CliError> {
         let (_, text) = self

@@ -532,6 +532,7 @@ async fn dead_letters_are_listed_shown_replayed_and_deleted() {
             duplicate_window: WINDOW,
             max_deliver: 2,
             lock_timeout: Duration::from_secs(1),
+            ..Options::default()
         },
     )
     .await;
@@ -769,4 +770,127 @@ async fn dead_letters_are_listed_shown_replayed_and_deleted() {
         .ok()
         .json();
     assert_eq!(status["deadLetters"], 0, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenarios_pushed_to_a_registry_and_uploaded_deploy() {
+    let registry = cm_testkit::registry::start();
+    let stack = Stack::start(
+        1,
+        Options {
+            insecure_registries: vec![registry.host.clone()],
+            ..Options::default()
+        },
+    )
+    .await;
+    let example = cm_testkit::example("identity");
+    let example = example.to_str().expect("utf-8 path");
+    let target = registry.reference("ctf/identity:v1");
+
+    // OCI, chall-manager's layout: the reference comes back pinned.
+    let pushed = stack
+        .cmctl(&[
+            "scenario",
+            "push",
+            example,
+            &target,
+            "--oci-insecure-registries",
+            &registry.host,
+            "-o",
+            "json",
+        ])
+        .await
+        .ok()
+        .json();
+    let reference = s(&pushed, "scenario").to_owned();
+    assert!(
+        reference.starts_with(&format!("{target}@sha256:")),
+        "{reference}"
+    );
+    // Pushing the same files again gives the same digest.
+    let again = stack
+        .cmctl(&[
+            "scenario",
+            "push",
+            example,
+            &target,
+            "--oci-insecure-registries",
+            &registry.host,
+            "-o",
+            "json",
+        ])
+        .await
+        .ok()
+        .json();
+    assert_eq!(s(&again, "scenario"), reference);
+
+    // Upload through the API: a nats-object reference.
+    let uploaded = stack
+        .cmctl(&["scenario", "push", example, "--upload", "-o", "json"])
+        .await
+        .ok()
+        .json();
+    let object = s(&uploaded, "scenario").to_owned();
+    assert!(object.starts_with("nats-object:sha256:"), "{object}");
+
+    // Both deploy.
+    for (id, scenario) in [
+        ("from-oci", reference.as_str()),
+        ("from-upload", object.as_str()),
+    ] {
+        stack
+            .cmctl(&[
+                "challenge",
+                "create",
+                "--id",
+                id,
+                "--scenario",
+                scenario,
+                "-o",
+                "json",
+            ])
+            .await
+            .ok();
+        let instance = stack
+            .cmctl(&[
+                "instance",
+                "create",
+                "--challenge-id",
+                id,
+                "--source-id",
+                "team-1",
+                "-o",
+                "json",
+            ])
+            .await
+            .ok()
+            .json();
+        assert!(
+            s(&instance, "connectionInfo").ends_with(".ctf.local 1337"),
+            "{instance}"
+        );
+    }
+
+    // Mistakes: no Pulumi.yaml (usage, 1); an unreachable registry (4).
+    let empty = tempfile::tempdir().expect("tempdir");
+    stack
+        .cmctl(&[
+            "scenario",
+            "push",
+            empty.path().to_str().expect("utf-8"),
+            &target,
+        ])
+        .await
+        .fails(1);
+    stack
+        .cmctl(&[
+            "scenario",
+            "push",
+            example,
+            "127.0.0.1:1/nobody/here:v1",
+            "--oci-insecure-registries",
+            "127.0.0.1:1",
+        ])
+        .await
+        .fails(4);
 }

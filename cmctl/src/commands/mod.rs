@@ -1,17 +1,19 @@
 //! The subcommands, one module per group, each with its clap arguments and
 //! its `run`:
 //! - [`challenge`], [`instance`], [`operation`]: the REST API;
-//! - [`queue`], [`dlq`]: JetStream, directly.
+//! - [`queue`], [`dlq`]: JetStream, directly;
+//! - [`scenario`]: OCI registries, or the API's upload.
 //!
-//! Adding a group (the coming `scenario push`) is one new file here plus its
-//! variant in [`Command`] and its arm in [`run`]; it gets the API client, the
-//! JetStream connection and the printer from [`Ctx`].
+//! Adding a group is one new file here plus its variant in [`Command`] and
+//! its arm in [`run`]; it gets the API client, the JetStream connection and
+//! the printer from [`Ctx`].
 
 mod challenge;
 mod dlq;
 mod instance;
 mod operation;
 mod queue;
+mod scenario;
 
 use async_nats::jetstream;
 use clap::Subcommand;
@@ -42,6 +44,10 @@ pub enum Command {
     /// Dead-lettered commands: list, inspect, replay (NATS JetStream).
     #[command(subcommand)]
     Dlq(dlq::Cmd),
+    /// Publish scenarios: to an OCI registry (chall-manager's layout) or
+    /// through the API into the object store.
+    #[command(subcommand)]
+    Scenario(scenario::Cmd),
 }
 
 /// What every subcommand gets.
@@ -107,5 +113,6 @@ pub async fn run(command: Command, ctx: &Ctx) -> Result<(), CliError> {
         Command::Operation(cmd) => operation::run(cmd, ctx).await,
         Command::Queue(cmd) => queue::run(cmd, ctx).await,
         Command::Dlq(cmd) => dlq::run(cmd, ctx).await,
+        Command::Scenario(cmd) => scenario::run(cmd, ctx).await,
     }
 }

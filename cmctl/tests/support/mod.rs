@@ -31,6 +31,8 @@ pub struct Options {
     pub max_deliver: i64,
     /// How long a worker waits for a lock before the command is retried.
     pub lock_timeout: Duration,
+    /// Registries (`host:port`) the API and workers reach over plain HTTP.
+    pub insecure_registries: Vec<String>,
 }
 
 impl Default for Options {
@@ -39,6 +41,7 @@ impl Default for Options {
             duplicate_window: Duration::from_secs(120),
             max_deliver: 5,
             lock_timeout: Duration::from_secs(60),
+            insecure_registries: Vec::new(),
         }
     }
 }
@@ -108,7 +111,10 @@ impl Stack {
             queue: queue_config(&options),
             result_timeout: Duration::from_secs(120),
             nats_service: false,
-            oci: Default::default(),
+            oci: cm_core::oci::ClientConfig {
+                insecure_registries: options.insecure_registries.clone(),
+                ..Default::default()
+            },
             max_upload: cm_api::DEFAULT_MAX_UPLOAD,
             nats: Default::default(),
             auth: cm_api::auth::ApiAuth::open(),
@@ -168,7 +174,10 @@ impl Stack {
             lease_ttl: 10,
             shutdown_grace: Duration::from_secs(5),
             metrics_listen: None,
-            oci: Default::default(),
+            oci: cm_core::oci::ClientConfig {
+                insecure_registries: self.options.insecure_registries.clone(),
+                ..Default::default()
+            },
             nats: Default::default(),
         };
         let (tx, rx) = oneshot::channel::<()>();

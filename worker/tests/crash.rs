@@ -505,3 +505,54 @@ async fn an_instance_stuck_in_a_failed_state_can_be_force_deleted() {
     assert_eq!(status, 200, "{body}");
     wait_locks_free(&stack).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_published_twice_with_one_id_has_one_effect() {
+    use cm_schemas::v1::{Command, CreateInstanceRequest, command::Request};
+    use prost::Message as _;
+
+    let stack = Stack::start(1).await;
+    create_challenge(&stack, "twice", json!({"steps": "1"})).await;
+    let client = async_nats::connect(stack.nats.url.as_str())
+        .await
+        .expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let command = Command {
+        command_id: "0192-same-id".into(),
+        issued_at: Some(cm_core::model::now()),
+        requested_by: None,
+        request: Some(Request::InstanceCreate(CreateInstanceRequest {
+            challenge_id: "twice".into(),
+            source_id: "team-f".into(),
+            additional: Default::default(),
+        })),
+    };
+    let subject =
+        cm_core::queue::command_subject(cm_core::queue::CommandKind::InstanceCreate, "twice");
+    let mut duplicates = Vec::new();
+    for _ in 0..2 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(cm_core::queue::HDR_MSG_ID, command.command_id.as_str());
+        let ack = js
+            .publish_with_headers(subject.clone(), headers, command.encode_to_vec().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+        duplicates.push(ack.duplicate);
+    }
+    assert_eq!(duplicates, [false, true], "JetStream drops the second copy");
+    assert!(
+        support::wait_drained(
+            &stack.nats.url,
+            Duration::from_millis(100),
+            Duration::from_secs(60)
+        )
+        .await,
+        "{}",
+        stack.worker_logs()
+    );
+    let done = wait_operation(&stack, &command.command_id, Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "SUCCEEDED", "{done}");
+    assert_one_whole_instance(&stack, "twice", "team-f", 1).await;
+}

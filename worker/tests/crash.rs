@@ -281,23 +281,30 @@ async fn worker_killed_mid_pulumi_run_is_resumed_by_another() {
     wait_locks_free(&stack).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn worker_killed_between_pulumi_and_the_store_write() {
+/// A stack whose only worker (short lease) has just aborted at `failpoint`
+/// while creating an instance of a new `steps` challenge; the create's
+/// operation id.
+async fn die_at_failpoint(cid: &str, steps: u32, sid: &str, failpoint: &str) -> (Stack, String) {
     let mut stack = Stack::start(1).await;
-    create_challenge(&stack, "cut", json!({"steps": "2"})).await;
+    create_challenge(&stack, cid, json!({"steps": steps.to_string()})).await;
     stack.kill_worker(0);
-    stack.spawn_worker_with(&[SHORT_LEASE, ("CM_FAILPOINT", "after-up")]);
-    let op = queue_instance(&stack, "cut", "team-b").await;
-
+    stack.spawn_worker_with(&[SHORT_LEASE, ("CM_FAILPOINT", failpoint)]);
+    let op = queue_instance(&stack, cid, sid).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while stack.worker_exit(1).is_none() {
         assert!(
             Instant::now() < deadline,
-            "the failpoint never fired\n{}",
+            "the failpoint {failpoint} never fired\n{}",
             stack.worker_logs()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    (stack, op)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_killed_between_pulumi_and_the_store_write() {
+    let (mut stack, op) = die_at_failpoint("cut", 2, "team-b", "after-up").await;
     // Pulumi finished: its final state is stored, the record still says deploying.
     let rec = record(&stack, "cut", "team-b").await.expect("reservation");
     assert_eq!(rec.status, InstanceStatus::Deploying);
@@ -325,21 +332,7 @@ async fn worker_killed_between_pulumi_and_the_store_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn worker_killed_between_the_store_write_and_the_ack() {
-    let mut stack = Stack::start(1).await;
-    create_challenge(&stack, "late", json!({"steps": "1"})).await;
-    stack.kill_worker(0);
-    stack.spawn_worker_with(&[SHORT_LEASE, ("CM_FAILPOINT", "before-ack")]);
-    let op = queue_instance(&stack, "late", "team-c").await;
-
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stack.worker_exit(1).is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the failpoint never fired\n{}",
-            stack.worker_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (mut stack, op) = die_at_failpoint("late", 1, "team-c", "before-ack").await;
     let first = record(&stack, "late", "team-c").await.expect("record");
     assert_eq!(first.status, InstanceStatus::Ready);
 

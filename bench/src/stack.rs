@@ -138,7 +138,8 @@ impl Stack {
         let port = server::free_port();
         let base = format!("http://127.0.0.1:{port}");
         let mut cmd = Command::new(&env.bins.api);
-        cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
+        // Loopback only: an open API (`--dev`), as the test stacks run it.
+        cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--dev"]);
         connect(&mut cmd);
         cmd.envs(config.env.iter().map(|(k, v)| (k, v)));
         let api = spawn(cmd, "cm-api", &env.logs_dir, &tag, base.clone())?;

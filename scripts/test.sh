@@ -35,7 +35,7 @@ echo "== cargo test" >&2
 LOG="$(mktemp)"
 trap 'rm -f "$LOG"' EXIT
 status=0
-cargo test --workspace --locked -- --test-threads="${CM_TEST_THREADS:-4}" 2>&1 | tee "$LOG" || status=$?
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${CM_TEST_THREADS:-4}" 2>&1 | tee "$LOG" || status=$?
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$LOG"

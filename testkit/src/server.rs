@@ -177,18 +177,31 @@ pub fn etcd_tls(pki: &crate::pki::Pki, client_cert_auth: bool, auth_token_ttl: u
 
 fn etcd_with(extra: Vec<String>, scheme: &'static str) -> Server {
     let dir = tempdir("cm-etcd-");
-    let (client, peer) = (free_port(), free_port());
-    let child = launch_etcd(dir.path(), client, peer, &extra, scheme);
-    Server {
-        child: Some(child),
-        dir,
-        kind: Kind::Etcd {
-            client,
-            peer,
-            extra,
-            scheme,
-        },
-        url: format!("{scheme}://127.0.0.1:{client}"),
+    // The ports are free when picked but may be taken before etcd binds them
+    // (tests run in parallel): pick new ones and try again.
+    let mut attempts = 0;
+    loop {
+        let (client, peer) = (free_port(), free_port());
+        match try_launch_etcd(dir.path(), client, peer, &extra, scheme) {
+            Ok(child) => {
+                return Server {
+                    child: Some(child),
+                    dir,
+                    kind: Kind::Etcd {
+                        client,
+                        peer,
+                        extra,
+                        scheme,
+                    },
+                    url: format!("{scheme}://127.0.0.1:{client}"),
+                };
+            }
+            Err(log) if log.contains("address already in use") && attempts < 5 => {
+                attempts += 1;
+                let _ = std::fs::remove_dir_all(dir.path().join("data"));
+            }
+            Err(log) => panic!("etcd exited before it was ready:\n{log}"),
+        }
     }
 }
 
@@ -199,6 +212,18 @@ fn launch_etcd(
     extra: &[String],
     scheme: &str,
 ) -> Child {
+    try_launch_etcd(dir, client, peer, extra, scheme)
+        .unwrap_or_else(|log| panic!("etcd exited before it was ready:\n{log}"))
+}
+
+/// Starts etcd and waits until it serves; its log when it exits first.
+fn try_launch_etcd(
+    dir: &std::path::Path,
+    client: u16,
+    peer: u16,
+    extra: &[String],
+    scheme: &str,
+) -> Result<Child, String> {
     let bin = require("etcd");
     let client_url = format!("{scheme}://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
@@ -215,11 +240,11 @@ fn launch_etcd(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
-    wait_for_line(&mut child, "etcd", |line| {
+    try_wait_for_line(&mut child, "etcd", |line| {
         line.contains("ready to serve client requests")
             .then_some(())
-    });
-    child
+    })?;
+    Ok(child)
 }
 
 pub(crate) fn tempdir(prefix: &str) -> tempfile::TempDir {
@@ -236,6 +261,16 @@ pub(crate) fn wait_for_line<T: Send + 'static>(
     name: &str,
     probe: impl Fn(&str) -> Option<T> + Send + 'static,
 ) -> T {
+    try_wait_for_line(child, name, probe)
+        .unwrap_or_else(|log| panic!("{name} exited before it was ready:\n{log}"))
+}
+
+/// [`wait_for_line`], answering the child's log when it exits first.
+fn try_wait_for_line<T: Send + 'static>(
+    child: &mut Child,
+    name: &str,
+    probe: impl Fn(&str) -> Option<T> + Send + 'static,
+) -> Result<T, String> {
     let stderr = child
         .stderr
         .take()
@@ -259,8 +294,7 @@ pub(crate) fn wait_for_line<T: Send + 'static>(
         }
     });
     match rx.recv_timeout(READY_TIMEOUT) {
-        Ok(Ok(found)) => found,
-        Ok(Err(log)) => panic!("{name} exited before it was ready:\n{log}"),
+        Ok(result) => result,
         Err(_) => panic!("{name} was not ready within {READY_TIMEOUT:?}"),
     }
 }

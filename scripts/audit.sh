@@ -7,10 +7,12 @@
 #                                    github.com/rustsec/advisory-db
 #
 # cargo-audit is installed from crates.io into ~/.cache/ctf-instancer/tools
-# (once). The database lives on GitHub: where GitHub is unreachable and no
-# CM_ADVISORY_DB is given, the audit cannot run; this script says so loudly
-# ("BLOCKED") and exits 3, which scripts/test.sh reports without failing
-# the suite. Known findings and why they are accepted: README, "Dependency audit".
+# (once). The database lives on GitHub; where it is unreachable, the snapshot
+# of its files beside the checkout (../shared/advisory-db, dated in its
+# SNAPSHOT.md) is used and its date printed. Only when neither is there does
+# the audit not run: this script says so loudly ("BLOCKED") and exits 3.
+# A vulnerability fails (exit 1) whichever database was read.
+# Known findings and why they are accepted: README, "Dependency audit".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,11 +21,16 @@ cache_db="${HOME}/.cache/ctf-instancer/advisory-db"
 db="${CM_ADVISORY_DB:-}"
 
 if [[ -z "$db" ]]; then
-  if [[ -d "$cache_db/.git" ]] && timeout 60 git -C "$cache_db" pull -q --ff-only 2>/dev/null; then
+  if [[ -d "$cache_db/.git" ]] && timeout 30 git -C "$cache_db" pull -q --ff-only 2>/dev/null; then
     db="$cache_db"
-  elif timeout 60 git clone -q --depth 1 https://github.com/rustsec/advisory-db "$cache_db.tmp" 2>/dev/null; then
+  elif timeout 30 git clone -q --depth 1 https://github.com/rustsec/advisory-db "$cache_db.tmp" 2>/dev/null; then
     rm -rf "$cache_db" && mv "$cache_db.tmp" "$cache_db"
     db="$cache_db"
+  elif [[ -f ../shared/advisory-db/SNAPSHOT.md && -d ../shared/advisory-db/crates ]]; then
+    rm -rf "$cache_db.tmp"
+    db="$(cd ../shared/advisory-db && pwd -P)"
+    snapshot="$(grep -Eo 'commit [0-9a-f]+ of [0-9]{4}-[0-9]{2}-[0-9]{2}' "$db/SNAPSHOT.md" | head -n 1 || true)"
+    echo "audit: the live RustSec database is unreachable; auditing against the snapshot in $db (${snapshot:-date unknown, see its SNAPSHOT.md})" >&2
   else
     rm -rf "$cache_db.tmp"
     echo "audit: BLOCKED - the RustSec advisory database (github.com/rustsec/advisory-db) is unreachable from this machine; set CM_ADVISORY_DB to a local copy to audit" >&2

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end on this machine: brings the whole system up
-# (nats-server, etcd, a worker and the API, installing what is missing),
+# (nats-server, etcd, a worker, the API, the janitor and the queue-lag
+# exporter, installing what is missing),
 # registers a challenge with the tcp-flag scenario, deploys an instance
 # through the API — a real TCP service on loopback, started by the
 # localservice provider plugin — checks that it answers, and prints the
@@ -8,7 +9,13 @@
 #
 #   scripts/demo.sh          bring everything up and deploy
 #   scripts/demo.sh down     destroy the demo challenge (its services stop),
-#                            stop the API and worker, then the local stack
+#                            stop the API, worker, janitor and exporter, then
+#                            the local stack
+#
+# First run on a fresh 2-core machine: about 15 minutes (Debian packages 1 min,
+# Pulumi built from source ~10 min, the release build ~4 min); later runs take
+# seconds. Caches: ~/.cache/ctf-instancer (Pulumi, plugins, compiled
+# scenarios), ~/go (Go modules), target/ (Rust).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -17,6 +24,11 @@ RUN_DIR="$DEV_DIR/run"
 LOG_DIR="$DEV_DIR/log"
 API_ADDR="${CM_DEMO_API:-127.0.0.1:8080}"
 API="http://$API_ADDR"
+WORKER_METRICS="${CM_DEMO_WORKER_METRICS:-127.0.0.1:9464}"
+JANITOR_METRICS="${CM_DEMO_JANITOR_METRICS:-127.0.0.1:9465}"
+EXPORTER_METRICS="${CM_DEMO_EXPORTER_METRICS:-127.0.0.1:9466}"
+JANITOR_INTERVAL="${CM_DEMO_JANITOR_INTERVAL:-10s}"
+SERVICES=(cm-api cm-worker cm-janitor cm-queue-exporter)
 
 stop_service() {
   local name="$1" pid_file="$RUN_DIR/$1.pid"
@@ -43,13 +55,18 @@ if [[ "${1:-}" == "down" ]]; then
       *) echo "demo: deleting challenge 'demo' answered HTTP $code; its services may still run" >&2 ;;
     esac
   fi
-  stop_service cm-api
-  stop_service cm-worker
+  for name in "${SERVICES[@]}"; do stop_service "$name"; done
   exec scripts/dev.sh down
 fi
 
+if ! scripts/dev.sh install --check >/dev/null 2>&1; then
+  echo "demo: first run: installing what is missing (Debian packages ~1 min, Pulumi built from source ~10 min on 2 cores, cached afterwards)" >&2
+fi
 eval "$(scripts/dev.sh up)"
-cargo build --release -q -p cm-api -p cm-worker
+if [[ ! -x target/release/cm-api ]]; then
+  echo "demo: building the release binaries (first time ~4-6 min on 2 cores, then seconds)" >&2
+fi
+cargo build --release -q --locked -p cm-api -p cm-worker -p cm-janitor -p cmctl
 mkdir -p "$RUN_DIR" "$LOG_DIR"
 
 start_service() {
@@ -65,9 +82,11 @@ start_service() {
 }
 
 export CM_NATS_URL CM_ETCD_ENDPOINTS
-start_service cm-worker target/release/cm-worker --dev run --scenarios-dir examples
+start_service cm-worker target/release/cm-worker --dev run --scenarios-dir examples --metrics-listen "$WORKER_METRICS"
 # --dev: the local demo API is open (loopback only); see README "Security".
 start_service cm-api target/release/cm-api --dev --listen "$API_ADDR"
+start_service cm-janitor target/release/cm-janitor --interval "$JANITOR_INTERVAL" --metrics-listen "$JANITOR_METRICS"
+start_service cm-queue-exporter target/release/cm-worker --dev queue-exporter --metrics-listen "$EXPORTER_METRICS"
 
 for _ in $(seq 100); do
   curl -fsS "$API/healthcheck" >/dev/null 2>&1 && break
@@ -122,5 +141,13 @@ if ! check_instance "$instance"; then
   instance="$(call GET /api/v1/instance/demo/player-1)"
   check_instance "$instance"
 fi
-echo >&2
-echo "demo: the API is at $API (try: curl $API/api/v1/instance/demo/player-1); stop everything with: scripts/demo.sh down" >&2
+cat >&2 <<EOF
+
+demo: the whole system runs (logs in $LOG_DIR):
+  API            $API            (try: curl $API/api/v1/instance/demo/player-1)
+  metrics        API $API/metrics, worker http://$WORKER_METRICS/metrics,
+                 janitor http://$JANITOR_METRICS/metrics, queue lag http://$EXPORTER_METRICS/metrics
+  queue          CM_NATS_URL=$CM_NATS_URL target/release/cmctl queue status
+  janitor        expires instances past their 'until' every $JANITOR_INTERVAL
+  stop it all    scripts/demo.sh down
+EOF

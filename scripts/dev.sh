@@ -124,26 +124,214 @@ as_root() {
   fi
 }
 
-install_packages() {
-  # package:command pairs
-  local pairs=(nats-server:nats-server etcd-server:etcd protobuf-compiler:protoc
-    prometheus:prometheus prometheus-alertmanager:amtool bsdutils:script
-    netcat-openbsd:nc docker-registry:docker-registry)
-  local missing=() pair
-  for pair in "${pairs[@]}"; do
-    find_bin "${pair#*:}" >/dev/null || missing+=("${pair%%:*}")
+# ------------------------------------------------------------------ parts --
+#
+# Every part the project needs, each checked by what it must provide (a
+# server that starts, a protoc that compiles a file importing the well-known
+# types, plugins that answer), not by a binary's presence alone.
+# Columns: name | Debian packages that provide it ("" = not from apt) | what
+# the check proves | how to install it.
+
+PARTS=(
+  "protoc|protobuf-compiler libprotobuf-dev|compiles a .proto importing the well-known types (google/protobuf/*.proto)|apt-get install protobuf-compiler libprotobuf-dev"
+  "nats-server|nats-server|starts with JetStream on a free loopback port|apt-get install nats-server"
+  "etcd|etcd-server|starts on free loopback ports and answers /health|apt-get install etcd-server"
+  "promtool|prometheus|answers --version (alert rule tests)|apt-get install prometheus"
+  "amtool|prometheus-alertmanager|answers --version (Alertmanager config tests)|apt-get install prometheus-alertmanager"
+  "docker-registry|docker-registry|answers --version (OCI registry for scenario-source tests)|apt-get install docker-registry"
+  "nc|netcat-openbsd|present (talks to the demo's TCP service)|apt-get install netcat-openbsd"
+  "script|bsdutils|present (pseudo-terminal for CLI tests)|apt-get install bsdutils"
+  "curl|curl|answers --version (health checks)|apt-get install curl"
+  "go||answers 'go version' (builds Pulumi, providers and scenarios)|the machine's Go toolchain (https://go.dev/doc/install)"
+  "cargo||answers --version|the machine's Rust toolchain (rustup)"
+  "pulumi||the pinned CLI answers 'pulumi version'|scripts/install-pulumi.sh (built from Go modules, cached)"
+  "pulumi-language-go||the Go language host answers -version|scripts/install-pulumi.sh"
+  "pulumi-resource-localservice||the provider plugin starts and prints its gRPC port|scripts/install-providers.sh"
+)
+
+# Scratch space of the checks, made once in the main shell (the checks run
+# in subshells) and removed on exit.
+CHECK_TMP=""
+init_check_tmp() {
+  [[ -n "$CHECK_TMP" ]] && return 0
+  CHECK_TMP="$(mktemp -d "${TMPDIR:-/tmp}/cm-check.XXXXXX")"
+  # shellcheck disable=SC2064
+  trap "rm -rf '$CHECK_TMP'" EXIT
+}
+check_tmp() { echo "$CHECK_TMP"; }
+
+# A free TCP port on loopback (asks the kernel).
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Runs "$@" in the background, waits up to $1 seconds for $2 (a command) to
+# succeed, then kills it. Usage: start_and_probe SECONDS PROBE -- CMD...
+start_and_probe() {
+  local secs="$1" probe="$2" pid ok=1 i
+  shift 3
+  "$@" >"$(check_tmp)/probe.log" 2>&1 &
+  pid=$!
+  for ((i = 0; i < secs * 10; i++)); do
+    if eval "$probe"; then ok=0; break; fi
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
   done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  return "$ok"
+}
+
+# Prints a one-line detail on success; fails with a reason on stdout.
+check_part() {
+  local name="$1" bin tmp port port2 out
+  case "$name" in
+    protoc)
+      bin="$(find_bin protoc)" || { echo "protoc not found"; return 1; }
+      tmp="$(check_tmp)/wkt"
+      mkdir -p "$tmp"
+      cat >"$tmp/check.proto" <<'PROTO'
+syntax = "proto3";
+package cmcheck;
+import "google/protobuf/any.proto";
+import "google/protobuf/descriptor.proto";
+import "google/protobuf/duration.proto";
+import "google/protobuf/empty.proto";
+import "google/protobuf/field_mask.proto";
+import "google/protobuf/struct.proto";
+import "google/protobuf/timestamp.proto";
+import "google/protobuf/wrappers.proto";
+message Check {
+  google.protobuf.Any any = 1;
+  google.protobuf.Duration duration = 2;
+  google.protobuf.Empty empty = 3;
+  google.protobuf.FieldMask mask = 4;
+  google.protobuf.Struct fields = 5;
+  google.protobuf.Timestamp at = 6;
+  google.protobuf.StringValue text = 7;
+  google.protobuf.FileDescriptorProto file = 8;
+}
+PROTO
+      if ! out="$("$bin" -I "$tmp" -o "$tmp/check.pb" "$tmp/check.proto" 2>&1)"; then
+        echo "$(head -n 1 <<<"$out") (the well-known types come with libprotobuf-dev)"
+        return 1
+      fi
+      "$bin" --version
+      ;;
+    nats-server)
+      bin="$(find_bin nats-server)" || { echo "nats-server not found"; return 1; }
+      port="$(free_port)"
+      port2="$(free_port)"
+      tmp="$(check_tmp)/nats"
+      if ! start_and_probe 15 "curl -fsS --max-time 1 'http://127.0.0.1:$port2/healthz?js-enabled-only=true' >/dev/null 2>&1" -- \
+        "$bin" -js -a 127.0.0.1 -p "$port" -m "$port2" -sd "$tmp"; then
+        echo "did not start with JetStream: $(tail -n 1 "$(check_tmp)/probe.log")"
+        return 1
+      fi
+      "$bin" --version
+      ;;
+    etcd)
+      bin="$(find_bin etcd)" || { echo "etcd not found"; return 1; }
+      port="$(free_port)"
+      port2="$(free_port)"
+      tmp="$(check_tmp)/etcd"
+      case "$(uname -m)" in aarch64 | arm64) export ETCD_UNSUPPORTED_ARCH=arm64 ;; esac
+      if ! start_and_probe 20 "curl -fsS --max-time 1 http://127.0.0.1:$port/health 2>/dev/null | grep -Eq '\"health\":[[:space:]]*\"?true'" -- \
+        "$bin" --name check --data-dir "$tmp" --listen-client-urls "http://127.0.0.1:$port" \
+        --advertise-client-urls "http://127.0.0.1:$port" --listen-peer-urls "http://127.0.0.1:$port2" \
+        --initial-advertise-peer-urls "http://127.0.0.1:$port2" --initial-cluster "check=http://127.0.0.1:$port2" \
+        --logger zap --log-outputs stderr; then
+        echo "did not start: $(tail -n 1 "$(check_tmp)/probe.log" | cut -c1-160)"
+        return 1
+      fi
+      "$bin" --version | head -n 1
+      ;;
+    promtool | amtool | docker-registry | curl)
+      bin="$(find_bin "$name")" || { echo "$name not found"; return 1; }
+      out="$("$bin" --version 2>&1)" || { echo "'$name --version' failed: $(head -n 1 <<<"$out")"; return 1; }
+      head -n 1 <<<"$out"
+      ;;
+    nc | script)
+      find_bin "$name" || { echo "$name not found"; return 1; }
+      ;;
+    go)
+      command -v go >/dev/null 2>&1 || { echo "go not found"; return 1; }
+      go version
+      ;;
+    cargo)
+      command -v cargo >/dev/null 2>&1 || { echo "cargo not found"; return 1; }
+      cargo --version
+      ;;
+    pulumi | pulumi-language-go | pulumi-resource-localservice)
+      local dir
+      dir="$(pulumi_bin_dir)" || { echo "not built yet"; return 1; }
+      [[ -x "$dir/$name" ]] || { echo "$dir/$name missing"; return 1; }
+      case "$name" in
+        pulumi)
+          out="$("$dir/pulumi" version 2>&1)" || { echo "'pulumi version' failed: $(head -n 1 <<<"$out")"; return 1; }
+          echo "$out ($dir)"
+          ;;
+        pulumi-language-go)
+          out="$("$dir/pulumi-language-go-host" -version 2>&1)" || { echo "'pulumi-language-go-host -version' failed: $(head -n 1 <<<"$out")"; return 1; }
+          echo "$out"
+          ;;
+        pulumi-resource-localservice)
+          # A provider plugin serves gRPC and prints its port first thing.
+          out="$(timeout 10 "$dir/$name" 2>/dev/null | head -n 1)" || true
+          [[ "$out" =~ ^[0-9]+$ ]] || { echo "did not print its gRPC port (got '${out:0:60}')"; return 1; }
+          echo "serves gRPC (answered on port $out)"
+          ;;
+      esac
+      ;;
+    *) echo "unknown part"; return 1 ;;
+  esac
+}
+
+# Prints the table of parts; fails when one is missing or broken.
+# With an argument "quiet", prints nothing when all are fine.
+check_parts() {
+  local quiet="${1:-}" entry name pkgs proves how detail rc=0 lines=()
+  init_check_tmp
+  for entry in "${PARTS[@]}"; do
+    IFS='|' read -r name pkgs proves how <<<"$entry"
+    if detail="$(check_part "$name" 2>&1)"; then
+      lines+=("$(printf '  ok       %-30s %s' "$name" "$(head -n 1 <<<"$detail" | cut -c1-90)")")
+    else
+      rc=1
+      lines+=("$(printf '  MISSING  %-30s %s\n           %-30s needs: %s\n           %-30s install: %s' \
+        "$name" "$(tail -n 1 <<<"$detail" | cut -c1-110)" "" "$proves" "" "$how")")
+    fi
+  done
+  if [[ "$quiet" != quiet || $rc -ne 0 ]]; then
+    echo "parts this project needs (scripts/dev.sh install installs them all):" >&2
+    printf '%s\n' "${lines[@]}" >&2
+  fi
+  return "$rc"
+}
+
+# The Debian packages of the parts whose check fails.
+missing_packages() {
+  local entry name pkgs proves how
+  init_check_tmp
+  for entry in "${PARTS[@]}"; do
+    IFS='|' read -r name pkgs proves how <<<"$entry"
+    [[ -n "$pkgs" ]] || continue
+    check_part "$name" >/dev/null 2>&1 || echo "$pkgs"
+  done
+}
+
+install_packages() {
+  local missing
+  init_check_tmp
+  # shellcheck disable=SC2207
+  missing=($(missing_packages | tr ' ' '\n' | sort -u))
   ((${#missing[@]} == 0)) && return 0
   command -v apt-get >/dev/null 2>&1 ||
     die "missing ${missing[*]} and no apt-get here; install them by hand"
-  log "installing Debian packages: ${missing[*]}"
+  log "installing Debian packages: ${missing[*]} (about a minute)"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
   as_root env DEBIAN_FRONTEND=noninteractive \
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-  for pair in "${pairs[@]}"; do
-    find_bin "${pair#*:}" >/dev/null ||
-      die "package ${pair%%:*} installed but '${pair#*:}' still not found"
-  done
 }
 
 # Waits while another scripts/install-pulumi.sh runs (e.g. a build started by
@@ -177,8 +365,17 @@ install_pulumi() {
 }
 
 cmd_install() {
+  if [[ "${1:-}" == --check ]]; then
+    check_parts
+    return
+  fi
+  [[ -z "${1:-}" ]] || die "install: unknown argument '$1' (only --check)"
   install_packages
   install_pulumi
+  if ((${CM_DEV_SKIP_PULUMI:-0} == 1)); then
+    PARTS=("${PARTS[@]:0:${#PARTS[@]}-3}")
+  fi
+  check_parts quiet || die "some parts are missing or broken after installing (table above)"
 }
 
 # Pulumi bin directory without building anything: the one recorded by the last
@@ -464,7 +661,7 @@ main() {
   local cmd="${1:-help}"
   (($# > 0)) && shift
   case "$cmd" in
-    install) cmd_install ;;
+    install) cmd_install "$@" ;;
     up) cmd_up ;;
     down) cmd_down "$@" ;;
     status) cmd_status ;;

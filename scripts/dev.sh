@@ -145,7 +145,7 @@ PARTS=(
   "go||answers 'go version' (builds Pulumi, providers and scenarios)|the machine's Go toolchain (https://go.dev/doc/install)"
   "cargo||answers --version|the machine's Rust toolchain (rustup)"
   "pulumi||the pinned CLI answers 'pulumi version'|scripts/install-pulumi.sh (built from Go modules, cached)"
-  "pulumi-language-go||the Go language host answers -version|scripts/install-pulumi.sh"
+  "pulumi-language-go||the Go language host starts and prints its gRPC port|scripts/install-pulumi.sh"
   "pulumi-resource-localservice||the provider plugin starts and prints its gRPC port|scripts/install-providers.sh"
 )
 
@@ -165,12 +165,14 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-# Runs "$@" in the background, waits up to $1 seconds for $2 (a command) to
+# Runs "$@" in the background (stdout to probe.out, stderr to probe.log in
+# the scratch directory), waits up to $1 seconds for $2 (a command) to
 # succeed, then kills it. Usage: start_and_probe SECONDS PROBE -- CMD...
 start_and_probe() {
   local secs="$1" probe="$2" pid ok=1 i
   shift 3
-  "$@" >"$(check_tmp)/probe.log" 2>&1 &
+  : >"$(check_tmp)/probe.out"
+  "$@" >"$(check_tmp)/probe.out" 2>"$(check_tmp)/probe.log" &
   pid=$!
   for ((i = 0; i < secs * 10; i++)); do
     if eval "$probe"; then ok=0; break; fi
@@ -180,6 +182,19 @@ start_and_probe() {
   kill -KILL "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   return "$ok"
+}
+
+# A Pulumi plugin (provider or language host) serves gRPC and prints its
+# port first thing: start it, wait for that line (10 s at most), stop it.
+plugin_port() {
+  local log port
+  log="$(check_tmp)/probe.out"
+  if ! start_and_probe 10 "grep -Eq '^[0-9]+\$' '$log'" -- "$@"; then
+    echo "did not print its gRPC port (got '$(head -c 60 "$log")')"
+    return 1
+  fi
+  port="$(head -n 1 "$log")"
+  echo "serves gRPC (answered on port $port)"
 }
 
 # Prints a one-line detail on success; fails with a reason on stdout.
@@ -244,7 +259,8 @@ PROTO
         echo "did not start: $(tail -n 1 "$(check_tmp)/probe.log" | cut -c1-160)"
         return 1
       fi
-      "$bin" --version | head -n 1
+      out="$("$bin" --version)" || { echo "'etcd --version' failed"; return 1; }
+      head -n 1 <<<"$out"
       ;;
     promtool | amtool | docker-registry | curl)
       bin="$(find_bin "$name")" || { echo "$name not found"; return 1; }
@@ -272,14 +288,13 @@ PROTO
           echo "$out ($dir)"
           ;;
         pulumi-language-go)
-          out="$("$dir/pulumi-language-go-host" -version 2>&1)" || { echo "'pulumi-language-go-host -version' failed: $(head -n 1 <<<"$out")"; return 1; }
-          echo "$out"
+          # Given an engine address, the host serves gRPC and prints its port
+          # (through the wrapper, as the engine starts it).
+          plugin_port "$dir/$name" 127.0.0.1:1
           ;;
         pulumi-resource-localservice)
           # A provider plugin serves gRPC and prints its port first thing.
-          out="$(timeout 10 "$dir/$name" 2>/dev/null | head -n 1)" || true
-          [[ "$out" =~ ^[0-9]+$ ]] || { echo "did not print its gRPC port (got '${out:0:60}')"; return 1; }
-          echo "serves gRPC (answered on port $out)"
+          plugin_port "$dir/$name"
           ;;
       esac
       ;;

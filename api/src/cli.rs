@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use cm_core::{
     Secret,
-    config::{ConfigError, ConnectArgs},
+    config::{ConfigError, ConnectArgs, MetricsListen},
     queue::QueueConfig,
 };
 
@@ -45,7 +45,7 @@ pub struct Cli {
     /// Serve /metrics on this address, without authentication, instead of on
     /// the API's port behind its authentication (`off`: on the API's port).
     #[arg(long, env = "CM_METRICS_LISTEN", default_value = "off")]
-    pub metrics_listen: String,
+    pub metrics_listen: MetricsListen,
 
     #[command(flatten)]
     pub security: SecurityArgs,
@@ -148,16 +148,6 @@ impl Cli {
         if auth.is_open() && s.tls_client_ca.is_none() && !s.dev {
             return Err(CliError::Open);
         }
-        let metrics_listen = if self.metrics_listen.eq_ignore_ascii_case("off") {
-            None
-        } else {
-            Some(self.metrics_listen.parse().map_err(|_| {
-                CliError::Invalid(format!(
-                    "--metrics-listen {:?} is not an address or `off`",
-                    self.metrics_listen
-                ))
-            })?)
-        };
         Ok(ApiConfig {
             nats_url: self.connect.nats_url.clone(),
             nats: self.connect.nats_options()?,
@@ -169,7 +159,7 @@ impl Cli {
             nats_service: !self.no_nats_service,
             auth,
             tls,
-            metrics_listen,
+            metrics_listen: self.metrics_listen.0,
             oci: self
                 .oci
                 .client_config()

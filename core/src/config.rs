@@ -125,6 +125,27 @@ pub struct EtcdArgs {
     pub etcd_password_file: Option<PathBuf>,
 }
 
+/// Where a process serves its Prometheus `/metrics` apart from its main
+/// port: an address, or `off` (any case) for nowhere. One parser for the
+/// `--metrics-listen` flag of every binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsListen(pub Option<std::net::SocketAddr>);
+
+impl std::str::FromStr for MetricsListen {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        if value.trim().eq_ignore_ascii_case("off") {
+            return Ok(Self(None));
+        }
+        value
+            .trim()
+            .parse()
+            .map(|addr| Self(Some(addr)))
+            .map_err(|_| format!("{value:?} is not an address (host:port) or `off`"))
+    }
+}
+
 /// A combination of flags that cannot work, or a file that cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -360,6 +381,21 @@ pub fn read_secret(what: &'static str, path: &Path) -> Result<Secret<String>, Co
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn metrics_listen_is_an_address_or_off() {
+        assert_eq!("off".parse::<MetricsListen>(), Ok(MetricsListen(None)));
+        assert_eq!("OFF".parse::<MetricsListen>(), Ok(MetricsListen(None)));
+        assert_eq!(
+            "127.0.0.1:9464".parse::<MetricsListen>(),
+            Ok(MetricsListen(Some(([127, 0, 0, 1], 9464).into())))
+        );
+        for bad in ["", "9464", "localhost:9464", "127.0.0.1", "of"] {
+            let err = bad.parse::<MetricsListen>().expect_err(bad);
+            assert!(err.contains("`off`"), "{bad}: {err}");
+        }
+    }
+
     use clap::Parser;
 
     use super::*;

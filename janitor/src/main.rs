@@ -3,7 +3,10 @@
 use std::time::Duration;
 
 use clap::Parser;
-use cm_core::{config::ConnectArgs, queue::QueueConfig};
+use cm_core::{
+    config::{ConnectArgs, MetricsListen},
+    queue::QueueConfig,
+};
 use cm_janitor::JanitorConfig;
 
 /// Janitor of the CTF instance manager: on a timer, finds the instances past
@@ -26,7 +29,7 @@ struct Cli {
 
     /// Address of the Prometheus `/metrics` endpoint (`off` to disable).
     #[arg(long, env = "CM_METRICS_LISTEN", default_value = "127.0.0.1:9465")]
-    metrics_listen: String,
+    metrics_listen: MetricsListen,
 
     /// Most expiry commands published per tick; the rest wait for the next tick.
     #[arg(long, env = "CM_JANITOR_BATCH", default_value_t = 1000)]
@@ -47,11 +50,7 @@ async fn main() -> anyhow::Result<()> {
         interval: cli.interval,
         once: cli.once,
         batch: cli.batch.max(1),
-        metrics_listen: if cli.metrics_listen.eq_ignore_ascii_case("off") {
-            None
-        } else {
-            Some(cli.metrics_listen.parse()?)
-        },
+        metrics_listen: cli.metrics_listen.0,
     };
     cm_janitor::run(config, cm_core::shutdown::signal()).await?;
     Ok(())

@@ -10,6 +10,8 @@
 //! - [`observer`]: queue-lag and inventory gauges for `/metrics`.
 //! - [`pulumi`]: the Pulumi driver, the only place that runs the CLI.
 //! - [`failpoint`]: places the crash tests make the worker die on purpose.
+//! - [`passphrase`]: where the Pulumi passphrase comes from (required
+//!   outside `--dev`).
 //! - [`sources`]: scenario references to local directories (scenario root,
 //!   OCI registries, uploads in the object store), cached per digest.
 
@@ -18,6 +20,7 @@ pub mod context;
 pub mod failpoint;
 pub mod handlers;
 pub mod observer;
+pub mod passphrase;
 pub mod pulumi;
 pub mod sources;
 

@@ -4,15 +4,16 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use cm_core::{Identity, Secret, config::read_secret, tools};
-use cm_core::{config::ConnectArgs, queue::QueueConfig};
+use cm_core::{Identity, Secret, tools};
+use cm_core::{
+    config::{ConnectArgs, MetricsListen},
+    queue::QueueConfig,
+};
 use cm_worker::{
     WorkerConfig,
+    passphrase::PassphraseSources,
     pulumi::{Driver, DriverConfig, StackState},
 };
-
-/// Passphrase used by `--dev` when none is configured. Development only.
-const DEV_PASSPHRASE: &str = "cm-dev-passphrase-not-for-production";
 
 /// Worker of the CTF instance manager: runs Pulumi scenarios for challenge
 /// instances. Every flag can also be set through the environment variable
@@ -138,7 +139,7 @@ struct RunArgs {
 
     /// Address of the Prometheus `/metrics` endpoint (`off` to disable).
     #[arg(long, env = "CM_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
-    metrics_listen: String,
+    metrics_listen: MetricsListen,
 
     /// After SIGINT/SIGTERM, how long in-flight commands may finish.
     #[arg(long, env = "CM_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -187,48 +188,14 @@ impl PulumiArgs {
         Ok(Driver::new(self.driver_config()?)?)
     }
 
-    /// The passphrase, from the first of: --pulumi-passphrase
-    /// (CM_PULUMI_PASSPHRASE), --pulumi-passphrase-file
-    /// (CM_PULUMI_PASSPHRASE_FILE), PULUMI_CONFIG_PASSPHRASE,
-    /// PULUMI_CONFIG_PASSPHRASE_FILE; the development one under `--dev`.
-    /// An empty value counts as none.
+    /// The passphrase, by the rule of [`cm_worker::passphrase`].
     fn passphrase(&self) -> anyhow::Result<Secret<String>> {
-        let inline = self
-            .pulumi_passphrase
-            .clone()
-            .filter(|p| !p.expose().is_empty());
-        if inline.is_some() && self.pulumi_passphrase_file.is_some() {
-            bail!("give --pulumi-passphrase or --pulumi-passphrase-file, not both");
-        }
-        if let Some(p) = inline {
-            return Ok(p);
-        }
-        if let Some(path) = &self.pulumi_passphrase_file {
-            return Ok(read_secret("--pulumi-passphrase-file", path)?);
-        }
-        if let Some(p) = std::env::var("PULUMI_CONFIG_PASSPHRASE")
-            .ok()
-            .filter(|p| !p.is_empty())
-        {
-            return Ok(Secret::new(p));
-        }
-        if let Some(path) = std::env::var_os("PULUMI_CONFIG_PASSPHRASE_FILE")
-            .filter(|p| !p.is_empty())
-            .map(PathBuf::from)
-        {
-            return Ok(read_secret("PULUMI_CONFIG_PASSPHRASE_FILE", &path)?);
-        }
-        if self.dev {
-            tracing::warn!(
-                "--dev: Pulumi secrets are encrypted with the public development passphrase"
-            );
-            return Ok(Secret::new(DEV_PASSPHRASE.to_owned()));
-        }
-        bail!(
-            "no Pulumi passphrase configured: set CM_PULUMI_PASSPHRASE or PULUMI_CONFIG_PASSPHRASE, \
-             or give --pulumi-passphrase-file (CM_PULUMI_PASSPHRASE_FILE, PULUMI_CONFIG_PASSPHRASE_FILE); \
-             it encrypts every stack's secrets (`--dev` uses a public development passphrase)"
+        Ok(PassphraseSources::with_pulumi_env(
+            self.pulumi_passphrase.clone(),
+            self.pulumi_passphrase_file.clone(),
+            self.dev,
         )
+        .resolve()?)
     }
 
     fn driver_config(&self) -> anyhow::Result<DriverConfig> {
@@ -296,7 +263,7 @@ async fn run(pulumi: &PulumiArgs, args: RunArgs) -> anyhow::Result<()> {
         },
         lease_ttl: args.lease_ttl.max(2),
         shutdown_grace: args.shutdown_grace,
-        metrics_listen: parse_listen(&args.metrics_listen)?,
+        metrics_listen: args.metrics_listen.0,
     };
     cm_worker::run(config, cm_core::shutdown::signal()).await?;
     Ok(())
@@ -368,15 +335,4 @@ async fn read_state(path: &std::path::Path) -> anyhow::Result<Option<StackState>
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
-}
-
-/// `off` disables an endpoint; anything else is an address.
-fn parse_listen(value: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
-    if value.eq_ignore_ascii_case("off") {
-        return Ok(None);
-    }
-    value
-        .parse()
-        .map(Some)
-        .with_context(|| format!("--metrics-listen {value:?} is not an address or `off`"))
 }

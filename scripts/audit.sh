@@ -29,7 +29,7 @@ if [[ -z "$db" ]]; then
   elif [[ -f ../shared/advisory-db/SNAPSHOT.md && -d ../shared/advisory-db/crates ]]; then
     rm -rf "$cache_db.tmp"
     db="$(cd ../shared/advisory-db && pwd -P)"
-    snapshot="$(grep -Eo 'commit [0-9a-f]+ of [0-9]{4}-[0-9]{2}-[0-9]{2}' "$db/SNAPSHOT.md" | head -n 1 || true)"
+    snapshot="$(tr -s '\n' ' ' <"$db/SNAPSHOT.md" | grep -Eo 'commit [0-9a-f]+ of [0-9]{4}-[0-9]{2}-[0-9]{2}' | head -n 1 || true)"
     echo "audit: the live RustSec database is unreachable; auditing against the snapshot in $db (${snapshot:-date unknown, see its SNAPSHOT.md})" >&2
   else
     rm -rf "$cache_db.tmp"

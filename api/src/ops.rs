@@ -27,6 +27,16 @@ pub enum Reply<T> {
     Accepted { operation_id: String },
 }
 
+impl<T: serde::Serialize + prost::Name> Reply<T> {
+    /// The result as grpc-gateway prints it ([`crate::json::to_value`]).
+    pub fn into_json(self) -> Result<Reply<serde_json::Value>, DomainError> {
+        Ok(match self {
+            Reply::Done(v) => Reply::Done(crate::json::to_value(&v)?),
+            Reply::Accepted { operation_id } => Reply::Accepted { operation_id },
+        })
+    }
+}
+
 impl Reply<()> {
     /// Deletions answer `{}` (google.protobuf.Empty).
     pub fn into_empty(self) -> Reply<serde_json::Value> {
@@ -85,10 +95,7 @@ impl App {
     ) -> Result<Reply<Challenge>, DomainError> {
         validate::create_challenge(&req)?;
         if self.store.get_challenge(&req.id).await?.is_some() {
-            return Err(DomainError::already_exists(format!(
-                "challenge {} already exists",
-                req.id
-            )));
+            return Err(DomainError::challenge_already_exists(&req.id));
         }
         self.scenarios.check(&req.scenario).await?;
         expect_challenge(self.write(Request::ChallengeCreate(req), who, mode).await?)
@@ -114,7 +121,7 @@ impl App {
     async fn require_challenge(&self, id: &str) -> Result<ChallengeRecord, DomainError> {
         match self.store.get_challenge(id).await? {
             Some(c) => Ok(c.value),
-            None => Err(DomainError::not_found(format!("challenge {id} not found"))),
+            None => Err(DomainError::challenge_not_found(id)),
         }
     }
 
@@ -122,9 +129,7 @@ impl App {
     async fn require_instance(&self, cid: &str, sid: &str) -> Result<(), DomainError> {
         match self.store.get_instance(cid, sid).await? {
             Some(_) => Ok(()),
-            None => Err(DomainError::not_found(format!(
-                "no instance of challenge {cid} for source {sid}"
-            ))),
+            None => Err(DomainError::instance_not_found(cid, sid)),
         }
     }
 
@@ -188,9 +193,7 @@ impl App {
         validate::instance_key(cid, sid)?;
         match self.store.get_instance(cid, sid).await? {
             Some(v) if v.value.status == InstanceStatus::Ready => Ok(v.value.to_api()),
-            _ => Err(DomainError::not_found(format!(
-                "no instance of challenge {cid} for source {sid}"
-            ))),
+            _ => Err(DomainError::instance_not_found(cid, sid)),
         }
     }
 
@@ -244,6 +247,8 @@ impl App {
         mode: Mode,
     ) -> Result<Reply<()>, DomainError> {
         validate::instance_key(&req.challenge_id, &req.source_id)?;
+        // chall-manager answers an unknown challenge before an unknown instance.
+        self.require_challenge(&req.challenge_id).await?;
         self.require_instance(&req.challenge_id, &req.source_id)
             .await?;
         expect_deleted(self.write(Request::InstanceDelete(req), who, mode).await?)

@@ -250,3 +250,67 @@ pub fn service_error_headers(e: &DomainError) -> async_nats::HeaderMap {
     );
     headers
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cm_core::error::FieldViolation;
+
+    #[test]
+    fn details_are_chall_managers() {
+        let body = error_body(&DomainError::challenge_not_found("1"));
+        assert_eq!(
+            body,
+            json!({"code": 5, "message": "challenge 1 not found", "details": [
+                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "CHALLENGE_NOT_FOUND",
+                 "domain": "github.com/ctfer-io/chall-manager", "metadata": {"id": "1"}},
+                {"@type": "type.googleapis.com/google.rpc.ResourceInfo", "resourceType": "Challenge",
+                 "resourceName": "1", "owner": "", "description": "No challenge with this ID was found."}
+            ]})
+        );
+        let body = error_body(&DomainError::instance_already_exists("1", "2", "taken"));
+        assert_eq!(
+            body["details"][0]["metadata"],
+            json!({"challenge_id": "1", "source_id": "2"})
+        );
+        assert_eq!(body["details"][1]["resourceName"], "1/2");
+        let body = error_body(&DomainError::challenge_no_renewal("1"));
+        assert_eq!(body["code"], 9);
+        assert_eq!(body["details"][1]["violations"][0]["type"], "RENEWAL");
+        // Internal errors say nothing but their reason.
+        let body = error_body(&DomainError::internal("internal error"));
+        assert_eq!(body["details"][0]["reason"], "INTERNAL_ERROR");
+        assert_eq!(body["details"][0]["metadata"], json!({}));
+        // Field violations become a BadRequest; OCI reasons their own domain.
+        let e = DomainError::new(Code::FailedPrecondition, "away")
+            .with_reason(reasons::OCI_INTERACTION, [("reference", "r")])
+            .with_violation(FieldViolation::new(
+                "scenario",
+                reasons::OCI_INTERACTION,
+                "away",
+            ));
+        let body = error_body(&e);
+        assert_eq!(body["details"][0]["domain"], DOMAIN_OCI);
+        assert_eq!(
+            body["details"][1],
+            json!({"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": [
+                {"field": "scenario", "description": "away", "reason": "OCI_INTERACTION", "localizedMessage": null}
+            ]})
+        );
+        // No reason, no details (grpc-gateway's decoding errors).
+        assert_eq!(
+            error_body(&DomainError::invalid("bad"))["details"],
+            json!([])
+        );
+    }
+
+    #[test]
+    fn reasons_survive_the_trip_through_the_worker() {
+        let e = DomainError::invalid("x")
+            .with_reason(reasons::CHALLENGE_POOLER_OUT_OF_BOUNDS, [("min", "-1")])
+            .with_violation(FieldViolation::new("min", "MUST_BE_POSITIVE", "d"));
+        assert_eq!(DomainError::from_failure(&e.to_failure()), e);
+        let plain = DomainError::not_found("y");
+        assert_eq!(DomainError::from_failure(&plain.to_failure()), plain);
+    }
+}

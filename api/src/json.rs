@@ -217,6 +217,104 @@ mod tests {
     }
 
     #[test]
+    fn canonical_json_of_every_well_known_type_is_read() {
+        use cm_schemas::v1::{UpdateChallengeRequest, UpdateStrategy};
+        // What the CTFd plugin sends on update: the mask as one string.
+        let req: UpdateChallengeRequest = parse(
+            br#"{"updateMask":"timeout,until,additional,min,max,scenario","timeout":"1.5s",
+                "until":"2030-01-01T02:00:00.123456+02:00","min":"1","max":2,
+                "additional":{"k":"v"},"scenario":"identity","updateStrategy":"blue_green"}"#,
+        )
+        .expect("parses");
+        let mask = req.update_mask.expect("mask");
+        assert_eq!(
+            mask.paths,
+            ["timeout", "until", "additional", "min", "max", "scenario"]
+        );
+        let timeout = req.timeout.expect("timeout");
+        assert_eq!((timeout.seconds, timeout.nanos), (1, 500_000_000));
+        let until = req.until.expect("until");
+        assert_eq!(
+            until.to_rfc3339().as_deref(),
+            Some("2030-01-01T00:00:00.123456Z")
+        );
+        assert_eq!((req.min, req.max), (Some(1), Some(2)));
+        assert_eq!(req.update_strategy, Some(UpdateStrategy::BlueGreen as i32));
+        // Enums by number, lowerCamel mask paths, `null` as unset, the
+        // legacy object form of a mask.
+        let req: UpdateChallengeRequest = parse(
+            br#"{"updateMask":"maxPerSource,updateStrategy","updateStrategy":2,"until":null,"timeout":null}"#,
+        )
+        .expect("parses");
+        assert_eq!(
+            req.update_mask.expect("mask").paths,
+            ["max_per_source", "update_strategy"]
+        );
+        assert_eq!(req.update_strategy, Some(UpdateStrategy::Recreate as i32));
+        assert!(req.until.is_none() && req.timeout.is_none());
+        let req: UpdateChallengeRequest =
+            parse(br#"{"updateMask":{"paths":["timeout"]}}"#).expect("object mask");
+        assert_eq!(req.update_mask.expect("mask").paths, ["timeout"]);
+        for bad in [
+            &br#"{"until":"2030-01-01"}"#[..],
+            br#"{"timeout":"600"}"#,
+            br#"{"updateMask":5}"#,
+            br#"{"updateStrategy":"sideways"}"#,
+        ] {
+            assert!(
+                parse::<UpdateChallengeRequest>(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn unpopulated_fields_are_printed_like_grpc_gateway() {
+        use cm_schemas::{
+            v1::{Challenge, Instance},
+            wkt::Timestamp,
+        };
+        let at = Timestamp {
+            seconds: 1_796_086_055,
+            nanos: 685_921_401,
+        };
+        let challenge = Challenge {
+            id: "c".into(),
+            scenario: "identity".into(),
+            instances: vec![Instance {
+                challenge_id: "c".into(),
+                source_id: "s".into(),
+                since: Some(at),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let v = to_value(&challenge).expect("prints");
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "id": "c", "scenario": "identity", "timeout": null, "until": null,
+                "additional": {}, "min": "0", "max": "0",
+                "instances": [{
+                    "challengeId": "c", "sourceId": "s",
+                    "since": "2026-12-01T00:47:35.685921401Z", "lastRenew": null,
+                    "connectionInfo": "", "flags": [], "additional": {}
+                }]
+            })
+        );
+        // `until` and `flag` are proto3 optional: absent when unset, printed when set.
+        let instance = Instance {
+            until: Some(at),
+            flag: Some("F".into()),
+            ..Default::default()
+        };
+        let v = to_value(&instance).expect("prints");
+        assert_eq!(v["until"], "2026-12-01T00:47:35.685921401Z");
+        assert_eq!(v["flag"], "F");
+    }
+
+    #[test]
     fn malformed_input_says_what_is_wrong() {
         for (body, expected) in [
             (&b""[..], "empty"),

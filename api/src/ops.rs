@@ -98,7 +98,9 @@ impl App {
             return Err(DomainError::challenge_already_exists(&req.id));
         }
         self.scenarios.check(&req.scenario).await?;
-        expect_challenge(self.write(Request::ChallengeCreate(req), who, mode).await?)
+        let scenario = req.scenario.clone();
+        let written = self.write(Request::ChallengeCreate(req), who, mode).await;
+        expect_challenge(written.map_err(|e| name_scenario(e, &scenario))?)
     }
 
     pub async fn get_challenge(&self, id: &str) -> Result<Challenge, DomainError> {
@@ -155,7 +157,9 @@ impl App {
         if let Some(scenario) = &req.scenario {
             self.scenarios.check(scenario).await?;
         }
-        expect_challenge(self.write(Request::ChallengeUpdate(req), who, mode).await?)
+        let scenario = req.scenario.clone().unwrap_or_default();
+        let written = self.write(Request::ChallengeUpdate(req), who, mode).await;
+        expect_challenge(written.map_err(|e| name_scenario(e, &scenario))?)
     }
 
     pub async fn delete_challenge(
@@ -274,6 +278,26 @@ impl App {
         };
         serde_json::from_slice(&bytes).map_err(|_| DomainError::internal("internal error"))
     }
+}
+
+/// A worker's refusal of a scenario names no reference (the worker sees a
+/// directory): add the request's, and the `scenario` field at fault, as
+/// chall-manager details it.
+fn name_scenario(e: DomainError, scenario: &str) -> DomainError {
+    use cm_core::error::{FieldViolation, reasons};
+    let unnamed = e.reason() == Some(reasons::SCENARIO_NON_MATCHING_SPECIFICATION)
+        && e.reason
+            .as_deref()
+            .is_some_and(|r| !r.metadata.contains_key("reference"));
+    if !unnamed || scenario.is_empty() {
+        return e;
+    }
+    let description = e.message.clone();
+    e.with_reason(
+        reasons::SCENARIO_NON_MATCHING_SPECIFICATION,
+        [("reference", scenario)],
+    )
+    .with_violation(FieldViolation::new("scenario", "VALIDATION", description))
 }
 
 fn unexpected() -> DomainError {

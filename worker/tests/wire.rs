@@ -394,6 +394,44 @@ async fn every_endpoint_and_error_has_chall_managers_shape_on_rest_and_nats() {
         )
         .await;
     assert_case(&fx, "error.oci_reference_not_found", s, &b);
+    // A scenario the worker refuses (not a Go program): pushed as a real
+    // artifact, so the API's up-front check passes and the worker answers.
+    let python = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        python.path().join("Pulumi.yaml"),
+        "name: py\nruntime: python\n",
+    )
+    .expect("write");
+    std::fs::write(python.path().join("__main__.py"), "print(1)\n").expect("write");
+    let py_ref = registry.reference("ctf/python:v1");
+    let oci_client = cm_core::oci::Client::new(cm_core::oci::ClientConfig {
+        insecure_registries: vec![registry.host.clone()],
+        ..Default::default()
+    });
+    cm_core::oci::push(
+        &oci_client,
+        python.path(),
+        &cm_core::oci::Reference::parse(&py_ref).expect("reference"),
+    )
+    .await
+    .expect("push");
+    let (s, b) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "py", "scenario": py_ref})),
+        )
+        .await;
+    assert_case(&fx, "error.scenario_non_matching_specification", s, &b);
+    assert_eq!(b["details"][0]["metadata"]["reference"], json!(py_ref));
+    let (s, b) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "oci", "scenario": "localhost:5000/UPPER/case:v1"})),
+        )
+        .await;
+    assert_case(&fx, "error.oci_reference_malformed", s, &b);
     let (s, b) = stack
         .call_raw(Method::POST, "/api/v1/challenge", b"{\"id\":".to_vec())
         .await;
@@ -573,6 +611,13 @@ async fn every_endpoint_and_error_has_chall_managers_shape_on_rest_and_nats() {
     assert_nats_case(&fx, "error.challenge_pooler_out_of_bounds", &r);
     let r = nats(&client, "challenge.create", br#"{"id":"#).await;
     assert_nats_case(&fx, "error.malformed_body", &r);
+    let r = nats(
+        &client,
+        "challenge.create",
+        br#"{"id":"m","scenario":"localhost:5000/UPPER/case:v1"}"#,
+    )
+    .await;
+    assert_nats_case(&fx, "error.oci_reference_malformed", &r);
     let r = nats(&client, "challenge.get", br#"{"id":"nope"}"#).await;
     assert_nats_case(&fx, "error.challenge_not_found", &r);
     let r = nats(

@@ -230,7 +230,9 @@ async fn update_challenge(
     ProtoJson(mut req, body): ProtoJson<UpdateChallengeRequest>,
 ) -> Result<Response, ApiError> {
     req.id = id;
-    // grpc-gateway fills a missing update mask from the body's members.
+    // A missing update mask is filled from the body's members (grpc-gateway
+    // does so when the body is one field; chall-manager's `body: "*"` route
+    // does not, so this only accepts more).
     if req.update_mask.as_ref().is_none_or(|m| m.paths.is_empty()) {
         let present = top_level_fields(&body);
         let paths = UPDATE_FIELDS

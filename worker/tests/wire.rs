@@ -532,6 +532,19 @@ async fn every_endpoint_and_error_has_chall_managers_shape_on_rest_and_nats() {
         .await;
     assert_case(&fx, "challenge.update", s, &b);
     assert_eq!(b["timeout"], json!("1200s"));
+    // The challenge's until in the past moves the instance's: renewal refused.
+    let (s, _) = stack
+        .call(
+            Method::PATCH,
+            "/api/v1/challenge/wire",
+            Some(json!({"updateMask": "until", "until": "2001-01-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, b) = stack
+        .call(Method::PATCH, "/api/v1/instance/wire/1", Some(json!({})))
+        .await;
+    assert_case(&fx, "error.instance_expired", s, &b);
 
     // A challenge without a timeout refuses renewal; once past its until,
     // refuses instances.

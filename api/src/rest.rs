@@ -295,11 +295,8 @@ async fn list_instances(
     State(app): State<App>,
     Query(q): Query<InstanceQuery>,
 ) -> Result<Response, ApiError> {
-    let Some(sid) = q.source_id else {
-        return Err(ApiError(DomainError::invalid(
-            "the sourceId query parameter is required",
-        )));
-    };
+    // No sourceId: chall-manager queries source "" and streams nothing.
+    let sid = q.source_id.unwrap_or_default();
     Ok(stream_lines(&to_values(&app.list_instances(&sid).await?)?))
 }
 

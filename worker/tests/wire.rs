@@ -514,6 +514,9 @@ async fn every_endpoint_and_error_has_chall_managers_shape_on_rest_and_nats() {
     for line in &lines {
         assert_case(&fx, "challenge.query", s, line);
     }
+    // Without a sourceId, chall-manager streams nothing (recorded).
+    let (s, lines) = stream(&stack, "/api/v1/instance").await;
+    assert_eq!((s, lines.len()), (200, 0));
     let (s, lines) = stream(&stack, "/api/v1/instance?sourceId=1").await;
     assert_eq!(lines.len(), 1);
     for line in &lines {

@@ -17,6 +17,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     prost_build::Config::new()
         .file_descriptor_set_path(&descriptor_path)
         .compile_well_known_types()
+        // `prost::Name`: the API finds a message's descriptor by its name.
+        .enable_type_names()
+        // Timestamp and FieldMask print as Go's protojson does (see src/wkt.rs);
+        // the other well-known types come from pbjson-types.
+        .extern_path(".google.protobuf.Timestamp", "crate::wkt::Timestamp")
+        .extern_path(".google.protobuf.FieldMask", "crate::wkt::FieldMask")
         .extern_path(".google.protobuf", "::pbjson_types")
         .compile_protos(&protos, &["proto"])
         .map_err(|e| format!("protoc failed (install it with `scripts/dev.sh install`): {e}"))?;
@@ -24,6 +30,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pbjson_build::Builder::new()
         .register_descriptors(&descriptors)?
         .ignore_unknown_fields()
+        // Like grpc-gateway's marshaler (protojson EmitUnpopulated): scalars,
+        // lists and maps are printed even when empty. Unset message fields
+        // are added as `null` by the API (it holds the descriptors).
+        .emit_fields()
         .build(&[".cm"])?;
     Ok(())
 }

@@ -2,15 +2,31 @@
 //!
 //! Status codes follow grpc-gateway's mapping of gRPC codes, and the body is
 //! grpc-gateway's error shape, `{"code", "message", "details"}`, so clients of
-//! chall-manager read our errors as they read its own.
+//! chall-manager read our errors as they read its own. `details` holds the
+//! `google.rpc` messages chall-manager (>= v0.6.5, `pkg/errors` and
+//! `api/v1/common/checks.go`) attaches for the same case: an `ErrorInfo`
+//! (reason, its domain `github.com/ctfer-io/chall-manager`, or `.../OCI` for
+//! registry answers, and metadata), then a `ResourceInfo`,
+//! `PreconditionFailure`, `Help` and/or `BadRequest` as it does. Every
+//! internal error carries `INTERNAL_ERROR`. Messages are ours.
+//!
+//! The NATS front door sends the same body with its service error headers.
 
 use axum::{
     Json,
     http::StatusCode,
     response::{IntoResponse, Response},
 };
-use cm_core::DomainError;
+use cm_core::{DomainError, error::reasons};
 use cm_schemas::v1::Code;
+use serde_json::{Value, json};
+
+/// chall-manager's error domain (`pkg/errors.Domain`).
+pub const DOMAIN: &str = "github.com/ctfer-io/chall-manager";
+/// Its domain for registry answers (`api/v1/common/scenario.go`).
+pub const DOMAIN_OCI: &str = "github.com/ctfer-io/chall-manager/OCI";
+
+const TYPE_PREFIX: &str = "type.googleapis.com/google.rpc.";
 
 /// A domain error on its way to a client.
 #[derive(Debug)]
@@ -49,23 +65,252 @@ pub fn http_status(code: Code) -> StatusCode {
     }
 }
 
+/// The error body: `{"code", "message", "details"}` (`google.rpc.Status`
+/// as protojson prints it, unpopulated fields included).
+pub fn error_body(e: &DomainError) -> Value {
+    json!({
+        "code": e.code as i32,
+        "message": e.message,
+        "details": details(e),
+    })
+}
+
+fn error_info(reason: &str, domain: &str, metadata: Value) -> Value {
+    json!({
+        "@type": format!("{TYPE_PREFIX}ErrorInfo"),
+        "reason": reason,
+        "domain": domain,
+        "metadata": metadata,
+    })
+}
+
+fn resource_info(kind: &str, name: &str, description: &str) -> Value {
+    json!({
+        "@type": format!("{TYPE_PREFIX}ResourceInfo"),
+        "resourceType": kind,
+        "resourceName": name,
+        "owner": "",
+        "description": description,
+    })
+}
+
+fn precondition_failure(kind: &str, subject: &str, description: &str) -> Value {
+    json!({
+        "@type": format!("{TYPE_PREFIX}PreconditionFailure"),
+        "violations": [{"type": kind, "subject": format!("{DOMAIN}/{subject}"), "description": description}],
+    })
+}
+
+fn help(links: &[(&str, &str)]) -> Value {
+    let links: Vec<Value> = links
+        .iter()
+        .map(|(description, url)| json!({"description": description, "url": url}))
+        .collect();
+    json!({"@type": format!("{TYPE_PREFIX}Help"), "links": links})
+}
+
+/// The `google.rpc` details of `e`, as chall-manager attaches them.
+pub fn details(e: &DomainError) -> Vec<Value> {
+    let Some(r) = e.reason.as_deref().filter(|r| !r.reason.is_empty()) else {
+        return if e.code == Code::Internal {
+            vec![error_info(reasons::INTERNAL_ERROR, DOMAIN, json!({}))]
+        } else {
+            Vec::new()
+        };
+    };
+    let meta = |k: &str| r.metadata.get(k).map_or("", String::as_str);
+    let domain = match r.reason.as_str() {
+        reasons::OCI_INTERACTION | reasons::OCI_REFERENCE_NOT_FOUND => DOMAIN_OCI,
+        _ => DOMAIN,
+    };
+    let mut out = vec![error_info(&r.reason, domain, json!(r.metadata))];
+    let instance = || format!("{}/{}", meta("challenge_id"), meta("source_id"));
+    let bad_request = (!r.field_violations.is_empty()).then(|| {
+        let violations: Vec<Value> = r
+            .field_violations
+            .iter()
+            .map(|v| {
+                json!({
+                    "field": v.field,
+                    "description": v.description,
+                    "reason": v.reason,
+                    "localizedMessage": null,
+                })
+            })
+            .collect();
+        json!({"@type": format!("{TYPE_PREFIX}BadRequest"), "fieldViolations": violations})
+    });
+    match r.reason.as_str() {
+        reasons::CHALLENGE_NOT_FOUND => out.push(resource_info(
+            "Challenge",
+            meta("id"),
+            "No challenge with this ID was found.",
+        )),
+        reasons::CHALLENGE_ALREADY_EXISTS => out.push(resource_info(
+            "Challenge",
+            meta("id"),
+            "A challenge with this ID already exists.",
+        )),
+        reasons::INSTANCE_NOT_FOUND => out.push(resource_info(
+            "Instance",
+            &instance(),
+            "No instance with this ID was found.",
+        )),
+        reasons::INSTANCE_ALREADY_EXISTS => out.push(resource_info(
+            "Instance",
+            &instance(),
+            "An instance with this ID already exists.",
+        )),
+        reasons::CHALLENGE_EXPIRED => out.push(precondition_failure(
+            "EXPIRATION",
+            "Challenge",
+            "Challenge has expired so can no longer process instance requests.",
+        )),
+        reasons::CHALLENGE_NO_RENEWAL => out.push(precondition_failure(
+            "RENEWAL",
+            "Challenge",
+            "Challenge has no timeout thus cannot be renewed.",
+        )),
+        reasons::INSTANCE_EXPIRED => out.push(precondition_failure(
+            "EXPIRATION",
+            "Instance",
+            "Instance has expired so can no longer process renewal request.",
+        )),
+        reasons::SCENARIO_NON_MATCHING_SPECIFICATION => {
+            out.push(resource_info(
+                "Scenario",
+                meta("reference"),
+                "A Pulumi program acting as a challenge instance deployment scenario.",
+            ));
+            out.push(help(&[
+                (
+                    "Definition of a Scenario.",
+                    "https://ctfer.io/docs/chall-manager/glossary/#scenario",
+                ),
+                (
+                    "Step-by-step guide to create a Scenario.",
+                    "https://ctfer.io/docs/chall-manager/challmaker-guides/create-scenario/",
+                ),
+            ]));
+        }
+        reasons::OCI_REFERENCE_MALFORMED => {
+            let description = r
+                .field_violations
+                .first()
+                .map_or(e.message.as_str(), |v| v.description.as_str());
+            out.push(resource_info("Reference", meta("reference"), description));
+            out.push(help(&[(
+                "OCI Image Format specification GitHub repository.",
+                "https://github.com/opencontainers/image-spec",
+            )]));
+            // chall-manager attaches no BadRequest here.
+            return out;
+        }
+        reasons::CHALLENGE_INVALID_UPDATE_MASK => {
+            out.extend(bad_request);
+            out.push(help(&[
+                (
+                    "Protocol Buffers > Well-Known Types > Field mask",
+                    "https://protobuf.dev/reference/protobuf/google.protobuf/#field-mask",
+                ),
+                ("AIP-161 Field masks", "https://google.aip.dev/161"),
+            ]));
+            return out;
+        }
+        _ => {}
+    }
+    out.extend(bad_request);
+    out
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = http_status(self.0.code);
-        let body = serde_json::json!({
-            "code": self.0.code as i32,
-            "message": self.0.message,
-            "details": [],
-        });
-        (status, Json(body)).into_response()
+        (status, Json(error_body(&self.0))).into_response()
     }
 }
 
 /// The NATS service form of an error: the HTTP status as code, the message
-/// as status text.
+/// as status text (headers `Nats-Service-Error-Code`, `Nats-Service-Error`).
 pub fn service_error(e: &DomainError) -> async_nats::service::error::Error {
     async_nats::service::error::Error {
         status: e.message.replace(['\r', '\n'], " "),
         code: http_status(e.code).as_u16() as usize,
+    }
+}
+
+/// The headers of a NATS error reply that also carries [`error_body`].
+pub fn service_error_headers(e: &DomainError) -> async_nats::HeaderMap {
+    let err = service_error(e);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::service::NATS_SERVICE_ERROR, err.status.as_str());
+    headers.insert(
+        async_nats::service::NATS_SERVICE_ERROR_CODE,
+        err.code.to_string().as_str(),
+    );
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cm_core::error::FieldViolation;
+
+    #[test]
+    fn details_are_chall_managers() {
+        let body = error_body(&DomainError::challenge_not_found("1"));
+        assert_eq!(
+            body,
+            json!({"code": 5, "message": "challenge 1 not found", "details": [
+                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "CHALLENGE_NOT_FOUND",
+                 "domain": "github.com/ctfer-io/chall-manager", "metadata": {"id": "1"}},
+                {"@type": "type.googleapis.com/google.rpc.ResourceInfo", "resourceType": "Challenge",
+                 "resourceName": "1", "owner": "", "description": "No challenge with this ID was found."}
+            ]})
+        );
+        let body = error_body(&DomainError::instance_already_exists("1", "2", "taken"));
+        assert_eq!(
+            body["details"][0]["metadata"],
+            json!({"challenge_id": "1", "source_id": "2"})
+        );
+        assert_eq!(body["details"][1]["resourceName"], "1/2");
+        let body = error_body(&DomainError::challenge_no_renewal("1"));
+        assert_eq!(body["code"], 9);
+        assert_eq!(body["details"][1]["violations"][0]["type"], "RENEWAL");
+        // Internal errors say nothing but their reason.
+        let body = error_body(&DomainError::internal("internal error"));
+        assert_eq!(body["details"][0]["reason"], "INTERNAL_ERROR");
+        assert_eq!(body["details"][0]["metadata"], json!({}));
+        // Field violations become a BadRequest; OCI reasons their own domain.
+        let e = DomainError::new(Code::FailedPrecondition, "away")
+            .with_reason(reasons::OCI_INTERACTION, [("reference", "r")])
+            .with_violation(FieldViolation::new(
+                "scenario",
+                reasons::OCI_INTERACTION,
+                "away",
+            ));
+        let body = error_body(&e);
+        assert_eq!(body["details"][0]["domain"], DOMAIN_OCI);
+        assert_eq!(
+            body["details"][1],
+            json!({"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": [
+                {"field": "scenario", "description": "away", "reason": "OCI_INTERACTION", "localizedMessage": null}
+            ]})
+        );
+        // No reason, no details (grpc-gateway's decoding errors).
+        assert_eq!(
+            error_body(&DomainError::invalid("bad"))["details"],
+            json!([])
+        );
+    }
+
+    #[test]
+    fn reasons_survive_the_trip_through_the_worker() {
+        let e = DomainError::invalid("x")
+            .with_reason(reasons::CHALLENGE_POOLER_OUT_OF_BOUNDS, [("min", "-1")])
+            .with_violation(FieldViolation::new("min", "MUST_BE_POSITIVE", "d"));
+        assert_eq!(DomainError::from_failure(&e.to_failure()), e);
+        let plain = DomainError::not_found("y");
+        assert_eq!(DomainError::from_failure(&plain.to_failure()), plain);
     }
 }

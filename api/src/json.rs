@@ -1,13 +1,30 @@
-//! Lenient protobuf-JSON input, parsed the way grpc-gateway parses it:
-//! unknown fields ignored, `null` meaning unset, int64 as a number or a
-//! string. Malformed input answers in the API's own error format.
+//! Protobuf JSON in and out, as chall-manager's grpc-gateway speaks it.
+//!
+//! In: lenient, the way grpc-gateway parses (protojson with
+//! `DiscardUnknown`): unknown fields ignored, `null` meaning unset, int64 as
+//! a number or a string, enums by name or number, a `FieldMask` as
+//! `"timeout,until"`, a `Timestamp` with `Z` or an offset, a `Duration` as
+//! `"1.5s"`. Malformed input answers in the API's own error format.
+//!
+//! Out: grpc-gateway's default marshaler is protojson with
+//! `EmitUnpopulated`: every field is printed, an unset message field as
+//! `null` (proto3 `optional` fields, in synthetic oneofs, stay absent when
+//! unset). pbjson prints scalars, lists and maps (`emit_fields`);
+//! [`to_value`] adds the `null`s, walking the messages' descriptors.
 
 use axum::{
     body::Bytes,
     extract::{FromRequest, Request},
 };
+use std::{collections::HashMap, sync::OnceLock};
+
 use cm_core::DomainError;
-use serde::de::DeserializeOwned;
+use prost::Message as _;
+use prost_types::{
+    DescriptorProto, FileDescriptorSet,
+    field_descriptor_proto::{Label, Type},
+};
+use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use crate::error::ApiError;
@@ -40,6 +57,84 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DomainError> {
     }
     strip_nulls(&mut value);
     serde_json::from_value(value).map_err(|e| DomainError::invalid(format!("invalid request: {e}")))
+}
+
+/// Every message of `cm_schemas` by its full name (`.cm.v1.Challenge`).
+fn messages() -> &'static HashMap<String, DescriptorProto> {
+    static INDEX: OnceLock<HashMap<String, DescriptorProto>> = OnceLock::new();
+    INDEX.get_or_init(|| {
+        let mut index = HashMap::new();
+        // The descriptors are compiled into the binary: decoding cannot fail
+        // unless the build is broken, and then nothing is filled.
+        let Ok(set) = FileDescriptorSet::decode(cm_schemas::FILE_DESCRIPTOR_SET) else {
+            tracing::error!("cannot decode the compiled descriptors");
+            return index;
+        };
+        for file in set.file {
+            let prefix = format!(".{}", file.package());
+            let mut stack: Vec<(String, DescriptorProto)> = file
+                .message_type
+                .into_iter()
+                .map(|m| (prefix.clone(), m))
+                .collect();
+            while let Some((parent, message)) = stack.pop() {
+                let name = format!("{parent}.{}", message.name());
+                stack.extend(
+                    message
+                        .nested_type
+                        .iter()
+                        .cloned()
+                        .map(|m| (name.clone(), m)),
+                );
+                index.insert(name, message);
+            }
+        }
+        index
+    })
+}
+
+/// Adds `null` for every unset singular message field of `value`, a
+/// message of type `name` (`.cm.v1.Challenge`), and of the messages it holds.
+fn fill_unpopulated(value: &mut Value, name: &str) {
+    let Some(descriptor) = messages().get(name) else {
+        return;
+    };
+    let Value::Object(map) = value else { return };
+    for field in &descriptor.field {
+        if field.r#type() != Type::Message {
+            continue;
+        }
+        let json_name = field.json_name();
+        let repeated = field.label() == Label::Repeated;
+        match map.get_mut(json_name) {
+            // In a oneof (a proto3 `optional` one included): absent when unset.
+            None if !repeated && field.oneof_index.is_none() => {
+                map.insert(json_name.to_owned(), Value::Null);
+            }
+            Some(Value::Array(items)) if repeated => {
+                for item in items {
+                    fill_unpopulated(item, field.type_name());
+                }
+            }
+            Some(item @ Value::Object(_)) if !repeated => fill_unpopulated(item, field.type_name()),
+            _ => {}
+        }
+    }
+}
+
+/// A message as grpc-gateway prints it (see the module docs).
+pub fn to_value<T: Serialize + prost::Name>(message: &T) -> Result<Value, DomainError> {
+    let mut value = serde_json::to_value(message).map_err(|e| {
+        tracing::error!(error = %e, message = T::NAME, "cannot print a message");
+        DomainError::internal("internal error")
+    })?;
+    fill_unpopulated(&mut value, &format!(".{}", T::full_name()));
+    Ok(value)
+}
+
+/// Several messages, each as [`to_value`] prints it.
+pub fn to_values<T: Serialize + prost::Name>(messages: &[T]) -> Result<Vec<Value>, DomainError> {
+    messages.iter().map(to_value).collect()
 }
 
 fn depth(value: &Value) -> usize {
@@ -119,6 +214,104 @@ mod tests {
                 .expect("parses");
         assert_eq!(req.timeout.map(|d| d.seconds), Some(600));
         assert!(req.until.is_some());
+    }
+
+    #[test]
+    fn canonical_json_of_every_well_known_type_is_read() {
+        use cm_schemas::v1::{UpdateChallengeRequest, UpdateStrategy};
+        // What the CTFd plugin sends on update: the mask as one string.
+        let req: UpdateChallengeRequest = parse(
+            br#"{"updateMask":"timeout,until,additional,min,max,scenario","timeout":"1.5s",
+                "until":"2030-01-01T02:00:00.123456+02:00","min":"1","max":2,
+                "additional":{"k":"v"},"scenario":"identity","updateStrategy":"blue_green"}"#,
+        )
+        .expect("parses");
+        let mask = req.update_mask.expect("mask");
+        assert_eq!(
+            mask.paths,
+            ["timeout", "until", "additional", "min", "max", "scenario"]
+        );
+        let timeout = req.timeout.expect("timeout");
+        assert_eq!((timeout.seconds, timeout.nanos), (1, 500_000_000));
+        let until = req.until.expect("until");
+        assert_eq!(
+            until.to_rfc3339().as_deref(),
+            Some("2030-01-01T00:00:00.123456Z")
+        );
+        assert_eq!((req.min, req.max), (Some(1), Some(2)));
+        assert_eq!(req.update_strategy, Some(UpdateStrategy::BlueGreen as i32));
+        // Enums by number, lowerCamel mask paths, `null` as unset, the
+        // legacy object form of a mask.
+        let req: UpdateChallengeRequest = parse(
+            br#"{"updateMask":"maxPerSource,updateStrategy","updateStrategy":2,"until":null,"timeout":null}"#,
+        )
+        .expect("parses");
+        assert_eq!(
+            req.update_mask.expect("mask").paths,
+            ["max_per_source", "update_strategy"]
+        );
+        assert_eq!(req.update_strategy, Some(UpdateStrategy::Recreate as i32));
+        assert!(req.until.is_none() && req.timeout.is_none());
+        let req: UpdateChallengeRequest =
+            parse(br#"{"updateMask":{"paths":["timeout"]}}"#).expect("object mask");
+        assert_eq!(req.update_mask.expect("mask").paths, ["timeout"]);
+        for bad in [
+            &br#"{"until":"2030-01-01"}"#[..],
+            br#"{"timeout":"600"}"#,
+            br#"{"updateMask":5}"#,
+            br#"{"updateStrategy":"sideways"}"#,
+        ] {
+            assert!(
+                parse::<UpdateChallengeRequest>(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn unpopulated_fields_are_printed_like_grpc_gateway() {
+        use cm_schemas::{
+            v1::{Challenge, Instance},
+            wkt::Timestamp,
+        };
+        let at = Timestamp {
+            seconds: 1_796_086_055,
+            nanos: 685_921_401,
+        };
+        let challenge = Challenge {
+            id: "c".into(),
+            scenario: "identity".into(),
+            instances: vec![Instance {
+                challenge_id: "c".into(),
+                source_id: "s".into(),
+                since: Some(at),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let v = to_value(&challenge).expect("prints");
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "id": "c", "scenario": "identity", "timeout": null, "until": null,
+                "additional": {}, "min": "0", "max": "0",
+                "instances": [{
+                    "challengeId": "c", "sourceId": "s",
+                    "since": "2026-12-01T00:47:35.685921401Z", "lastRenew": null,
+                    "connectionInfo": "", "flags": [], "additional": {}
+                }]
+            })
+        );
+        // `until` and `flag` are proto3 optional: absent when unset, printed when set.
+        let instance = Instance {
+            until: Some(at),
+            flag: Some("F".into()),
+            ..Default::default()
+        };
+        let v = to_value(&instance).expect("prints");
+        assert_eq!(v["until"], "2026-12-01T00:47:35.685921401Z");
+        assert_eq!(v["flag"], "F");
     }
 
     #[test]

@@ -14,8 +14,10 @@
 //! - [`scenarios`]: scenario checks before publishing (OCI registries, the
 //!   object store) and direct uploads.
 //! - [`submit`]: publishing commands and routing their results back.
-//! - [`json`]: lenient protobuf-JSON parsing (grpc-gateway's behaviour).
-//! - [`error`]: the one mapping of domain errors to HTTP and NATS errors.
+//! - [`json`]: protobuf JSON as chall-manager's grpc-gateway speaks it:
+//!   lenient parsing, every field printed (`null` for unset messages).
+//! - [`error`]: the one mapping of domain errors to HTTP and NATS errors,
+//!   with chall-manager's `google.rpc` details.
 
 pub mod auth;
 pub mod cli;

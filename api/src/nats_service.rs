@@ -9,7 +9,9 @@
 //! `instance.list` takes `{"sourceId"}`; lists answer a JSON array. A request
 //! with the header `Prefer: respond-async` is answered once accepted.
 //! Errors are service errors: code = the HTTP status REST would answer,
-//! description = the same message.
+//! description = the same message (headers `Nats-Service-Error-Code`,
+//! `Nats-Service-Error`), and the body is REST's error JSON
+//! (`{"code", "message", "details"}`).
 
 use async_nats::service::{Request, ServiceExt};
 use bytes::Bytes;
@@ -24,8 +26,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    error::service_error,
-    json::parse,
+    error::{error_body, service_error_headers},
+    json::{parse, to_value, to_values},
     ops::{App, Mode, Reply},
 };
 
@@ -96,8 +98,18 @@ async fn handle(app: App, name: &str, request: Request) {
         _ => Mode::Wait,
     };
     let result = dispatch(&app, name, &request.message.payload, mode).await;
-    let response = result.map_err(|e| service_error(&e));
-    if let Err(e) = request.respond(response).await {
+    // An error goes out with the service error headers and REST's error body
+    // (async-nats's own error reply has an empty body).
+    let sent = match result {
+        Ok(body) => request.respond(Ok(body)).await,
+        Err(e) => {
+            let body = serde_json::to_vec(&error_body(&e)).unwrap_or_default();
+            request
+                .respond_with_headers(Ok(Bytes::from(body)), service_error_headers(&e))
+                .await
+        }
+    };
+    if let Err(e) = sent {
         tracing::warn!(error = %e, "NATS response not sent");
     }
 }
@@ -115,7 +127,7 @@ fn to_bytes<T: Serialize>(value: &T) -> Result<Bytes, DomainError> {
         .map_err(|_| DomainError::internal("internal error"))
 }
 
-fn reply<T: Serialize>(reply: Reply<T>) -> Result<Bytes, DomainError> {
+fn reply(reply: Reply<serde_json::Value>) -> Result<Bytes, DomainError> {
     match reply {
         Reply::Done(v) => to_bytes(&v),
         Reply::Accepted { operation_id } => {
@@ -128,16 +140,18 @@ async fn dispatch(app: &App, name: &str, body: &[u8], mode: Mode) -> Result<Byte
     match name {
         "challenge.create" => reply(
             app.create_challenge(parse::<CreateChallengeRequest>(body)?, who(), mode)
-                .await?,
+                .await?
+                .into_json()?,
         ),
-        "challenge.get" => to_bytes(
+        "challenge.get" => to_bytes(&to_value(
             &app.get_challenge(&parse::<RetrieveChallengeRequest>(body)?.id)
                 .await?,
-        ),
-        "challenge.list" => to_bytes(&app.list_challenges().await?),
+        )?),
+        "challenge.list" => to_bytes(&to_values(&app.list_challenges().await?)?),
         "challenge.update" => reply(
             app.update_challenge(parse::<UpdateChallengeRequest>(body)?, who(), mode)
-                .await?,
+                .await?
+                .into_json()?,
         ),
         "challenge.delete" => {
             let req = parse::<DeleteChallengeRequest>(body)?;
@@ -149,21 +163,25 @@ async fn dispatch(app: &App, name: &str, body: &[u8], mode: Mode) -> Result<Byte
         }
         "instance.create" => reply(
             app.create_instance(parse::<CreateInstanceRequest>(body)?, who(), mode)
-                .await?,
+                .await?
+                .into_json()?,
         ),
         "instance.get" => {
             let req = parse::<RetrieveInstanceRequest>(body)?;
-            to_bytes(&app.get_instance(&req.challenge_id, &req.source_id).await?)
+            to_bytes(&to_value(
+                &app.get_instance(&req.challenge_id, &req.source_id).await?,
+            )?)
         }
-        "instance.list" => to_bytes(
+        "instance.list" => to_bytes(&to_values(
             &app.list_instances(&parse::<QueryInstanceRequest>(body)?.source_id)
                 .await?,
-        ),
+        )?),
         "instance.renew" => {
             let req = parse::<RenewInstanceRequest>(body)?;
             reply(
                 app.renew_instance(req.challenge_id, req.source_id, who(), mode)
-                    .await?,
+                    .await?
+                    .into_json()?,
             )
         }
         "instance.delete" => {
@@ -174,7 +192,8 @@ async fn dispatch(app: &App, name: &str, body: &[u8], mode: Mode) -> Result<Byte
             let req = parse::<ResetInstanceRequest>(body)?;
             reply(
                 app.reset_instance(req.challenge_id, req.source_id, who(), mode)
-                    .await?,
+                    .await?
+                    .into_json()?,
             )
         }
         // The body is the archive itself (within the server's max_payload).
@@ -185,7 +204,7 @@ async fn dispatch(app: &App, name: &str, body: &[u8], mode: Mode) -> Result<Byte
                 id: String,
             }
             let req: ById = parse(body)?;
-            to_bytes(&app.operation(&req.id).await?)
+            to_bytes(&to_value(&app.operation(&req.id).await?)?)
         }
         other => Err(DomainError::new(
             cm_schemas::v1::Code::Unimplemented,

@@ -27,6 +27,16 @@ pub enum Reply<T> {
     Accepted { operation_id: String },
 }
 
+impl<T: serde::Serialize + prost::Name> Reply<T> {
+    /// The result as grpc-gateway prints it ([`crate::json::to_value`]).
+    pub fn into_json(self) -> Result<Reply<serde_json::Value>, DomainError> {
+        Ok(match self {
+            Reply::Done(v) => Reply::Done(crate::json::to_value(&v)?),
+            Reply::Accepted { operation_id } => Reply::Accepted { operation_id },
+        })
+    }
+}
+
 impl Reply<()> {
     /// Deletions answer `{}` (google.protobuf.Empty).
     pub fn into_empty(self) -> Reply<serde_json::Value> {
@@ -85,13 +95,12 @@ impl App {
     ) -> Result<Reply<Challenge>, DomainError> {
         validate::create_challenge(&req)?;
         if self.store.get_challenge(&req.id).await?.is_some() {
-            return Err(DomainError::already_exists(format!(
-                "challenge {} already exists",
-                req.id
-            )));
+            return Err(DomainError::challenge_already_exists(&req.id));
         }
         self.scenarios.check(&req.scenario).await?;
-        expect_challenge(self.write(Request::ChallengeCreate(req), who, mode).await?)
+        let scenario = req.scenario.clone();
+        let written = self.write(Request::ChallengeCreate(req), who, mode).await;
+        expect_challenge(written.map_err(|e| name_scenario(e, &scenario))?)
     }
 
     pub async fn get_challenge(&self, id: &str) -> Result<Challenge, DomainError> {
@@ -114,7 +123,7 @@ impl App {
     async fn require_challenge(&self, id: &str) -> Result<ChallengeRecord, DomainError> {
         match self.store.get_challenge(id).await? {
             Some(c) => Ok(c.value),
-            None => Err(DomainError::not_found(format!("challenge {id} not found"))),
+            None => Err(DomainError::challenge_not_found(id)),
         }
     }
 
@@ -122,9 +131,7 @@ impl App {
     async fn require_instance(&self, cid: &str, sid: &str) -> Result<(), DomainError> {
         match self.store.get_instance(cid, sid).await? {
             Some(_) => Ok(()),
-            None => Err(DomainError::not_found(format!(
-                "no instance of challenge {cid} for source {sid}"
-            ))),
+            None => Err(DomainError::instance_not_found(cid, sid)),
         }
     }
 
@@ -150,7 +157,9 @@ impl App {
         if let Some(scenario) = &req.scenario {
             self.scenarios.check(scenario).await?;
         }
-        expect_challenge(self.write(Request::ChallengeUpdate(req), who, mode).await?)
+        let scenario = req.scenario.clone().unwrap_or_default();
+        let written = self.write(Request::ChallengeUpdate(req), who, mode).await;
+        expect_challenge(written.map_err(|e| name_scenario(e, &scenario))?)
     }
 
     pub async fn delete_challenge(
@@ -188,13 +197,15 @@ impl App {
         validate::instance_key(cid, sid)?;
         match self.store.get_instance(cid, sid).await? {
             Some(v) if v.value.status == InstanceStatus::Ready => Ok(v.value.to_api()),
-            _ => Err(DomainError::not_found(format!(
-                "no instance of challenge {cid} for source {sid}"
-            ))),
+            _ => Err(DomainError::instance_not_found(cid, sid)),
         }
     }
 
     pub async fn list_instances(&self, sid: &str) -> Result<Vec<Instance>, DomainError> {
+        // No source has the empty id: nothing, as chall-manager answers.
+        if sid.is_empty() {
+            return Ok(Vec::new());
+        }
         ids::validate("source id", sid)?;
         Ok(self
             .store
@@ -244,6 +255,8 @@ impl App {
         mode: Mode,
     ) -> Result<Reply<()>, DomainError> {
         validate::instance_key(&req.challenge_id, &req.source_id)?;
+        // chall-manager answers an unknown challenge before an unknown instance.
+        self.require_challenge(&req.challenge_id).await?;
         self.require_instance(&req.challenge_id, &req.source_id)
             .await?;
         expect_deleted(self.write(Request::InstanceDelete(req), who, mode).await?)
@@ -269,6 +282,26 @@ impl App {
         };
         serde_json::from_slice(&bytes).map_err(|_| DomainError::internal("internal error"))
     }
+}
+
+/// A worker's refusal of a scenario names no reference (the worker sees a
+/// directory): add the request's, and the `scenario` field at fault, as
+/// chall-manager details it.
+fn name_scenario(e: DomainError, scenario: &str) -> DomainError {
+    use cm_core::error::{FieldViolation, reasons};
+    let unnamed = e.reason() == Some(reasons::SCENARIO_NON_MATCHING_SPECIFICATION)
+        && e.reason
+            .as_deref()
+            .is_some_and(|r| !r.metadata.contains_key("reference"));
+    if !unnamed || scenario.is_empty() {
+        return e;
+    }
+    let description = e.message.clone();
+    e.with_reason(
+        reasons::SCENARIO_NON_MATCHING_SPECIFICATION,
+        [("reference", scenario)],
+    )
+    .with_violation(FieldViolation::new("scenario", "VALIDATION", description))
 }
 
 fn unexpected() -> DomainError {

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     auth::{ApiAuth, require_token},
     error::ApiError,
-    json::{MAX_BODY, ProtoJson, top_level_fields},
+    json::{MAX_BODY, ProtoJson, to_value, to_values, top_level_fields},
     ops::{App, Mode, Reply},
 };
 
@@ -129,7 +129,7 @@ fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
     }
 }
 
-fn reply<T: Serialize>(reply: Reply<T>, mode: Mode) -> Response {
+fn reply(reply: Reply<serde_json::Value>, mode: Mode) -> Response {
     match reply {
         Reply::Done(value) => json_response(StatusCode::OK, &value),
         Reply::Accepted { operation_id } if mode == Mode::Async => {
@@ -191,7 +191,9 @@ async fn create_challenge(
 ) -> Result<Response, ApiError> {
     let mode = mode(&headers);
     Ok(reply(
-        app.create_challenge(req, requester(), mode).await?,
+        app.create_challenge(req, requester(), mode)
+            .await?
+            .into_json()?,
         mode,
     ))
 }
@@ -202,12 +204,12 @@ async fn get_challenge(
 ) -> Result<Response, ApiError> {
     Ok(json_response(
         StatusCode::OK,
-        &app.get_challenge(&id).await?,
+        &to_value(&app.get_challenge(&id).await?)?,
     ))
 }
 
 async fn list_challenges(State(app): State<App>) -> Result<Response, ApiError> {
-    Ok(stream_lines(&app.list_challenges().await?))
+    Ok(stream_lines(&to_values(&app.list_challenges().await?)?))
 }
 
 /// JSON member names of `UpdateChallengeRequest` and their proto paths.
@@ -228,7 +230,9 @@ async fn update_challenge(
     ProtoJson(mut req, body): ProtoJson<UpdateChallengeRequest>,
 ) -> Result<Response, ApiError> {
     req.id = id;
-    // grpc-gateway fills a missing update mask from the body's members.
+    // A missing update mask is filled from the body's members (grpc-gateway
+    // does so when the body is one field; chall-manager's `body: "*"` route
+    // does not, so this only accepts more).
     if req.update_mask.as_ref().is_none_or(|m| m.paths.is_empty()) {
         let present = top_level_fields(&body);
         let paths = UPDATE_FIELDS
@@ -236,11 +240,13 @@ async fn update_challenge(
             .filter(|(json, proto)| present.iter().any(|p| p == json || p == proto))
             .map(|(_, proto)| (*proto).to_owned())
             .collect();
-        req.update_mask = Some(pbjson_types::FieldMask { paths });
+        req.update_mask = Some(cm_schemas::wkt::FieldMask { paths });
     }
     let mode = mode(&headers);
     Ok(reply(
-        app.update_challenge(req, requester(), mode).await?,
+        app.update_challenge(req, requester(), mode)
+            .await?
+            .into_json()?,
         mode,
     ))
 }
@@ -262,7 +268,9 @@ async fn create_instance(
 ) -> Result<Response, ApiError> {
     let mode = mode(&headers);
     Ok(reply(
-        app.create_instance(req, requester(), mode).await?,
+        app.create_instance(req, requester(), mode)
+            .await?
+            .into_json()?,
         mode,
     ))
 }
@@ -273,7 +281,7 @@ async fn get_instance(
 ) -> Result<Response, ApiError> {
     Ok(json_response(
         StatusCode::OK,
-        &app.get_instance(&cid, &sid).await?,
+        &to_value(&app.get_instance(&cid, &sid).await?)?,
     ))
 }
 
@@ -287,12 +295,9 @@ async fn list_instances(
     State(app): State<App>,
     Query(q): Query<InstanceQuery>,
 ) -> Result<Response, ApiError> {
-    let Some(sid) = q.source_id else {
-        return Err(ApiError(DomainError::invalid(
-            "the sourceId query parameter is required",
-        )));
-    };
-    Ok(stream_lines(&app.list_instances(&sid).await?))
+    // No sourceId: chall-manager queries source "" and streams nothing.
+    let sid = q.source_id.unwrap_or_default();
+    Ok(stream_lines(&to_values(&app.list_instances(&sid).await?)?))
 }
 
 async fn renew_instance(
@@ -302,7 +307,9 @@ async fn renew_instance(
 ) -> Result<Response, ApiError> {
     let mode = mode(&headers);
     Ok(reply(
-        app.renew_instance(cid, sid, requester(), mode).await?,
+        app.renew_instance(cid, sid, requester(), mode)
+            .await?
+            .into_json()?,
         mode,
     ))
 }
@@ -314,7 +321,9 @@ async fn reset_instance(
 ) -> Result<Response, ApiError> {
     let mode = mode(&headers);
     Ok(reply(
-        app.reset_instance(cid, sid, requester(), mode).await?,
+        app.reset_instance(cid, sid, requester(), mode)
+            .await?
+            .into_json()?,
         mode,
     ))
 }
@@ -368,5 +377,8 @@ async fn get_operation(
     State(app): State<App>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(json_response(StatusCode::OK, &app.operation(&id).await?))
+    Ok(json_response(
+        StatusCode::OK,
+        &to_value(&app.operation(&id).await?)?,
+    ))
 }

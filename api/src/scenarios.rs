@@ -10,12 +10,17 @@
 //!   downloaded; a directory layer is, to be checked.
 //! - An object reference must name an uploaded archive.
 //!
-//! Every refusal is a 400 whose message says why.
+//! Every refusal is a 400 whose message says why, with chall-manager's
+//! reason: `OCI_REFERENCE_MALFORMED`, `OCI_REFERENCE_NOT_FOUND`,
+//! `OCI_INTERACTION` (registry away or refusing: failed precondition, as
+//! chall-manager answers), `SCENARIO_NON_MATCHING_SPECIFICATION`, or
+//! `SCENARIO_NOT_FOUND` for an unknown upload.
 
 use async_nats::jetstream;
 use bytes::Bytes;
 use cm_core::{
     DomainError,
+    error::{FieldViolation, reasons},
     oci::{self, OciError},
     scenario_ref::ScenarioRef,
     scenario_store::{self, ScenarioStoreError},
@@ -48,12 +53,12 @@ impl Scenarios {
                     tracing::debug!(reference = %r, digest = %found.digest, files = found.files.len(), "scenario artifact checked");
                     Ok(())
                 }
-                Err(e) => Err(oci_error(&e)),
+                Err(e) => Err(oci_error(reference, &e)),
             },
             ScenarioRef::Object(hex) => scenario_store::stat(&self.js, &hex)
                 .await
                 .map(|_| ())
-                .map_err(|e| store_error(&e)),
+                .map_err(|e| store_error(reference, &e)),
         }
     }
 
@@ -67,26 +72,88 @@ impl Scenarios {
         let limits = self.oci.config().limits;
         scenario_store::upload(&self.js, archive, self.max_upload as u64, limits)
             .await
-            .map_err(|e| store_error(&e))
+            .map_err(|e| store_error("", &e))
     }
 }
 
 /// Checks a reference's syntax.
 pub fn parse(reference: &str) -> Result<ScenarioRef, DomainError> {
-    ScenarioRef::parse(reference).map_err(|e| DomainError::invalid(e.to_string()))
+    ScenarioRef::parse(reference).map_err(|e| {
+        let text = e.to_string();
+        DomainError::invalid(text.clone())
+            .with_reason(reasons::OCI_REFERENCE_MALFORMED, [("reference", reference)])
+            .with_violation(FieldViolation::new("scenario", "MALFORMED", text))
+    })
 }
 
-fn oci_error(e: &OciError) -> DomainError {
+/// A refused scenario: `reason` with the reference, and the `scenario`
+/// field at fault.
+fn refused(code: cm_schemas::v1::Code, reference: &str, reason: &str, text: String) -> DomainError {
+    DomainError::new(code, format!("scenario refused: {text}"))
+        .with_reason(reason, [("reference", reference)])
+        .with_violation(FieldViolation::new("scenario", reason, text))
+}
+
+fn oci_error(reference: &str, e: &OciError) -> DomainError {
+    use cm_schemas::v1::Code;
     tracing::info!(error = %e, "scenario artifact refused");
-    DomainError::invalid(format!("scenario refused: {e}"))
+    let text = e.to_string();
+    match e {
+        OciError::Reference(_) => refused(
+            Code::InvalidArgument,
+            reference,
+            reasons::OCI_REFERENCE_MALFORMED,
+            text,
+        ),
+        OciError::NotFound { .. } => refused(
+            Code::InvalidArgument,
+            reference,
+            reasons::OCI_REFERENCE_NOT_FOUND,
+            text,
+        ),
+        OciError::Unreachable { .. } | OciError::Unauthorized { .. } => refused(
+            Code::FailedPrecondition,
+            reference,
+            reasons::OCI_INTERACTION,
+            text,
+        ),
+        OciError::Registry { .. } => refused(
+            Code::InvalidArgument,
+            reference,
+            reasons::OCI_INTERACTION,
+            text,
+        ),
+        _ => refused(
+            Code::InvalidArgument,
+            reference,
+            reasons::SCENARIO_NON_MATCHING_SPECIFICATION,
+            text,
+        ),
+    }
 }
 
-fn store_error(e: &ScenarioStoreError) -> DomainError {
+fn store_error(reference: &str, e: &ScenarioStoreError) -> DomainError {
+    use cm_schemas::v1::Code;
     match e {
         ScenarioStoreError::Unavailable(_) => {
             tracing::warn!(error = %e, "object store");
             DomainError::unavailable("the scenario store is unavailable")
         }
-        other => DomainError::invalid(other.to_string()),
+        ScenarioStoreError::NotFound { .. } => refused(
+            Code::InvalidArgument,
+            reference,
+            reasons::SCENARIO_NOT_FOUND,
+            e.to_string(),
+        ),
+        other => {
+            let text = other.to_string();
+            let known = (!reference.is_empty()).then_some(("reference", reference));
+            let e = DomainError::invalid(text.clone())
+                .with_reason(reasons::SCENARIO_NON_MATCHING_SPECIFICATION, known);
+            match known {
+                Some(_) => e.with_violation(FieldViolation::new("scenario", "VALIDATION", text)),
+                None => e,
+            }
+        }
     }
 }

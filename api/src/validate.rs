@@ -4,7 +4,11 @@
 
 use std::collections::HashMap;
 
-use cm_core::{DomainError, ids};
+use cm_core::{
+    DomainError,
+    error::{FieldViolation, reasons},
+    ids,
+};
 use cm_schemas::v1::{CreateChallengeRequest, CreateInstanceRequest, UpdateChallengeRequest};
 use pbjson_types::Duration;
 
@@ -27,16 +31,48 @@ fn timeout(t: &Option<Duration>) -> Result<(), DomainError> {
     Ok(())
 }
 
+/// The pooler bounds, refused as chall-manager does
+/// (`CHALLENGE_POOLER_OUT_OF_BOUNDS`, one field violation per fault).
 fn pool(min: i64, max: i64) -> Result<(), DomainError> {
-    if min < 0 || max < 0 {
-        return Err(DomainError::invalid("min and max must not be negative"));
-    }
-    if max > 0 && min > max {
-        return Err(DomainError::invalid(
-            "min must not exceed max (max 0 means no cap)",
+    let mut violations = Vec::new();
+    if min < 0 {
+        violations.push(FieldViolation::new(
+            "min",
+            "MUST_BE_POSITIVE",
+            "Minimum boundary must be a positive integer.",
         ));
     }
-    Ok(())
+    if max < 0 {
+        violations.push(FieldViolation::new(
+            "max",
+            "MUST_BE_POSITIVE",
+            "Maximum boundary must be a positive integer.",
+        ));
+    }
+    if max > 0 && min > max {
+        violations.push(FieldViolation::new(
+            "min",
+            "INVERTED_BOUNDARIES",
+            "When an upper bound is defined, minimum cannot exceed maximum.",
+        ));
+    }
+    if violations.is_empty() {
+        return Ok(());
+    }
+    let message = if min < 0 || max < 0 {
+        "min and max must not be negative"
+    } else {
+        "min must not exceed max (max 0 means no cap)"
+    };
+    let (min, max) = (min.to_string(), max.to_string());
+    let mut e = DomainError::invalid(message).with_reason(
+        reasons::CHALLENGE_POOLER_OUT_OF_BOUNDS,
+        [("min", min.as_str()), ("max", max.as_str())],
+    );
+    for v in violations {
+        e = e.with_violation(v);
+    }
+    Err(e)
 }
 
 fn max_per_source(v: Option<i64>) -> Result<(), DomainError> {
@@ -96,10 +132,21 @@ pub fn update_challenge(req: &UpdateChallengeRequest) -> Result<(), DomainError>
             "max_per_source",
         ];
         if let Some(bad) = mask.paths.iter().find(|p| !KNOWN.contains(&p.as_str())) {
-            return Err(DomainError::invalid(format!(
+            let text = format!(
                 "updateMask names {bad:?}, which cannot be updated (known: {})",
                 KNOWN.join(", ")
-            )));
+            );
+            let paths = mask.to_json_string();
+            return Err(DomainError::invalid(text.clone())
+                .with_reason(
+                    reasons::CHALLENGE_INVALID_UPDATE_MASK,
+                    [("update-mask", paths.as_str())],
+                )
+                .with_violation(FieldViolation::new(
+                    "update-mask",
+                    "INVALID_UPDATE_MASK",
+                    text,
+                )));
         }
     }
     additional(&req.additional)
@@ -198,7 +245,7 @@ mod tests {
     fn update_mask_paths_are_checked() {
         let req = UpdateChallengeRequest {
             id: "c".into(),
-            update_mask: Some(pbjson_types::FieldMask {
+            update_mask: Some(cm_schemas::wkt::FieldMask {
                 paths: vec!["id".into()],
             }),
             ..Default::default()

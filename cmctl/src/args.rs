@@ -5,7 +5,8 @@
 
 use std::{collections::HashMap, time::SystemTime};
 
-use pbjson_types::{Duration, Timestamp};
+use cm_schemas::wkt::Timestamp;
+use pbjson_types::Duration;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 /// `key=value` (the value may be empty or contain `=`).

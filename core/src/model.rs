@@ -10,7 +10,8 @@ use std::{
 };
 
 use cm_schemas::v1 as api;
-use pbjson_types::{Duration as PbDuration, Timestamp};
+use cm_schemas::wkt::Timestamp;
+use pbjson_types::Duration as PbDuration;
 use serde::{Deserialize, Serialize};
 
 use crate::Identity;

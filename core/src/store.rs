@@ -15,11 +15,11 @@
 //! <root>/lock/...                           see `lock`
 //! ```
 
+use cm_schemas::wkt::Timestamp;
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity as TlsIdentity,
     PutOptions, TlsOptions, Txn, TxnOp,
 };
-use pbjson_types::Timestamp;
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{

@@ -110,7 +110,10 @@ impl Janitor {
     }
 
     /// What has expired at `at` (the first half of a tick).
-    pub async fn collect(&self, at: &pbjson_types::Timestamp) -> Result<Vec<Expired>, TickError> {
+    pub async fn collect(
+        &self,
+        at: &cm_schemas::wkt::Timestamp,
+    ) -> Result<Vec<Expired>, TickError> {
         Ok(self.store.list_expired(at, self.batch).await?)
     }
 

@@ -5,7 +5,10 @@
 //!   challenge and instance protos), the command envelope sent over JetStream
 //!   and the command result. Every message has prost (binary) encoding and
 //!   pbjson serde impls giving the protobuf canonical JSON mapping (camelCase,
-//!   int64 as strings, RFC 3339 timestamps, `"600s"` durations).
+//!   int64 as strings, RFC 3339 timestamps, `"600s"` durations), printing
+//!   unpopulated scalars, lists and maps like grpc-gateway.
+//! - [`wkt`]: `Timestamp` and `FieldMask` with Go protojson's JSON form.
+//! - [`FILE_DESCRIPTOR_SET`]: the compiled descriptors of `proto/`.
 
 /// Version 1 of the wire contract.
 #[allow(clippy::all, missing_debug_implementations, missing_docs)]
@@ -13,6 +16,13 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/cm.v1.rs"));
     include!(concat!(env!("OUT_DIR"), "/cm.v1.serde.rs"));
 }
+
+pub mod wkt;
+
+/// The `FileDescriptorSet` of `proto/` (protobuf binary), for code that walks
+/// messages by their schema (the API's unpopulated-field printing).
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/cm_descriptor.bin"));
 
 pub use pbjson_types;
 pub use prost;

@@ -161,7 +161,7 @@ impl Ctx {
     pub async fn challenge(&self, cid: &str) -> Result<ChallengeRecord, HandlerError> {
         match self.store.get_challenge(cid).await? {
             Some(c) => Ok(c.value),
-            None => Err(DomainError::not_found(format!("challenge {cid} not found")).into()),
+            None => Err(DomainError::challenge_not_found(cid).into()),
         }
     }
 

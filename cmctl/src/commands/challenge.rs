@@ -7,7 +7,8 @@
 
 use clap::Subcommand;
 use cm_schemas::v1::{CreateChallengeRequest, UpdateChallengeRequest, UpdateStrategy};
-use pbjson_types::{Duration, FieldMask, Timestamp};
+use cm_schemas::wkt::{FieldMask, Timestamp};
+use pbjson_types::Duration;
 use reqwest::Method;
 use serde_json::{Value, json};
 

@@ -41,7 +41,7 @@ pub async fn handle(
         return if existing.value == record {
             Ok(Outcome::Challenge(record.to_api(Vec::new())))
         } else {
-            Err(DomainError::already_exists(format!("challenge {} already exists", req.id)).into())
+            Err(DomainError::challenge_already_exists(&req.id).into())
         };
     }
     ctx.scenario(&record.scenario).await?;
@@ -55,7 +55,7 @@ pub async fn handle(
             Ok(Outcome::Challenge(record.to_api(Vec::new())))
         }
         Err(StoreError::Conflict { .. }) => {
-            Err(DomainError::already_exists(format!("challenge {} already exists", req.id)).into())
+            Err(DomainError::challenge_already_exists(&req.id).into())
         }
         Err(e) => Err(e.into()),
     }

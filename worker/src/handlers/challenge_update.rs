@@ -114,12 +114,23 @@ async fn update_record(
     req: &UpdateChallengeRequest,
 ) -> Result<(ChallengeRecord, Vec<Identity>, UpdateStrategy, bool), HandlerError> {
     let Some(current) = ctx.store.get_challenge(&req.id).await? else {
-        return Err(DomainError::not_found(format!("challenge {} not found", req.id)).into());
+        return Err(DomainError::challenge_not_found(&req.id).into());
     };
     let next = apply(&current.value, req);
     if next.min < 0 || next.max < 0 || (next.max > 0 && next.min > next.max) {
+        let (min, max) = (next.min.to_string(), next.max.to_string());
         return Err(
-            DomainError::invalid("min and max must be >= 0, and min <= max when max > 0").into(),
+            DomainError::invalid("min and max must be >= 0, and min <= max when max > 0")
+                .with_reason(
+                    cm_core::error::reasons::CHALLENGE_POOLER_OUT_OF_BOUNDS,
+                    [("min", min.as_str()), ("max", max.as_str())],
+                )
+                .with_violation(cm_core::error::FieldViolation::new(
+                    "min",
+                    "INVERTED_BOUNDARIES",
+                    "When an upper bound is defined, minimum cannot exceed maximum.",
+                ))
+                .into(),
         );
     }
     let scenario_changed = next.scenario != current.value.scenario;

@@ -55,7 +55,7 @@ async fn create(
     let challenge = ctx.challenge(cid).await?;
     let now = SystemTime::now();
     if challenge.is_expired(now) {
-        return Err(DomainError::failed_precondition("Challenge has expired.").into());
+        return Err(DomainError::challenge_expired(cid).into());
     }
 
     let mut record = match ctx.store.get_instance(cid, sid).await? {
@@ -66,9 +66,11 @@ async fn create(
             InstanceStatus::Deploying => existing.value,
         },
         Some(_) => {
-            return Err(DomainError::already_exists(format!(
-                "an instance of challenge {cid} already exists for source {sid}"
-            ))
+            return Err(DomainError::instance_already_exists(
+                cid,
+                sid,
+                format!("an instance of challenge {cid} already exists for source {sid}"),
+            )
             .into());
         }
         None => {
@@ -97,9 +99,11 @@ async fn create(
             {
                 Ok(()) => reservation,
                 Err(StoreError::Conflict { .. }) => {
-                    return Err(DomainError::already_exists(format!(
-                        "an instance of challenge {cid} already exists for source {sid}"
-                    ))
+                    return Err(DomainError::instance_already_exists(
+                        cid,
+                        sid,
+                        format!("an instance of challenge {cid} already exists for source {sid}"),
+                    )
                     .into());
                 }
                 Err(e) => return Err(e.into()),

@@ -32,10 +32,7 @@ pub async fn handle(
 async fn delete(ctx: &Ctx, req: &DeleteInstanceRequest) -> Result<Outcome, HandlerError> {
     let (cid, sid) = (&req.challenge_id, &req.source_id);
     let Some(instance) = ctx.store.get_instance(cid, sid).await? else {
-        return Err(DomainError::not_found(format!(
-            "no instance of challenge {cid} for source {sid}"
-        ))
-        .into());
+        return Err(DomainError::instance_not_found(cid, sid).into());
     };
     let destroyed = async {
         let challenge = ctx.challenge(cid).await?;

@@ -39,13 +39,10 @@ async fn renew(
         ctx.store.get_instance(cid, sid)
     );
     let Some(challenge) = challenge? else {
-        return Err(DomainError::not_found(format!("challenge {cid} not found")).into());
+        return Err(DomainError::challenge_not_found(cid).into());
     };
     let Some(instance) = instance? else {
-        return Err(DomainError::not_found(format!(
-            "no instance of challenge {cid} for source {sid}"
-        ))
-        .into());
+        return Err(DomainError::instance_not_found(cid, sid).into());
     };
     let previous = instance.value.clone();
     let mut record = instance.value;
@@ -53,11 +50,13 @@ async fn renew(
         return Ok(Outcome::Instance(record.to_api()));
     }
     if challenge.value.timeout.is_none() {
-        return Err(DomainError::failed_precondition("Challenge does not accept renewal.").into());
+        return Err(DomainError::challenge_no_renewal(cid).into());
     }
     let now = SystemTime::now();
     if record.is_expired(now) {
-        return Err(DomainError::failed_precondition(
+        return Err(DomainError::instance_expired(
+            cid,
+            sid,
             "Instance has expired and cannot be renewed.",
         )
         .into());

@@ -36,10 +36,7 @@ async fn reset(
 ) -> Result<Outcome, HandlerError> {
     let (cid, sid) = (&req.challenge_id, &req.source_id);
     let Some(instance) = ctx.store.get_instance(cid, sid).await? else {
-        return Err(DomainError::not_found(format!(
-            "no instance of challenge {cid} for source {sid}"
-        ))
-        .into());
+        return Err(DomainError::instance_not_found(cid, sid).into());
     };
     let previous = instance.value;
     if previous.command_id == command_id {

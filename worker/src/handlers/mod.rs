@@ -57,9 +57,12 @@ impl From<LockError> for HandlerError {
 impl From<DriverError> for HandlerError {
     fn from(e: DriverError) -> Self {
         match e {
-            DriverError::ScenarioInvalid { reason } => {
-                Self::Domain(DomainError::invalid(format!("invalid scenario: {reason}")))
-            }
+            DriverError::ScenarioInvalid { reason } => Self::Domain(
+                DomainError::invalid(format!("invalid scenario: {reason}")).with_reason(
+                    cm_core::error::reasons::SCENARIO_NON_MATCHING_SPECIFICATION,
+                    None,
+                ),
+            ),
             DriverError::ProgramFailed { message, .. } => {
                 tracing::warn!(%message, "scenario failed");
                 Self::Domain(DomainError::internal(

@@ -10,7 +10,6 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use cm_core::{
     Secret,
     config::{ConfigError, ConnectArgs, MetricsListen},
-    queue::QueueConfig,
 };
 
 use crate::{
@@ -154,7 +153,7 @@ impl Cli {
             etcd_endpoints: self.connect.etcd_endpoints.clone(),
             etcd_root: self.connect.etcd_root.clone(),
             store: self.connect.store_options()?,
-            queue: QueueConfig::default(),
+            queue: self.connect.queue_config(),
             result_timeout: self.result_timeout,
             nats_service: !self.no_nats_service,
             auth,

@@ -37,6 +37,13 @@ pub struct ConnectArgs {
     #[arg(long, env = "CM_ETCD_ROOT", default_value = "/cm")]
     pub etcd_root: String,
 
+    /// Replicas of the JetStream streams and of the scenario bucket, applied
+    /// when they are created: 1 on a single nats-server, 3 on a 3-node
+    /// cluster (each survives the loss of one node). At most 5.
+    #[arg(long, env = "CM_STREAM_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub stream_replicas: u8,
+
     #[command(flatten)]
     pub nats: NatsArgs,
 
@@ -162,6 +169,14 @@ pub enum ConfigError {
 }
 
 impl ConnectArgs {
+    /// The queue's defaults with this deployment's stream replicas.
+    pub fn queue_config(&self) -> crate::queue::QueueConfig {
+        crate::queue::QueueConfig {
+            replicas: usize::from(self.stream_replicas),
+            ..Default::default()
+        }
+    }
+
     /// The NATS authentication and TLS these flags ask for.
     pub fn nats_options(&self) -> Result<NatsOptions, ConfigError> {
         self.nats.options()

@@ -12,6 +12,7 @@
 //! - [`nats`]: connecting to NATS with authentication and TLS.
 //! - [`model`]: challenge and instance records, the `until` rules.
 //! - [`store`]: the etcd store (revision-guarded transactions).
+//! - [`etcd_endpoints`]: requests kept off etcd members that do not answer.
 //! - [`lock`]: leases and reader/writer locks on etcd.
 //! - [`oci`]: scenarios in OCI registries (chall-manager's layout): pull, inspect, push.
 //! - [`scenario_ref`]: what a challenge's `scenario` names (directory, OCI, upload).
@@ -25,6 +26,7 @@
 pub mod archive;
 pub mod config;
 pub mod error;
+pub mod etcd_endpoints;
 pub mod identity;
 pub mod ids;
 pub mod lock;

@@ -210,6 +210,7 @@ pub async fn ensure_streams(
         ..Default::default()
     })
     .await?;
+    crate::scenario_store::ensure_bucket(js, cfg.replicas).await?;
     Ok(())
 }
 

@@ -51,8 +51,18 @@ impl ScenarioStoreError {
     }
 }
 
-/// The scenario bucket, created (file storage) when missing.
+/// The scenario bucket, created (file storage, one replica) when missing.
+/// Processes create it with the deployment's replicas at start
+/// ([`ensure_bucket`], from `queue::ensure_streams`).
 pub async fn bucket(js: &jetstream::Context) -> Result<ObjectStore, ScenarioStoreError> {
+    ensure_bucket(js, 1).await
+}
+
+/// The scenario bucket, created with `replicas` when missing.
+pub async fn ensure_bucket(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<ObjectStore, ScenarioStoreError> {
     if let Ok(store) = js.get_object_store(BUCKET).await {
         return Ok(store);
     }
@@ -60,6 +70,7 @@ pub async fn bucket(js: &jetstream::Context) -> Result<ObjectStore, ScenarioStor
         bucket: BUCKET.into(),
         description: Some("ctf-instancer: uploaded scenario archives by sha256".into()),
         storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await

@@ -160,6 +160,9 @@ impl std::fmt::Debug for EtcdTls {
 pub struct Store {
     client: Client,
     root: String,
+    /// Keeps the client's requests off etcd members that do not answer
+    /// (several endpoints only); shared by every clone of this store.
+    _endpoints: Option<std::sync::Arc<crate::etcd_endpoints::Watch>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -233,7 +236,9 @@ impl Store {
         let client = Client::connect(endpoints, Some(opts))
             .await
             .map_err(failed)?;
-        let store = Self::from_client(client, root);
+        let mut store = Self::from_client(client, root);
+        store._endpoints =
+            crate::etcd_endpoints::watch(&store.client, endpoints).map(std::sync::Arc::new);
         // The client connects lazily: one read now turns a refused TLS
         // handshake or missing permission into a startup error.
         store
@@ -253,6 +258,7 @@ impl Store {
         Self {
             client,
             root: root.trim_end_matches('/').to_owned(),
+            _endpoints: None,
         }
     }
 

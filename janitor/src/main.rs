@@ -3,10 +3,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use cm_core::{
-    config::{ConnectArgs, MetricsListen},
-    queue::QueueConfig,
-};
+use cm_core::config::{ConnectArgs, MetricsListen};
 use cm_janitor::JanitorConfig;
 
 /// Janitor of the CTF instance manager: on a timer, finds the instances past
@@ -43,10 +40,10 @@ async fn main() -> anyhow::Result<()> {
     let config = JanitorConfig {
         nats: cli.connect.nats_options()?,
         store: cli.connect.store_options()?,
+        queue: cli.connect.queue_config(),
         nats_url: cli.connect.nats_url,
         etcd_endpoints: cli.connect.etcd_endpoints,
         etcd_root: cli.connect.etcd_root,
-        queue: QueueConfig::default(),
         interval: cli.interval,
         once: cli.once,
         batch: cli.batch.max(1),

@@ -10,12 +10,15 @@
 //! - [`plugin`]: the project's own provider plugins (`providers/`), built.
 //! - [`server`]: `nats-server` (JetStream on) and `etcd` processes, plain or
 //!   with TLS and authentication.
+//! - [`cluster`]: a nats-server cluster with JetStream and an etcd cluster,
+//!   members killed and started again one by one.
 //! - [`pki`]: a CA, server and client certificates generated per test.
 //! - [`registry`]: a real OCI registry (`docker-registry`), optionally with
 //!   htpasswd authentication.
 //! - [`wait`]: an API healthy, the workers' queue drained.
 //! - [`workspace_root`], [`example`]: paths into this repository.
 
+pub mod cluster;
 pub mod pki;
 pub mod plugin;
 pub mod registry;

@@ -37,7 +37,10 @@ pub async fn healthy(http: &reqwest::Client, base: &str, limit: Duration) -> Res
 /// has nothing pending or unacknowledged; whether it got there.
 pub async fn drained(nats_url: &str, poll: Duration, limit: Duration) -> Result<bool, WaitError> {
     let nats = |e: &dyn std::fmt::Display| WaitError::Nats(e.to_string());
-    let client = async_nats::connect(nats_url).await.map_err(|e| nats(&e))?;
+    // Comma-separated URLs (a cluster) as the binaries take them.
+    let client = cm_core::nats::connect(nats_url, "cm-testkit", &Default::default())
+        .await
+        .map_err(|e| nats(&e))?;
     let js = async_nats::jetstream::new(client);
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {

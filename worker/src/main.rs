@@ -222,7 +222,7 @@ async fn main() -> anyhow::Result<()> {
         Command::QueueExporter(args) => {
             cm_worker::run_exporter(
                 &args.connect,
-                &QueueConfig::default(),
+                &args.connect.queue_config(),
                 args.metrics_listen,
                 cm_core::shutdown::signal(),
             )
@@ -238,7 +238,7 @@ async fn run(pulumi: &PulumiArgs, args: RunArgs) -> anyhow::Result<()> {
         ack_wait: args.ack_wait,
         max_deliver: args.max_deliver,
         max_ack_pending: args.max_ack_pending,
-        ..QueueConfig::default()
+        ..args.connect.queue_config()
     };
     // The passphrase first: without one, nothing else is worth checking.
     let driver = pulumi.driver_config()?;

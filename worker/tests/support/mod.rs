@@ -42,6 +42,30 @@ pub fn worker_config(nats: &str, etcd: &str, cache: PathBuf) -> cm_worker::Worke
     }
 }
 
+/// `cm-worker run` against these servers (comma-separated URLs for
+/// clusters), with the test settings every end-to-end test shares; stdin and
+/// stdout closed, stderr left to the caller.
+pub fn worker_command(nats_url: &str, etcd_endpoints: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cm-worker"));
+    command
+        .arg("run")
+        .env("CM_NATS_URL", nats_url)
+        .env("CM_ETCD_ENDPOINTS", etcd_endpoints)
+        .env(
+            "CM_SCENARIOS_DIR",
+            cm_testkit::workspace_root().join("examples"),
+        )
+        .env("CM_PULUMI", cm_testkit::pulumi())
+        .env("CM_WORKER_CACHE_DIR", shared_cache())
+        .env("CM_PULUMI_PASSPHRASE", PASSPHRASE)
+        .env("CM_ACK_WAIT", "10s")
+        .env("RUST_LOG", "info")
+        .env("CM_METRICS_LISTEN", "off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    command
+}
+
 /// The configuration of an in-process API against these servers.
 pub fn api_config(nats: &str, etcd: &str) -> cm_api::ApiConfig {
     cm_api::ApiConfig {
@@ -169,24 +193,9 @@ impl Stack {
         let n = self.workers.len();
         let log =
             std::fs::File::create(self.logs.path().join(format!("worker-{n}.log"))).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_cm-worker"))
-            .arg("run")
-            .env("CM_NATS_URL", &self.nats.url)
-            .env("CM_ETCD_ENDPOINTS", &self.etcd.url)
-            .env(
-                "CM_SCENARIOS_DIR",
-                cm_testkit::workspace_root().join("examples"),
-            )
-            .env("CM_PULUMI", cm_testkit::pulumi())
-            .env("CM_WORKER_CACHE_DIR", shared_cache())
-            .env("CM_PULUMI_PASSPHRASE", PASSPHRASE)
-            .env("CM_ACK_WAIT", "10s")
-            .env("RUST_LOG", "info")
-            .env("CM_METRICS_LISTEN", "off")
+        let child = worker_command(&self.nats.url, &self.etcd.url)
             .envs(self.worker_env.iter().map(|(k, v)| (k, v)))
             .envs(extra_env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn cm-worker");

@@ -13,7 +13,29 @@ use std::{
 
 use async_nats::jetstream::{ErrorCode, context::GetStreamErrorKind};
 
-use crate::server::{free_port, require, tempdir, wait_for_line};
+use crate::server::{require, tempdir, wait_for_line};
+
+/// A loopback port below the kernel's ephemeral range (32768 and up on
+/// Linux), free when picked. Cluster members are started again on the same
+/// ports after a kill, and peers are configured with them up front, so a
+/// port handed out by the OS (ephemeral) could meanwhile be taken by some
+/// outgoing connection; one picked below that range cannot.
+fn stable_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let salt = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for _ in 0..1000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (salt.wrapping_add(n.wrapping_mul(7919)) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below the ephemeral range")
+}
 
 /// How long a cluster may take to elect its leaders.
 const CLUSTER_READY: Duration = Duration::from_secs(60);
@@ -56,8 +78,8 @@ impl NatsCluster {
     /// Starts `n` (at least 3 for JetStream replicas 3) members routed to each
     /// other, and waits until JetStream has a meta leader.
     pub async fn start(n: usize) -> Self {
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let ports: Vec<u16> = (0..n).map(|_| stable_port()).collect();
+        let routes: Vec<u16> = (0..n).map(|_| stable_port()).collect();
         let route_urls = routes
             .iter()
             .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
@@ -199,8 +221,8 @@ impl EtcdCluster {
     /// Starts `n` members (3 survives the loss of one) and waits until each
     /// serves clients.
     pub fn start(n: usize) -> Self {
-        let clients: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let peers: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let clients: Vec<u16> = (0..n).map(|_| stable_port()).collect();
+        let peers: Vec<u16> = (0..n).map(|_| stable_port()).collect();
         let initial = (0..n)
             .map(|i| format!("e{i}=http://127.0.0.1:{}", peers[i]))
             .collect::<Vec<_>>()

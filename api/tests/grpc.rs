@@ -37,7 +37,8 @@ struct Stack {
     _etcd: Server,
     /// `http://127.0.0.1:<port>`: REST and gRPC alike.
     url: String,
-    channel: Channel,
+    /// Plain HTTP/2 to the API (none when it serves TLS).
+    channel: Option<Channel>,
     stop: Vec<tokio::sync::oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -101,6 +102,7 @@ impl Stack {
             metrics_listen: None,
         };
         configure(&mut config);
+        let tls = config.tls.is_some();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -116,14 +118,19 @@ impl Stack {
                 panic!("API failed: {e}");
             }
         }));
-        cm_testkit::wait::healthy(&reqwest::Client::new(), &url, Duration::from_secs(10))
-            .await
-            .expect("API healthy");
-        let channel = Channel::from_shared(url.clone())
-            .expect("url")
-            .connect()
-            .await
-            .expect("gRPC connects (HTTP/2 without TLS)");
+        let mut channel = None;
+        if !tls {
+            cm_testkit::wait::healthy(&reqwest::Client::new(), &url, Duration::from_secs(10))
+                .await
+                .expect("API healthy");
+            channel = Some(
+                Channel::from_shared(url.clone())
+                    .expect("url")
+                    .connect()
+                    .await
+                    .expect("gRPC connects (HTTP/2 without TLS)"),
+            );
+        }
         Self {
             _nats: nats,
             _etcd: etcd,
@@ -134,12 +141,16 @@ impl Stack {
         }
     }
 
+    fn channel(&self) -> Channel {
+        self.channel.clone().expect("a plain-HTTP/2 API")
+    }
+
     fn challenges(&self) -> Challenges<Channel> {
-        Challenges::new(self.channel.clone())
+        Challenges::new(self.channel())
     }
 
     fn instances(&self) -> Instances<Channel> {
-        Instances::new(self.channel.clone())
+        Instances::new(self.channel())
     }
 
     /// REST's answer to `GET path` (HTTP/1.1 on the same port): status, body.
@@ -606,7 +617,7 @@ async fn tokens_guard_every_service_but_health() {
     assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
 
     // Health is open, like /healthcheck; it reads the store.
-    let mut health = tonic_health::pb::health_client::HealthClient::new(stack.channel.clone());
+    let mut health = tonic_health::pb::health_client::HealthClient::new(stack.channel());
     for service in [
         "",
         "api.v1.challenge.ChallengeStore",
@@ -639,7 +650,7 @@ async fn tokens_guard_every_service_but_health() {
             message_request: Some(MessageRequest::ListServices(String::new())),
         }])
     };
-    let mut reflection = ServerReflectionClient::new(stack.channel.clone());
+    let mut reflection = ServerReflectionClient::new(stack.channel());
     let refused = match reflection.server_reflection_info(list()).await {
         Err(status) => status,
         Ok(response) => response
@@ -742,4 +753,93 @@ async fn a_call_continues_the_callers_trace_and_a_slow_write_names_its_operation
         .find(|s| s.name == "publish cm.cmd.challenge.create")
         .expect("publish span");
     assert_eq!(publish.parent_span_id, call.span_context.span_id());
+}
+
+/// A gRPC channel over TLS to `addr` (ALPN `h2`), with `client` as TLS
+/// configuration.
+async fn tls_channel(
+    addr: std::net::SocketAddr,
+    mut client: tokio_rustls::rustls::ClientConfig,
+) -> Result<Channel, tonic::transport::Error> {
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    let client = std::sync::Arc::new(client);
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let client = client.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let name = tokio_rustls::rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let tls = tokio_rustls::TlsConnector::from(client)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    tonic::transport::Endpoint::from_static("http://127.0.0.1")
+        .connect_with_connector(connector)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_carries_grpc_and_refuses_a_client_without_certificate() {
+    use tokio_rustls::rustls::{
+        self, ClientConfig, RootCertStore,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    };
+    let pki = cm_testkit::pki::Pki::generate();
+    let tls = cm_api::tls::server_config(&pki.server_cert, &pki.server_key, Some(&pki.ca))
+        .expect("server TLS");
+    let stack = Stack::start(false, |c| c.tls = Some(tls)).await;
+    let addr: std::net::SocketAddr = stack
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("addr");
+    let client = |with_cert: bool| {
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&pki.ca).expect("ca") {
+            roots.add(c.expect("ca pem")).expect("add ca");
+        }
+        let builder = ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+        if with_cert {
+            builder
+                .with_client_auth_cert(
+                    CertificateDer::pem_file_iter(&pki.client_cert)
+                        .expect("cert")
+                        .map(|c| c.expect("cert pem"))
+                        .collect(),
+                    PrivateKeyDer::from_pem_file(&pki.client_key).expect("key"),
+                )
+                .expect("client cert")
+        } else {
+            builder.with_no_client_auth()
+        }
+    };
+
+    // Without a certificate: no call gets through (the handshake, or the
+    // first read after it under TLS 1.3, fails).
+    let refused = match tls_channel(addr, client(false)).await {
+        Err(_) => true,
+        Ok(channel) => Challenges::new(channel)
+            .retrieve_challenge(pbc::RetrieveChallengeRequest { id: "x".into() })
+            .await
+            .is_err_and(|s| s.code() != Code::NotFound),
+    };
+    assert!(refused, "a client without certificate is refused");
+
+    // With one: the call reaches the store (HTTP/2 negotiated by ALPN).
+    let channel = tls_channel(addr, client(true))
+        .await
+        .expect("mTLS connects");
+    let missing = Challenges::new(channel)
+        .retrieve_challenge(pbc::RetrieveChallengeRequest { id: "x".into() })
+        .await
+        .expect_err("no such challenge");
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    assert_eq!(reason_and_kinds(&missing).0, "CHALLENGE_NOT_FOUND");
+    stack.stop().await;
 }

@@ -77,14 +77,16 @@ pub type ItemStream<T> = stream::Iter<std::vec::IntoIter<Result<T, Status>>>;
 /// The gRPC routes (challenge, instance, health and reflection services),
 /// behind `auth` but for health, each call in its server span.
 pub fn router(app: App, auth: ApiAuth, health: HealthServer<impl Health>) -> axum::Router {
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(cm_schemas::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1();
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(cm_schemas::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha();
+    // Our protos, health's, and google.rpc's error details (so a client
+    // can decode the details of a status by reflection).
+    let described = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(cm_schemas::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = described().build_v1();
+    let reflection_v1alpha = described().build_v1alpha();
     let mut routes = tonic::service::Routes::new(ChallengeStoreServer::new(Grpc(app.clone())))
         .add_service(InstanceManagerServer::new(Grpc(app)))
         .add_service(health);

@@ -383,6 +383,32 @@ mod tests {
     }
 
     #[test]
+    fn grpc_statuses_carry_the_same_details() {
+        let e = DomainError::challenge_not_found("1");
+        let status = grpc_status(&e);
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert_eq!(status.message(), "challenge 1 not found");
+        // The binary google.rpc.Status decodes to what REST prints.
+        let decoded = status.check_error_details_vec().expect("decodes");
+        assert_eq!(decoded.len(), 2);
+        let json: Vec<Value> = decoded.iter().filter_map(detail_json).collect();
+        assert_eq!(json, details(&e));
+        let internal = grpc_status(&DomainError::internal("internal error"));
+        assert_eq!(internal.code(), tonic::Code::Internal);
+        assert_eq!(
+            internal
+                .get_error_details()
+                .error_info()
+                .map(|i| i.reason.as_str()),
+            Some("INTERNAL_ERROR")
+        );
+        // No reason, no details, as REST.
+        let plain = grpc_status(&DomainError::invalid("bad"));
+        assert_eq!(plain.code(), tonic::Code::InvalidArgument);
+        assert!(plain.check_error_details_vec().expect("decodes").is_empty());
+    }
+
+    #[test]
     fn reasons_survive_the_trip_through_the_worker() {
         let e = DomainError::invalid("x")
             .with_reason(reasons::CHALLENGE_POOLER_OUT_OF_BOUNDS, [("min", "-1")])

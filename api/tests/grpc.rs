@@ -277,6 +277,22 @@ async fn every_method_with_its_errors_and_streams() {
     let (status, rest) = stack.rest_get("/api/v1/challenge/g1", None).await;
     assert_eq!(status, 200);
     assert_eq!(rest["timeout"], "600s");
+    // And by REST over HTTP/2 (the gRPC connection, without gRPC's
+    // content type).
+    let over_h2 = tower::ServiceExt::oneshot(
+        stack.channel(),
+        http::Request::get(format!("{}/api/v1/challenge/g1", stack.url))
+            .body(tonic::body::Body::default())
+            .expect("request"),
+    )
+    .await
+    .expect("REST over HTTP/2");
+    assert_eq!(over_h2.status(), 200);
+    assert_eq!(over_h2.version(), http::Version::HTTP_2);
+    assert_eq!(
+        over_h2.headers().get("content-type").map(|v| v.as_bytes()),
+        Some(&b"application/json"[..])
+    );
 
     let again = challenges
         .create_challenge(pbc::CreateChallengeRequest {
@@ -723,23 +739,37 @@ async fn a_call_continues_the_callers_trace_and_a_slow_write_names_its_operation
         "names the operation to poll: {}",
         slow.message()
     );
+    // REST's request span continues a `traceparent` header the same way.
+    let rest_parent = "a0f067aa0ba902b7";
+    let answer = reqwest::Client::new()
+        .get(format!("{}/api/v1/challenge/nope", stack.url))
+        .header("traceparent", format!("00-{trace}-{rest_parent}-01"))
+        .send()
+        .await
+        .expect("REST");
+    assert_eq!(answer.status(), 404);
     stack.stop().await;
 
     let _ = provider.force_flush();
     let spans = exporter.get_finished_spans().expect("spans");
-    let call = spans
-        .iter()
-        .find(|s| s.name == "api.v1.challenge.ChallengeStore/CreateChallenge")
-        .unwrap_or_else(|| {
-            panic!(
-                "no gRPC server span in {:?}",
-                spans.iter().map(|s| &s.name).collect::<Vec<_>>()
-            )
-        });
-    assert_eq!(
-        call.span_context.trace_id(),
-        TraceId::from_hex(trace).expect("hex")
-    );
+    // Other tests of this binary run meanwhile (their spans are exported
+    // too): the spans of this one are those in the caller's trace.
+    let trace = TraceId::from_hex(trace).expect("hex");
+    let find = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == name && s.span_context.trace_id() == trace)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no span {name:?} in the caller's trace: {:?}",
+                    spans
+                        .iter()
+                        .map(|s| (&s.name, s.span_context.trace_id()))
+                        .collect::<Vec<_>>()
+                )
+            })
+    };
+    let call = find("api.v1.challenge.ChallengeStore/CreateChallenge");
     assert_eq!(call.parent_span_id.to_string(), parent);
     assert!(
         call.attributes
@@ -748,11 +778,10 @@ async fn a_call_continues_the_callers_trace_and_a_slow_write_names_its_operation
         "{:?}",
         call.attributes
     );
-    let publish = spans
-        .iter()
-        .find(|s| s.name == "publish cm.cmd.challenge.create")
-        .expect("publish span");
+    let publish = find("publish cm.cmd.challenge.create");
     assert_eq!(publish.parent_span_id, call.span_context.span_id());
+    let rest = find("GET /api/v1/challenge/{id}");
+    assert_eq!(rest.parent_span_id.to_string(), rest_parent);
 }
 
 /// A gRPC channel over TLS to `addr` (ALPN `h2`), with `client` as TLS

@@ -112,23 +112,33 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+impl ApiAuth {
+    /// Checks the `Authorization: Bearer <token>` header of a request (REST)
+    /// or the `authorization` metadata of a call (gRPC); why it is refused.
+    pub fn check(&self, headers: &http::HeaderMap) -> Result<(), &'static str> {
+        if self.is_open() {
+            return Ok(());
+        }
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, token) = v.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            });
+        match presented {
+            Some(token) if self.allows(token.as_bytes()) => Ok(()),
+            Some(_) => Err("invalid bearer token"),
+            None => Err("missing bearer token (Authorization: Bearer <token>)"),
+        }
+    }
+}
+
 /// Middleware: lets the request through only with a valid bearer token.
 pub async fn require_token(State(auth): State<ApiAuth>, request: Request, next: Next) -> Response {
-    if auth.is_open() {
-        return next.run(request).await;
-    }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, token) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        });
-    match presented {
-        Some(token) if auth.allows(token.as_bytes()) => next.run(request).await,
-        Some(_) => unauthorized("invalid bearer token"),
-        None => unauthorized("missing bearer token (Authorization: Bearer <token>)"),
+    match auth.check(request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(why) => unauthorized(why),
     }
 }
 

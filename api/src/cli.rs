@@ -19,7 +19,8 @@ use crate::{
 };
 
 /// Front door of the CTF instance manager: the chall-manager compatible REST
-/// API (/api/v1/challenge, /api/v1/instance) and a NATS service, publishing
+/// API (/api/v1/challenge, /api/v1/instance) and gRPC API (api.v1, same
+/// port), and a NATS service, publishing
 /// commands to JetStream for the workers. Every flag can also be set through
 /// the environment variable shown in brackets.
 #[derive(Debug, clap::Parser)]
@@ -28,7 +29,7 @@ pub struct Cli {
     #[command(flatten)]
     pub connect: ConnectArgs,
 
-    /// Address the REST API listens on.
+    /// Address the REST and gRPC APIs listen on.
     #[arg(long, env = "CM_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 

@@ -20,6 +20,11 @@ use axum::{
 use cm_core::{DomainError, error::reasons};
 use cm_schemas::v1::Code;
 use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use tonic_types::{
+    BadRequest, ErrorDetail, ErrorInfo, FieldViolation, Help, HelpLink, PreconditionFailure,
+    PreconditionViolation, ResourceInfo, StatusExt,
+};
 
 /// chall-manager's error domain (`pkg/errors.Domain`).
 pub const DOMAIN: &str = "github.com/ctfer-io/chall-manager";
@@ -75,45 +80,13 @@ pub fn error_body(e: &DomainError) -> Value {
     })
 }
 
-fn error_info(reason: &str, domain: &str, metadata: Value) -> Value {
-    json!({
-        "@type": format!("{TYPE_PREFIX}ErrorInfo"),
-        "reason": reason,
-        "domain": domain,
-        "metadata": metadata,
-    })
-}
-
-fn resource_info(kind: &str, name: &str, description: &str) -> Value {
-    json!({
-        "@type": format!("{TYPE_PREFIX}ResourceInfo"),
-        "resourceType": kind,
-        "resourceName": name,
-        "owner": "",
-        "description": description,
-    })
-}
-
-fn precondition_failure(kind: &str, subject: &str, description: &str) -> Value {
-    json!({
-        "@type": format!("{TYPE_PREFIX}PreconditionFailure"),
-        "violations": [{"type": kind, "subject": format!("{DOMAIN}/{subject}"), "description": description}],
-    })
-}
-
-fn help(links: &[(&str, &str)]) -> Value {
-    let links: Vec<Value> = links
-        .iter()
-        .map(|(description, url)| json!({"description": description, "url": url}))
-        .collect();
-    json!({"@type": format!("{TYPE_PREFIX}Help"), "links": links})
-}
-
-/// The `google.rpc` details of `e`, as chall-manager attaches them.
-pub fn details(e: &DomainError) -> Vec<Value> {
+/// The `google.rpc` details of `e` as chall-manager attaches them, in its
+/// order: the one mapping, rendered as JSON by [`details`] (REST, NATS) and
+/// as binary `google.rpc.Status` details by [`grpc_status`].
+pub fn rpc_details(e: &DomainError) -> Vec<ErrorDetail> {
     let Some(r) = e.reason.as_deref().filter(|r| !r.reason.is_empty()) else {
         return if e.code == Code::Internal {
-            vec![error_info(reasons::INTERNAL_ERROR, DOMAIN, json!({}))]
+            vec![error_info(reasons::INTERNAL_ERROR, DOMAIN, [])]
         } else {
             Vec::new()
         };
@@ -123,22 +96,24 @@ pub fn details(e: &DomainError) -> Vec<Value> {
         reasons::OCI_INTERACTION | reasons::OCI_REFERENCE_NOT_FOUND => DOMAIN_OCI,
         _ => DOMAIN,
     };
-    let mut out = vec![error_info(&r.reason, domain, json!(r.metadata))];
+    let mut out = vec![error_info(
+        &r.reason,
+        domain,
+        r.metadata.iter().map(|(k, v)| (k.clone(), v.clone())),
+    )];
     let instance = || format!("{}/{}", meta("challenge_id"), meta("source_id"));
     let bad_request = (!r.field_violations.is_empty()).then(|| {
-        let violations: Vec<Value> = r
-            .field_violations
-            .iter()
-            .map(|v| {
-                json!({
-                    "field": v.field,
-                    "description": v.description,
-                    "reason": v.reason,
-                    "localizedMessage": null,
+        ErrorDetail::BadRequest(BadRequest::new(
+            r.field_violations
+                .iter()
+                .map(|v| FieldViolation {
+                    field: v.field.clone(),
+                    description: v.description.clone(),
+                    reason: v.reason.clone(),
+                    localized_message: None,
                 })
-            })
-            .collect();
-        json!({"@type": format!("{TYPE_PREFIX}BadRequest"), "fieldViolations": violations})
+                .collect::<Vec<_>>(),
+        ))
     });
     match r.reason.as_str() {
         reasons::CHALLENGE_NOT_FOUND => out.push(resource_info(
@@ -223,6 +198,109 @@ pub fn details(e: &DomainError) -> Vec<Value> {
     out
 }
 
+fn error_info(
+    reason: &str,
+    domain: &str,
+    metadata: impl IntoIterator<Item = (String, String)>,
+) -> ErrorDetail {
+    ErrorDetail::ErrorInfo(ErrorInfo::new(
+        reason,
+        domain,
+        metadata.into_iter().collect::<HashMap<_, _>>(),
+    ))
+}
+
+fn resource_info(kind: &str, name: &str, description: &str) -> ErrorDetail {
+    ErrorDetail::ResourceInfo(ResourceInfo::new(kind, name, "", description))
+}
+
+fn precondition_failure(kind: &str, subject: &str, description: &str) -> ErrorDetail {
+    ErrorDetail::PreconditionFailure(PreconditionFailure::new(vec![PreconditionViolation::new(
+        kind,
+        format!("{DOMAIN}/{subject}"),
+        description,
+    )]))
+}
+
+fn help(links: &[(&str, &str)]) -> ErrorDetail {
+    ErrorDetail::Help(Help::new(
+        links
+            .iter()
+            .map(|(description, url)| HelpLink::new(*description, *url))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// The details of `e` as protojson prints them (`{"@type": ..., ...}`,
+/// unpopulated fields included).
+pub fn details(e: &DomainError) -> Vec<Value> {
+    rpc_details(e).iter().filter_map(detail_json).collect()
+}
+
+fn detail_json(d: &ErrorDetail) -> Option<Value> {
+    Some(match d {
+        ErrorDetail::ErrorInfo(i) => json!({
+            "@type": format!("{TYPE_PREFIX}ErrorInfo"),
+            "reason": i.reason,
+            "domain": i.domain,
+            "metadata": i.metadata.iter().collect::<BTreeMap<_, _>>(),
+        }),
+        ErrorDetail::ResourceInfo(r) => json!({
+            "@type": format!("{TYPE_PREFIX}ResourceInfo"),
+            "resourceType": r.resource_type,
+            "resourceName": r.resource_name,
+            "owner": r.owner,
+            "description": r.description,
+        }),
+        ErrorDetail::PreconditionFailure(p) => {
+            let violations: Vec<Value> = p
+                .violations
+                .iter()
+                .map(|v| json!({"type": v.r#type, "subject": v.subject, "description": v.description}))
+                .collect();
+            json!({"@type": format!("{TYPE_PREFIX}PreconditionFailure"), "violations": violations})
+        }
+        ErrorDetail::Help(h) => {
+            let links: Vec<Value> = h
+                .links
+                .iter()
+                .map(|l| json!({"description": l.description, "url": l.url}))
+                .collect();
+            json!({"@type": format!("{TYPE_PREFIX}Help"), "links": links})
+        }
+        ErrorDetail::BadRequest(b) => {
+            let violations: Vec<Value> = b
+                .field_violations
+                .iter()
+                .map(|v| {
+                    json!({
+                        "field": v.field,
+                        "description": v.description,
+                        "reason": v.reason,
+                        "localizedMessage": null,
+                    })
+                })
+                .collect();
+            json!({"@type": format!("{TYPE_PREFIX}BadRequest"), "fieldViolations": violations})
+        }
+        // No mapping produces the others.
+        _ => return None,
+    })
+}
+
+/// The gRPC form of an error: the same code and message, and the same
+/// details as a binary `google.rpc.Status` (trailer `grpc-status-details-bin`).
+pub fn grpc_status(e: &DomainError) -> tonic::Status {
+    let code = tonic::Code::from_i32(e.code as i32);
+    tonic::Status::with_error_details_vec(code, e.message.clone(), rpc_details(e))
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        grpc_status(&e.0)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = http_status(self.0.code);
@@ -302,6 +380,32 @@ mod tests {
             error_body(&DomainError::invalid("bad"))["details"],
             json!([])
         );
+    }
+
+    #[test]
+    fn grpc_statuses_carry_the_same_details() {
+        let e = DomainError::challenge_not_found("1");
+        let status = grpc_status(&e);
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert_eq!(status.message(), "challenge 1 not found");
+        // The binary google.rpc.Status decodes to what REST prints.
+        let decoded = status.check_error_details_vec().expect("decodes");
+        assert_eq!(decoded.len(), 2);
+        let json: Vec<Value> = decoded.iter().filter_map(detail_json).collect();
+        assert_eq!(json, details(&e));
+        let internal = grpc_status(&DomainError::internal("internal error"));
+        assert_eq!(internal.code(), tonic::Code::Internal);
+        assert_eq!(
+            internal
+                .get_error_details()
+                .error_info()
+                .map(|i| i.reason.as_str()),
+            Some("INTERNAL_ERROR")
+        );
+        // No reason, no details, as REST.
+        let plain = grpc_status(&DomainError::invalid("bad"));
+        assert_eq!(plain.code(), tonic::Code::InvalidArgument);
+        assert!(plain.check_error_details_vec().expect("decodes").is_empty());
     }
 
     #[test]

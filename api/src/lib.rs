@@ -3,31 +3,37 @@
 //! worker's result. No business logic beyond validation lives here.
 //!
 //! # Layout
-//! - [`run`]: connects, then serves REST and the NATS service until shutdown.
+//! - [`run`]: connects, then serves REST and gRPC (one listener) and the
+//!   NATS service until shutdown.
 //! - [`cli`]: the command line (flags and environment) and its checks.
 //! - [`auth`]: bearer tokens, checked before any route runs.
 //! - [`tls`]: HTTPS and client certificates (mutual TLS).
 //! - [`rest`]: the chall-manager-compatible REST routes.
+//! - [`grpc`]: chall-manager's gRPC services (and health, reflection) on
+//!   the REST listener, told apart by content type.
 //! - [`nats_service`]: the same operations as a NATS service.
 //! - [`ops`]: the operations both front doors share.
 //! - [`validate`]: request validation.
 //! - [`scenarios`]: scenario checks before publishing (OCI registries, the
 //!   object store) and direct uploads.
 //! - [`submit`]: publishing commands and routing their results back.
+//! - [`telemetry`]: server spans continuing the caller's trace.
 //! - [`json`]: protobuf JSON as chall-manager's grpc-gateway speaks it:
 //!   lenient parsing, every field printed (`null` for unset messages).
 //! - [`error`]: the one mapping of domain errors to HTTP and NATS errors,
-//!   with chall-manager's `google.rpc` details.
+//!   with chall-manager's `google.rpc` details, and to gRPC statuses.
 
 pub mod auth;
 pub mod cli;
 pub mod error;
+pub mod grpc;
 pub mod json;
 pub mod nats_service;
 pub mod ops;
 pub mod rest;
 pub mod scenarios;
 pub mod submit;
+pub mod telemetry;
 pub mod tls;
 pub mod validate;
 
@@ -87,7 +93,14 @@ pub enum ApiRunError {
     Http(#[from] std::io::Error),
 }
 
-/// Serves REST on `listener` (and the NATS service) until `shutdown` completes.
+/// The one router of the API's listener: gRPC calls (by content type) go to
+/// `grpc`, everything else to `rest`.
+pub fn front_door(rest: axum::Router, grpc: axum::Router) -> axum::Router {
+    axum::Router::new().fallback_service(grpc::ByContentType { rest, grpc })
+}
+
+/// Serves REST and gRPC on `listener` (and the NATS service) until
+/// `shutdown` completes.
 pub async fn run(
     config: ApiConfig,
     listener: TcpListener,
@@ -142,7 +155,16 @@ pub async fn run(
         tokens = !config.auth.is_open(),
         "API listening"
     );
-    let router = rest::router(app, config.auth.clone(), !metrics_apart);
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(grpc::report_health(
+        app.clone(),
+        health_reporter,
+        token.clone(),
+    ));
+    let router = front_door(
+        rest::router(app.clone(), config.auth.clone(), !metrics_apart),
+        grpc::router(app, config.auth.clone(), health),
+    );
     let graceful = async move {
         shutdown.await;
         stop.cancel();

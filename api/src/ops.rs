@@ -37,6 +37,25 @@ impl<T: serde::Serialize + prost::Name> Reply<T> {
     }
 }
 
+impl<T> Reply<T> {
+    /// The result, for a caller that waited: a command still running past
+    /// the result timeout is [`still_running`].
+    pub fn done(self) -> Result<T, DomainError> {
+        match self {
+            Reply::Done(v) => Ok(v),
+            Reply::Accepted { operation_id } => Err(still_running(&operation_id)),
+        }
+    }
+}
+
+/// The answer to a waiting caller whose command outlived the result timeout.
+pub fn still_running(operation_id: &str) -> DomainError {
+    DomainError::new(
+        cm_schemas::v1::Code::DeadlineExceeded,
+        format!("the command is still running; poll /api/v1/operation/{operation_id}"),
+    )
+}
+
 impl Reply<()> {
     /// Deletions answer `{}` (google.protobuf.Empty).
     pub fn into_empty(self) -> Reply<serde_json::Value> {
@@ -68,6 +87,15 @@ pub enum Mode {
 }
 
 impl App {
+    /// Whether the store answers (within 2 s): the health checks' answer.
+    pub async fn store_healthy(&self) -> bool {
+        let read = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.store.get_challenge("healthcheck"),
+        );
+        matches!(read.await, Ok(Ok(_)))
+    }
+
     async fn write(
         &self,
         request: Request,

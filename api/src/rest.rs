@@ -20,7 +20,7 @@ use axum::{
 };
 use cm_core::DomainError;
 use cm_schemas::v1::{
-    Code, CreateChallengeRequest, CreateInstanceRequest, DeleteInstanceRequest, Requester,
+    CreateChallengeRequest, CreateInstanceRequest, DeleteInstanceRequest, Requester,
     UpdateChallengeRequest,
 };
 use serde::{Deserialize, Serialize};
@@ -29,7 +29,7 @@ use crate::{
     auth::{ApiAuth, require_token},
     error::ApiError,
     json::{MAX_BODY, ProtoJson, to_value, to_values, top_level_fields},
-    ops::{App, Mode, Reply},
+    ops::{App, Mode, Reply, still_running},
 };
 
 /// The REST router. Every route but `/healthcheck` sits behind `auth`;
@@ -84,13 +84,15 @@ pub fn router(app: App, auth: ApiAuth, metrics: bool) -> Router {
                         .get::<axum::extract::MatchedPath>()
                         .map_or("unmatched", |p| p.as_str())
                         .to_owned();
-                    tracing::info_span!(
+                    let span = tracing::info_span!(
                         "request",
                         otel.name = %format!("{} {route}", req.method()),
                         otel.kind = "server",
                         http.request.method = %req.method(),
                         http.route = %route,
-                    )
+                    );
+                    crate::telemetry::continue_trace(&span, req.headers());
+                    span
                 },
             ),
         )
@@ -144,11 +146,7 @@ fn reply(reply: Reply<serde_json::Value>, mode: Mode) -> Response {
             }
             resp
         }
-        Reply::Accepted { operation_id } => ApiError(DomainError::new(
-            Code::DeadlineExceeded,
-            format!("the command is still running; poll /api/v1/operation/{operation_id}"),
-        ))
-        .into_response(),
+        Reply::Accepted { operation_id } => ApiError(still_running(&operation_id)).into_response(),
     }
 }
 
@@ -173,14 +171,10 @@ fn stream_lines<T: Serialize>(items: &[T]) -> Response {
 }
 
 async fn healthcheck(State(app): State<App>) -> Response {
-    let etcd = tokio::time::timeout(
-        std::time::Duration::from_secs(2),
-        app.store.get_challenge("healthcheck"),
-    )
-    .await;
-    match etcd {
-        Ok(Ok(_)) => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        _ => ApiError(DomainError::unavailable("the store is unavailable")).into_response(),
+    if app.store_healthy().await {
+        json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+    } else {
+        ApiError(DomainError::unavailable("the store is unavailable")).into_response()
     }
 }
 

@@ -19,6 +19,60 @@ pub enum Written {
     Accepted { operation_id: String },
 }
 
+/// How cmctl proves who it is to the API: a bearer token, a private CA to
+/// trust, a client certificate (mutual TLS).
+#[derive(Debug, Default, Clone)]
+pub struct ApiAccess {
+    pub token: Option<cm_core::Secret<String>>,
+    pub ca_pem: Option<Vec<u8>>,
+    /// Certificate chain then key, PEM.
+    pub identity_pem: Option<cm_core::Secret<Vec<u8>>>,
+}
+
+impl ApiAccess {
+    /// From the global flags: files read now, so a missing one is a usage error.
+    pub fn from_flags(global: &crate::cli::Global) -> Result<Self, CliError> {
+        let usage = |e: cm_core::config::ConfigError| CliError::Usage(e.to_string());
+        if global.api_token.is_some() && global.api_token_file.is_some() {
+            return Err(CliError::Usage(
+                "give --api-token or --api-token-file, not both".into(),
+            ));
+        }
+        let token = match (&global.api_token, &global.api_token_file) {
+            (Some(t), _) => Some(t.clone()).filter(|t| !t.expose().is_empty()),
+            (None, Some(path)) => {
+                Some(cm_core::config::read_secret("--api-token-file", path).map_err(usage)?)
+            }
+            (None, None) => None,
+        };
+        let ca_pem = global
+            .api_ca
+            .as_deref()
+            .map(|p| cm_core::config::read_file("--api-ca", p))
+            .transpose()
+            .map_err(usage)?;
+        let identity_pem = match (&global.api_cert, &global.api_key) {
+            (Some(cert), Some(key)) => {
+                let mut pem = cm_core::config::read_file("--api-cert", cert).map_err(usage)?;
+                pem.push(b'\n');
+                pem.extend(cm_core::config::read_file("--api-key", key).map_err(usage)?);
+                Some(cm_core::Secret::new(pem))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(CliError::Usage(
+                    "--api-cert and --api-key go together".into(),
+                ));
+            }
+        };
+        Ok(Self {
+            token,
+            ca_pem,
+            identity_pem,
+        })
+    }
+}
+
 /// A client of one API base URL.
 #[derive(Debug, Clone)]
 pub struct Api {
@@ -28,18 +82,42 @@ pub struct Api {
 }
 
 impl Api {
-    /// A client of `base` (`http://host:port`); every call gives up after `timeout`.
-    pub fn new(base: &str, timeout: Duration) -> Result<Self, CliError> {
+    /// A client of `base` (`http(s)://host:port`) with `access`'s token and
+    /// TLS material; every call gives up after `timeout`.
+    pub fn new(base: &str, timeout: Duration, access: &ApiAccess) -> Result<Self, CliError> {
         let base = Url::parse(base)
             .map_err(|e| CliError::Usage(format!("--api-url {base:?} is not a URL: {e}")))?;
         if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
             return Err(CliError::Usage(format!(
-                "--api-url {base} must be an http:// URL"
+                "--api-url {base} must be an http:// or https:// URL"
             )));
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(timeout)
-            .user_agent(concat!("cmctl/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("cmctl/", env!("CARGO_PKG_VERSION")));
+        if let Some(token) = &access.token {
+            let mut value =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+                    .map_err(|_| {
+                        CliError::Usage("the API token holds characters a header cannot".into())
+                    })?;
+            value.set_sensitive(true);
+            builder = builder.default_headers(reqwest::header::HeaderMap::from_iter([(
+                reqwest::header::AUTHORIZATION,
+                value,
+            )]));
+        }
+        if let Some(ca) = &access.ca_pem {
+            let cert = reqwest::Certificate::from_pem(ca)
+                .map_err(|e| CliError::Usage(format!("--api-ca: {e}")))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        if let Some(identity) = &access.identity_pem {
+            let identity = reqwest::Identity::from_pem(identity.expose())
+                .map_err(|e| CliError::Usage(format!("--api-cert/--api-key: {e}")))?;
+            builder = builder.identity(identity);
+        }
+        let http = builder
             .build()
             .map_err(|e| CliError::Usage(format!("HTTP client: {e}")))?;
         Ok(Self {
@@ -249,7 +327,12 @@ mod tests {
 
     #[test]
     fn ids_are_percent_encoded_path_segments() {
-        let api = Api::new("http://127.0.0.1:8080/", Duration::from_secs(1)).expect("api");
+        let api = Api::new(
+            "http://127.0.0.1:8080/",
+            Duration::from_secs(1),
+            &ApiAccess::default(),
+        )
+        .expect("api");
         let url = api.url(&["api", "v1", "instance", "web 1", "a?b#c"], &[]);
         assert_eq!(
             url.as_str(),

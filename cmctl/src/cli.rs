@@ -1,9 +1,10 @@
 //! The command line: global flags (every one also an environment variable)
 //! and the subcommand tree, which lives in [`crate::commands`].
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
+use cm_core::{Secret, config::NatsArgs};
 
 use crate::{commands::Command, error::EXIT_CODES_HELP, output::Format};
 
@@ -32,6 +33,34 @@ pub struct Global {
         global = true
     )]
     pub api_url: String,
+
+    /// Bearer token for the API (`Authorization: Bearer`), when it requires
+    /// one (cm-api --auth-token).
+    #[arg(long, env = "CM_API_TOKEN", hide_env_values = true, global = true)]
+    pub api_token: Option<Secret<String>>,
+
+    /// File holding the API's bearer token (first line).
+    #[arg(long, env = "CM_API_TOKEN_FILE", global = true)]
+    pub api_token_file: Option<PathBuf>,
+
+    /// CA certificate (PEM) to trust for an `https://` API besides the
+    /// system's, e.g. a private CA.
+    #[arg(long, env = "CM_API_CA", global = true)]
+    pub api_ca: Option<PathBuf>,
+
+    /// Client certificate chain (PEM) for an API requiring mutual TLS
+    /// (cm-api --tls-client-ca), with --api-key.
+    #[arg(long, env = "CM_API_CERT", global = true)]
+    pub api_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --api-cert.
+    #[arg(long, env = "CM_API_KEY", global = true)]
+    pub api_key: Option<PathBuf>,
+
+    /// NATS authentication and TLS, the same flags and variables as the
+    /// other binaries (give them before the subcommand, or as variables).
+    #[command(flatten)]
+    pub nats: NatsArgs,
 
     /// NATS server URL(s), comma-separated (queue, dlq).
     #[arg(

@@ -10,14 +10,16 @@ use async_nats::jetstream::{self, ErrorCode, context::GetStreamErrorKind, stream
 use crate::error::CliError;
 
 /// Connects to the first reachable server of `urls` (comma-separated).
-pub async fn connect(urls: &str, timeout: Duration) -> Result<jetstream::Context, CliError> {
-    let shown = without_credentials(urls);
-    let client = async_nats::ConnectOptions::new()
-        .name("cmctl")
-        .connection_timeout(timeout.min(Duration::from_secs(10)))
-        .connect(urls)
+pub async fn connect(
+    urls: &str,
+    options: &cm_core::nats::NatsOptions,
+    timeout: Duration,
+) -> Result<jetstream::Context, CliError> {
+    // The one connection every binary makes (TLS, user/password, token,
+    // nkey, creds); its errors name the URL without credentials.
+    let client = cm_core::nats::connect(urls, "cmctl", options)
         .await
-        .map_err(|e| CliError::nats(&format!("cannot reach NATS at {shown}"), e))?;
+        .map_err(|e| CliError::Unavailable(e.to_string()))?;
     let mut js = jetstream::new(client);
     js.set_timeout(timeout.min(Duration::from_secs(10)));
     Ok(js)
@@ -33,31 +35,4 @@ pub async fn stream(js: &jetstream::Context, name: &str) -> Result<Stream, CliEr
         }
         _ => CliError::nats(&format!("stream {name}"), e),
     })
-}
-
-/// `urls` with any `user:password@` removed, for messages.
-pub fn without_credentials(urls: &str) -> String {
-    urls.split(',')
-        .map(|u| match (u.find("://"), u.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}{}", &u[..scheme + 3], &u[at + 1..])
-            }
-            (None, Some(at)) => u[at + 1..].to_owned(),
-            _ => u.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn credentials_never_reach_messages() {
-        assert_eq!(
-            without_credentials("nats://u:secret@a:4222,nats://b:4222,tok@c:4222"),
-            "nats://a:4222,nats://b:4222,c:4222"
-        );
-    }
 }

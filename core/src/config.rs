@@ -359,7 +359,7 @@ fn pair(
     }
 }
 
-fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+pub fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
     let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
         what,
         path: path.to_owned(),

@@ -68,12 +68,21 @@ impl Ctx {
 
     /// The REST client.
     pub fn api(&self) -> Result<Api, CliError> {
-        Api::new(&self.global.api_url, self.global.timeout)
+        Api::new(
+            &self.global.api_url,
+            self.global.timeout,
+            &crate::api::ApiAccess::from_flags(&self.global)?,
+        )
     }
 
     /// A JetStream connection.
     pub async fn jetstream(&self) -> Result<jetstream::Context, CliError> {
-        nats::connect(&self.global.nats_url, self.global.timeout).await
+        let options = self
+            .global
+            .nats
+            .options()
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        nats::connect(&self.global.nats_url, &options, self.global.timeout).await
     }
 
     /// Prints a write's answer: `done` renders the worker's result; an

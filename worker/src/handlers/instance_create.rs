@@ -157,6 +157,7 @@ pub(crate) async fn deploy_reserved(
     };
 
     crate::failpoint::hit("after-up");
+    crate::failpoint::pause("instance-create-before-write").await;
     record.status = InstanceStatus::Ready;
     // The caller's lock excludes other writers of this record.
     store_deployment(ctx, record, deployment, Expect::Any, None).await

@@ -105,6 +105,7 @@ async fn update(
             }
         }
     };
+    crate::failpoint::pause("instance-update-before-write").await;
     record.connection_info = deployment.outputs.connection_info;
     record.flags = deployment.outputs.flags;
     let stack = encode_state(&deployment.state)?;

@@ -1,0 +1,395 @@
+//! Races between transitions of one instance, ordered deterministically with
+//! failpoint pauses (`CM_FAILPOINT=pause:<name>`, see `worker/src/failpoint.rs`)
+//! on real servers, and checked against the invariants of `docs/invariants.md`:
+//! - I1: a pool claim racing an in-place update of that pooled instance
+//!   never leaves one identity both pooled and claimed, nor claimed twice;
+//! - fencing: a handler whose lease was lost (revoked while it was paused)
+//!   cannot write once it resumes, so a deleted instance is not resurrected.
+
+mod support;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use cm_core::model::{InstanceRecord, InstanceStatus};
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::Stack;
+
+/// Waits until the pause `name` was reached by a worker.
+async fn wait_paused(stack: &Stack, dir: &Path, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !dir.join(format!("{name}.paused")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the pause {name} was never reached\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn resume(dir: &Path, name: &str) {
+    std::fs::write(dir.join(format!("{name}.resume")), b"go").expect("resume file");
+}
+
+/// Watches every change under a challenge's instance records from the
+/// first revision on, and after each revision checks I1: no identity both
+/// pooled and claimed, no identity claimed by two sources.
+struct IdentityChecker {
+    violations: Arc<Mutex<Vec<String>>>,
+    /// The revision the watch has reported up to.
+    seen: Arc<AtomicI64>,
+    watcher: etcd_client::Watcher,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl IdentityChecker {
+    async fn start(stack: &Stack, cid: &str) -> Self {
+        let prefix = format!("/cm/instance/{cid}/");
+        let (watcher, mut stream) = stack
+            .store
+            .client()
+            .watch(
+                prefix.clone(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(1),
+                ),
+            )
+            .await
+            .expect("watch");
+        let violations = Arc::new(Mutex::new(Vec::new()));
+        let found = violations.clone();
+        let seen = Arc::new(AtomicI64::new(0));
+        let seen_by_task = seen.clone();
+        let task = tokio::spawn(async move {
+            // key -> identity
+            let mut state: BTreeMap<String, String> = BTreeMap::new();
+            let check = |state: &BTreeMap<String, String>, rev: i64| {
+                let mut pooled = BTreeSet::new();
+                let mut claimed: BTreeMap<&str, &str> = BTreeMap::new();
+                let mut out = Vec::new();
+                for (key, identity) in state {
+                    let rest = &key[prefix.len()..];
+                    if rest.starts_with("pool/") {
+                        pooled.insert(identity.as_str());
+                    } else if let Some(other) = claimed.insert(identity, rest) {
+                        out.push(format!("rev {rev}: {identity} claimed by {other} and {rest}"));
+                    }
+                }
+                for identity in claimed.keys() {
+                    if pooled.contains(identity) {
+                        out.push(format!("rev {rev}: {identity} both pooled and claimed"));
+                    }
+                }
+                out
+            };
+            while let Ok(Some(resp)) = stream.message().await {
+                let mut last_rev = None;
+                for event in resp.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    let rev = kv.mod_revision();
+                    if last_rev.is_some_and(|r| r != rev) {
+                        let v = check(&state, last_rev.unwrap_or_default());
+                        found.lock().expect("lock").extend(v);
+                    }
+                    last_rev = Some(rev);
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    match event.event_type() {
+                        EventType::Delete => {
+                            state.remove(&key);
+                        }
+                        EventType::Put => {
+                            let identity = serde_json::from_slice::<InstanceRecord>(kv.value())
+                                .map(|r| r.identity.to_string())
+                                .unwrap_or_else(|_| "(unreadable)".into());
+                            state.insert(key, identity);
+                        }
+                    }
+                }
+                if let Some(rev) = last_rev {
+                    let v = check(&state, rev);
+                    found.lock().expect("lock").extend(v);
+                }
+                if let Some(h) = resp.header() {
+                    seen_by_task.fetch_max(h.revision(), Ordering::AcqRel);
+                }
+            }
+        });
+        Self {
+            violations,
+            seen,
+            watcher,
+            task,
+        }
+    }
+
+    /// The violations seen up to etcd's current revision.
+    async fn violations(&mut self, stack: &Stack) -> Vec<String> {
+        let head = stack
+            .store
+            .client()
+            .get("/", Some(GetOptions::new().with_count_only()))
+            .await
+            .expect("get")
+            .header()
+            .map_or(0, |h| h.revision());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.seen.load(Ordering::Acquire) < head {
+            assert!(Instant::now() < deadline, "the watch never caught up");
+            // A progress notification reports the watch's current revision.
+            self.watcher.request_progress().await.expect("progress");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.violations.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for IdentityChecker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn instances(stack: &Stack, cid: &str) -> Vec<InstanceRecord> {
+    stack.store.list_instances(cid).await.expect("store")
+}
+
+async fn claimed(stack: &Stack, cid: &str, sid: &str) -> InstanceRecord {
+    stack
+        .store
+        .get_instance(cid, sid)
+        .await
+        .expect("store")
+        .expect("claimed record")
+        .value
+}
+
+/// The scenario: challenge `race1` (`steps`, min 1 max 1); the pooled
+/// instance is updated in place and paused between its Pulumi run and its
+/// record write; a claim for `p1` lands meanwhile; the update completes; a
+/// claim for `p2` must not get `p1`'s identity or flag, and etcd never holds
+/// one identity both pooled and claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_racing_an_update_of_the_pooled_instance_never_shares_it() {
+    const PAUSE: &str = "instance-update-before-write";
+    let pauses = tempfile::tempdir().expect("tempdir");
+    let dir = pauses.path().to_str().expect("utf-8").to_owned();
+    let armed = format!("pause:{PAUSE}");
+    let stack = Stack::start_with(
+        2,
+        &[("CM_FAILPOINT", &armed), ("CM_FAILPOINT_DIR", &dir)],
+    )
+    .await;
+    let mut checker = IdentityChecker::start(&stack, "race1").await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({
+                "id": "race1", "scenario": "steps", "min": 1, "max": "1",
+                "additional": {"steps": "2"}
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let pooled = loop {
+        let all = instances(&stack, "race1").await;
+        if let Some(r) = all
+            .iter()
+            .find(|r| r.source_id.is_none() && r.status == InstanceStatus::Ready)
+        {
+            break r.identity.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pool never filled: {all:?}\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // The update of the challenge, in place: it pauses on the pooled
+    // instance once Pulumi has run, before writing its record.
+    let api = stack.api.clone();
+    let http = stack.http.clone();
+    let update = tokio::spawn(async move {
+        let resp = http
+            .patch(format!("{api}/api/v1/challenge/race1"))
+            .json(&json!({"additional": {"steps": "3"}, "updateStrategy": "update_in_place"}))
+            .send()
+            .await
+            .expect("patch");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap_or_default())
+    });
+    wait_paused(&stack, pauses.path(), PAUSE).await;
+
+    let (status, first) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "race1", "sourceId": "p1"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{first}\n{}", stack.worker_logs());
+    let p1 = claimed(&stack, "race1", "p1").await;
+
+    resume(pauses.path(), PAUSE);
+    let (status, body) = update.await.expect("update task");
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+
+    let (status, second) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "race1", "sourceId": "p2"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{second}\n{}", stack.worker_logs());
+    let p2 = claimed(&stack, "race1", "p2").await;
+    assert_ne!(
+        p1.identity, p2.identity,
+        "two sources share one identity (the pooled one was {pooled})"
+    );
+    assert_ne!(first["flag"], second["flag"], "two sources share one flag");
+    assert_ne!(p1.flags, p2.flags, "two sources share one flag");
+    let pool: Vec<_> = instances(&stack, "race1")
+        .await
+        .into_iter()
+        .filter(|r| r.source_id.is_none())
+        .map(|r| r.identity)
+        .collect();
+    assert!(
+        !pool.contains(&p1.identity) && !pool.contains(&p2.identity),
+        "a claimed identity is back in the pool: {pool:?}"
+    );
+    let violations = checker.violations(&stack).await;
+    assert!(violations.is_empty(), "I1 broken: {violations:#?}");
+}
+
+/// Fencing: a create paused after its Pulumi run loses its lease (revoked,
+/// as etcd does to a worker paused past its TTL); the instance is deleted
+/// meanwhile under fresh locks; when the stale create resumes, its write
+/// must fail: the deleted identity's record and stack state stay gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_whose_lease_was_lost_cannot_resurrect_a_deleted_instance() {
+    const PAUSE: &str = "instance-create-before-write";
+    let pauses = tempfile::tempdir().expect("tempdir");
+    let dir = pauses.path().to_str().expect("utf-8").to_owned();
+    let armed = format!("pause:{PAUSE}");
+    let stack = Stack::start_with(
+        1,
+        &[("CM_FAILPOINT", &armed), ("CM_FAILPOINT_DIR", &dir)],
+    )
+    .await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "fence", "scenario": "steps", "additional": {"steps": "2"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    let (status, body) = stack
+        .call_with(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "fence", "sourceId": "p1"})),
+            &[("Prefer", "respond-async")],
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let op = body["operationId"].as_str().expect("operation").to_owned();
+    wait_paused(&stack, pauses.path(), PAUSE).await;
+    let stale = claimed(&stack, "fence", "p1").await;
+    assert_eq!(stale.status, InstanceStatus::Deploying);
+
+    // The create's locks are bound to the worker's lease: revoke it, as etcd
+    // does when a worker is paused past its TTL.
+    let mut client = stack.store.client();
+    let locks = client
+        .get("/cm/lock/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("locks");
+    let leases: BTreeSet<i64> = locks.kvs().iter().map(|kv| kv.lease()).collect();
+    assert!(!leases.is_empty(), "the paused create holds locks");
+    for lease in leases {
+        client.lease_revoke(lease).await.expect("revoke");
+    }
+
+    // Another holder deletes the instance under fresh locks.
+    let (status, body) = stack
+        .call(Method::DELETE, "/api/v1/instance/fence/p1", None)
+        .await;
+    assert!(
+        status == 200 || status == 404,
+        "{status} {body}\n{}",
+        stack.worker_logs()
+    );
+
+    // The stale create resumes (if it still runs): its writes must fail.
+    resume(pauses.path(), PAUSE);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done: Value = loop {
+        let (status, body) = stack
+            .call(Method::GET, &format!("/api/v1/operation/{op}"), None)
+            .await;
+        if status == 200 && body["state"] != "PENDING" && !body["state"].is_null() {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "create never settled: {body}\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        support::wait_drained(&stack.nats.url, Duration::from_millis(200), Duration::from_secs(60)).await,
+        "queue not drained\n{}",
+        stack.worker_logs()
+    );
+    let now = stack.store.get_instance("fence", "p1").await.expect("store");
+    if let Some(now) = &now {
+        assert_ne!(
+            now.value.identity, stale.identity,
+            "the deleted identity was resurrected: {done}\n{}",
+            stack.worker_logs()
+        );
+    }
+    let state = stack
+        .store
+        .get_stack("fence", &stale.identity)
+        .await
+        .expect("store");
+    assert!(
+        state.is_none(),
+        "the deleted identity's stack state was written back\n{}",
+        stack.worker_logs()
+    );
+    // Whatever instance p1 has now (a create that ran after the delete) is
+    // whole: a ready record with its stack state.
+    if let Some(now) = now {
+        assert_eq!(now.value.status, InstanceStatus::Ready, "{done}");
+        assert!(
+            stack
+                .store
+                .get_stack("fence", &now.value.identity)
+                .await
+                .expect("store")
+                .is_some()
+        );
+    }
+}

@@ -20,6 +20,7 @@ use std::{
 
 use cm_core::model::{InstanceRecord, InstanceStatus};
 use etcd_client::{EventType, GetOptions, WatchOptions};
+use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 use support::Stack;
@@ -48,14 +49,14 @@ struct IdentityChecker {
     violations: Arc<Mutex<Vec<String>>>,
     /// The revision the watch has reported up to.
     seen: Arc<AtomicI64>,
-    watcher: etcd_client::Watcher,
+    watcher: etcd_client::WatchRequestSender,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl IdentityChecker {
     async fn start(stack: &Stack, cid: &str) -> Self {
         let prefix = format!("/cm/instance/{cid}/");
-        let (watcher, mut stream) = stack
+        let watch = stack
             .store
             .client()
             .watch(
@@ -68,6 +69,7 @@ impl IdentityChecker {
             )
             .await
             .expect("watch");
+        let (watcher, mut stream) = watch.split();
         let violations = Arc::new(Mutex::new(Vec::new()));
         let found = violations.clone();
         let seen = Arc::new(AtomicI64::new(0));
@@ -94,7 +96,7 @@ impl IdentityChecker {
                 }
                 out
             };
-            while let Ok(Some(resp)) = stream.message().await {
+            while let Some(Ok(resp)) = stream.next().await {
                 let mut last_rev = None;
                 for event in resp.events() {
                     let Some(kv) = event.kv() else { continue };

@@ -6,7 +6,9 @@
 //! `CM_FAILPOINT=pause:instance-update-before-write` arms a pause: the task
 //! reaching it writes `<CM_FAILPOINT_DIR>/<name>.paused` and waits until
 //! `<CM_FAILPOINT_DIR>/<name>.resume` exists (other tasks keep running), so a
-//! test can order two handlers' steps deterministically. Unset (always, in
+//! test can order two handlers' steps deterministically. A pause fires once
+//! per process: the first task to reach it waits, later ones (a redelivery
+//! of the same command, say) pass. Unset (always, in
 //! production), [`hit`] and [`pause`] are one cached lookup. The points:
 //! - `after-up`: Pulumi finished a deploy, its record is not written yet;
 //! - `before-ack`: a command's result is recorded and announced, not acked;
@@ -55,16 +57,25 @@ pub fn hit(name: &str) {
 /// Waits here when `pause:<name>` is armed, until the test creates
 /// `<name>.resume` in `CM_FAILPOINT_DIR`. Only the calling task waits.
 pub async fn pause(name: &str) {
-    if armed().is_empty() || !armed().iter().any(|n| n.strip_prefix("pause:") == Some(name)) {
+    if armed().is_empty()
+        || !armed()
+            .iter()
+            .any(|n| n.strip_prefix("pause:") == Some(name))
+    {
         return;
+    }
+    static FIRED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    match FIRED.lock() {
+        Ok(mut fired) if !fired.iter().any(|n| n == name) => fired.push(name.to_owned()),
+        _ => return,
     }
     let dir = PathBuf::from(std::env::var_os(DIR_ENV).unwrap_or_else(|| ".".into()));
     let resume = dir.join(format!("{name}.resume"));
-    if resume.exists() {
-        return;
-    }
     tracing::warn!(failpoint = name, "failpoint reached: pausing until resumed");
-    let _ = std::fs::write(dir.join(format!("{name}.paused")), std::process::id().to_string());
+    let _ = std::fs::write(
+        dir.join(format!("{name}.paused")),
+        std::process::id().to_string(),
+    );
     while !resume.exists() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -61,11 +61,7 @@ impl IdentityChecker {
             .client()
             .watch(
                 prefix.clone(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(1),
-                ),
+                Some(WatchOptions::new().with_prefix().with_start_revision(1)),
             )
             .await
             .expect("watch");
@@ -86,7 +82,9 @@ impl IdentityChecker {
                     if rest.starts_with("pool/") {
                         pooled.insert(identity.as_str());
                     } else if let Some(other) = claimed.insert(identity, rest) {
-                        out.push(format!("rev {rev}: {identity} claimed by {other} and {rest}"));
+                        out.push(format!(
+                            "rev {rev}: {identity} claimed by {other} and {rest}"
+                        ));
                     }
                 }
                 for identity in claimed.keys() {
@@ -188,11 +186,7 @@ async fn a_claim_racing_an_update_of_the_pooled_instance_never_shares_it() {
     let pauses = tempfile::tempdir().expect("tempdir");
     let dir = pauses.path().to_str().expect("utf-8").to_owned();
     let armed = format!("pause:{PAUSE}");
-    let stack = Stack::start_with(
-        2,
-        &[("CM_FAILPOINT", &armed), ("CM_FAILPOINT_DIR", &dir)],
-    )
-    .await;
+    let stack = Stack::start_with(2, &[("CM_FAILPOINT", &armed), ("CM_FAILPOINT_DIR", &dir)]).await;
     let mut checker = IdentityChecker::start(&stack, "race1").await;
     let (status, body) = stack
         .call(
@@ -291,11 +285,7 @@ async fn a_handler_whose_lease_was_lost_cannot_resurrect_a_deleted_instance() {
     let pauses = tempfile::tempdir().expect("tempdir");
     let dir = pauses.path().to_str().expect("utf-8").to_owned();
     let armed = format!("pause:{PAUSE}");
-    let stack = Stack::start_with(
-        1,
-        &[("CM_FAILPOINT", &armed), ("CM_FAILPOINT_DIR", &dir)],
-    )
-    .await;
+    let stack = Stack::start_with(1, &[("CM_FAILPOINT", &armed), ("CM_FAILPOINT_DIR", &dir)]).await;
     let (status, body) = stack
         .call(
             Method::POST,
@@ -359,14 +349,24 @@ async fn a_handler_whose_lease_was_lost_cannot_resurrect_a_deleted_instance() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(
-        support::wait_drained(&stack.nats.url, Duration::from_millis(200), Duration::from_secs(60)).await,
+        support::wait_drained(
+            &stack.nats.url,
+            Duration::from_millis(200),
+            Duration::from_secs(60)
+        )
+        .await,
         "queue not drained\n{}",
         stack.worker_logs()
     );
-    let now = stack.store.get_instance("fence", "p1").await.expect("store");
+    let now = stack
+        .store
+        .get_instance("fence", "p1")
+        .await
+        .expect("store");
     if let Some(now) = &now {
         assert_ne!(
-            now.value.identity, stale.identity,
+            now.value.identity,
+            stale.identity,
             "the deleted identity was resurrected: {done}\n{}",
             stack.worker_logs()
         );
@@ -394,4 +394,150 @@ async fn a_handler_whose_lease_was_lost_cannot_resurrect_a_deleted_instance() {
                 .is_some()
         );
     }
+}
+
+/// A store fenced by a lock refuses every write once the lock's lease is
+/// gone, even after a new holder took the same lock; the new holder's
+/// fenced writes go through. The session notices the loss and cancels its
+/// `lost` token (handlers race against it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_write_fails_once_its_lock_is_lost() {
+    use cm_core::{
+        lock::{self, LockMode, Session},
+        store::{Store, StoreError},
+    };
+    let etcd = cm_testkit::server::etcd();
+    let store = Store::connect(std::slice::from_ref(&etcd.url), "/cm", &Default::default())
+        .await
+        .expect("store");
+    let client = store.client();
+    let old = Session::start(client.clone(), 3).await.expect("session");
+    let lost = old.lost();
+    let identity: cm_core::Identity = "0123456789abcdef".parse().expect("identity");
+    let prefix = lock::identity_lock("/cm", "c", &identity);
+    let held = lock::acquire(
+        &client,
+        old.lease(),
+        &prefix,
+        LockMode::Write,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("lock");
+    let stale = store.fenced(&held.fence());
+    stale
+        .put_stack("c", &identity, b"{}".to_vec())
+        .await
+        .expect("a held lock's write goes through");
+
+    let revoked = old.lease();
+    client.clone().lease_revoke(revoked).await.expect("revoke");
+    let fresh = Session::start(client.clone(), 10).await.expect("session");
+    let next = lock::acquire(
+        &client,
+        fresh.lease(),
+        &prefix,
+        LockMode::Write,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("the lock is free again");
+    store
+        .fenced(&next.fence())
+        .put_stack("c", &identity, b"{\"new\":1}".to_vec())
+        .await
+        .expect("the new holder writes");
+    match stale
+        .put_stack("c", &identity, b"{\"stale\":1}".to_vec())
+        .await
+    {
+        Err(StoreError::Fenced { key }) => assert!(key.starts_with(&prefix), "{key}"),
+        other => panic!("the stale holder's write was not refused: {other:?}"),
+    }
+    assert_eq!(
+        store.get_stack("c", &identity).await.expect("get"),
+        Some(b"{\"new\":1}".to_vec())
+    );
+    tokio::time::timeout(Duration::from_secs(10), lost.cancelled())
+        .await
+        .expect("the session noticed its lease was lost");
+    // Then a new lease is granted, with a fresh token.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while old.lease() == revoked {
+        assert!(Instant::now() < deadline, "no new lease granted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!old.lost().is_cancelled(), "the new lease's token is live");
+}
+
+/// A waiter whose own key vanished while it waited (its lease expired)
+/// must not be told it holds the lock once the holder leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_waiter_whose_key_expired_does_not_proceed() {
+    use cm_core::lock::{self, LockMode};
+    let etcd = cm_testkit::server::etcd();
+    let store =
+        cm_core::store::Store::connect(std::slice::from_ref(&etcd.url), "/cm", &Default::default())
+            .await
+            .expect("store");
+    let mut client = store.client();
+    let holder_lease = client.lease_grant(30, None).await.expect("lease").id();
+    let waiter_lease = client.lease_grant(30, None).await.expect("lease").id();
+    let prefix = "/cm/lock/instance/c/s/";
+    let held = lock::acquire(
+        &client,
+        holder_lease,
+        prefix,
+        LockMode::Write,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("lock");
+    let waiter = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            lock::acquire(
+                &client,
+                waiter_lease,
+                prefix,
+                LockMode::Write,
+                Duration::from_secs(30),
+            )
+            .await
+        })
+    };
+    // The waiter's key is written: it queues behind the holder.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client
+        .get(
+            prefix,
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .expect("get")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "the waiter never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.lease_revoke(waiter_lease).await.expect("revoke");
+    held.release_now().await;
+    let got = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter returned")
+        .expect("task");
+    assert!(
+        got.is_err(),
+        "a waiter whose key expired was handed the lock: {got:?}"
+    );
+    let left = client
+        .get(
+            prefix,
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .expect("get")
+        .count();
+    assert_eq!(left, 0, "no lock key left behind");
 }

@@ -5,8 +5,11 @@
 //! Parameters: the challenge id.
 //! Steps: 1. read-lock the challenge and write-lock its pool (one refill at a
 //! time); 2. count pooled and claimed instances; 3. deploy pooled instances
-//! one by one (each a `deploying` reservation, then `pulumi up`, then ready);
-//! 4. destroy the newest surplus pooled instances.
+//! one by one (each under its fresh identity's lock: a `deploying`
+//! reservation, then `pulumi up`, then ready); 4. destroy the newest surplus
+//! pooled instances, each under its identity's lock and only if it is still
+//! pooled once that lock is held (a claim may have taken it: claims need the
+//! lock free, so after the lock no claim can). Every write is fenced.
 //! Undo: a failed deploy drops its own reservation (see `deploy_reserved`);
 //! the next refill tries again.
 
@@ -21,6 +24,8 @@ use cm_schemas::v1::{RefillPool, command_result::Outcome};
 
 use super::{HandlerError, destroy_instance, instance_create::deploy_reserved};
 use crate::context::Ctx;
+
+type Fence = cm_core::store::Fence;
 
 /// How long a refill waits for another refill of the same pool. A refill in
 /// progress re-reads the pool before each deploy, so it covers the claims made
@@ -43,12 +48,17 @@ pub async fn handle(
         }
         Err(e) => return Err(e.into()),
     };
-    let result = refill(ctx, command_id, &req.challenge_id).await;
+    let result = refill(ctx, &locks.fence(), command_id, &req.challenge_id).await;
     locks.release();
     result
 }
 
-async fn refill(ctx: &Ctx, command_id: &str, cid: &str) -> Result<Outcome, HandlerError> {
+async fn refill(
+    ctx: &Ctx,
+    fence: &Fence,
+    command_id: &str,
+    cid: &str,
+) -> Result<Outcome, HandlerError> {
     let challenge = ctx.challenge(cid).await?;
     let (mut deployed, mut destroyed) = (0, 0);
     loop {
@@ -58,9 +68,12 @@ async fn refill(ctx: &Ctx, command_id: &str, cid: &str) -> Result<Outcome, Handl
         let total = instances.len() as i64;
         if pooled < challenge.min && (challenge.max <= 0 || total < challenge.max) {
             let now = SystemTime::now();
+            let identity = Identity::random();
+            let guard = ctx.lock_identity(cid, &identity).await?;
+            let locked = ctx.locked(&fence.clone().and(&guard.fence()));
             let mut record = InstanceRecord {
                 challenge_id: cid.to_owned(),
-                identity: Identity::random(),
+                identity,
                 source_id: None,
                 status: InstanceStatus::Deploying,
                 since: to_timestamp(now),
@@ -71,10 +84,14 @@ async fn refill(ctx: &Ctx, command_id: &str, cid: &str) -> Result<Outcome, Handl
                 additional: Default::default(),
                 command_id: command_id.to_owned(),
             };
-            ctx.store
-                .put_instance(&record, None, Expect::Absent, None)
+            let revision = locked
+                .store
+                .put_instance_rev(&record, None, Expect::Absent, None)
                 .await?;
-            deploy_reserved(ctx, &challenge, &mut record).await?;
+            let result =
+                Box::pin(deploy_reserved(&locked, &challenge, &mut record, revision)).await;
+            guard.release();
+            result?;
             deployed += 1;
             continue;
         }
@@ -86,8 +103,18 @@ async fn refill(ctx: &Ctx, command_id: &str, cid: &str) -> Result<Outcome, Handl
             surplus.sort_by_key(|r| (r.since.seconds, r.since.nanos));
             let scenario = ctx.scenario(&challenge.scenario).await?;
             for rec in surplus.iter().rev().take((pooled - challenge.min) as usize) {
-                destroy_instance(ctx, &scenario, rec).await?;
-                destroyed += 1;
+                let guard = ctx.lock_identity(cid, &rec.identity).await?;
+                let locked = ctx.locked(&fence.clone().and(&guard.fence()));
+                // Under the lock: still pooled (not claimed meanwhile)?
+                let result = match ctx.store.find_identity(cid, &rec.identity).await {
+                    Ok(Some(now)) if now.value.source_id.is_none() => {
+                        destroy_instance(&locked, &scenario, &now).await.map(|()| 1)
+                    }
+                    Ok(_) => Ok(0),
+                    Err(e) => Err(e.into()),
+                };
+                guard.release();
+                destroyed += result?;
             }
             continue;
         }

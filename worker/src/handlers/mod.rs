@@ -153,16 +153,16 @@ pub(crate) async fn up_persisted(
     previous: Option<&crate::pulumi::StackState>,
 ) -> Result<crate::pulumi::Deployment, DriverError> {
     let (sink, writer) = persist_checkpoints(ctx, record);
-    let result = ctx
-        .driver
-        .up_with(
-            scenario,
-            &record.identity,
-            additional,
-            previous,
-            Some(&sink),
-        )
-        .await;
+    // Boxed (here and below): the driver's futures are large, and nested
+    // inline in a handler's they overflowed a worker thread's stack.
+    let result = Box::pin(ctx.driver.up_with(
+        scenario,
+        &record.identity,
+        additional,
+        previous,
+        Some(&sink),
+    ))
+    .await;
     drop(sink);
     let _ = writer.await;
     result
@@ -176,7 +176,7 @@ pub(crate) async fn destroy_persisted(
     state: &crate::pulumi::StackState,
 ) -> Result<crate::pulumi::StackState, DriverError> {
     let (sink, writer) = persist_checkpoints(ctx, record);
-    let result = ctx.driver.destroy_with(scenario, state, Some(&sink)).await;
+    let result = Box::pin(ctx.driver.destroy_with(scenario, state, Some(&sink))).await;
     drop(sink);
     let _ = writer.await;
     result

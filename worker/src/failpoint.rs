@@ -14,6 +14,8 @@
 //! - `before-ack`: a command's result is recorded and announced, not acked;
 //! - `instance-create-before-write` (pause): a create's Pulumi run is done,
 //!   the ready record not written yet;
+//! - `instance-create-before-evict` (pause): a create holds its locks and is
+//!   about to evict the source's oldest instance;
 //! - `instance-update-before-write` (pause): an instance update's Pulumi run
 //!   is done, its record not written yet.
 

@@ -541,3 +541,111 @@ async fn a_lock_waiter_whose_key_expired_does_not_proceed() {
         .count();
     assert_eq!(left, 0, "no lock key left behind");
 }
+
+/// Eviction while holding a create's locks: the create of `(b, s)` holds the
+/// source's lock and evicts `s`'s instance of `a`; a create of `(a, s)`
+/// queued meanwhile holds `(a, s)`'s slot key and waits for the source's
+/// lock. If the eviction waited for that slot, each would wait for the
+/// other until the lock timeout. Both must settle well before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_eviction_does_not_deadlock_with_a_create_on_the_victims_challenge() {
+    const PAUSE: &str = "instance-create-before-evict";
+    let pauses = tempfile::tempdir().expect("tempdir");
+    let dir = pauses.path().to_str().expect("utf-8").to_owned();
+    let armed = format!("pause:{PAUSE}");
+    let stack = Stack::start_with(
+        1,
+        &[
+            ("CM_FAILPOINT", &armed),
+            ("CM_FAILPOINT_DIR", &dir),
+            ("CM_MAX_INSTANCES_PER_SOURCE", "1"),
+            ("CM_EVICT_OLDEST", "true"),
+            ("CM_LOCK_TIMEOUT", "45s"),
+        ],
+    )
+    .await;
+    for id in ["a", "b"] {
+        let (status, body) = stack
+            .call(
+                Method::POST,
+                "/api/v1/challenge",
+                Some(json!({"id": id, "scenario": "identity"})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "a", "sourceId": "s"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+
+    let evicting = queue_create(&stack, "b", "s").await;
+    wait_paused(&stack, pauses.path(), PAUSE).await;
+    let competing = queue_create(&stack, "a", "s").await;
+    // The competing create has written its keys (source, challenge, slot)
+    // and waits behind the evicting create's source lock.
+    let mut client = stack.store.client();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .get(
+            "/cm/lock/instance/a/s/",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .expect("get")
+        .count()
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the competing create never queued\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    resume(pauses.path(), PAUSE);
+    for op in [&evicting, &competing] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = stack
+                .call(Method::GET, &format!("/api/v1/operation/{op}"), None)
+                .await;
+            if status == 200 && body["state"] != "PENDING" && !body["state"].is_null() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{op} never settled\n{}",
+                stack.worker_logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "the creates waited for each other ({took:?}; the lock timeout is 45 s)\n{}",
+        stack.worker_logs()
+    );
+    let b = stack.store.get_instance("b", "s").await.expect("store");
+    assert!(b.is_some(), "the evicting create ended with its instance");
+}
+
+/// Queues an instance create (`Prefer: respond-async`); its operation id.
+async fn queue_create(stack: &Stack, cid: &str, sid: &str) -> String {
+    let (status, body) = stack
+        .call_with(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": cid, "sourceId": sid})),
+            &[("Prefer", "respond-async")],
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    body["operationId"].as_str().expect("operation").to_owned()
+}

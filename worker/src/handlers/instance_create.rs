@@ -327,6 +327,7 @@ async fn enforce_quota(
         held.sort_by_key(|r| (r.since.seconds, r.since.nanos));
         let oldest = held.remove(0);
         tracing::info!(challenge = %oldest.challenge_id, identity = %oldest.identity, "evicting the source's oldest instance");
+        crate::failpoint::pause("instance-create-before-evict").await;
         Box::pin(evict(ctx, fence, &oldest)).await?;
     }
     Ok(())

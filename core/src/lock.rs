@@ -59,6 +59,9 @@ pub enum LockError {
     /// The waiter's own key is gone (its lease expired or was revoked).
     #[error("lock {0} lost while waiting for it")]
     Lost(String),
+    /// etcd refused the lock's lease: it expired or was revoked.
+    #[error("lease {0} is gone; a new one is being granted")]
+    LeaseGone(i64),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -141,6 +144,17 @@ impl Session {
         self.current().lost
     }
 
+    /// Tells the session that etcd refused `lease` (a lock put answered that
+    /// it does not exist): when it is still the current one, it is treated
+    /// as lost now (its handlers stopped, a new lease granted) rather than at
+    /// the next keep-alive.
+    pub fn report_lost(&self, lease: i64) {
+        let current = self.current();
+        if current.id == lease {
+            current.lost.cancel();
+        }
+    }
+
     /// Stops the keep-alive and revokes the lease (releasing every lock).
     pub async fn close(self) {
         self.stop.cancel();
@@ -166,9 +180,12 @@ async fn keep_alive(
     let mut retry = Duration::from_millis(200);
     let mut deadline = Instant::now() + full;
     loop {
-        let id = match lease.lock() {
-            Ok(g) => g.id,
-            Err(p) => p.into_inner().id,
+        let (id, reported) = match lease.lock() {
+            Ok(g) => (g.id, g.lost.clone()),
+            Err(p) => {
+                let g = p.into_inner();
+                (g.id, g.lost.clone())
+            }
         };
         // Renew until the stream breaks (false) or the lease is lost (true).
         let lost = 'renew: {
@@ -190,6 +207,8 @@ async fn keep_alive(
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {}
+                    // A lock put refused the lease (Session::report_lost).
+                    _ = reported.cancelled() => break 'renew true,
                 }
                 let sent = Instant::now();
                 if sent >= deadline {
@@ -417,7 +436,11 @@ pub async fn acquire_all(
         started: std::time::Instant::now(),
         lock: lock_kind(locks.last().map_or("", |(p, _)| *p)),
     };
-    let resp = client.clone().txn(Txn::new().and_then(ops)).await?;
+    let resp = client
+        .clone()
+        .txn(Txn::new().and_then(ops))
+        .await
+        .map_err(|e| lease_refused(e, lease))?;
     let my_rev = resp.header().map_or(0, |h| h.revision());
     let set = LockSet {
         client: client.clone(),
@@ -446,6 +469,20 @@ pub async fn acquire_all(
         Ok(Ok(())) => Ok(set),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(LockError::Timeout(timeout)),
+    }
+}
+
+/// A lock key's put failed: etcd answers `NotFound` to a put only when its
+/// lease does not exist (expired or revoked), which [`LockError::LeaseGone`]
+/// says so the session can replace it at once (`Session::report_lost`).
+fn lease_refused(e: etcd_client::Error, lease: i64) -> LockError {
+    match &e {
+        etcd_client::Error::GRpcStatus(status)
+            if i32::from(status.code()) == cm_schemas::v1::Code::NotFound as i32 =>
+        {
+            LockError::LeaseGone(lease)
+        }
+        _ => e.into(),
     }
 }
 
@@ -537,7 +574,8 @@ pub async fn acquire(
             Vec::new(),
             Some(PutOptions::new().with_lease(lease)),
         )
-        .await?;
+        .await
+        .map_err(|e| lease_refused(e, lease))?;
     let my_rev = put.header().map_or(0, |h| h.revision());
     // From here on, the guard deletes the key if we give up.
     let guard = LockGuard {

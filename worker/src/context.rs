@@ -72,6 +72,15 @@ pub struct Quota {
 }
 
 impl Ctx {
+    /// Passes a lock result through, telling the session when etcd refused
+    /// its lease, so it is replaced now rather than at the next keep-alive.
+    fn noted<T>(&self, r: Result<T, lock::LockError>) -> Result<T, lock::LockError> {
+        if let Err(lock::LockError::LeaseGone(lease)) = &r {
+            self.session.report_lost(*lease);
+        }
+        r
+    }
+
     /// This context with its store fenced by `fence` (the locks held).
     pub fn locked(&self, fence: &Fence) -> Locked<'_> {
         Locked {
@@ -89,14 +98,16 @@ impl Ctx {
         timeout: Duration,
     ) -> Result<LockGuard, lock::LockError> {
         let prefix = lock::identity_lock(self.store.root(), cid, identity);
-        lock::acquire(
-            &self.store.client(),
-            self.session.lease(),
-            &prefix,
-            LockMode::Write,
-            timeout,
+        self.noted(
+            lock::acquire(
+                &self.store.client(),
+                self.session.lease(),
+                &prefix,
+                LockMode::Write,
+                timeout,
+            )
+            .await,
         )
-        .await
     }
 
     /// Takes an identity's lock, waiting at most the lock timeout.
@@ -119,13 +130,15 @@ impl Ctx {
     ) -> Result<LockSet, HandlerError> {
         let challenge = lock::challenge_lock(self.store.root(), cid);
         let id = lock::identity_lock(self.store.root(), cid, identity);
-        Ok(lock::acquire_all(
-            &self.store.client(),
-            self.session.lease(),
-            &[(&challenge, LockMode::Read), (&id, LockMode::Write)],
-            self.lock_timeout,
-        )
-        .await?)
+        Ok(self.noted(
+            lock::acquire_all(
+                &self.store.client(),
+                self.session.lease(),
+                &[(&challenge, LockMode::Read), (&id, LockMode::Write)],
+                self.lock_timeout,
+            )
+            .await,
+        )?)
     }
 
     /// Takes the challenge's reader/writer lock.
@@ -135,14 +148,16 @@ impl Ctx {
         mode: LockMode,
     ) -> Result<LockGuard, HandlerError> {
         let prefix = lock::challenge_lock(self.store.root(), cid);
-        Ok(lock::acquire(
-            &self.store.client(),
-            self.session.lease(),
-            &prefix,
-            mode,
-            self.lock_timeout,
-        )
-        .await?)
+        Ok(self.noted(
+            lock::acquire(
+                &self.store.client(),
+                self.session.lease(),
+                &prefix,
+                mode,
+                self.lock_timeout,
+            )
+            .await,
+        )?)
     }
 
     /// For a create: the source's lock (its instance count), the challenge's
@@ -151,17 +166,19 @@ impl Ctx {
         let source = lock::source_lock(self.store.root(), sid);
         let challenge = lock::challenge_lock(self.store.root(), cid);
         let slot = lock::instance_lock(self.store.root(), cid, sid);
-        Ok(lock::acquire_all(
-            &self.store.client(),
-            self.session.lease(),
-            &[
-                (&source, LockMode::Write),
-                (&challenge, LockMode::Read),
-                (&slot, LockMode::Write),
-            ],
-            self.lock_timeout,
-        )
-        .await?)
+        Ok(self.noted(
+            lock::acquire_all(
+                &self.store.client(),
+                self.session.lease(),
+                &[
+                    (&source, LockMode::Write),
+                    (&challenge, LockMode::Read),
+                    (&slot, LockMode::Write),
+                ],
+                self.lock_timeout,
+            )
+            .await,
+        )?)
     }
 
     /// Takes the challenge's lock for reading and the (challenge, source)
@@ -181,13 +198,15 @@ impl Ctx {
     ) -> Result<LockSet, lock::LockError> {
         let challenge = lock::challenge_lock(self.store.root(), cid);
         let slot = lock::instance_lock(self.store.root(), cid, sid);
-        lock::acquire_all(
-            &self.store.client(),
-            self.session.lease(),
-            &[(&challenge, LockMode::Read), (&slot, LockMode::Write)],
-            timeout,
+        self.noted(
+            lock::acquire_all(
+                &self.store.client(),
+                self.session.lease(),
+                &[(&challenge, LockMode::Read), (&slot, LockMode::Write)],
+                timeout,
+            )
+            .await,
         )
-        .await
     }
 
     /// Takes the challenge's lock for reading and its pool's lock for writing.
@@ -203,13 +222,15 @@ impl Ctx {
     ) -> Result<LockSet, lock::LockError> {
         let challenge = lock::challenge_lock(self.store.root(), cid);
         let pool = lock::pool_lock(self.store.root(), cid);
-        lock::acquire_all(
-            &self.store.client(),
-            self.session.lease(),
-            &[(&challenge, LockMode::Read), (&pool, LockMode::Write)],
-            timeout,
+        self.noted(
+            lock::acquire_all(
+                &self.store.client(),
+                self.session.lease(),
+                &[(&challenge, LockMode::Read), (&pool, LockMode::Write)],
+                timeout,
+            )
+            .await,
         )
-        .await
     }
 
     /// Publishes a follow-up command (e.g. `pool.refill`) on JetStream.

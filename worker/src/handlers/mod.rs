@@ -63,7 +63,9 @@ impl From<LockError> for HandlerError {
     fn from(e: LockError) -> Self {
         match e {
             LockError::Store(s) => s.into(),
-            other @ (LockError::Timeout(_) | LockError::Lost(_)) => Self::Retry(other.to_string()),
+            other @ (LockError::Timeout(_) | LockError::Lost(_) | LockError::LeaseGone(_)) => {
+                Self::Retry(other.to_string())
+            }
         }
     }
 }

@@ -649,3 +649,75 @@ async fn queue_create(stack: &Stack, cid: &str, sid: &str) -> String {
     assert_eq!(status, 202, "{body}");
     body["operationId"].as_str().expect("operation").to_owned()
 }
+
+/// A refill deploys its pool one instance at a time; between two deploys it
+/// must not keep the challenge locked, or a challenge update (a writer)
+/// waits for the whole refill, however large the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_challenge_update_is_not_held_back_by_a_whole_refill() {
+    const PAUSE: &str = "pool-refill-between-rounds";
+    let pauses = tempfile::tempdir().expect("tempdir");
+    let dir = pauses.path().to_str().expect("utf-8").to_owned();
+    let armed = format!("pause:{PAUSE}");
+    let stack = Stack::start_with(
+        1,
+        &[
+            ("CM_FAILPOINT", &armed),
+            ("CM_FAILPOINT_DIR", &dir),
+            ("CM_LOCK_TIMEOUT", "60s"),
+        ],
+    )
+    .await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "big", "scenario": "identity", "min": 3, "timeout": "600s"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // The refill deployed its first instance and is between two deploys.
+    wait_paused(&stack, pauses.path(), PAUSE).await;
+
+    let api = stack.api.clone();
+    let http = stack.http.clone();
+    let update = tokio::spawn(async move {
+        let resp = http
+            .patch(format!("{api}/api/v1/challenge/big"))
+            .json(&json!({"timeout": "900s"}))
+            .send()
+            .await
+            .expect("patch");
+        resp.status().as_u16()
+    });
+    let answered = tokio::time::timeout(Duration::from_secs(20), update).await;
+    resume(pauses.path(), PAUSE);
+    let status = answered
+        .unwrap_or_else(|_| {
+            panic!(
+                "the challenge update waited for the refill\n{}",
+                stack.worker_logs()
+            )
+        })
+        .expect("task");
+    assert_eq!(status, 200, "{}", stack.worker_logs());
+
+    // The refill still completes the pool.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let ready = instances(&stack, "big")
+            .await
+            .iter()
+            .filter(|r| r.source_id.is_none() && r.status == InstanceStatus::Ready)
+            .count();
+        if ready == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pool not refilled: {ready}\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -16,6 +16,10 @@
 //!   the ready record not written yet;
 //! - `instance-create-before-evict` (pause): a create holds its locks and is
 //!   about to evict the source's oldest instance;
+//! - `pool-refill-between-rounds` (pause): a refill deployed one instance
+//!   and released its locks before the next round;
+//! - `pool-refill-before-destroy` (pause): a refill is about to destroy a
+//!   surplus pooled instance (its identity locked and re-read);
 //! - `instance-update-before-write` (pause): an instance update's Pulumi run
 //!   is done, its record not written yet.
 

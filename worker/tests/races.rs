@@ -241,6 +241,10 @@ async fn a_claim_racing_an_update_of_the_pooled_instance_never_shares_it() {
         .await;
     assert_eq!(status, 200, "{first}\n{}", stack.worker_logs());
     let p1 = claimed(&stack, "race1", "p1").await;
+    assert_ne!(
+        p1.identity, pooled,
+        "p1 claimed the pooled instance while its update was running (two transitions of one identity at once)"
+    );
 
     resume(pauses.path(), PAUSE);
     let (status, body) = update.await.expect("update task");
@@ -720,4 +724,101 @@ async fn a_challenge_update_is_not_held_back_by_a_whole_refill() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// I1/I3 against a refill's surplus destroy: the pool shrinks (`min` 1 to
+/// 0) and the refill is about to destroy the pooled instance when a claim
+/// for `p1` comes: the claim must not get that instance (its stack is being
+/// destroyed), and whatever `p1` gets must be whole afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_racing_a_refills_surplus_destroy_gets_a_whole_instance() {
+    const PAUSE: &str = "pool-refill-before-destroy";
+    let pauses = tempfile::tempdir().expect("tempdir");
+    let dir = pauses.path().to_str().expect("utf-8").to_owned();
+    let armed = format!("pause:{PAUSE}");
+    let stack = Stack::start_with(2, &[("CM_FAILPOINT", &armed), ("CM_FAILPOINT_DIR", &dir)]).await;
+    let mut checker = IdentityChecker::start(&stack, "shrink").await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "shrink", "scenario": "identity", "min": 1, "max": 5})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let pooled = loop {
+        let all = instances(&stack, "shrink").await;
+        if let Some(r) = all
+            .iter()
+            .find(|r| r.source_id.is_none() && r.status == InstanceStatus::Ready)
+        {
+            break r.identity.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pool never filled: {all:?}\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // min 0: the refill destroys the pooled instance; it pauses just before.
+    let (status, body) = stack
+        .call(
+            Method::PATCH,
+            "/api/v1/challenge/shrink",
+            Some(json!({"min": 0})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    wait_paused(&stack, pauses.path(), PAUSE).await;
+
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "shrink", "sourceId": "p1"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    resume(pauses.path(), PAUSE);
+    assert!(
+        support::wait_drained(
+            &stack.nats.url,
+            Duration::from_millis(200),
+            Duration::from_secs(60)
+        )
+        .await,
+        "queue not drained\n{}",
+        stack.worker_logs()
+    );
+    let p1 = claimed(&stack, "shrink", "p1").await;
+    assert_ne!(
+        p1.identity, pooled,
+        "p1 claimed the instance the refill was destroying"
+    );
+    let state: Value = stack
+        .store
+        .get_stack("shrink", &p1.identity)
+        .await
+        .expect("store")
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .expect("p1's instance has a stack state");
+    let resources = state
+        .pointer("/checkpoint/checkpoint/latest/resources")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    assert!(
+        resources > 0,
+        "p1's instance was destroyed under it: {state}\n{}",
+        stack.worker_logs()
+    );
+    let left: Vec<_> = instances(&stack, "shrink")
+        .await
+        .into_iter()
+        .filter(|r| r.source_id.is_none())
+        .collect();
+    assert!(left.is_empty(), "the pool was not drained: {left:?}");
+    let violations = checker.violations(&stack).await;
+    assert!(violations.is_empty(), "I1 broken: {violations:#?}");
 }

@@ -138,6 +138,7 @@ async fn round(
             // Under the lock: still pooled (not claimed meanwhile)?
             let result = match ctx.store.find_identity(cid, &rec.identity).await {
                 Ok(Some(now)) if now.value.source_id.is_none() => {
+                    crate::failpoint::pause("pool-refill-before-destroy").await;
                     destroy_instance(&locked, &scenario, &now).await.map(|()| 1)
                 }
                 Ok(_) => Ok(0),

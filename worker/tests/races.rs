@@ -822,3 +822,110 @@ async fn a_claim_racing_a_refills_surplus_destroy_gets_a_whole_instance() {
     let violations = checker.violations(&stack).await;
     assert!(violations.is_empty(), "I1 broken: {violations:#?}");
 }
+
+/// The direct children of process `pid` whose command name is `name`.
+fn children_named(pid: u32, name: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for child in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+        {
+            let comm = std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
+            if comm.trim() == name {
+                out.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// A handler whose lease is lost is stopped, and its Pulumi run with it: a
+/// slow deploy's lease is revoked mid-run; the `pulumi` process it started
+/// must be gone long before the run would have ended, and the command,
+/// retried, still ends with one whole instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_lease_stops_the_handler_and_kills_its_pulumi_run() {
+    let stack = Stack::start(1).await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({
+                "id": "slow", "scenario": "steps",
+                "additional": {"steps": "6", "step_ms": "3000"}
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let op = queue_create(&stack, "slow", "p1").await;
+    let worker = stack.worker_pid(0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let running = loop {
+        let found = children_named(worker, "pulumi");
+        if !found.is_empty() {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pulumi run started\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The run is under way (its first step's checkpoint may or may not be
+    // stored yet); the 6 steps take 18 s in all. Revoke the lease.
+    let mut client = stack.store.client();
+    let locks = client
+        .get("/cm/lock/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("locks");
+    let leases: BTreeSet<i64> = locks.kvs().iter().map(|kv| kv.lease()).collect();
+    assert!(!leases.is_empty(), "the create holds locks");
+    let revoked = Instant::now();
+    for lease in leases {
+        client.lease_revoke(lease).await.expect("revoke");
+    }
+    let deadline = revoked + Duration::from_secs(8);
+    while running
+        .iter()
+        .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the stale handler's pulumi run is still running {:?} after its lease was revoked\n{}",
+            revoked.elapsed(),
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Retried under a new lease, the command ends with one whole instance.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, body) = stack
+            .call(Method::GET, &format!("/api/v1/operation/{op}"), None)
+            .await;
+        if status == 200 && body["state"] != "PENDING" && !body["state"].is_null() {
+            assert_eq!(
+                body["state"],
+                "SUCCEEDED",
+                "{body}\n{}",
+                stack.worker_logs()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "create never settled: {body}\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rec = claimed(&stack, "slow", "p1").await;
+    assert_eq!(rec.status, InstanceStatus::Ready);
+    assert!(rec.connection_info.ends_with("x6"), "{rec:?}");
+}

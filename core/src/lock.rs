@@ -7,13 +7,20 @@
 //! are preferred: readers arriving after a writer queue behind it). Waiting
 //! watches the deletion of the newest blocker, then re-reads. A wait that is
 //! cancelled or times out deletes its key (the guard's drop does it), so no
-//! lock leaks.
+//! lock leaks. A waiter whose own key vanished meanwhile (its lease expired)
+//! fails with [`LockError::Lost`] instead of proceeding unprotected.
+//!
+//! # Fencing
+//! Holding a lock is a claim that can go stale (lease expired while the
+//! process was paused or cut off from etcd). Every guard knows its keys'
+//! create revision ([`LockSet::fence`]); a store fenced by it
+//! ([`crate::store::Store::fenced`]) compares them in every transaction, so
+//! a stale holder's writes fail. [`Session::lost`] tells running handlers
+//! that the lease their locks hang on is gone, so they stop (and their
+//! Pulumi child with them) instead of running on unprotected.
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicI64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -23,7 +30,10 @@ use etcd_client::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{ids, store::StoreError};
+use crate::{
+    ids,
+    store::{Fence, StoreError},
+};
 
 /// Read (shared) or write (exclusive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +56,12 @@ impl LockMode {
 pub enum LockError {
     #[error("timed out after {0:?} waiting for the lock")]
     Timeout(Duration),
+    /// The waiter's own key is gone (its lease expired or was revoked).
+    #[error("lock {0} lost while waiting for it")]
+    Lost(String),
+    /// etcd refused the lock's lease: it expired or was revoked.
+    #[error("lease {0} is gone; a new one is being granted")]
+    LeaseGone(i64),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -64,8 +80,15 @@ impl From<etcd_client::Error> for LockError {
 /// restart. Locks held under an expired lease are gone; that is logged.
 pub struct Session {
     client: Client,
-    lease: Arc<AtomicI64>,
+    lease: Arc<Mutex<Generation>>,
     stop: CancellationToken,
+}
+
+/// One lease and the token cancelled when it is known (or presumed) lost.
+#[derive(Debug, Clone)]
+struct Generation {
+    id: i64,
+    lost: CancellationToken,
 }
 
 impl std::fmt::Debug for Session {
@@ -88,7 +111,10 @@ impl Session {
     /// Grants a lease of `ttl` seconds and keeps it alive every `ttl / 3`.
     pub async fn start(client: Client, ttl: i64) -> Result<Self, StoreError> {
         let granted = client.clone().lease_grant(ttl, None).await?.id();
-        let lease = Arc::new(AtomicI64::new(granted));
+        let lease = Arc::new(Mutex::new(Generation {
+            id: granted,
+            lost: CancellationToken::new(),
+        }));
         let stop = CancellationToken::new();
         tokio::spawn(keep_alive(client.clone(), ttl, lease.clone(), stop.clone()));
         Ok(Self {
@@ -98,9 +124,35 @@ impl Session {
         })
     }
 
+    fn current(&self) -> Generation {
+        match self.lease.lock() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
     /// The lease id (it changes when etcd lost the previous one).
     pub fn lease(&self) -> i64 {
-        self.lease.load(Ordering::Acquire)
+        self.current().id
+    }
+
+    /// A token cancelled once the current lease is known or presumed lost
+    /// (etcd said it expired, or no keep-alive succeeded for a whole TTL).
+    /// A handler takes it before its locks and stops when it fires: locks
+    /// taken under a lease are at most as fresh as the lease.
+    pub fn lost(&self) -> CancellationToken {
+        self.current().lost
+    }
+
+    /// Tells the session that etcd refused `lease` (a lock put answered that
+    /// it does not exist): when it is still the current one, it is treated
+    /// as lost now (its handlers stopped, a new lease granted) rather than at
+    /// the next keep-alive.
+    pub fn report_lost(&self, lease: i64) {
+        let current = self.current();
+        if current.id == lease {
+            current.lost.cancel();
+        }
     }
 
     /// Stops the keep-alive and revokes the lease (releasing every lock).
@@ -111,64 +163,111 @@ impl Session {
 }
 
 /// Keeps `lease` alive until `stop`, re-opening the stream after errors and
-/// granting a new lease when etcd says the old one is gone.
-async fn keep_alive(client: Client, ttl: i64, lease: Arc<AtomicI64>, stop: CancellationToken) {
+/// granting a new lease when the old one is lost: etcd answered that it
+/// expired, or no keep-alive was confirmed before its deadline (the time of
+/// the last confirmed request plus the TTL etcd gave then; a process paused
+/// past it wakes up here). A lost lease's token is cancelled first, so the
+/// handlers whose locks hung on it stop.
+async fn keep_alive(
+    client: Client,
+    ttl: i64,
+    lease: Arc<Mutex<Generation>>,
+    stop: CancellationToken,
+) {
+    use tokio::time::{Instant, timeout_at};
     let period = Duration::from_secs((ttl / 3).max(1) as u64);
+    let full = Duration::from_secs(ttl.max(1) as u64);
     let mut retry = Duration::from_millis(200);
+    let mut deadline = Instant::now() + full;
     loop {
-        let id = lease.load(Ordering::Acquire);
-        let mut lease_client = client.lease_client();
-        let opened = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = lease_client.keep_alive(id) => r,
+        let (id, reported) = match lease.lock() {
+            Ok(g) => (g.id, g.lost.clone()),
+            Err(p) => {
+                let g = p.into_inner();
+                (g.id, g.lost.clone())
+            }
         };
-        let (mut keeper, mut responses) = match opened {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::warn!(error = %e, lease = id, ?retry, "lease keep-alive unavailable; retrying");
+        // Renew until the stream breaks (false) or the lease is lost (true).
+        let lost = 'renew: {
+            let mut lease_client = client.lease_client();
+            let opened = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = timeout_at(deadline, lease_client.keep_alive(id)) => r,
+            };
+            let (mut keeper, mut responses) = match opened {
+                Err(_) => break 'renew true,
+                Ok(Ok(pair)) => pair,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, lease = id, ?retry, "lease keep-alive unavailable; retrying");
+                    break 'renew false;
+                }
+            };
+            let mut tick = tokio::time::interval(period);
+            loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(retry) => {}
+                    _ = tick.tick() => {}
+                    // A lock put refused the lease (Session::report_lost).
+                    _ = reported.cancelled() => break 'renew true,
                 }
-                retry = (retry * 2).min(period);
-                continue;
+                let sent = Instant::now();
+                if sent >= deadline {
+                    break 'renew true;
+                }
+                match timeout_at(deadline, keeper.keep_alive()).await {
+                    Err(_) => break 'renew true,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, lease = id, "lease keep-alive failed; reconnecting");
+                        break 'renew false;
+                    }
+                    Ok(Ok(())) => {}
+                }
+                match timeout_at(deadline, responses.message()).await {
+                    Err(_) => break 'renew true,
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                        retry = Duration::from_millis(200);
+                        deadline = sent + Duration::from_secs(r.ttl() as u64);
+                    }
+                    Ok(Ok(Some(_))) => break 'renew true,
+                    Ok(Ok(None) | Err(_)) => {
+                        tracing::warn!(lease = id, "lease keep-alive stream ended; reconnecting");
+                        break 'renew false;
+                    }
+                }
             }
         };
-        let mut tick = tokio::time::interval(period);
-        let expired = loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            if let Err(e) = keeper.keep_alive().await {
-                tracing::warn!(error = %e, lease = id, "lease keep-alive failed; reconnecting");
-                break false;
-            }
-            match responses.message().await {
-                Ok(Some(r)) if r.ttl() > 0 => retry = Duration::from_millis(200),
-                Ok(Some(_)) => break true,
-                Ok(None) | Err(_) => {
-                    tracing::warn!(lease = id, "lease keep-alive stream ended; reconnecting");
-                    break false;
-                }
-            }
-        };
-        if !expired {
+        if !lost {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(retry) => {}
             }
             retry = (retry * 2).min(period);
-            continue;
+            if Instant::now() < deadline {
+                continue;
+            }
         }
         tracing::error!(
             lease = id,
-            "lease expired (etcd was unreachable longer than its TTL): locks held under it are lost; granting a new one"
+            "lease lost (expired, revoked, or not renewed within its TTL): locks held under it are gone, their handlers are stopped; granting a new one"
         );
+        if let Ok(g) = lease.lock() {
+            g.lost.cancel();
+        }
+        // Best effort: if etcd still has it, its keys go now rather than at expiry.
+        let mut revoker = client.clone();
+        tokio::spawn(async move {
+            let _ = revoker.lease_revoke(id).await;
+        });
         loop {
             match client.clone().lease_grant(ttl, None).await {
                 Ok(r) => {
-                    lease.store(r.id(), Ordering::Release);
+                    deadline = Instant::now() + full;
+                    if let Ok(mut g) = lease.lock() {
+                        *g = Generation {
+                            id: r.id(),
+                            lost: CancellationToken::new(),
+                        };
+                    }
                     tracing::info!(lease = r.id(), "new lease granted");
                     break;
                 }
@@ -189,10 +288,16 @@ async fn keep_alive(client: Client, ttl: i64, lease: Arc<AtomicI64>, stop: Cance
 pub struct LockGuard {
     client: Client,
     key: String,
+    created: i64,
     released: bool,
 }
 
 impl LockGuard {
+    /// The fence of this lock: its key and create revision (see [`Fence`]).
+    pub fn fence(&self) -> Fence {
+        Fence::new(vec![(self.key.clone(), self.created)])
+    }
+
     /// Releases the lock: its key is deleted in the background, so the
     /// caller's answer does not wait for that round trip. (Dropping the guard
     /// does the same; a failed delete is undone by the lease.)
@@ -224,6 +329,7 @@ impl Drop for LockGuard {
 pub struct LockSet {
     client: Client,
     keys: Vec<String>,
+    created: i64,
 }
 
 impl std::fmt::Debug for LockSet {
@@ -235,6 +341,16 @@ impl std::fmt::Debug for LockSet {
 }
 
 impl LockSet {
+    /// The fence of these locks: their keys and create revision (see [`Fence`]).
+    pub fn fence(&self) -> Fence {
+        Fence::new(
+            self.keys
+                .iter()
+                .map(|k| (k.clone(), self.created))
+                .collect(),
+        )
+    }
+
     /// Releases every lock of the set, in the background (one transaction).
     pub fn release(self) {
         drop(self);
@@ -320,11 +436,16 @@ pub async fn acquire_all(
         started: std::time::Instant::now(),
         lock: lock_kind(locks.last().map_or("", |(p, _)| *p)),
     };
-    let resp = client.clone().txn(Txn::new().and_then(ops)).await?;
+    let resp = client
+        .clone()
+        .txn(Txn::new().and_then(ops))
+        .await
+        .map_err(|e| lease_refused(e, lease))?;
     let my_rev = resp.header().map_or(0, |h| h.revision());
     let set = LockSet {
         client: client.clone(),
         keys,
+        created: my_rev,
     };
     let blocked = resp
         .op_responses()
@@ -339,8 +460,8 @@ pub async fn acquire_all(
         return Ok(set);
     }
     let wait = async {
-        for (prefix, mode) in locks {
-            wait_turn(client, prefix, *mode, my_rev).await?;
+        for ((prefix, mode), key) in locks.iter().zip(&set.keys) {
+            wait_turn(client, prefix, *mode, key, my_rev).await?;
         }
         Ok::<(), LockError>(())
     };
@@ -348,6 +469,20 @@ pub async fn acquire_all(
         Ok(Ok(())) => Ok(set),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(LockError::Timeout(timeout)),
+    }
+}
+
+/// A lock key's put failed: etcd answers `NotFound` to a put only when its
+/// lease does not exist (expired or revoked), which [`LockError::LeaseGone`]
+/// says so the session can replace it at once (`Session::report_lost`).
+fn lease_refused(e: etcd_client::Error, lease: i64) -> LockError {
+    match &e {
+        etcd_client::Error::GRpcStatus(status)
+            if i32::from(status.code()) == cm_schemas::v1::Code::NotFound as i32 =>
+        {
+            LockError::LeaseGone(lease)
+        }
+        _ => e.into(),
     }
 }
 
@@ -374,6 +509,7 @@ fn lock_kind(prefix: &str) -> &'static str {
         Some("instance") => "instance",
         Some("pool") => "pool",
         Some("source") => "source",
+        Some("identity") => "identity",
         _ => "other",
     }
 }
@@ -408,6 +544,15 @@ pub fn instance_lock(root: &str, cid: &str, sid: &str) -> String {
     )
 }
 
+/// Lock prefix of one deployed identity (writer only): every transition of
+/// that instance takes it (claim from the pool, update, refill's destroy,
+/// reset, delete, expiry), so one identity never has two Pulumi runs or two
+/// owners at once. A claim without Pulumi does not take it; it checks in its
+/// transaction that no key exists under it (see `Store::claim_pooled`).
+pub fn identity_lock(root: &str, cid: &str, identity: &crate::Identity) -> String {
+    format!("{root}/lock/identity/{}/{identity}/", ids::encode(cid))
+}
+
 /// Takes the lock at `prefix` in `mode`, bound to `lease`, waiting at most `timeout`.
 #[tracing::instrument(name = "lock wait", skip(client, lease), fields(lock = %prefix, mode = ?mode))]
 pub async fn acquire(
@@ -429,15 +574,17 @@ pub async fn acquire(
             Vec::new(),
             Some(PutOptions::new().with_lease(lease)),
         )
-        .await?;
+        .await
+        .map_err(|e| lease_refused(e, lease))?;
     let my_rev = put.header().map_or(0, |h| h.revision());
     // From here on, the guard deletes the key if we give up.
     let guard = LockGuard {
         client: client.clone(),
         key,
+        created: my_rev,
         released: false,
     };
-    match tokio::time::timeout(timeout, wait_turn(client, prefix, mode, my_rev)).await {
+    match tokio::time::timeout(timeout, wait_turn(client, prefix, mode, &guard.key, my_rev)).await {
         Ok(Ok(())) => Ok(guard),
         Ok(Err(e)) => {
             guard.release_now().await;
@@ -454,6 +601,7 @@ async fn wait_turn(
     client: &Client,
     prefix: &str,
     mode: LockMode,
+    mine: &str,
     my_rev: i64,
 ) -> Result<(), LockError> {
     let mut kv = client.clone();
@@ -469,6 +617,15 @@ async fn wait_turn(
             )
             .await?;
         let header_rev = resp.header().map_or(0, |h| h.revision());
+        // Our own key must still be there: a waiter whose lease expired
+        // while it waited holds nothing, whatever the blockers did.
+        if !resp
+            .kvs()
+            .iter()
+            .any(|kv| kv.key() == mine.as_bytes() && kv.create_revision() == my_rev)
+        {
+            return Err(LockError::Lost(mine.to_owned()));
+        }
         let blocker = resp
             .kvs()
             .iter()

@@ -39,6 +39,10 @@ pub enum StoreError {
     /// A guarded write lost against a concurrent one.
     #[error("conflicting concurrent write on {key}")]
     Conflict { key: String },
+    /// The writer's lock is gone (its lease expired or was revoked): another
+    /// holder may own the record now, so this stale holder's write is refused.
+    #[error("lock {key} lost; the write was refused")]
+    Fenced { key: String },
     /// The first request after connecting failed: etcd is away, refused the
     /// TLS handshake or the credentials. `detail` is the whole error chain.
     #[error("cannot use etcd at {endpoints}: {detail}{hint}")]
@@ -77,6 +81,9 @@ impl From<StoreError> for DomainError {
                 cm_schemas::v1::Code::Aborted,
                 "a concurrent change won, retry",
             ),
+            StoreError::Fenced { .. } => {
+                DomainError::unavailable("the worker lost its lock, retry later")
+            }
         }
     }
 }
@@ -124,6 +131,35 @@ pub enum Expect {
     Any,
 }
 
+/// The locks a writer holds: each lock key with the revision it was created
+/// at. A store [`Store::fenced`] by it adds, to every transaction it runs,
+/// the comparison "each key still exists with that create revision": once a
+/// lock is lost (lease expired or revoked, even if a new key of the same
+/// name was made since), the holder's writes fail with
+/// [`StoreError::Fenced`] instead of overwriting the next holder's work.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fence {
+    keys: Vec<(String, i64)>,
+}
+
+impl Fence {
+    /// A fence on these `(key, create revision)` pairs.
+    pub fn new(keys: Vec<(String, i64)>) -> Self {
+        Self { keys }
+    }
+
+    /// This fence and `other`'s keys together.
+    pub fn and(mut self, other: &Fence) -> Self {
+        self.keys.extend(other.keys.iter().cloned());
+        self
+    }
+
+    /// The fenced keys.
+    pub fn keys(&self) -> &[(String, i64)] {
+        &self.keys
+    }
+}
+
 /// Connection options for etcd.
 #[derive(Debug, Clone, Default)]
 pub struct StoreOptions {
@@ -163,12 +199,15 @@ pub struct Store {
     /// Keeps the client's requests off etcd members that do not answer
     /// (several endpoints only); shared by every clone of this store.
     _endpoints: Option<std::sync::Arc<crate::etcd_endpoints::Watch>>,
+    /// Compared in every write transaction (empty: unfenced).
+    fence: Fence,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("root", &self.root)
+            .field("fence", &self.fence)
             .finish_non_exhaustive()
     }
 }
@@ -259,7 +298,22 @@ impl Store {
             client,
             root: root.trim_end_matches('/').to_owned(),
             _endpoints: None,
+            fence: Fence::default(),
         }
+    }
+
+    /// The same store, whose every write also requires `fence`'s lock keys
+    /// to be still held (see [`Fence`]). Reads are unchanged.
+    pub fn fenced(&self, fence: &Fence) -> Self {
+        Self {
+            fence: fence.clone(),
+            ..self.clone()
+        }
+    }
+
+    /// The fence this store's writes carry.
+    pub fn fence(&self) -> &Fence {
+        &self.fence
     }
 
     /// The etcd client (for locks and leases).
@@ -344,13 +398,13 @@ impl Store {
         let value = to_json(&key, rec)?;
         self.guarded(&key, expect, vec![TxnOp::put(key.clone(), value, None)])
             .await
+            .map(|_| ())
     }
 
     /// Deletes a challenge record (its instances are deleted one by one first).
     pub async fn delete_challenge(&self, cid: &str) -> Result<(), StoreError> {
-        self.client
-            .clone()
-            .delete(self.challenge_key(cid), None)
+        let key = self.challenge_key(cid);
+        self.txn(&key, Vec::new(), vec![TxnOp::delete(key.clone(), None)])
             .await?;
         Ok(())
     }
@@ -380,14 +434,68 @@ impl Store {
             .await
     }
 
+    /// Every instance of a challenge, claimed and pooled, with revisions.
+    pub async fn list_instances_versioned(
+        &self,
+        cid: &str,
+    ) -> Result<Vec<Versioned<InstanceRecord>>, StoreError> {
+        self.list_versioned(&self.instances_prefix(cid)).await
+    }
+
+    /// The instance of a challenge that has `identity`, claimed or pooled.
+    pub async fn find_identity(
+        &self,
+        cid: &str,
+        identity: &Identity,
+    ) -> Result<Option<Versioned<InstanceRecord>>, StoreError> {
+        if let Some(pooled) = self.get_json(&self.pooled_key(cid, identity)).await? {
+            return Ok(Some(pooled));
+        }
+        Ok(self
+            .list_instances_versioned(cid)
+            .await?
+            .into_iter()
+            .find(|r| &r.value.identity == identity))
+    }
+
     /// Moves a pooled instance to a source in one transaction: the pooled
-    /// record must be unchanged (`pooled.mod_revision`) and the source's slot
-    /// free, else `Conflict` (another claim won). No Pulumi is involved.
+    /// record must be unchanged (`pooled.mod_revision`), the source's slot
+    /// free, and no lock held or awaited on the identity (see
+    /// [`crate::lock::identity_lock`]: an update or a refill's destroy of
+    /// that instance is under way), else `Conflict`: the caller tries
+    /// another pooled instance. No Pulumi is involved. Returns the revision
+    /// of the claimed record.
     pub async fn claim_pooled(
         &self,
         pooled: &Versioned<InstanceRecord>,
         claimed: &InstanceRecord,
-    ) -> Result<(), StoreError> {
+    ) -> Result<i64, StoreError> {
+        let identity_lock =
+            crate::lock::identity_lock(&self.root, &claimed.challenge_id, &claimed.identity);
+        self.claim_pooled_with(
+            pooled,
+            claimed,
+            vec![Compare::version(identity_lock, CompareOp::Equal, 0).with_prefix()],
+        )
+        .await
+    }
+
+    /// [`Store::claim_pooled`] by a caller that holds the identity's lock
+    /// itself (its fence proves it): no check that the lock is free.
+    pub async fn claim_pooled_locked(
+        &self,
+        pooled: &Versioned<InstanceRecord>,
+        claimed: &InstanceRecord,
+    ) -> Result<i64, StoreError> {
+        self.claim_pooled_with(pooled, claimed, Vec::new()).await
+    }
+
+    async fn claim_pooled_with(
+        &self,
+        pooled: &Versioned<InstanceRecord>,
+        claimed: &InstanceRecord,
+        extra: Vec<Compare>,
+    ) -> Result<i64, StoreError> {
         let pool_key = self.instance_key(&pooled.value);
         let claim_key = self.instance_key(claimed);
         let value = to_json(&claim_key, claimed)?;
@@ -406,17 +514,12 @@ impl Store {
                 ops.push(TxnOp::put(entry, claimed.identity.as_str(), None));
             }
         }
-        let txn = Txn::new()
-            .when([
-                Compare::mod_revision(pool_key.clone(), CompareOp::Equal, pooled.mod_revision),
-                Compare::version(claim_key, CompareOp::Equal, 0),
-            ])
-            .and_then(ops);
-        if self.client.clone().txn(txn).await?.succeeded() {
-            Ok(())
-        } else {
-            Err(StoreError::Conflict { key: pool_key })
-        }
+        let mut when = vec![
+            Compare::mod_revision(pool_key.clone(), CompareOp::Equal, pooled.mod_revision),
+            Compare::version(claim_key, CompareOp::Equal, 0),
+        ];
+        when.extend(extra);
+        self.txn(&pool_key, when, ops).await
     }
 
     /// Every instance claimed by a source, across challenges.
@@ -436,6 +539,20 @@ impl Store {
         expect: Expect,
         previous: Option<&InstanceRecord>,
     ) -> Result<(), StoreError> {
+        self.put_instance_rev(rec, stack, expect, previous)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Store::put_instance`], returning the record's new revision (the
+    /// guard of the holder's next write).
+    pub async fn put_instance_rev(
+        &self,
+        rec: &InstanceRecord,
+        stack: Option<&[u8]>,
+        expect: Expect,
+        previous: Option<&InstanceRecord>,
+    ) -> Result<i64, StoreError> {
         let key = self.instance_key(rec);
         let value = to_json(&key, rec)?;
         let mut ops = vec![TxnOp::put(key.clone(), value.clone(), None)];
@@ -471,6 +588,15 @@ impl Store {
 
     /// Deletes an instance record, its source index and its stack state.
     pub async fn delete_instance(&self, rec: &InstanceRecord) -> Result<(), StoreError> {
+        self.delete_instance_if(rec, Expect::Any).await
+    }
+
+    /// [`Store::delete_instance`], guarded by `expect` on the record's key.
+    pub async fn delete_instance_if(
+        &self,
+        rec: &InstanceRecord,
+        expect: Expect,
+    ) -> Result<(), StoreError> {
         let mut ops = vec![
             TxnOp::delete(self.instance_key(rec), None),
             TxnOp::delete(self.stack_key(&rec.challenge_id, &rec.identity), None),
@@ -484,7 +610,7 @@ impl Store {
                 ));
             }
         }
-        self.client.clone().txn(Txn::new().and_then(ops)).await?;
+        self.guarded(&self.instance_key(rec), expect, ops).await?;
         Ok(())
     }
 
@@ -546,18 +672,16 @@ impl Store {
         identity: &Identity,
         state: Vec<u8>,
     ) -> Result<(), StoreError> {
-        self.client
-            .clone()
-            .put(self.stack_key(cid, identity), state, None)
+        let key = self.stack_key(cid, identity);
+        self.txn(&key, Vec::new(), vec![TxnOp::put(key.clone(), state, None)])
             .await?;
         Ok(())
     }
 
     /// Deletes a stack state (after its stack was destroyed).
     pub async fn delete_stack(&self, cid: &str, identity: &Identity) -> Result<(), StoreError> {
-        self.client
-            .clone()
-            .delete(self.stack_key(cid, identity), None)
+        let key = self.stack_key(cid, identity);
+        self.txn(&key, Vec::new(), vec![TxnOp::delete(key.clone(), None)])
             .await?;
         Ok(())
     }
@@ -650,24 +774,65 @@ impl Store {
 
     // ---- helpers ----------------------------------------------------------
 
-    async fn guarded(&self, key: &str, expect: Expect, ops: Vec<TxnOp>) -> Result<(), StoreError> {
+    /// Runs `ops` when `expect` holds on `key`; returns the transaction's
+    /// revision (that of every key it wrote).
+    async fn guarded(&self, key: &str, expect: Expect, ops: Vec<TxnOp>) -> Result<i64, StoreError> {
         let compare = match expect {
             Expect::Absent => vec![Compare::version(key, CompareOp::Equal, 0)],
             Expect::Revision(rev) => vec![Compare::mod_revision(key, CompareOp::Equal, rev)],
             Expect::Any => Vec::new(),
         };
+        self.txn(key, compare, ops).await
+    }
+
+    /// Runs `ops` when `compare` and this store's fence hold, in one round
+    /// trip; returns the transaction's revision. A failed fence is told
+    /// apart from a failed guard by reading the fence's keys in the
+    /// transaction's `else` branch: `Fenced` names the lost lock, `Conflict`
+    /// names `key`.
+    async fn txn(
+        &self,
+        key: &str,
+        compare: Vec<Compare>,
+        ops: Vec<TxnOp>,
+    ) -> Result<i64, StoreError> {
+        let mut when: Vec<Compare> = self
+            .fence
+            .keys
+            .iter()
+            .map(|(k, rev)| Compare::create_revision(k.as_str(), CompareOp::Equal, *rev))
+            .collect();
+        when.extend(compare);
+        let otherwise: Vec<TxnOp> = self
+            .fence
+            .keys
+            .iter()
+            .map(|(k, _)| TxnOp::get(k.as_str(), None))
+            .collect();
         let resp = self
             .client
             .clone()
-            .txn(Txn::new().when(compare).and_then(ops))
+            .txn(Txn::new().when(when).and_then(ops).or_else(otherwise))
             .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
         if resp.succeeded() {
-            Ok(())
-        } else {
-            Err(StoreError::Conflict {
-                key: key.to_owned(),
-            })
+            return Ok(revision);
         }
+        for ((k, rev), got) in self.fence.keys.iter().zip(resp.op_responses()) {
+            let held = match got {
+                etcd_client::TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .is_some_and(|kv| kv.create_revision() == *rev),
+                _ => true,
+            };
+            if !held {
+                return Err(StoreError::Fenced { key: k.clone() });
+            }
+        }
+        Err(StoreError::Conflict {
+            key: key.to_owned(),
+        })
     }
 
     async fn get_json<T: DeserializeOwned>(

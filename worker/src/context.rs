@@ -1,5 +1,7 @@
 //! What every command handler works with: the store, the queue, the Pulumi
-//! driver, the lease that binds this worker's locks, and the scenario sources.
+//! driver, the lease that binds this worker's locks, and the scenario sources;
+//! and [`Locked`], a handler's view once it holds locks, whose store is
+//! fenced by them (every write fails once a lock is lost).
 
 use std::{
     collections::HashMap,
@@ -9,11 +11,11 @@ use std::{
 
 use async_nats::jetstream;
 use cm_core::{
-    DomainError,
+    DomainError, Identity,
     lock::{self, LockGuard, LockMode, LockSet, Session},
     model::ChallengeRecord,
     queue::{self, CommandKind, QueueConfig},
-    store::Store,
+    store::{Fence, Store},
 };
 use cm_schemas::v1::{Command, RefillPool, Requester, command::Request};
 
@@ -42,6 +44,24 @@ pub struct Ctx {
     pub quota: Quota,
 }
 
+/// A handler's view while it holds locks: everything of [`Ctx`], with the
+/// store fenced by those locks (see [`cm_core::store::Fence`]). Helpers that
+/// write take a `&Locked`, so a write made without locks, or after they were
+/// lost, does not compile or does not commit.
+#[derive(Debug)]
+pub struct Locked<'a> {
+    pub ctx: &'a Ctx,
+    /// The store, every write of which requires the locks to be held.
+    pub store: Store,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = Ctx;
+    fn deref(&self) -> &Ctx {
+        self.ctx
+    }
+}
+
 /// How many instances a source (player or team) may hold at once.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Quota {
@@ -52,6 +72,75 @@ pub struct Quota {
 }
 
 impl Ctx {
+    /// Passes a lock result through, telling the session when etcd refused
+    /// its lease, so it is replaced now rather than at the next keep-alive.
+    fn noted<T>(&self, r: Result<T, lock::LockError>) -> Result<T, lock::LockError> {
+        if let Err(lock::LockError::LeaseGone(lease)) = &r {
+            self.session.report_lost(*lease);
+        }
+        r
+    }
+
+    /// This context with its store fenced by `fence` (the locks held).
+    pub fn locked(&self, fence: &Fence) -> Locked<'_> {
+        Locked {
+            ctx: self,
+            store: self.store.fenced(fence),
+        }
+    }
+
+    /// Takes an identity's lock (see [`lock::identity_lock`]), waiting at
+    /// most `timeout`. The caller already holds the challenge's read lock.
+    pub async fn lock_identity_within(
+        &self,
+        cid: &str,
+        identity: &Identity,
+        timeout: Duration,
+    ) -> Result<LockGuard, lock::LockError> {
+        let prefix = lock::identity_lock(self.store.root(), cid, identity);
+        self.noted(
+            lock::acquire(
+                &self.store.client(),
+                self.session.lease(),
+                &prefix,
+                LockMode::Write,
+                timeout,
+            )
+            .await,
+        )
+    }
+
+    /// Takes an identity's lock, waiting at most the lock timeout.
+    pub async fn lock_identity(
+        &self,
+        cid: &str,
+        identity: &Identity,
+    ) -> Result<LockGuard, HandlerError> {
+        Ok(self
+            .lock_identity_within(cid, identity, self.lock_timeout)
+            .await?)
+    }
+
+    /// For work addressed to an identity (an update): the challenge's lock
+    /// for reading and the identity's lock, together.
+    pub async fn lock_challenge_identity(
+        &self,
+        cid: &str,
+        identity: &Identity,
+    ) -> Result<LockSet, HandlerError> {
+        let challenge = lock::challenge_lock(self.store.root(), cid);
+        let id = lock::identity_lock(self.store.root(), cid, identity);
+        Ok(self.noted(
+            lock::acquire_all(
+                &self.store.client(),
+                self.session.lease(),
+                &[(&challenge, LockMode::Read), (&id, LockMode::Write)],
+                self.lock_timeout,
+            )
+            .await,
+        )?)
+    }
+
     /// Takes the challenge's reader/writer lock.
     pub async fn lock_challenge(
         &self,
@@ -59,14 +148,16 @@ impl Ctx {
         mode: LockMode,
     ) -> Result<LockGuard, HandlerError> {
         let prefix = lock::challenge_lock(self.store.root(), cid);
-        Ok(lock::acquire(
-            &self.store.client(),
-            self.session.lease(),
-            &prefix,
-            mode,
-            self.lock_timeout,
-        )
-        .await?)
+        Ok(self.noted(
+            lock::acquire(
+                &self.store.client(),
+                self.session.lease(),
+                &prefix,
+                mode,
+                self.lock_timeout,
+            )
+            .await,
+        )?)
     }
 
     /// For a create: the source's lock (its instance count), the challenge's
@@ -75,31 +166,47 @@ impl Ctx {
         let source = lock::source_lock(self.store.root(), sid);
         let challenge = lock::challenge_lock(self.store.root(), cid);
         let slot = lock::instance_lock(self.store.root(), cid, sid);
-        Ok(lock::acquire_all(
-            &self.store.client(),
-            self.session.lease(),
-            &[
-                (&source, LockMode::Write),
-                (&challenge, LockMode::Read),
-                (&slot, LockMode::Write),
-            ],
-            self.lock_timeout,
-        )
-        .await?)
+        Ok(self.noted(
+            lock::acquire_all(
+                &self.store.client(),
+                self.session.lease(),
+                &[
+                    (&source, LockMode::Write),
+                    (&challenge, LockMode::Read),
+                    (&slot, LockMode::Write),
+                ],
+                self.lock_timeout,
+            )
+            .await,
+        )?)
     }
 
     /// Takes the challenge's lock for reading and the (challenge, source)
     /// instance slot's lock for writing, together (one round trip when free).
     pub async fn lock_instance(&self, cid: &str, sid: &str) -> Result<LockSet, HandlerError> {
+        Ok(self
+            .lock_instance_within(cid, sid, self.lock_timeout)
+            .await?)
+    }
+
+    /// The same, waiting at most `timeout`.
+    pub async fn lock_instance_within(
+        &self,
+        cid: &str,
+        sid: &str,
+        timeout: Duration,
+    ) -> Result<LockSet, lock::LockError> {
         let challenge = lock::challenge_lock(self.store.root(), cid);
         let slot = lock::instance_lock(self.store.root(), cid, sid);
-        Ok(lock::acquire_all(
-            &self.store.client(),
-            self.session.lease(),
-            &[(&challenge, LockMode::Read), (&slot, LockMode::Write)],
-            self.lock_timeout,
+        self.noted(
+            lock::acquire_all(
+                &self.store.client(),
+                self.session.lease(),
+                &[(&challenge, LockMode::Read), (&slot, LockMode::Write)],
+                timeout,
+            )
+            .await,
         )
-        .await?)
     }
 
     /// Takes the challenge's lock for reading and its pool's lock for writing.
@@ -115,13 +222,15 @@ impl Ctx {
     ) -> Result<LockSet, lock::LockError> {
         let challenge = lock::challenge_lock(self.store.root(), cid);
         let pool = lock::pool_lock(self.store.root(), cid);
-        lock::acquire_all(
-            &self.store.client(),
-            self.session.lease(),
-            &[(&challenge, LockMode::Read), (&pool, LockMode::Write)],
-            timeout,
+        self.noted(
+            lock::acquire_all(
+                &self.store.client(),
+                self.session.lease(),
+                &[(&challenge, LockMode::Read), (&pool, LockMode::Write)],
+                timeout,
+            )
+            .await,
         )
-        .await
     }
 
     /// Publishes a follow-up command (e.g. `pool.refill`) on JetStream.

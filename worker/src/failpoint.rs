@@ -1,15 +1,34 @@
-//! Fault injection for the crash tests: named places where the worker dies
-//! on the spot, as if killed, when `CM_FAILPOINT` names them.
+//! Fault injection for the crash and race tests: named places where the
+//! worker dies on the spot, as if killed, or pauses until a test lets it go,
+//! when `CM_FAILPOINT` names them.
 //!
-//! `CM_FAILPOINT=after-up,before-ack` arms those points. Unset (always, in
-//! production), [`hit`] is one cached lookup. The points:
+//! `CM_FAILPOINT=after-up,before-ack` arms those points to abort;
+//! `CM_FAILPOINT=pause:instance-update-before-write` arms a pause: the task
+//! reaching it writes `<CM_FAILPOINT_DIR>/<name>.paused` and waits until
+//! `<CM_FAILPOINT_DIR>/<name>.resume` exists (other tasks keep running), so a
+//! test can order two handlers' steps deterministically. A pause fires once
+//! per process: the first task to reach it waits, later ones (a redelivery
+//! of the same command, say) pass. Unset (always, in
+//! production), [`hit`] and [`pause`] are one cached lookup. The points:
 //! - `after-up`: Pulumi finished a deploy, its record is not written yet;
-//! - `before-ack`: a command's result is recorded and announced, not acked.
+//! - `before-ack`: a command's result is recorded and announced, not acked;
+//! - `instance-create-before-write` (pause): a create's Pulumi run is done,
+//!   the ready record not written yet;
+//! - `instance-create-before-evict` (pause): a create holds its locks and is
+//!   about to evict the source's oldest instance;
+//! - `pool-refill-between-rounds` (pause): a refill deployed one instance
+//!   and released its locks before the next round;
+//! - `pool-refill-before-destroy` (pause): a refill is about to destroy a
+//!   surplus pooled instance (its identity locked and re-read);
+//! - `instance-update-before-write` (pause): an instance update's Pulumi run
+//!   is done, its record not written yet.
 
-use std::sync::OnceLock;
+use std::{path::PathBuf, sync::OnceLock, time::Duration};
 
 /// The environment variable listing armed failpoints.
 pub const ENV: &str = "CM_FAILPOINT";
+/// The directory where pauses announce themselves and wait to be resumed.
+pub const DIR_ENV: &str = "CM_FAILPOINT_DIR";
 
 fn armed() -> &'static [String] {
     static ARMED: OnceLock<Vec<String>> = OnceLock::new();
@@ -22,7 +41,7 @@ fn armed() -> &'static [String] {
             .map(str::to_owned)
             .collect();
         if !names.is_empty() {
-            tracing::warn!(failpoints = ?names, "failpoints armed: this worker will abort on purpose");
+            tracing::warn!(failpoints = ?names, "failpoints armed: this worker will abort or pause on purpose");
         }
         names
     })
@@ -39,4 +58,32 @@ pub fn hit(name: &str) {
         tracing::error!(failpoint = name, "failpoint reached: aborting");
         std::process::abort();
     }
+}
+
+/// Waits here when `pause:<name>` is armed, until the test creates
+/// `<name>.resume` in `CM_FAILPOINT_DIR`. Only the calling task waits.
+pub async fn pause(name: &str) {
+    if armed().is_empty()
+        || !armed()
+            .iter()
+            .any(|n| n.strip_prefix("pause:") == Some(name))
+    {
+        return;
+    }
+    static FIRED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    match FIRED.lock() {
+        Ok(mut fired) if !fired.iter().any(|n| n == name) => fired.push(name.to_owned()),
+        _ => return,
+    }
+    let dir = PathBuf::from(std::env::var_os(DIR_ENV).unwrap_or_else(|| ".".into()));
+    let resume = dir.join(format!("{name}.resume"));
+    tracing::warn!(failpoint = name, "failpoint reached: pausing until resumed");
+    let _ = std::fs::write(
+        dir.join(format!("{name}.paused")),
+        std::process::id().to_string(),
+    );
+    while !resume.exists() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::warn!(failpoint = name, "failpoint resumed");
 }

@@ -45,7 +45,11 @@ pub async fn handle(
         };
     }
     ctx.scenario(&record.scenario).await?;
-    let written = ctx.store.put_challenge(&record, Expect::Absent).await;
+    let written = ctx
+        .store
+        .fenced(&lock.fence())
+        .put_challenge(&record, Expect::Absent)
+        .await;
     lock.release();
     match written {
         Ok(()) => {

@@ -12,7 +12,7 @@ use cm_core::{ids, lock::LockMode};
 use cm_schemas::v1::{DeleteChallengeRequest, Deleted, command_result::Outcome};
 
 use super::{HandlerError, destroy_instance};
-use crate::context::Ctx;
+use crate::context::{Ctx, Locked};
 
 #[tracing::instrument(name = "challenge.delete", skip_all, fields(challenge = %req.id))]
 pub async fn handle(
@@ -22,14 +22,16 @@ pub async fn handle(
 ) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.id)?;
     let lock = ctx.lock_challenge(&req.id, LockMode::Write).await?;
-    let result = delete(ctx, &req.id).await;
+    let result = delete(&ctx.locked(&lock.fence()), &req.id).await;
     lock.release();
     result
 }
 
-async fn delete(ctx: &Ctx, cid: &str) -> Result<Outcome, HandlerError> {
+/// Under the challenge's write lock, which excludes every other holder of
+/// its instances (they all hold it for reading): every write is fenced by it.
+async fn delete(ctx: &Locked<'_>, cid: &str) -> Result<Outcome, HandlerError> {
     let challenge = ctx.challenge(cid).await?;
-    let instances = ctx.store.list_instances(cid).await?;
+    let instances = ctx.store.list_instances_versioned(cid).await?;
     if !instances.is_empty() {
         let scenario = ctx.scenario(&challenge.scenario).await?;
         for rec in &instances {

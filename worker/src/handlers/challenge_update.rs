@@ -36,7 +36,7 @@ pub async fn handle(
 ) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.id)?;
     let lock = ctx.lock_challenge(&req.id, LockMode::Write).await?;
-    let prepared = update_record(ctx, command_id, req).await;
+    let prepared = update_record(&ctx.locked(&lock.fence()), command_id, req).await;
     lock.release();
     let (next, targets, strategy, resized) = prepared?;
     if resized {
@@ -109,7 +109,7 @@ pub(crate) fn apply(current: &ChallengeRecord, req: &UpdateChallengeRequest) -> 
 /// the instances whose stacks must be updated, how, and whether the pool
 /// was resized (its refill is asked for once the lock is released).
 async fn update_record(
-    ctx: &Ctx,
+    ctx: &crate::context::Locked<'_>,
     command_id: &str,
     req: &UpdateChallengeRequest,
 ) -> Result<(ChallengeRecord, Vec<Identity>, UpdateStrategy, bool), HandlerError> {
@@ -146,8 +146,9 @@ async fn update_record(
         UpdateStrategy::UpdateInPlace
     };
 
-    let instances = ctx.store.list_instances(&req.id).await?;
-    for rec in &instances {
+    let versioned = ctx.store.list_instances_versioned(&req.id).await?;
+    for v in &versioned {
+        let rec = &v.value;
         if rec.source_id.is_none() {
             continue;
         }
@@ -156,9 +157,10 @@ async fn update_record(
             let mut moved = rec.clone();
             moved.until = until;
             moved.command_id = command_id.to_owned();
-            // The challenge write lock excludes every other writer of its instances.
+            // The challenge write lock excludes every other writer of its
+            // instances; the revision guard and the fence make it checked.
             ctx.store
-                .put_instance(&moved, None, Expect::Any, Some(rec))
+                .put_instance(&moved, None, Expect::Revision(v.mod_revision), Some(rec))
                 .await?;
         }
     }
@@ -167,7 +169,7 @@ async fn update_record(
         .await?;
     let resized = next.min != current.value.min || next.max != current.value.max;
     let targets = if redeploy {
-        instances.iter().map(|r| r.identity.clone()).collect()
+        versioned.iter().map(|r| r.value.identity.clone()).collect()
     } else {
         Vec::new()
     };

@@ -3,10 +3,14 @@
 //! Parameters: challenge id, source id, the request's `additional` (merged
 //! over the challenge's).
 //! Steps: 1. read-lock the challenge and lock the (challenge, source) slot together;
-//! 2. check the challenge exists and has not expired; 3. reserve the slot: a
-//! `deploying` record with a fresh identity, written only if the slot is free
-//! (a redelivery of this command finds its own reservation and resumes it);
-//! 4. `pulumi up`; 5. write the ready record and the stack state.
+//! 2. check the challenge exists and has not expired; 3. claim a ready pooled
+//! instance if there is one (one transaction, guarded by the pooled record's
+//! revision and by the absence of any lock on its identity), else lock a
+//! fresh identity and reserve the slot: a `deploying` record, written only
+//! if the slot is free (a redelivery of this command finds its own
+//! reservation and resumes it under that identity's lock);
+//! 4. `pulumi up`; 5. write the ready record and the stack state, guarded by
+//! the reservation's revision. Every write is fenced by the locks held.
 //! Undo: when 4 fails, destroy what the failed run left and drop the
 //! reservation, so nothing stays registered or deployed and the next create
 //! for that source works.
@@ -24,7 +28,18 @@ use super::{
     HandlerError, destroy_persisted, encode_state, merged_additional, stack_state,
     store_deployment, up_persisted,
 };
-use crate::{context::Ctx, pulumi::DriverError};
+use crate::{
+    context::{Ctx, Locked},
+    pulumi::DriverError,
+};
+
+/// How long a claim with `additional` (which runs Pulumi on the claimed
+/// instance, so takes its identity's lock) waits for a pooled instance that
+/// is busy (being updated or destroyed) before trying the next one.
+const BUSY_POOLED: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How long an eviction waits for the victim's locks (see [`evict`]).
+const EVICT_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[tracing::instrument(
     name = "instance.create",
@@ -41,13 +56,14 @@ pub async fn handle(
     let locks = ctx
         .lock_for_create(&req.challenge_id, &req.source_id)
         .await?;
-    let result = create(ctx, command_id, req).await;
+    let result = create(ctx, &locks.fence(), command_id, req).await;
     locks.release();
     result
 }
 
 async fn create(
     ctx: &Ctx,
+    fence: &cm_core::store::Fence,
     command_id: &str,
     req: &CreateInstanceRequest,
 ) -> Result<Outcome, HandlerError> {
@@ -58,12 +74,26 @@ async fn create(
         return Err(DomainError::challenge_expired(cid).into());
     }
 
-    let mut record = match ctx.store.get_instance(cid, sid).await? {
+    let (identity_lock, mut record, revision) = match ctx.store.get_instance(cid, sid).await? {
         Some(existing) if existing.value.command_id == command_id => match existing.value.status {
             // Redelivered after it finished: answer the same.
             InstanceStatus::Ready => return Ok(Outcome::Instance(existing.value.to_api())),
-            // Redelivered after a crash mid-deploy: resume with its identity.
-            InstanceStatus::Deploying => existing.value,
+            // Redelivered after a crash mid-deploy: resume with its identity,
+            // under its lock, from the record as it is under that lock.
+            InstanceStatus::Deploying => {
+                let guard = ctx.lock_identity(cid, &existing.value.identity).await?;
+                let Some(now) = ctx.store.get_instance(cid, sid).await? else {
+                    return Err(HandlerError::Retry("the reservation vanished".into()));
+                };
+                if now.value.identity != existing.value.identity {
+                    return Err(HandlerError::Retry("the reservation changed".into()));
+                }
+                if now.value.status == InstanceStatus::Ready {
+                    // Another delivery finished it while this one waited.
+                    return Ok(Outcome::Instance(now.value.to_api()));
+                }
+                (guard, now.value, now.mod_revision)
+            }
         },
         Some(_) => {
             return Err(DomainError::instance_already_exists(
@@ -74,14 +104,19 @@ async fn create(
             .into());
         }
         None => {
-            enforce_quota(ctx, &challenge, sid).await?;
-            if let Some(claimed) = claim_from_pool(ctx, command_id, &challenge, req, now).await? {
+            enforce_quota(ctx, fence, &challenge, sid).await?;
+            if let Some(claimed) =
+                claim_from_pool(ctx, fence, command_id, &challenge, req, now).await?
+            {
                 ctx.request_refill(cid).await;
                 return Ok(Outcome::Instance(claimed.to_api()));
             }
+            let identity = Identity::random();
+            // A fresh identity: nobody else knows it, the lock is free.
+            let guard = ctx.lock_identity(cid, &identity).await?;
             let reservation = InstanceRecord {
                 challenge_id: cid.clone(),
-                identity: Identity::random(),
+                identity,
                 source_id: Some(sid.clone()),
                 status: InstanceStatus::Deploying,
                 since: to_timestamp(now),
@@ -94,10 +129,11 @@ async fn create(
             };
             match ctx
                 .store
-                .put_instance(&reservation, None, Expect::Absent, None)
+                .fenced(&fence.clone().and(&guard.fence()))
+                .put_instance_rev(&reservation, None, Expect::Absent, None)
                 .await
             {
-                Ok(()) => reservation,
+                Ok(revision) => (guard, reservation, revision),
                 Err(StoreError::Conflict { .. }) => {
                     return Err(DomainError::instance_already_exists(
                         cid,
@@ -112,22 +148,29 @@ async fn create(
     };
     tracing::Span::current().record("identity", record.identity.as_str());
 
-    deploy_reserved(ctx, &challenge, &mut record).await?;
+    let locked = ctx.locked(&fence.clone().and(&identity_lock.fence()));
+    let deployed = Box::pin(deploy_reserved(&locked, &challenge, &mut record, revision)).await;
+    identity_lock.release();
+    deployed?;
     Ok(Outcome::Instance(record.to_api()))
 }
 
-/// Deploys a reserved (`deploying`) record and marks it ready; on failure,
-/// destroys what the run left and drops the reservation. Shared by fresh
-/// creates and pool refills.
+/// Deploys a reserved (`deploying`) record, whose revision is `revision`,
+/// and marks it ready; on failure, destroys what the run left and drops the
+/// reservation. The caller holds the identity's lock; every write is
+/// guarded by the reservation's revision. Shared by fresh creates and pool
+/// refills.
 pub(crate) async fn deploy_reserved(
-    ctx: &Ctx,
+    ctx: &Locked<'_>,
     challenge: &ChallengeRecord,
     record: &mut InstanceRecord,
+    revision: i64,
 ) -> Result<(), HandlerError> {
+    let guard = Expect::Revision(revision);
     let scenario = match ctx.scenario(&challenge.scenario).await {
         Ok(s) => s,
         Err(e) => {
-            ctx.store.delete_instance(record).await?;
+            ctx.store.delete_instance_if(record, guard).await?;
             return Err(e);
         }
     };
@@ -144,13 +187,13 @@ pub(crate) async fn deploy_reserved(
             {
                 tracing::error!(error = %e, identity = %record.identity, "cleanup of a failed deploy failed");
                 ctx.store
-                    .put_instance(record, Some(&encode_state(&state)?), Expect::Any, None)
+                    .put_instance(record, Some(&encode_state(&state)?), guard, None)
                     .await?;
                 return Err(HandlerError::Retry(format!(
                     "cleanup of a failed deploy failed: {e}"
                 )));
             }
-            ctx.store.delete_instance(record).await?;
+            ctx.store.delete_instance_if(record, guard).await?;
             return Err(DriverError::ProgramFailed {
                 message,
                 state: None,
@@ -161,16 +204,22 @@ pub(crate) async fn deploy_reserved(
     };
 
     crate::failpoint::hit("after-up");
+    crate::failpoint::pause("instance-create-before-write").await;
     record.status = InstanceStatus::Ready;
-    // The caller's lock excludes other writers of this record.
-    store_deployment(ctx, record, deployment, Expect::Any, None).await
+    store_deployment(ctx, record, deployment, guard, None).await?;
+    Ok(())
 }
 
 /// Claims a ready pooled instance for the source, if the pool has one: a
-/// store transaction, no Pulumi. When the request carries `additional`, the
-/// claimed instance is then updated in place with it.
+/// store transaction, no Pulumi, no lock round trip: the transaction itself
+/// requires the identity's lock to be free (`Store::claim_pooled`), so a
+/// pooled instance being updated or destroyed is skipped, never shared.
+/// When the request carries `additional`, the claimed instance is then
+/// updated in place with it: that runs Pulumi, so the identity's lock is
+/// taken first (briefly: a busy pooled instance is skipped).
 async fn claim_from_pool(
     ctx: &Ctx,
+    fence: &cm_core::store::Fence,
     command_id: &str,
     challenge: &ChallengeRecord,
     req: &CreateInstanceRequest,
@@ -190,33 +239,65 @@ async fn claim_from_pool(
         claimed.until = challenge.instance_until(now);
         claimed.additional = req.additional.clone().into_iter().collect();
         claimed.command_id = command_id.to_owned();
-        match ctx.store.claim_pooled(&pooled, &claimed).await {
-            Ok(()) => {
-                tracing::info!(identity = %claimed.identity, "claimed a pooled instance");
-                if !claimed.additional.is_empty() {
-                    apply_additional(ctx, challenge, &mut claimed).await?;
+        if claimed.additional.is_empty() {
+            match ctx
+                .store
+                .fenced(fence)
+                .claim_pooled(&pooled, &claimed)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(identity = %claimed.identity, "claimed a pooled instance");
+                    return Ok(Some(claimed));
                 }
-                return Ok(Some(claimed));
+                // Another claim took this one, or it is being updated or
+                // destroyed: try the next.
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
             }
-            // Another claim took this one: try the next.
-            Err(StoreError::Conflict { .. }) => continue,
+        }
+        let guard = match ctx
+            .lock_identity_within(&req.challenge_id, &claimed.identity, BUSY_POOLED)
+            .await
+        {
+            Ok(g) => g,
+            Err(cm_core::lock::LockError::Timeout(_)) => continue,
             Err(e) => return Err(e.into()),
+        };
+        let locked = ctx.locked(&fence.clone().and(&guard.fence()));
+        let result = match locked.store.claim_pooled_locked(&pooled, &claimed).await {
+            Ok(revision) => {
+                tracing::info!(identity = %claimed.identity, "claimed a pooled instance");
+                apply_additional(&locked, challenge, &mut claimed, revision)
+                    .await
+                    .map(|()| Some(claimed))
+            }
+            Err(StoreError::Conflict { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        };
+        guard.release();
+        match result {
+            Ok(None) => continue,
+            other => return other,
         }
     }
     Ok(None)
 }
 
-/// Updates a claimed instance in place with its request's `additional`.
+/// Updates a claimed instance in place with its request's `additional`
+/// (the caller holds its identity's lock; `revision` is the claim's).
 async fn apply_additional(
-    ctx: &Ctx,
+    ctx: &Locked<'_>,
     challenge: &ChallengeRecord,
     record: &mut InstanceRecord,
+    revision: i64,
 ) -> Result<(), HandlerError> {
     let scenario = ctx.scenario(&challenge.scenario).await?;
     let additional = merged_additional(challenge, record);
     let previous = stack_state(ctx, &record.challenge_id, &record.identity).await?;
     let deployment = up_persisted(ctx, &scenario, record, &additional, previous.as_ref()).await?;
-    store_deployment(ctx, record, deployment, Expect::Any, None).await
+    store_deployment(ctx, record, deployment, Expect::Revision(revision), None).await?;
+    Ok(())
 }
 
 /// Refuses (or, when configured, makes room by evicting the source's oldest
@@ -224,6 +305,7 @@ async fn apply_additional(
 /// so concurrent creates of one source are counted one after the other.
 async fn enforce_quota(
     ctx: &Ctx,
+    fence: &cm_core::store::Fence,
     challenge: &ChallengeRecord,
     sid: &str,
 ) -> Result<(), HandlerError> {
@@ -249,29 +331,52 @@ async fn enforce_quota(
         held.sort_by_key(|r| (r.since.seconds, r.since.nanos));
         let oldest = held.remove(0);
         tracing::info!(challenge = %oldest.challenge_id, identity = %oldest.identity, "evicting the source's oldest instance");
-        evict(ctx, &oldest).await?;
+        crate::failpoint::pause("instance-create-before-evict").await;
+        Box::pin(evict(ctx, fence, &oldest)).await?;
     }
     Ok(())
 }
 
-/// Destroys another instance of the source, under that instance's own locks.
-async fn evict(ctx: &Ctx, victim: &InstanceRecord) -> Result<(), HandlerError> {
+/// Destroys another instance of the source, under that instance's own
+/// locks (its slot's and its identity's), fenced by those and by the
+/// create's own locks.
+async fn evict(
+    ctx: &Ctx,
+    fence: &cm_core::store::Fence,
+    victim: &InstanceRecord,
+) -> Result<(), HandlerError> {
     let Some(sid) = &victim.source_id else {
         return Ok(());
     };
     let cid = &victim.challenge_id;
-    // Always another challenge (this one's slot was free): take its locks.
-    let locks = ctx.lock_instance(cid, sid).await?;
+    // Always another challenge (this one's slot was free): take its locks,
+    // without waiting. This create holds the source's lock; a create of the
+    // same source on the victim's challenge may hold the victim's slot and
+    // wait for that source lock: waiting here would close a cycle. When the
+    // victim is busy, this create gives its locks back and is retried.
+    let locks = match super::lock_claimed_within(ctx, cid, sid, EVICT_WAIT).await {
+        Ok(locks) => locks,
+        Err(HandlerError::Retry(why)) => {
+            return Err(HandlerError::Retry(format!(
+                "the instance to evict is busy ({why}); retrying the create"
+            )));
+        }
+        Err(e) => return Err(e),
+    };
     let result = async {
-        let Some(current) = ctx.store.get_instance(cid, sid).await? else {
+        let Some(current) = &locks.record else {
             return Ok(());
         };
+        let locked = ctx.locked(&fence.clone().and(&locks.fence()));
         let Some(challenge) = ctx.store.get_challenge(cid).await? else {
-            ctx.store.delete_instance(&current.value).await?;
+            locked
+                .store
+                .delete_instance_if(&current.value, Expect::Revision(current.mod_revision))
+                .await?;
             return Ok(());
         };
         let scenario = ctx.scenario(&challenge.value.scenario).await?;
-        super::destroy_instance(ctx, &scenario, &current.value).await
+        super::destroy_instance(&locked, &scenario, current).await
     }
     .await;
     locks.release();

@@ -1,19 +1,25 @@
 //! `instance.delete`: destroy an instance and forget it.
 //!
 //! Parameters: challenge id, source id, `force`.
-//! Steps: 1. read-lock the challenge and lock the slot (together); 2. destroy the stack
-//! (when it has state); 3. delete the records in one transaction.
+//! Steps: 1. read-lock the challenge and lock the slot (together), then the
+//! lock of the identity the slot holds; 2. destroy the stack (when it has
+//! state); 3. delete the records in one transaction, guarded by the revision
+//! read under the locks and fenced by them.
 //! Undo: none; a failed destroy is retried with the records intact.
 //! Forced (an operator's escape hatch for an instance stuck in a failed
 //! state): a destroy that fails, or cannot even start (challenge gone,
 //! scenario unusable, state corrupt), is logged with what the stack still
 //! holds, and the records are deleted anyway.
 
-use cm_core::{DomainError, ids, model::InstanceRecord};
+use cm_core::{
+    DomainError, ids,
+    store::{Expect, Versioned},
+};
 use cm_schemas::v1::{DeleteInstanceRequest, Deleted, command_result::Outcome};
 
-use super::{HandlerError, destroy_instance};
-use crate::context::Ctx;
+use super::{HandlerError, destroy_instance, lock_claimed};
+use crate::context::{Ctx, Locked};
+use cm_core::model::InstanceRecord;
 
 #[tracing::instrument(name = "instance.delete", skip_all, fields(challenge = %req.challenge_id, source = %req.source_id, force = req.force))]
 pub async fn handle(
@@ -23,21 +29,26 @@ pub async fn handle(
 ) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.challenge_id)?;
     ids::validate("source id", &req.source_id)?;
-    let locks = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
-    let result = delete(ctx, req).await;
+    let locks = lock_claimed(ctx, &req.challenge_id, &req.source_id).await?;
+    let locked = ctx.locked(&locks.fence());
+    let result = delete(&locked, locks.record.as_ref(), req).await;
     locks.release();
     result
 }
 
-async fn delete(ctx: &Ctx, req: &DeleteInstanceRequest) -> Result<Outcome, HandlerError> {
+async fn delete(
+    ctx: &Locked<'_>,
+    instance: Option<&Versioned<InstanceRecord>>,
+    req: &DeleteInstanceRequest,
+) -> Result<Outcome, HandlerError> {
     let (cid, sid) = (&req.challenge_id, &req.source_id);
-    let Some(instance) = ctx.store.get_instance(cid, sid).await? else {
+    let Some(instance) = instance else {
         return Err(DomainError::instance_not_found(cid, sid).into());
     };
     let destroyed = async {
         let challenge = ctx.challenge(cid).await?;
         let scenario = ctx.scenario(&challenge.scenario).await?;
-        destroy_instance(ctx, &scenario, &instance.value).await?;
+        destroy_instance(ctx, &scenario, instance).await?;
         Ok::<_, HandlerError>(challenge)
     }
     .await;
@@ -47,7 +58,7 @@ async fn delete(ctx: &Ctx, req: &DeleteInstanceRequest) -> Result<Outcome, Handl
                 ctx.request_refill(cid).await;
             }
         }
-        Err(e) if req.force => forget(ctx, &instance.value, &e).await?,
+        Err(e) if req.force => forget(ctx, instance, &e).await?,
         Err(e) => return Err(e),
     }
     Ok(Outcome::Deleted(Deleted {}))
@@ -56,10 +67,11 @@ async fn delete(ctx: &Ctx, req: &DeleteInstanceRequest) -> Result<Outcome, Handl
 /// Deletes the records of an instance whose stack could not be destroyed,
 /// logging what the stack still holds for an operator to clean up.
 async fn forget(
-    ctx: &Ctx,
-    record: &InstanceRecord,
+    ctx: &Locked<'_>,
+    versioned: &Versioned<InstanceRecord>,
     why: &HandlerError,
 ) -> Result<(), HandlerError> {
+    let record = &versioned.value;
     let leftover: Vec<String> = match ctx
         .store
         .get_stack(&record.challenge_id, &record.identity)
@@ -86,6 +98,8 @@ async fn forget(
         orphaned = ?leftover,
         "forced delete: the stack could not be destroyed; its resources are orphaned and the records deleted"
     );
-    ctx.store.delete_instance(record).await?;
+    ctx.store
+        .delete_instance_if(record, Expect::Revision(versioned.mod_revision))
+        .await?;
     Ok(())
 }

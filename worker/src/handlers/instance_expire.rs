@@ -2,7 +2,8 @@
 //!
 //! Parameters: challenge id, source id, and the identity and `until` the
 //! janitor saw.
-//! Steps: 1. read-lock the challenge and lock the slot; 2. if the instance is
+//! Steps: 1. read-lock the challenge and lock the slot, then the identity the
+//! slot holds (fenced writes, see `instance_delete`); 2. if the instance is
 //! gone, or is another identity, or its `until` moved (renewed after the
 //! janitor looked), do nothing; 3. otherwise destroy it and delete its records.
 //! Undo: none; a failed destroy is retried with the records intact.
@@ -10,8 +11,8 @@
 use cm_core::ids;
 use cm_schemas::v1::{Deleted, ExpireInstance, command_result::Outcome};
 
-use super::{HandlerError, destroy_instance};
-use crate::context::Ctx;
+use super::{HandlerError, destroy_instance, lock_claimed};
+use crate::context::{Ctx, Locked};
 
 #[tracing::instrument(name = "instance.expire", skip_all, fields(challenge = %req.challenge_id, source = %req.source_id))]
 pub async fn handle(
@@ -21,25 +22,30 @@ pub async fn handle(
 ) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.challenge_id)?;
     ids::validate("source id", &req.source_id)?;
-    let locks = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
-    let result = expire(ctx, req).await;
+    let locks = lock_claimed(ctx, &req.challenge_id, &req.source_id).await?;
+    let locked = ctx.locked(&locks.fence());
+    let result = expire(&locked, locks.record.as_ref(), req).await;
     locks.release();
     result
 }
 
-async fn expire(ctx: &Ctx, req: &ExpireInstance) -> Result<Outcome, HandlerError> {
-    let (cid, sid) = (&req.challenge_id, &req.source_id);
-    let Some(instance) = ctx.store.get_instance(cid, sid).await? else {
+async fn expire(
+    ctx: &Locked<'_>,
+    instance: Option<&cm_core::store::Versioned<cm_core::model::InstanceRecord>>,
+    req: &ExpireInstance,
+) -> Result<Outcome, HandlerError> {
+    let cid = &req.challenge_id;
+    let Some(instance) = instance else {
         return Ok(Outcome::Deleted(Deleted {}));
     };
-    let rec = instance.value;
+    let rec = &instance.value;
     if rec.identity.as_str() != req.identity || rec.until != req.until {
         tracing::info!("instance renewed or replaced since the janitor looked; kept");
         return Ok(Outcome::Instance(rec.to_api()));
     }
     let challenge = ctx.challenge(cid).await?;
     let scenario = ctx.scenario(&challenge.scenario).await?;
-    destroy_instance(ctx, &scenario, &rec).await?;
+    destroy_instance(ctx, &scenario, instance).await?;
     if challenge.min > 0 {
         ctx.request_refill(cid).await;
     }

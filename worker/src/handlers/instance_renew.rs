@@ -3,7 +3,9 @@
 //! Parameters: challenge id, source id.
 //! Steps: 1. read-lock the challenge and lock the slot (together); 2. refuse when the
 //! challenge has no timeout or the instance already expired; 3. write the new
-//! `until` (guarded by the record's revision).
+//! `until` (guarded by the record's revision, fenced by the locks). No
+//! identity lock: renew changes only `last_renew`/`until`, which no other
+//! holder of the identity writes (an update merges over a renew).
 //! Undo: nothing; a single guarded write.
 
 use std::time::SystemTime;
@@ -23,13 +25,13 @@ pub async fn handle(
     ids::validate("challenge id", &req.challenge_id)?;
     ids::validate("source id", &req.source_id)?;
     let locks = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
-    let result = renew(ctx, command_id, req).await;
+    let result = renew(&ctx.locked(&locks.fence()), command_id, req).await;
     locks.release();
     result
 }
 
 async fn renew(
-    ctx: &Ctx,
+    ctx: &crate::context::Locked<'_>,
     command_id: &str,
     req: &RenewInstanceRequest,
 ) -> Result<Outcome, HandlerError> {

@@ -2,7 +2,8 @@
 //! same claim (source, since, until), new identity, fresh infrastructure.
 //!
 //! Parameters: challenge id, source id.
-//! Steps: 1. read-lock the challenge and lock the slot; 2. deploy a new stack
+//! Steps: 1. read-lock the challenge and lock the slot, then the identity the
+//! slot holds (fenced writes); 2. deploy a new stack
 //! under a new identity; 3. write the record with the new identity and state;
 //! 4. destroy the old stack and delete its state.
 //! Undo: if 2 fails, destroy what it left; the old instance is untouched.
@@ -12,8 +13,11 @@
 use cm_core::{DomainError, Identity, ids, store::Expect};
 use cm_schemas::v1::{ResetInstanceRequest, command_result::Outcome};
 
-use super::{HandlerError, merged_additional, stack_state, store_deployment};
-use crate::{context::Ctx, pulumi::DriverError};
+use super::{HandlerError, lock_claimed, merged_additional, stack_state, store_deployment};
+use crate::{
+    context::{Ctx, Locked},
+    pulumi::DriverError,
+};
 
 #[tracing::instrument(name = "instance.reset", skip_all, fields(challenge = %req.challenge_id, source = %req.source_id))]
 pub async fn handle(
@@ -23,22 +27,24 @@ pub async fn handle(
 ) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.challenge_id)?;
     ids::validate("source id", &req.source_id)?;
-    let locks = ctx.lock_instance(&req.challenge_id, &req.source_id).await?;
-    let result = reset(ctx, command_id, req).await;
+    let locks = lock_claimed(ctx, &req.challenge_id, &req.source_id).await?;
+    let locked = ctx.locked(&locks.fence());
+    let result = reset(&locked, locks.record.clone(), command_id, req).await;
     locks.release();
     result
 }
 
 async fn reset(
-    ctx: &Ctx,
+    ctx: &Locked<'_>,
+    instance: Option<cm_core::store::Versioned<cm_core::model::InstanceRecord>>,
     command_id: &str,
     req: &ResetInstanceRequest,
 ) -> Result<Outcome, HandlerError> {
     let (cid, sid) = (&req.challenge_id, &req.source_id);
-    let Some(instance) = ctx.store.get_instance(cid, sid).await? else {
+    let Some(instance) = instance else {
         return Err(DomainError::instance_not_found(cid, sid).into());
     };
-    let previous = instance.value;
+    let (previous, revision) = (instance.value, instance.mod_revision);
     if previous.command_id == command_id {
         return Ok(Outcome::Instance(previous.to_api()));
     }
@@ -64,7 +70,14 @@ async fn reset(
     let mut record = previous.clone();
     record.identity = identity;
     record.command_id = command_id.to_owned();
-    store_deployment(ctx, &mut record, deployment, Expect::Any, Some(&previous)).await?;
+    store_deployment(
+        ctx,
+        &mut record,
+        deployment,
+        Expect::Revision(revision),
+        Some(&previous),
+    )
+    .await?;
 
     if let Some(old) = stack_state(ctx, cid, &previous.identity).await?
         && let Err(e) = ctx.driver.destroy(&scenario, &old).await

@@ -2,26 +2,37 @@
 //! instance (pooled or claimed), published by `challenge.update`.
 //!
 //! Parameters: challenge id, the instance's identity, the strategy.
-//! Steps: 1. find the instance; lock the challenge for reading (and the
-//! source's slot when claimed); 2. by strategy:
+//! Steps: 1. lock the challenge for reading and the instance's identity
+//! (every transition of that identity takes it: a pool claim cannot take it
+//! meanwhile, a delete or reset of its source waits), then find the instance
+//! (pooled or claimed) under the lock; 2. by strategy:
 //! - `update_in_place`: `pulumi up` of the new program on the same stack;
 //! - `recreate`: destroy, then deploy a fresh stack under the same identity;
 //! - `blue_green`: deploy a new identity, switch the record (the source keeps
 //!   its claim), then destroy the old stack;
 //!
-//! 3. write the record, guarded by the revision read in step 1.
+//! 3. write the record, guarded by the revision read in step 1 and fenced
+//!    by the locks. A claimed record may have been renewed meanwhile (renew
+//!    takes only the slot's lock and changes only `until`): the write is then
+//!    made again on the renewed record, keeping its `until`.
 //!
 //! Undo: when the new deploy fails, the record keeps the previous state
 //! (blue_green destroys the half-made green stack; recreate reports the
 //! instance lost its stack, which a reset or delete then handles).
 
-use cm_core::{DomainError, Identity, model::InstanceRecord, store::Expect};
+use cm_core::{
+    DomainError, Identity,
+    store::{Expect, StoreError},
+};
 use cm_schemas::v1::{UpdateInstance, UpdateStrategy, command_result::Outcome};
 
 use super::{
     HandlerError, destroy_persisted, encode_state, merged_additional, stack_state, up_persisted,
 };
-use crate::{context::Ctx, pulumi::DriverError};
+use crate::{
+    context::{Ctx, Locked},
+    pulumi::DriverError,
+};
 
 #[tracing::instrument(name = "instance.update", skip_all, fields(challenge = %req.challenge_id, identity = %req.identity, strategy))]
 pub async fn handle(
@@ -32,41 +43,32 @@ pub async fn handle(
     let cid = &req.challenge_id;
     let strategy = UpdateStrategy::try_from(req.strategy).unwrap_or(UpdateStrategy::UpdateInPlace);
     tracing::Span::current().record("strategy", strategy.as_str_name());
-    let find = |all: Vec<InstanceRecord>| {
-        all.into_iter()
-            .find(|r| r.identity.as_str() == req.identity)
-    };
-    let Some(seen) = find(ctx.store.list_instances(cid).await?) else {
-        // Deleted or claimed-and-reset meanwhile: nothing to update.
-        return Err(DomainError::not_found(format!("instance {} is gone", req.identity)).into());
-    };
-    let locks = match &seen.source_id {
-        Some(sid) => ctx.lock_instance(cid, sid).await?,
-        None => ctx.lock_pool(cid).await?,
-    };
-    let result = update(ctx, command_id, req, strategy).await;
+    let identity: Identity = req
+        .identity
+        .parse()
+        .map_err(|_| DomainError::invalid(format!("malformed identity {:?}", req.identity)))?;
+    let locks = ctx.lock_challenge_identity(cid, &identity).await?;
+    let locked = ctx.locked(&locks.fence());
+    let result = update(&locked, command_id, req, &identity, strategy).await;
     locks.release();
     result
 }
 
 async fn update(
-    ctx: &Ctx,
+    ctx: &Locked<'_>,
     command_id: &str,
     req: &UpdateInstance,
+    identity: &Identity,
     strategy: UpdateStrategy,
 ) -> Result<Outcome, HandlerError> {
     let cid = &req.challenge_id;
     let challenge = ctx.challenge(cid).await?;
-    // Re-read under the lock, with the revision guarding the final write.
-    let current = ctx
-        .store
-        .list_instances(cid)
-        .await?
-        .into_iter()
-        .find(|r| r.identity.as_str() == req.identity);
-    let Some(previous) = current else {
+    // Read under the identity's lock, with the revision guarding the final write.
+    let Some(found) = ctx.store.find_identity(cid, identity).await? else {
+        // Deleted or reset meanwhile: nothing to update.
         return Err(DomainError::not_found(format!("instance {} is gone", req.identity)).into());
     };
+    let (previous, revision) = (found.value, found.mod_revision);
     let scenario = ctx.scenario(&challenge.scenario).await?;
     let additional = merged_additional(&challenge, &previous);
     let old_state = stack_state(ctx, cid, &previous.identity).await?;
@@ -105,19 +107,21 @@ async fn update(
             }
         }
     };
+    crate::failpoint::pause("instance-update-before-write").await;
     record.connection_info = deployment.outputs.connection_info;
     record.flags = deployment.outputs.flags;
     let stack = encode_state(&deployment.state)?;
     if record.identity != previous.identity && previous.source_id.is_none() {
-        // A pooled instance's record is keyed by identity: replace it.
-        ctx.store.delete_instance(&previous).await?;
+        // A pooled instance's record is keyed by identity: replace it. The
+        // old entry cannot have been claimed (a claim needs its lock free).
+        ctx.store
+            .delete_instance_if(&previous, Expect::Revision(revision))
+            .await?;
         ctx.store
             .put_instance(&record, Some(&stack), Expect::Absent, None)
             .await?;
     } else {
-        ctx.store
-            .put_instance(&record, Some(&stack), Expect::Any, Some(&previous))
-            .await?;
+        write_over(ctx, &mut record, &stack, &previous, revision).await?;
     }
     if record.identity != previous.identity {
         // Blue/green: the green stack serves; the blue one goes.
@@ -130,4 +134,44 @@ async fn update(
         ctx.store.delete_stack(cid, &previous.identity).await?;
     }
     Ok(Outcome::Instance(record.to_api()))
+}
+
+/// Writes the updated record over `previous` (read at `revision`). When a
+/// renew moved a claimed record's `until` meanwhile (renew holds the slot's
+/// lock, not the identity's, and touches only `last_renew`/`until`), the
+/// record is read again and the update written over the renewed one.
+async fn write_over(
+    ctx: &Locked<'_>,
+    record: &mut cm_core::model::InstanceRecord,
+    stack: &[u8],
+    previous: &cm_core::model::InstanceRecord,
+    revision: i64,
+) -> Result<(), HandlerError> {
+    let (mut base, mut rev) = (previous.clone(), revision);
+    for _ in 0..4 {
+        match ctx
+            .store
+            .put_instance(record, Some(stack), Expect::Revision(rev), Some(&base))
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let Some(sid) = &previous.source_id else {
+            return Err(HandlerError::Retry("the pooled record changed".into()));
+        };
+        let Some(now) = ctx.store.get_instance(&previous.challenge_id, sid).await? else {
+            return Err(HandlerError::Retry("the claimed record vanished".into()));
+        };
+        if now.value.identity != previous.identity {
+            return Err(HandlerError::Retry(
+                "the claimed record changed identity".into(),
+            ));
+        }
+        record.last_renew = now.value.last_renew;
+        record.until = now.value.until;
+        (base, rev) = (now.value, now.mod_revision);
+    }
+    Err(HandlerError::Retry("the record kept changing".into()))
 }

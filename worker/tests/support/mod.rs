@@ -208,6 +208,11 @@ impl Stack {
         let _ = self.workers[n].wait();
     }
 
+    /// The process id of worker `n`.
+    pub fn worker_pid(&self, n: usize) -> u32 {
+        self.workers[n].id()
+    }
+
     /// Whether worker `n` has exited, and how (`None` while it runs).
     pub fn worker_exit(&mut self, n: usize) -> Option<std::process::ExitStatus> {
         self.workers[n].try_wait().ok().flatten()

@@ -1,0 +1,931 @@
+//! Races between transitions of one instance, ordered deterministically with
+//! failpoint pauses (`CM_FAILPOINT=pause:<name>`, see `worker/src/failpoint.rs`)
+//! on real servers, and checked against the invariants of `docs/invariants.md`:
+//! - I1: a pool claim racing an in-place update of that pooled instance
+//!   never leaves one identity both pooled and claimed, nor claimed twice;
+//! - fencing: a handler whose lease was lost (revoked while it was paused)
+//!   cannot write once it resumes, so a deleted instance is not resurrected.
+
+mod support;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use cm_core::model::{InstanceRecord, InstanceStatus};
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::Stack;
+
+/// Waits until the pause `name` was reached by a worker.
+async fn wait_paused(stack: &Stack, dir: &Path, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !dir.join(format!("{name}.paused")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the pause {name} was never reached\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn resume(dir: &Path, name: &str) {
+    std::fs::write(dir.join(format!("{name}.resume")), b"go").expect("resume file");
+}
+
+/// Watches every change under a challenge's instance records from the
+/// first revision on, and after each revision checks I1: no identity both
+/// pooled and claimed, no identity claimed by two sources.
+struct IdentityChecker {
+    violations: Arc<Mutex<Vec<String>>>,
+    /// The revision the watch has reported up to.
+    seen: Arc<AtomicI64>,
+    watcher: etcd_client::WatchRequestSender,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl IdentityChecker {
+    async fn start(stack: &Stack, cid: &str) -> Self {
+        let prefix = format!("/cm/instance/{cid}/");
+        let watch = stack
+            .store
+            .client()
+            .watch(
+                prefix.clone(),
+                Some(WatchOptions::new().with_prefix().with_start_revision(1)),
+            )
+            .await
+            .expect("watch");
+        let (watcher, mut stream) = watch.split();
+        let violations = Arc::new(Mutex::new(Vec::new()));
+        let found = violations.clone();
+        let seen = Arc::new(AtomicI64::new(0));
+        let seen_by_task = seen.clone();
+        let task = tokio::spawn(async move {
+            // key -> identity
+            let mut state: BTreeMap<String, String> = BTreeMap::new();
+            let check = |state: &BTreeMap<String, String>, rev: i64| {
+                let mut pooled = BTreeSet::new();
+                let mut claimed: BTreeMap<&str, &str> = BTreeMap::new();
+                let mut out = Vec::new();
+                for (key, identity) in state {
+                    let rest = &key[prefix.len()..];
+                    if rest.starts_with("pool/") {
+                        pooled.insert(identity.as_str());
+                    } else if let Some(other) = claimed.insert(identity, rest) {
+                        out.push(format!(
+                            "rev {rev}: {identity} claimed by {other} and {rest}"
+                        ));
+                    }
+                }
+                for identity in claimed.keys() {
+                    if pooled.contains(identity) {
+                        out.push(format!("rev {rev}: {identity} both pooled and claimed"));
+                    }
+                }
+                out
+            };
+            while let Some(Ok(resp)) = stream.next().await {
+                let mut last_rev = None;
+                for event in resp.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    let rev = kv.mod_revision();
+                    if last_rev.is_some_and(|r| r != rev) {
+                        let v = check(&state, last_rev.unwrap_or_default());
+                        found.lock().expect("lock").extend(v);
+                    }
+                    last_rev = Some(rev);
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    match event.event_type() {
+                        EventType::Delete => {
+                            state.remove(&key);
+                        }
+                        EventType::Put => {
+                            let identity = serde_json::from_slice::<InstanceRecord>(kv.value())
+                                .map(|r| r.identity.to_string())
+                                .unwrap_or_else(|_| "(unreadable)".into());
+                            state.insert(key, identity);
+                        }
+                    }
+                }
+                if let Some(rev) = last_rev {
+                    let v = check(&state, rev);
+                    found.lock().expect("lock").extend(v);
+                }
+                if let Some(h) = resp.header() {
+                    seen_by_task.fetch_max(h.revision(), Ordering::AcqRel);
+                }
+            }
+        });
+        Self {
+            violations,
+            seen,
+            watcher,
+            task,
+        }
+    }
+
+    /// The violations seen up to etcd's current revision.
+    async fn violations(&mut self, stack: &Stack) -> Vec<String> {
+        let head = stack
+            .store
+            .client()
+            .get("/", Some(GetOptions::new().with_count_only()))
+            .await
+            .expect("get")
+            .header()
+            .map_or(0, |h| h.revision());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.seen.load(Ordering::Acquire) < head {
+            assert!(Instant::now() < deadline, "the watch never caught up");
+            // A progress notification reports the watch's current revision.
+            self.watcher.request_progress().await.expect("progress");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.violations.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for IdentityChecker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn instances(stack: &Stack, cid: &str) -> Vec<InstanceRecord> {
+    stack.store.list_instances(cid).await.expect("store")
+}
+
+async fn claimed(stack: &Stack, cid: &str, sid: &str) -> InstanceRecord {
+    stack
+        .store
+        .get_instance(cid, sid)
+        .await
+        .expect("store")
+        .expect("claimed record")
+        .value
+}
+
+/// The scenario: challenge `race1` (`steps`, min 1 max 1); the pooled
+/// instance is updated in place and paused between its Pulumi run and its
+/// record write; a claim for `p1` lands meanwhile; the update completes; a
+/// claim for `p2` must not get `p1`'s identity or flag, and etcd never holds
+/// one identity both pooled and claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_racing_an_update_of_the_pooled_instance_never_shares_it() {
+    const PAUSE: &str = "instance-update-before-write";
+    let pauses = tempfile::tempdir().expect("tempdir");
+    let dir = pauses.path().to_str().expect("utf-8").to_owned();
+    let armed = format!("pause:{PAUSE}");
+    let stack = Stack::start_with(2, &[("CM_FAILPOINT", &armed), ("CM_FAILPOINT_DIR", &dir)]).await;
+    let mut checker = IdentityChecker::start(&stack, "race1").await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({
+                "id": "race1", "scenario": "steps", "min": 1, "max": "1",
+                "additional": {"steps": "2"}
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let pooled = loop {
+        let all = instances(&stack, "race1").await;
+        if let Some(r) = all
+            .iter()
+            .find(|r| r.source_id.is_none() && r.status == InstanceStatus::Ready)
+        {
+            break r.identity.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pool never filled: {all:?}\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // The update of the challenge, in place: it pauses on the pooled
+    // instance once Pulumi has run, before writing its record.
+    let api = stack.api.clone();
+    let http = stack.http.clone();
+    let update = tokio::spawn(async move {
+        let resp = http
+            .patch(format!("{api}/api/v1/challenge/race1"))
+            .json(&json!({"additional": {"steps": "3"}, "updateStrategy": "update_in_place"}))
+            .send()
+            .await
+            .expect("patch");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap_or_default())
+    });
+    wait_paused(&stack, pauses.path(), PAUSE).await;
+
+    let (status, first) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "race1", "sourceId": "p1"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{first}\n{}", stack.worker_logs());
+    let p1 = claimed(&stack, "race1", "p1").await;
+    assert_ne!(
+        p1.identity, pooled,
+        "p1 claimed the pooled instance while its update was running (two transitions of one identity at once)"
+    );
+
+    resume(pauses.path(), PAUSE);
+    let (status, body) = update.await.expect("update task");
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+
+    let (status, second) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "race1", "sourceId": "p2"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{second}\n{}", stack.worker_logs());
+    let p2 = claimed(&stack, "race1", "p2").await;
+    assert_ne!(
+        p1.identity, p2.identity,
+        "two sources share one identity (the pooled one was {pooled})"
+    );
+    assert_ne!(first["flag"], second["flag"], "two sources share one flag");
+    assert_ne!(p1.flags, p2.flags, "two sources share one flag");
+    let pool: Vec<_> = instances(&stack, "race1")
+        .await
+        .into_iter()
+        .filter(|r| r.source_id.is_none())
+        .map(|r| r.identity)
+        .collect();
+    assert!(
+        !pool.contains(&p1.identity) && !pool.contains(&p2.identity),
+        "a claimed identity is back in the pool: {pool:?}"
+    );
+    let violations = checker.violations(&stack).await;
+    assert!(violations.is_empty(), "I1 broken: {violations:#?}");
+}
+
+/// Fencing: a create paused after its Pulumi run loses its lease (revoked,
+/// as etcd does to a worker paused past its TTL); the instance is deleted
+/// meanwhile under fresh locks; when the stale create resumes, its write
+/// must fail: the deleted identity's record and stack state stay gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_whose_lease_was_lost_cannot_resurrect_a_deleted_instance() {
+    const PAUSE: &str = "instance-create-before-write";
+    let pauses = tempfile::tempdir().expect("tempdir");
+    let dir = pauses.path().to_str().expect("utf-8").to_owned();
+    let armed = format!("pause:{PAUSE}");
+    let stack = Stack::start_with(1, &[("CM_FAILPOINT", &armed), ("CM_FAILPOINT_DIR", &dir)]).await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "fence", "scenario": "steps", "additional": {"steps": "2"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    let (status, body) = stack
+        .call_with(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "fence", "sourceId": "p1"})),
+            &[("Prefer", "respond-async")],
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let op = body["operationId"].as_str().expect("operation").to_owned();
+    wait_paused(&stack, pauses.path(), PAUSE).await;
+    let stale = claimed(&stack, "fence", "p1").await;
+    assert_eq!(stale.status, InstanceStatus::Deploying);
+
+    // The create's locks are bound to the worker's lease: revoke it, as etcd
+    // does when a worker is paused past its TTL.
+    let mut client = stack.store.client();
+    let locks = client
+        .get("/cm/lock/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("locks");
+    let leases: BTreeSet<i64> = locks.kvs().iter().map(|kv| kv.lease()).collect();
+    assert!(!leases.is_empty(), "the paused create holds locks");
+    for lease in leases {
+        client.lease_revoke(lease).await.expect("revoke");
+    }
+
+    // Another holder deletes the instance under fresh locks.
+    let (status, body) = stack
+        .call(Method::DELETE, "/api/v1/instance/fence/p1", None)
+        .await;
+    assert!(
+        status == 200 || status == 404,
+        "{status} {body}\n{}",
+        stack.worker_logs()
+    );
+
+    // The stale create resumes (if it still runs): its writes must fail.
+    resume(pauses.path(), PAUSE);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done: Value = loop {
+        let (status, body) = stack
+            .call(Method::GET, &format!("/api/v1/operation/{op}"), None)
+            .await;
+        if status == 200 && body["state"] != "PENDING" && !body["state"].is_null() {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "create never settled: {body}\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        support::wait_drained(
+            &stack.nats.url,
+            Duration::from_millis(200),
+            Duration::from_secs(60)
+        )
+        .await,
+        "queue not drained\n{}",
+        stack.worker_logs()
+    );
+    let now = stack
+        .store
+        .get_instance("fence", "p1")
+        .await
+        .expect("store");
+    if let Some(now) = &now {
+        assert_ne!(
+            now.value.identity,
+            stale.identity,
+            "the deleted identity was resurrected: {done}\n{}",
+            stack.worker_logs()
+        );
+    }
+    let state = stack
+        .store
+        .get_stack("fence", &stale.identity)
+        .await
+        .expect("store");
+    assert!(
+        state.is_none(),
+        "the deleted identity's stack state was written back\n{}",
+        stack.worker_logs()
+    );
+    // Whatever instance p1 has now (a create that ran after the delete) is
+    // whole: a ready record with its stack state.
+    if let Some(now) = now {
+        assert_eq!(now.value.status, InstanceStatus::Ready, "{done}");
+        assert!(
+            stack
+                .store
+                .get_stack("fence", &now.value.identity)
+                .await
+                .expect("store")
+                .is_some()
+        );
+    }
+}
+
+/// A store fenced by a lock refuses every write once the lock's lease is
+/// gone, even after a new holder took the same lock; the new holder's
+/// fenced writes go through. The session notices the loss and cancels its
+/// `lost` token (handlers race against it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_write_fails_once_its_lock_is_lost() {
+    use cm_core::{
+        lock::{self, LockMode, Session},
+        store::{Store, StoreError},
+    };
+    let etcd = cm_testkit::server::etcd();
+    let store = Store::connect(std::slice::from_ref(&etcd.url), "/cm", &Default::default())
+        .await
+        .expect("store");
+    let client = store.client();
+    let old = Session::start(client.clone(), 3).await.expect("session");
+    let lost = old.lost();
+    let identity: cm_core::Identity = "0123456789abcdef".parse().expect("identity");
+    let prefix = lock::identity_lock("/cm", "c", &identity);
+    let held = lock::acquire(
+        &client,
+        old.lease(),
+        &prefix,
+        LockMode::Write,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("lock");
+    let stale = store.fenced(&held.fence());
+    stale
+        .put_stack("c", &identity, b"{}".to_vec())
+        .await
+        .expect("a held lock's write goes through");
+
+    let revoked = old.lease();
+    client.clone().lease_revoke(revoked).await.expect("revoke");
+    let fresh = Session::start(client.clone(), 10).await.expect("session");
+    let next = lock::acquire(
+        &client,
+        fresh.lease(),
+        &prefix,
+        LockMode::Write,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("the lock is free again");
+    store
+        .fenced(&next.fence())
+        .put_stack("c", &identity, b"{\"new\":1}".to_vec())
+        .await
+        .expect("the new holder writes");
+    match stale
+        .put_stack("c", &identity, b"{\"stale\":1}".to_vec())
+        .await
+    {
+        Err(StoreError::Fenced { key }) => assert!(key.starts_with(&prefix), "{key}"),
+        other => panic!("the stale holder's write was not refused: {other:?}"),
+    }
+    assert_eq!(
+        store.get_stack("c", &identity).await.expect("get"),
+        Some(b"{\"new\":1}".to_vec())
+    );
+    tokio::time::timeout(Duration::from_secs(10), lost.cancelled())
+        .await
+        .expect("the session noticed its lease was lost");
+    // Then a new lease is granted, with a fresh token.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while old.lease() == revoked {
+        assert!(Instant::now() < deadline, "no new lease granted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!old.lost().is_cancelled(), "the new lease's token is live");
+}
+
+/// A waiter whose own key vanished while it waited (its lease expired)
+/// must not be told it holds the lock once the holder leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_waiter_whose_key_expired_does_not_proceed() {
+    use cm_core::lock::{self, LockMode};
+    let etcd = cm_testkit::server::etcd();
+    let store =
+        cm_core::store::Store::connect(std::slice::from_ref(&etcd.url), "/cm", &Default::default())
+            .await
+            .expect("store");
+    let mut client = store.client();
+    let holder_lease = client.lease_grant(30, None).await.expect("lease").id();
+    let waiter_lease = client.lease_grant(30, None).await.expect("lease").id();
+    let prefix = "/cm/lock/instance/c/s/";
+    let held = lock::acquire(
+        &client,
+        holder_lease,
+        prefix,
+        LockMode::Write,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("lock");
+    let waiter = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            lock::acquire(
+                &client,
+                waiter_lease,
+                prefix,
+                LockMode::Write,
+                Duration::from_secs(30),
+            )
+            .await
+        })
+    };
+    // The waiter's key is written: it queues behind the holder.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client
+        .get(
+            prefix,
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .expect("get")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "the waiter never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.lease_revoke(waiter_lease).await.expect("revoke");
+    held.release_now().await;
+    let got = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter returned")
+        .expect("task");
+    assert!(
+        got.is_err(),
+        "a waiter whose key expired was handed the lock: {got:?}"
+    );
+    let left = client
+        .get(
+            prefix,
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .expect("get")
+        .count();
+    assert_eq!(left, 0, "no lock key left behind");
+}
+
+/// Eviction while holding a create's locks: the create of `(b, s)` holds the
+/// source's lock and evicts `s`'s instance of `a`; a create of `(a, s)`
+/// queued meanwhile holds `(a, s)`'s slot key and waits for the source's
+/// lock. If the eviction waited for that slot, each would wait for the
+/// other until the lock timeout. Both must settle well before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_eviction_does_not_deadlock_with_a_create_on_the_victims_challenge() {
+    const PAUSE: &str = "instance-create-before-evict";
+    let pauses = tempfile::tempdir().expect("tempdir");
+    let dir = pauses.path().to_str().expect("utf-8").to_owned();
+    let armed = format!("pause:{PAUSE}");
+    let stack = Stack::start_with(
+        1,
+        &[
+            ("CM_FAILPOINT", &armed),
+            ("CM_FAILPOINT_DIR", &dir),
+            ("CM_MAX_INSTANCES_PER_SOURCE", "1"),
+            ("CM_EVICT_OLDEST", "true"),
+            ("CM_LOCK_TIMEOUT", "45s"),
+        ],
+    )
+    .await;
+    for id in ["a", "b"] {
+        let (status, body) = stack
+            .call(
+                Method::POST,
+                "/api/v1/challenge",
+                Some(json!({"id": id, "scenario": "identity"})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "a", "sourceId": "s"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+
+    let evicting = queue_create(&stack, "b", "s").await;
+    wait_paused(&stack, pauses.path(), PAUSE).await;
+    let competing = queue_create(&stack, "a", "s").await;
+    // The competing create has written its keys (source, challenge, slot)
+    // and waits behind the evicting create's source lock.
+    let mut client = stack.store.client();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .get(
+            "/cm/lock/instance/a/s/",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .expect("get")
+        .count()
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the competing create never queued\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    resume(pauses.path(), PAUSE);
+    for op in [&evicting, &competing] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = stack
+                .call(Method::GET, &format!("/api/v1/operation/{op}"), None)
+                .await;
+            if status == 200 && body["state"] != "PENDING" && !body["state"].is_null() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{op} never settled\n{}",
+                stack.worker_logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "the creates waited for each other ({took:?}; the lock timeout is 45 s)\n{}",
+        stack.worker_logs()
+    );
+    let b = stack.store.get_instance("b", "s").await.expect("store");
+    assert!(b.is_some(), "the evicting create ended with its instance");
+}
+
+/// Queues an instance create (`Prefer: respond-async`); its operation id.
+async fn queue_create(stack: &Stack, cid: &str, sid: &str) -> String {
+    let (status, body) = stack
+        .call_with(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": cid, "sourceId": sid})),
+            &[("Prefer", "respond-async")],
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    body["operationId"].as_str().expect("operation").to_owned()
+}
+
+/// A refill deploys its pool one instance at a time; between two deploys it
+/// must not keep the challenge locked, or a challenge update (a writer)
+/// waits for the whole refill, however large the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_challenge_update_is_not_held_back_by_a_whole_refill() {
+    const PAUSE: &str = "pool-refill-between-rounds";
+    let pauses = tempfile::tempdir().expect("tempdir");
+    let dir = pauses.path().to_str().expect("utf-8").to_owned();
+    let armed = format!("pause:{PAUSE}");
+    let stack = Stack::start_with(
+        1,
+        &[
+            ("CM_FAILPOINT", &armed),
+            ("CM_FAILPOINT_DIR", &dir),
+            ("CM_LOCK_TIMEOUT", "60s"),
+        ],
+    )
+    .await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "big", "scenario": "identity", "min": 3, "timeout": "600s"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // The refill deployed its first instance and is between two deploys.
+    wait_paused(&stack, pauses.path(), PAUSE).await;
+
+    let api = stack.api.clone();
+    let http = stack.http.clone();
+    let update = tokio::spawn(async move {
+        let resp = http
+            .patch(format!("{api}/api/v1/challenge/big"))
+            .json(&json!({"timeout": "900s"}))
+            .send()
+            .await
+            .expect("patch");
+        resp.status().as_u16()
+    });
+    let answered = tokio::time::timeout(Duration::from_secs(20), update).await;
+    resume(pauses.path(), PAUSE);
+    let status = answered
+        .unwrap_or_else(|_| {
+            panic!(
+                "the challenge update waited for the refill\n{}",
+                stack.worker_logs()
+            )
+        })
+        .expect("task");
+    assert_eq!(status, 200, "{}", stack.worker_logs());
+
+    // The refill still completes the pool.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let ready = instances(&stack, "big")
+            .await
+            .iter()
+            .filter(|r| r.source_id.is_none() && r.status == InstanceStatus::Ready)
+            .count();
+        if ready == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pool not refilled: {ready}\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// I1/I3 against a refill's surplus destroy: the pool shrinks (`min` 1 to
+/// 0) and the refill is about to destroy the pooled instance when a claim
+/// for `p1` comes: the claim must not get that instance (its stack is being
+/// destroyed), and whatever `p1` gets must be whole afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_racing_a_refills_surplus_destroy_gets_a_whole_instance() {
+    const PAUSE: &str = "pool-refill-before-destroy";
+    let pauses = tempfile::tempdir().expect("tempdir");
+    let dir = pauses.path().to_str().expect("utf-8").to_owned();
+    let armed = format!("pause:{PAUSE}");
+    let stack = Stack::start_with(2, &[("CM_FAILPOINT", &armed), ("CM_FAILPOINT_DIR", &dir)]).await;
+    let mut checker = IdentityChecker::start(&stack, "shrink").await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "shrink", "scenario": "identity", "min": 1, "max": 5})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let pooled = loop {
+        let all = instances(&stack, "shrink").await;
+        if let Some(r) = all
+            .iter()
+            .find(|r| r.source_id.is_none() && r.status == InstanceStatus::Ready)
+        {
+            break r.identity.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pool never filled: {all:?}\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // min 0: the refill destroys the pooled instance; it pauses just before.
+    let (status, body) = stack
+        .call(
+            Method::PATCH,
+            "/api/v1/challenge/shrink",
+            Some(json!({"min": 0})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    wait_paused(&stack, pauses.path(), PAUSE).await;
+
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "shrink", "sourceId": "p1"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    resume(pauses.path(), PAUSE);
+    assert!(
+        support::wait_drained(
+            &stack.nats.url,
+            Duration::from_millis(200),
+            Duration::from_secs(60)
+        )
+        .await,
+        "queue not drained\n{}",
+        stack.worker_logs()
+    );
+    let p1 = claimed(&stack, "shrink", "p1").await;
+    assert_ne!(
+        p1.identity, pooled,
+        "p1 claimed the instance the refill was destroying"
+    );
+    let state: Value = stack
+        .store
+        .get_stack("shrink", &p1.identity)
+        .await
+        .expect("store")
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .expect("p1's instance has a stack state");
+    let resources = state
+        .pointer("/checkpoint/checkpoint/latest/resources")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    assert!(
+        resources > 0,
+        "p1's instance was destroyed under it: {state}\n{}",
+        stack.worker_logs()
+    );
+    let left: Vec<_> = instances(&stack, "shrink")
+        .await
+        .into_iter()
+        .filter(|r| r.source_id.is_none())
+        .collect();
+    assert!(left.is_empty(), "the pool was not drained: {left:?}");
+    let violations = checker.violations(&stack).await;
+    assert!(violations.is_empty(), "I1 broken: {violations:#?}");
+}
+
+/// The direct children of process `pid` whose command name is `name`.
+fn children_named(pid: u32, name: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for child in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+        {
+            let comm = std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
+            if comm.trim() == name {
+                out.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// A handler whose lease is lost is stopped, and its Pulumi run with it: a
+/// slow deploy's lease is revoked mid-run; the `pulumi` process it started
+/// must be gone long before the run would have ended, and the command,
+/// retried, still ends with one whole instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_lease_stops_the_handler_and_kills_its_pulumi_run() {
+    let stack = Stack::start(1).await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({
+                "id": "slow", "scenario": "steps",
+                "additional": {"steps": "6", "step_ms": "3000"}
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let op = queue_create(&stack, "slow", "p1").await;
+    let worker = stack.worker_pid(0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let running = loop {
+        let found = children_named(worker, "pulumi");
+        if !found.is_empty() {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pulumi run started\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The run is under way (its first step's checkpoint may or may not be
+    // stored yet); the 6 steps take 18 s in all. Revoke the lease.
+    let mut client = stack.store.client();
+    let locks = client
+        .get("/cm/lock/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("locks");
+    let leases: BTreeSet<i64> = locks.kvs().iter().map(|kv| kv.lease()).collect();
+    assert!(!leases.is_empty(), "the create holds locks");
+    let revoked = Instant::now();
+    for lease in leases {
+        client.lease_revoke(lease).await.expect("revoke");
+    }
+    let deadline = revoked + Duration::from_secs(8);
+    while running
+        .iter()
+        .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the stale handler's pulumi run is still running {:?} after its lease was revoked\n{}",
+            revoked.elapsed(),
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Retried under a new lease, the command ends with one whole instance.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, body) = stack
+            .call(Method::GET, &format!("/api/v1/operation/{op}"), None)
+            .await;
+        if status == 200 && body["state"] != "PENDING" && !body["state"].is_null() {
+            assert_eq!(
+                body["state"],
+                "SUCCEEDED",
+                "{body}\n{}",
+                stack.worker_logs()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "create never settled: {body}\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rec = claimed(&stack, "slow", "p1").await;
+    assert_eq!(rec.status, InstanceStatus::Ready);
+    assert!(rec.connection_info.ends_with("x6"), "{rec:?}");
+}

@@ -5,6 +5,13 @@
 //! production), [`hit`] is one cached lookup. The points:
 //! - `after-up`: Pulumi finished a deploy, its record is not written yet;
 //! - `before-ack`: a command's result is recorded and announced, not acked.
+//!
+//! Pauses (`CM_PAUSE=<point>`, `CM_PAUSE_DIR=<dir>`, see [`pause`]) stop a
+//! worker at a named step until the test releases it, for races that need
+//! one delivery held while another runs:
+//! - `received`: a command was pulled, before anything is read or run;
+//! - `handler-start`: the settled check found nothing, the handler is about
+//!   to run (no in-progress acks are sent while paused there).
 
 use std::sync::OnceLock;
 
@@ -39,4 +46,45 @@ pub fn hit(name: &str) {
         tracing::error!(failpoint = name, "failpoint reached: aborting");
         std::process::abort();
     }
+}
+
+/// The environment variable naming the point where the worker pauses.
+pub const PAUSE_ENV: &str = "CM_PAUSE";
+/// The directory where a pause is announced and released.
+pub const PAUSE_DIR_ENV: &str = "CM_PAUSE_DIR";
+
+fn pause_point() -> Option<&'static (String, std::path::PathBuf)> {
+    static POINT: OnceLock<Option<(String, std::path::PathBuf)>> = OnceLock::new();
+    POINT
+        .get_or_init(|| {
+            let name = std::env::var(PAUSE_ENV).ok().filter(|n| !n.trim().is_empty())?;
+            let dir = std::env::var_os(PAUSE_DIR_ENV)?;
+            tracing::warn!(pause = %name, "pause point armed: this worker will stop there on purpose");
+            Some((name.trim().to_owned(), std::path::PathBuf::from(dir)))
+        })
+        .as_ref()
+}
+
+/// Pauses at `name` when `CM_PAUSE` names it (and `CM_PAUSE_DIR` is set),
+/// for the race tests: the worker creates `<dir>/<name>.reached` (holding
+/// `detail`, e.g. the command id), then waits until `<dir>/<name>.release`
+/// exists; once released, later hits pass straight through. Unarmed (always,
+/// in production), one cached lookup.
+pub async fn pause(name: &str, detail: &str) {
+    let Some((armed, dir)) = pause_point() else {
+        return;
+    };
+    if armed != name {
+        return;
+    }
+    let release = dir.join(format!("{name}.release"));
+    if release.exists() {
+        return;
+    }
+    tracing::warn!(pause = name, detail, "pause point reached: waiting for its release");
+    let _ = std::fs::write(dir.join(format!("{name}.reached")), detail);
+    while !release.exists() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tracing::warn!(pause = name, "pause point released");
 }

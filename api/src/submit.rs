@@ -117,7 +117,9 @@ pub fn validate_idempotency_key(key: &str) -> Result<(), DomainError> {
     Ok(())
 }
 
-type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<CommandResult>>>>;
+/// Requests waiting for a command's reply, by command id; several when a
+/// client retried under one `Idempotency-Key` (each with its own token).
+type Waiters = Arc<Mutex<HashMap<String, Vec<(u64, oneshot::Sender<CommandResult>)>>>>;
 
 /// Publishes commands and routes their replies.
 #[derive(Debug, Clone)]
@@ -150,9 +152,9 @@ impl Submitter {
                     tracing::warn!(subject = %msg.subject, "undecodable reply");
                     continue;
                 };
-                let waiter = routes.lock().ok().and_then(|mut w| w.remove(id));
-                if let Some(tx) = waiter {
-                    let _ = tx.send(result);
+                let waiting = routes.lock().ok().and_then(|mut w| w.remove(id));
+                for (_, tx) in waiting.unwrap_or_default() {
+                    let _ = tx.send(result.clone());
                 }
             }
         });
@@ -214,32 +216,40 @@ impl Submitter {
                 return Ok(Submitted::Done(Box::new(result)));
             }
             let receiver = wait.map(|_| self.register(&id));
+            let token = receiver.as_ref().map_or(0, |(token, _)| *token);
             let duplicate = match self.publish(&subject, &command, wait.is_some()).await {
                 Ok(duplicate) => duplicate,
                 Err(e) => {
-                    self.forget(&id);
+                    self.forget(&id, token);
                     return Err(e);
                 }
             };
-            let (Some(limit), Some(receiver)) = (wait, receiver) else {
+            let (Some(limit), Some((_, receiver))) = (wait, receiver) else {
                 return Ok(Submitted::Accepted { operation_id: id });
             };
             // A duplicate (the first request's copy is in flight) gets no
             // reply of its own: it reads the record, often.
             let poll = if duplicate { RETRY_POLL } else { RECORD_POLL };
             let answered = async {
+                // A reply wakes it; else the record (a dropped sender is no answer).
+                let replied = async {
+                    match receiver.await {
+                        Ok(r) => r,
+                        Err(_) => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
-                    r = receiver => r.ok(),
-                    r = self.recorded_result(&id, poll) => Some(r),
+                    r = replied => r,
+                    r = self.recorded_result(&id, poll) => r,
                 }
             };
             match tokio::time::timeout(limit, answered).await {
-                Ok(Some(result)) => {
-                    self.forget(&id);
+                Ok(result) => {
+                    self.forget(&id, token);
                     Ok(Submitted::Done(Box::new(result)))
                 }
-                _ => {
-                    self.forget(&id);
+                Err(_) => {
+                    self.forget(&id, token);
                     // The result may have been recorded just now: it wins
                     // over a pending record, and is the answer.
                     match self.record_pending(&command, kind).await? {
@@ -340,17 +350,24 @@ impl Submitter {
         }
     }
 
-    fn register(&self, id: &str) -> oneshot::Receiver<CommandResult> {
+    fn register(&self, id: &str) -> (u64, oneshot::Receiver<CommandResult>) {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let token = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Ok(mut w) = self.waiters.lock() {
-            w.insert(id.to_owned(), tx);
+            w.entry(id.to_owned()).or_default().push((token, tx));
         }
-        rx
+        (token, rx)
     }
 
-    fn forget(&self, id: &str) {
-        if let Ok(mut w) = self.waiters.lock() {
-            w.remove(id);
+    fn forget(&self, id: &str, token: u64) {
+        if let Ok(mut w) = self.waiters.lock()
+            && let Some(waiting) = w.get_mut(id)
+        {
+            waiting.retain(|(t, _)| *t != token);
+            if waiting.is_empty() {
+                w.remove(id);
+            }
         }
     }
 }

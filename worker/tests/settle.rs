@@ -323,7 +323,7 @@ async fn the_apis_pending_record_never_replaces_a_recorded_result() {
             }),
         };
         store
-            .settle_operation(
+            .put_operation(
                 &command.command_id,
                 serde_json::to_vec(&op).expect("json"),
                 0,

@@ -66,8 +66,8 @@ fn pause_point() -> Option<&'static (String, std::path::PathBuf)> {
 }
 
 /// Pauses at `name` when `CM_PAUSE` names it (and `CM_PAUSE_DIR` is set),
-/// for the race tests: the worker creates `<dir>/<name>.reached` (holding
-/// `detail`, e.g. the command id), then waits until `<dir>/<name>.release`
+/// for the race tests: the worker appends `detail` (e.g. the command id) as
+/// a line to `<dir>/<name>.reached`, then waits until `<dir>/<name>.release`
 /// exists; once released, later hits pass straight through. Unarmed (always,
 /// in production), one cached lookup.
 pub async fn pause(name: &str, detail: &str) {
@@ -82,7 +82,15 @@ pub async fn pause(name: &str, detail: &str) {
         return;
     }
     tracing::warn!(pause = name, detail, "pause point reached: waiting for its release");
-    let _ = std::fs::write(dir.join(format!("{name}.reached")), detail);
+    // One line per paused command (several when the worker runs several).
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.reached")))
+    {
+        use std::io::Write as _;
+        let _ = writeln!(f, "{detail}");
+    }
     while !release.exists() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }

@@ -105,12 +105,16 @@ fn release(dir: &Path, point: &str) {
     std::fs::write(dir.join(format!("{point}.release")), b"").expect("release");
 }
 
-/// Waits until a worker paused at `point`; the command id it holds.
-async fn wait_paused(stack: &Stack, dir: &Path, point: &str) -> String {
+/// Waits until `n` commands are paused at `point`; their ids.
+async fn wait_paused(stack: &Stack, dir: &Path, point: &str, n: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(detail) = std::fs::read_to_string(reached(dir, point)) {
-            return detail;
+            let mut ids: Vec<String> = detail.lines().map(str::to_owned).collect();
+            if ids.len() >= n {
+                ids.sort();
+                return ids;
+            }
         }
         assert!(
             Instant::now() < deadline,
@@ -175,37 +179,51 @@ async fn a_busy_worker_pulls_no_command_it_cannot_start() {
         .subscribe(format!("{REPLIES}.>"))
         .await
         .expect("subscribe");
-    for cid in ["p1", "p2", "p3"] {
+    for cid in ["p1a", "p1b", "p2", "p3"] {
         seed_challenge(&stack, cid).await;
     }
-    // Worker 0 runs one command at a time and stops in its first handler.
+    // Worker 0 runs two commands at a time, and both stop in their handler.
     stack.spawn_worker_with(&[
-        ("CM_WORKER_CONCURRENCY", "1"),
+        ("CM_WORKER_CONCURRENCY", "2"),
         ("CM_ACK_WAIT", "2s"),
         ("CM_PAUSE", "handler-start"),
         ("CM_PAUSE_DIR", &dir),
     ]);
-    publish_delete(&js, "cmd-p1", "p1").await;
-    assert_eq!(wait_paused(&stack, pauses.path(), "handler-start").await, "cmd-p1");
+    publish_delete(&js, "cmd-p1a", "p1a").await;
+    publish_delete(&js, "cmd-p1b", "p1b").await;
+    assert_eq!(
+        wait_paused(&stack, pauses.path(), "handler-start", 2).await,
+        ["cmd-p1a", "cmd-p1b"]
+    );
 
-    // Queued behind it: worker 0 has no permit for it, so it must leave it
-    // to worker 1 (today it pulled it into a buffer, where its ack wait ran
-    // out and worker 1 got a second copy).
+    // Queued behind them: worker 0 has no permit for it, so it must leave it
+    // to worker 1 (at 4cf2e04 it pulled it into a buffer, where its ack
+    // wait ran out and worker 1 got a second copy).
     publish_delete(&js, "cmd-p2", "p2").await;
     stack.spawn_worker_with(&[("CM_ACK_WAIT", "2s")]);
     let op = wait_settled(&stack, "cmd-p2", Duration::from_secs(60)).await;
     assert_eq!(op.state, State::Succeeded as i32, "{op:?}");
     stack.kill_worker(1);
 
-    // Worker 0 goes on; whatever it holds it runs before the next command.
+    // Worker 0 goes on with what it holds, then takes the next command.
     release(pauses.path(), "handler-start");
     publish_delete(&js, "cmd-p3", "p3").await;
-    let got = replies_until(&mut replies, "cmd-p3", Duration::from_secs(60)).await;
+    let mut got = replies_until(&mut replies, "cmd-p3", Duration::from_secs(60)).await;
     assert!(
         got.iter().any(|(id, r)| id == "cmd-p3" && is_deleted(r)),
         "{got:?}\n{}",
         stack.worker_logs()
     );
+    assert!(
+        support::wait_drained(
+            &stack.nats.url,
+            Duration::from_millis(100),
+            Duration::from_secs(30)
+        )
+        .await
+    );
+    // Stragglers (a buffered copy would answer about now).
+    got.extend(replies_until(&mut replies, "none", Duration::from_secs(1)).await);
     let p2: Vec<_> = got.iter().filter(|(id, _)| id == "cmd-p2").collect();
     assert_eq!(
         p2.len(),
@@ -213,8 +231,8 @@ async fn a_busy_worker_pulls_no_command_it_cannot_start() {
         "the queued command was handled once, not also from worker 0's buffer: {p2:?}"
     );
     assert!(is_deleted(&p2[0].1), "{p2:?}");
-    // Every answer to the held command is the same.
-    for (id, r) in got.iter().filter(|(id, _)| id == "cmd-p1") {
+    // Every answer to the held commands is the same.
+    for (id, r) in got.iter().filter(|(id, _)| id.starts_with("cmd-p1")) {
         assert!(is_deleted(r), "{id}: {r:?}\n{}", stack.worker_logs());
     }
     let op = wait_settled(&stack, "cmd-p2", Duration::from_secs(5)).await;
@@ -240,7 +258,7 @@ async fn held_delivery_answers_the_settled_result(point: &str) {
         ("CM_PAUSE_DIR", &dir),
     ]);
     publish_delete(&js, "cmd-held", "held").await;
-    assert_eq!(wait_paused(&stack, pauses.path(), point).await, "cmd-held");
+    assert_eq!(wait_paused(&stack, pauses.path(), point, 1).await, ["cmd-held"]);
 
     // Its ack wait runs out (no progress acks before the handler starts):
     // worker 1 gets the second delivery and settles it.

@@ -826,11 +826,16 @@ impl Store {
     /// record already there (an earlier delivery settled the command first:
     /// its answer is the command's answer). One round trip when nothing is
     /// recorded yet.
+    ///
+    /// `since`: a final record finished before it settled an earlier life of
+    /// the command (dead-lettered, then replayed by an operator) and is
+    /// replaced like a pending one.
     pub async fn settle_operation(
         &self,
         id: &str,
         value: Vec<u8>,
         lease: i64,
+        since: Option<&Timestamp>,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let key = self.operation_key(id);
         let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
@@ -850,13 +855,17 @@ impl Store {
                 guard = Compare::version(key.clone(), CompareOp::Equal, 0);
                 continue;
             };
-            let pending = serde_json::from_slice::<cm_schemas::v1::Operation>(&existing)
-                .map(|op| op.state == cm_schemas::v1::operation::State::Pending as i32)
-                .map_err(|e| StoreError::Corrupt {
+            let op = serde_json::from_slice::<cm_schemas::v1::Operation>(&existing).map_err(
+                |e| StoreError::Corrupt {
                     key: key.clone(),
                     reason: e.to_string(),
-                })?;
-            if !pending {
+                },
+            )?;
+            let pending = op.state == cm_schemas::v1::operation::State::Pending as i32;
+            let finished = op.result.as_ref().and_then(|r| r.finished_at.as_ref());
+            let earlier_life = matches!((finished, since), (Some(f), Some(s))
+                if (f.seconds, f.nanos) < (s.seconds, s.nanos));
+            if !pending && !earlier_life {
                 return Ok(Some(existing));
             }
             guard = Compare::mod_revision(key.clone(), CompareOp::Equal, revision);

@@ -13,9 +13,11 @@
 //!   permits, never more: every command this worker holds is being run (and
 //!   kept alive by progress acks), none waits in a buffer while its ack wait
 //!   runs out and another worker gets a second copy.
-//! - **One answer per command (I4).** Every delivery first reads the
-//!   command's operation record: a command already settled is answered with
-//!   the recorded result, not run again. A result is recorded before anyone
+//! - **One answer per command (I4).** Every delivery that can follow
+//!   another (any redelivery, and a first delivery older than a quarter of
+//!   the ack wait: see [`provably_first`]) first reads the command's
+//!   operation record: a command already settled is answered with the
+//!   recorded result, not run again. A result is recorded before anyone
 //!   hears it, and only once ([`Store::settle_operation`]): a delivery that
 //!   ran concurrently with another and lost answers the winner's result.
 //! - **Nothing stuck at max deliveries (I5).** The consumer lets JetStream
@@ -241,11 +243,14 @@ async fn settle(
     delivered: i64,
 ) {
     // Already settled (another delivery of this message recorded its
-    // result): answer that again, on every delivery, the first included (a
-    // copy held by a paused worker is a first delivery too). A record older
-    // than this message settled an earlier life of the command
-    // (dead-lettered, then replayed by an operator), not this one.
-    if let Some(op) = settled(ctx, command, message).await {
+    // result): answer that again, on every delivery that can follow
+    // another, the first included (a copy held by a paused worker is a
+    // first delivery too). A record older than this message settled an
+    // earlier life of the command (dead-lettered, then replayed by an
+    // operator), not this one.
+    if !provably_first(ctx, message, delivered)
+        && let Some(op) = settled(ctx, command, message).await
+    {
         if let Some(result) = op.result {
             reply(ctx, message, &result).await;
             publish_event(ctx, kind, challenge_id, &result).await;
@@ -333,7 +338,7 @@ async fn settle(
     // second answers the first's result. A crash before the record lets the
     // command come back, whose handler answers the same (records carry the
     // command id).
-    let answer = match record(ctx, retention, command, kind, &result).await {
+    let answer = match record(ctx, retention, command, kind, &result, published(message)).await {
         Ok(None) => result,
         Ok(Some(earlier)) => {
             tracing::warn!("another delivery settled this command first; answering its result");
@@ -355,6 +360,20 @@ async fn settle(
     crate::failpoint::hit("before-ack");
     ack(message, AckKind::Ack).await;
     observe_latency(command, kind);
+}
+
+/// Whether no other delivery of `message` can have happened yet, so the
+/// settled check would find nothing and is skipped (the hot path of fresh
+/// commands keeps its latency): a first delivery stored less than a quarter
+/// of the ack wait ago. Another delivery needs the ack wait to run out after
+/// the first, which came after the store; the margin covers clock skew
+/// between this worker and the NATS server up to three quarters of the ack
+/// wait. Any older first delivery (a copy held by a paused worker) is checked.
+fn provably_first(ctx: &Ctx, message: &Message, delivered: i64) -> bool {
+    delivered == 1
+        && published(message)
+            .and_then(|p| std::time::SystemTime::now().duration_since(p).ok())
+            .is_some_and(|age| age < ctx.queue.ack_wait / 4)
 }
 
 /// The command's operation record when it is settled (not pending) and was
@@ -389,7 +408,7 @@ async fn give_up(
         delivered.min(ctx.queue.max_deliver)
     ));
     let result = result_of(command, Err(e));
-    let answer = match record(ctx, retention, command, kind, &result).await {
+    let answer = match record(ctx, retention, command, kind, &result, published(message)).await {
         Ok(None) => result,
         Ok(Some(earlier)) => earlier,
         Err(e) => {
@@ -453,6 +472,14 @@ async fn undo_reservation(ctx: &Ctx, command: &Command) -> Result<(), String> {
     Ok(())
 }
 
+/// When `message` was stored in the stream (by the server's clock).
+fn published(message: &Message) -> Option<std::time::SystemTime> {
+    message
+        .info()
+        .ok()
+        .map(|i| std::time::SystemTime::from(i.published))
+}
+
 /// Whether `op` was recorded after `message` was stored (unknown: assume so).
 fn recorded_since_published(op: &Operation, message: &Message) -> bool {
     let finished = op.result.as_ref().and_then(|r| r.finished_at.as_ref());
@@ -493,13 +520,15 @@ fn result_of(command: &Command, outcome: Result<Outcome, DomainError>) -> Comman
 
 /// Settles the command's operation record with `result`, once. `Ok(None)`:
 /// recorded; `Ok(Some(earlier))`: another delivery settled it first, and its
-/// result is the command's answer.
+/// result is the command's answer. A record finished before the message was
+/// `published` belongs to an earlier life of the command and is replaced.
 async fn record(
     ctx: &Ctx,
     retention: &RetentionLease,
     command: &Command,
     kind: CommandKind,
     result: &CommandResult,
+    published: Option<std::time::SystemTime>,
 ) -> Result<Option<CommandResult>, cm_core::store::StoreError> {
     let failed = matches!(result.outcome, Some(Outcome::Failure(_)));
     let op = Operation {
@@ -518,9 +547,10 @@ async fn record(
         reason: e.to_string(),
     })?;
     let lease = retention.id().await?;
+    let since = published.map(cm_core::model::to_timestamp);
     let Some(existing) = ctx
         .store
-        .settle_operation(&command.command_id, bytes, lease)
+        .settle_operation(&command.command_id, bytes, lease, since.as_ref())
         .await?
     else {
         return Ok(None);

@@ -544,6 +544,36 @@ async fn a_retry_with_the_same_idempotency_key_has_one_effect_and_the_same_answe
         .await;
     assert_eq!(plain.0, 404, "without the key it is a new command");
 
+    // The NATS front door: the same header, the same promise.
+    let (client, _js) = jetstream(&stack).await;
+    let ask = || {
+        let client = client.clone();
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Idempotency-Key", "create-team-n-1");
+            let reply = client
+                .request_with_headers(
+                    "cm.api.instance.create",
+                    headers,
+                    serde_json::to_vec(&json!({"challengeId": "idem", "sourceId": "team-n"}))
+                        .expect("json")
+                        .into(),
+                )
+                .await
+                .expect("NATS reply");
+            let failed = reply
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Service-Error-Code"))
+                .map(|v| v.as_str().to_owned());
+            (failed, reply.payload)
+        }
+    };
+    let first = ask().await;
+    assert_eq!(first.0, None, "{:?}", first.1);
+    let again = ask().await;
+    assert_eq!(again, first, "a NATS retry gets the same answer");
+
     // A malformed key is refused.
     let (status, _) = stack
         .call_with(

@@ -309,7 +309,8 @@ async fn renew_instance(
 ) -> Result<Response, ApiError> {
     let mode = mode(&headers);
     Ok(reply(
-        app.renew_instance(cid, sid, requester(&headers), mode).await?,
+        app.renew_instance(cid, sid, requester(&headers), mode)
+            .await?,
         mode,
     ))
 }
@@ -321,7 +322,8 @@ async fn reset_instance(
 ) -> Result<Response, ApiError> {
     let mode = mode(&headers);
     Ok(reply(
-        app.reset_instance(cid, sid, requester(&headers), mode).await?,
+        app.reset_instance(cid, sid, requester(&headers), mode)
+            .await?,
         mode,
     ))
 }

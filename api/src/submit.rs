@@ -379,3 +379,57 @@ fn settled(bytes: &[u8]) -> Option<CommandResult> {
         .filter(|op| op.state != State::Pending as i32)
         .and_then(|op| op.result)
 }
+
+#[cfg(test)]
+mod tests {
+    use cm_schemas::v1::{CreateInstanceRequest, DeleteInstanceRequest};
+
+    use super::*;
+
+    fn create(cid: &str, sid: &str) -> Request {
+        Request::InstanceCreate(CreateInstanceRequest {
+            challenge_id: cid.into(),
+            source_id: sid.into(),
+            additional: Default::default(),
+        })
+    }
+
+    #[test]
+    fn a_key_names_one_command_per_caller_route_and_target() {
+        let id = keyed_command_id("", &create("c", "s"), "k");
+        assert_eq!(
+            id,
+            keyed_command_id("", &create("c", "s"), "k"),
+            "deterministic"
+        );
+        let parsed = uuid::Uuid::parse_str(&id).expect("a uuid");
+        assert_eq!(parsed.get_version_num(), 8);
+        for other in [
+            keyed_command_id("", &create("c", "s"), "k2"),
+            keyed_command_id("alice", &create("c", "s"), "k"),
+            keyed_command_id("", &create("c", "s2"), "k"),
+            keyed_command_id("", &create("c2", "s"), "k"),
+            keyed_command_id(
+                "",
+                &Request::InstanceDelete(DeleteInstanceRequest {
+                    challenge_id: "c".into(),
+                    source_id: "s".into(),
+                    force: false,
+                }),
+                "k",
+            ),
+            // Parts are length-prefixed: no two splits of one string collide.
+            keyed_command_id("", &create("cs", ""), "k"),
+        ] {
+            assert_ne!(id, other);
+        }
+    }
+
+    #[test]
+    fn malformed_keys_are_refused() {
+        assert!(validate_idempotency_key("retry-1:abc").is_ok());
+        for bad in ["", "has space", "tab\there", "é", &"x".repeat(256)] {
+            assert!(validate_idempotency_key(bad).is_err(), "{bad:?}");
+        }
+    }
+}

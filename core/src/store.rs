@@ -855,12 +855,13 @@ impl Store {
                 guard = Compare::version(key.clone(), CompareOp::Equal, 0);
                 continue;
             };
-            let op = serde_json::from_slice::<cm_schemas::v1::Operation>(&existing).map_err(
-                |e| StoreError::Corrupt {
-                    key: key.clone(),
-                    reason: e.to_string(),
-                },
-            )?;
+            let op =
+                serde_json::from_slice::<cm_schemas::v1::Operation>(&existing).map_err(|e| {
+                    StoreError::Corrupt {
+                        key: key.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
             let pending = op.state == cm_schemas::v1::operation::State::Pending as i32;
             let finished = op.result.as_ref().and_then(|r| r.finished_at.as_ref());
             let earlier_life = matches!((finished, since), (Some(f), Some(s))

@@ -170,7 +170,11 @@ pub async fn run(
 
 async fn process(ctx: &Ctx, retention: &RetentionLease, message: Message) {
     let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
-    if let Some(id) = message.headers.as_ref().and_then(|h| h.get(queue::HDR_MSG_ID)) {
+    if let Some(id) = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(queue::HDR_MSG_ID))
+    {
         crate::failpoint::pause("received", id.as_str()).await;
     }
     let command = match Command::decode(message.payload.clone()) {
@@ -399,7 +403,11 @@ async fn give_up(
     if let Err(e) = undo_reservation(ctx, command).await {
         // The reservation would be left behind: try again later.
         tracing::warn!(error = %e, "cannot undo the command's reservation yet; retrying later");
-        ack(message, AckKind::Nak(Some(queue::backoff_delay(&ctx.queue, delivered)))).await;
+        ack(
+            message,
+            AckKind::Nak(Some(queue::backoff_delay(&ctx.queue, delivered))),
+        )
+        .await;
         return;
     }
     dead_letter(ctx, message, Some((kind, challenge_id)), reason, delivered).await;

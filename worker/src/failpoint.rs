@@ -81,7 +81,11 @@ pub async fn pause(name: &str, detail: &str) {
     if release.exists() {
         return;
     }
-    tracing::warn!(pause = name, detail, "pause point reached: waiting for its release");
+    tracing::warn!(
+        pause = name,
+        detail,
+        "pause point reached: waiting for its release"
+    );
     // One line per paused command (several when the worker runs several).
     if let Ok(mut f) = std::fs::OpenOptions::new()
         .create(true)

@@ -17,9 +17,13 @@ use futures::StreamExt;
 use prost::Message as _;
 
 async fn store(etcd: &server::Server) -> Store {
-    Store::connect(std::slice::from_ref(&etcd.url), "/cm", &StoreOptions::default())
-        .await
-        .expect("store")
+    Store::connect(
+        std::slice::from_ref(&etcd.url),
+        "/cm",
+        &StoreOptions::default(),
+    )
+    .await
+    .expect("store")
 }
 
 fn record(cid: &str, sid: Option<String>, until: Option<SystemTime>, pad: usize) -> InstanceRecord {
@@ -96,10 +100,7 @@ async fn stale_expiry_entries_do_not_block_the_janitor() {
     for i in 0..1100u32 {
         let t = to_timestamp(old + Duration::from_millis(u64::from(i)));
         ops.push(TxnOp::put(
-            format!(
-                "/cm/expiry/{:020}.{:09}/ghost/team-{i}",
-                t.seconds, t.nanos
-            ),
+            format!("/cm/expiry/{:020}.{:09}/ghost/team-{i}", t.seconds, t.nanos),
             Identity::random().as_str(),
             None,
         ));
@@ -135,7 +136,10 @@ async fn stale_expiry_entries_do_not_block_the_janitor() {
     let t = to_timestamp(old - Duration::from_secs(1));
     etcd_client
         .put(
-            format!("/cm/expiry/{:020}.{:09}/live/team-renewed", t.seconds, t.nanos),
+            format!(
+                "/cm/expiry/{:020}.{:09}/live/team-renewed",
+                t.seconds, t.nanos
+            ),
             renewed.identity.as_str(),
             None,
         )
@@ -163,11 +167,19 @@ async fn stale_expiry_entries_do_not_block_the_janitor() {
     let left = etcd_client
         .get(
             "/cm/expiry/",
-            Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
         )
         .await
         .expect("etcd");
-    assert_eq!(left.kvs().len(), 2, "the expired and the renewed instance's entries");
+    assert_eq!(
+        left.kvs().len(),
+        2,
+        "the expired and the renewed instance's entries"
+    );
     let report = janitor.tick().await.expect("second tick");
     assert_eq!((report.expired, report.stale), (1, 0), "{report:?}");
 }

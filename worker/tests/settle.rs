@@ -158,7 +158,12 @@ async fn replies_until(
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + limit;
     while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
-        let id = msg.subject.rsplit('.').next().unwrap_or_default().to_owned();
+        let id = msg
+            .subject
+            .rsplit('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
         let result = CommandResult::decode(msg.payload).expect("a CommandResult");
         let done = id == until_id;
         out.push((id, result));
@@ -236,7 +241,11 @@ async fn a_busy_worker_pulls_no_command_it_cannot_start() {
         assert!(is_deleted(r), "{id}: {r:?}\n{}", stack.worker_logs());
     }
     let op = wait_settled(&stack, "cmd-p2", Duration::from_secs(5)).await;
-    assert_eq!(op.state, State::Succeeded as i32, "never overwritten: {op:?}");
+    assert_eq!(
+        op.state,
+        State::Succeeded as i32,
+        "never overwritten: {op:?}"
+    );
 }
 
 /// One delivery of a `challenge.delete` held at `point` past its ack wait;
@@ -258,7 +267,10 @@ async fn held_delivery_answers_the_settled_result(point: &str) {
         ("CM_PAUSE_DIR", &dir),
     ]);
     publish_delete(&js, "cmd-held", "held").await;
-    assert_eq!(wait_paused(&stack, pauses.path(), point, 1).await, ["cmd-held"]);
+    assert_eq!(
+        wait_paused(&stack, pauses.path(), point, 1).await,
+        ["cmd-held"]
+    );
 
     // Its ack wait runs out (no progress acks before the handler starts):
     // worker 1 gets the second delivery and settles it.
@@ -360,7 +372,10 @@ async fn the_apis_pending_record_never_replaces_a_recorded_result() {
         State::Succeeded as i32,
         "the recorded result survives the API's timeout: {op:?}"
     );
-    assert_eq!(status, 200, "the timed-out wait answers the recorded result: {body}");
+    assert_eq!(
+        status, 200,
+        "the timed-out wait answers the recorded result: {body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -391,7 +406,11 @@ async fn a_command_whose_last_delivery_is_lost_is_dead_lettered_and_its_reservat
     let op_id = body["operationId"].as_str().expect("operation").to_owned();
     let deadline = Instant::now() + Duration::from_secs(120);
     while stack.worker_exit(1).is_none() {
-        assert!(Instant::now() < deadline, "after-up never fired\n{}", stack.worker_logs());
+        assert!(
+            Instant::now() < deadline,
+            "after-up never fired\n{}",
+            stack.worker_logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let reservation = stack
@@ -442,7 +461,12 @@ async fn a_command_whose_last_delivery_is_lost_is_dead_lettered_and_its_reservat
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
-        support::wait_drained(&stack.nats.url, Duration::from_millis(200), Duration::from_secs(30)).await,
+        support::wait_drained(
+            &stack.nats.url,
+            Duration::from_millis(200),
+            Duration::from_secs(30)
+        )
+        .await,
         "nothing left in the command stream"
     );
     // The source can deploy again.
@@ -476,7 +500,10 @@ async fn a_worker_brings_the_consumer_to_its_flags() {
                 if have == Some(want) {
                     return;
                 }
-                assert!(Instant::now() < deadline, "ack wait {have:?}, want {want:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "ack wait {have:?}, want {want:?}"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -514,7 +541,12 @@ async fn a_retry_with_the_same_idempotency_key_has_one_effect_and_the_same_answe
         .await;
     assert_eq!(c, a, "a retry is answered as the first request was");
     assert_eq!(
-        stack.store.list_instances("idem").await.expect("etcd").len(),
+        stack
+            .store
+            .list_instances("idem")
+            .await
+            .expect("etcd")
+            .len(),
         1,
         "one effect"
     );

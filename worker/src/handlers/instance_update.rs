@@ -36,7 +36,17 @@ pub async fn handle(
         all.into_iter()
             .find(|r| r.identity.as_str() == req.identity)
     };
-    let Some(seen) = find(ctx.store.list_instances(cid).await?) else {
+    let all = ctx.store.list_instances(cid).await?;
+    // Redelivered after this very command switched the instance to a new
+    // identity (blue/green) but before it settled: the switched record is
+    // its answer, not "gone".
+    if let Some(done) = all
+        .iter()
+        .find(|r| r.command_id == command_id && r.identity.as_str() != req.identity)
+    {
+        return Ok(Outcome::Instance(done.to_api()));
+    }
+    let Some(seen) = find(all) else {
         // Deleted or claimed-and-reset meanwhile: nothing to update.
         return Err(DomainError::not_found(format!("instance {} is gone", req.identity)).into());
     };

@@ -268,7 +268,14 @@ pub async fn reconcile_workers_consumer(
             "updating the workers' consumer to this worker's configuration"
         );
         // Create-or-update: the server changes an existing durable in place.
-        consumer = stream.create_consumer(want).await?;
+        // A server that refuses leaves the consumer as it was: consume with it.
+        match stream.create_consumer(want).await {
+            Ok(updated) => consumer = updated,
+            Err(e) => tracing::warn!(
+                error = %e,
+                "the workers' consumer could not be updated; consuming with its current configuration"
+            ),
+        }
     }
     Ok(consumer)
 }

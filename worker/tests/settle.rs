@@ -483,13 +483,30 @@ async fn a_command_whose_last_delivery_is_lost_is_dead_lettered_and_its_reservat
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_brings_the_consumer_to_its_flags() {
     let mut stack = Stack::start(0).await;
-    stack.spawn_worker_with(&[("CM_ACK_WAIT", "30s")]);
     let (_client, js) = jetstream(&stack).await;
+    // The consumer as 4cf2e04 made it: JetStream's own delivery bound.
+    js.get_stream(queue::COMMANDS_STREAM)
+        .await
+        .expect("stream")
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some(queue::WORKERS_CONSUMER.into()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(20),
+            max_deliver: 5,
+            max_ack_pending: 256,
+            filter_subject: "cm.cmd.>".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("old consumer");
+    stack.spawn_worker_with(&[("CM_ACK_WAIT", "30s")]);
     let ack_wait = |js: async_nats::jetstream::Context| async move {
         let stream = js.get_stream(queue::COMMANDS_STREAM).await.ok()?;
         let mut consumer: async_nats::jetstream::consumer::PullConsumer =
             stream.get_consumer(queue::WORKERS_CONSUMER).await.ok()?;
-        Some(consumer.info().await.ok()?.config.ack_wait)
+        let config = consumer.info().await.ok()?.config.clone();
+        // Unbounded redelivery: the worker dead-letters at its own bound.
+        (config.max_deliver == -1).then_some(config.ack_wait)
     };
     let wait_for = |want: Duration| {
         let js = js.clone();

@@ -17,9 +17,10 @@
 //!   another (any redelivery, and a first delivery older than a quarter of
 //!   the ack wait: see [`provably_first`]) first reads the command's
 //!   operation record: a command already settled is answered with the
-//!   recorded result, not run again. A result is recorded before anyone
-//!   hears it, and only once ([`Store::settle_operation`]): a delivery that
-//!   ran concurrently with another and lost answers the winner's result.
+//!   recorded result, not run again. A result is recorded only once
+//!   ([`Store::settle_operation`]): a delivery that ran concurrently with
+//!   another and lost answers the winner's result; where a twin delivery is
+//!   possible, the result is recorded before anyone hears it.
 //! - **Nothing stuck at max deliveries (I5).** The consumer lets JetStream
 //!   redeliver without bound; the worker itself stops at `max_deliver`: a
 //!   retryable failure on the last delivery, or a delivery past the bound
@@ -125,6 +126,7 @@ pub async fn run(
                 }
             },
         };
+        let mut failed = false;
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => break 'pull,
@@ -145,7 +147,8 @@ pub async fn run(
                     }));
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "pull ended with an error; pulling again");
+                    tracing::warn!(error = %e, ?delay, "pull ended with an error; pulling again");
+                    failed = true;
                     break;
                 }
                 None => break,
@@ -154,6 +157,17 @@ pub async fn run(
         }
         drop(free);
         while tasks.try_join_next().is_some() {}
+        if failed {
+            // E.g. the consumer was deleted: back off, then find it again.
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+            if let Ok(c) = queue::workers_consumer(&ctx.js, &ctx.queue).await {
+                consumer = c;
+            }
+        }
     }
     // Graceful: let in-flight commands finish within the grace period; the
     // rest are redelivered after ack_wait (their Pulumi processes are killed).
@@ -337,11 +351,19 @@ async fn settle(
             return;
         }
     };
-    // Recorded first, once: nobody hears an answer that is not the
-    // command's answer. A delivery that ran alongside another and settled
-    // second answers the first's result. A crash before the record lets the
-    // command come back, whose handler answers the same (records carry the
-    // command id).
+    // Recorded once: the first delivery to record its result gives the
+    // command's answer; one that settles second answers the first's. Where
+    // another delivery may exist (any redelivery, or a first delivery older
+    // than a quarter of the ack wait), the result is recorded before anyone
+    // hears it. A first delivery that provably has no twin (the fast path:
+    // renew, claim) replies first and records right after, as no other
+    // delivery can have settled meanwhile; only a crash in between lets a
+    // redelivery record its own answer (handlers answer the same where
+    // their records carry the command id).
+    let early = provably_first(ctx, message, delivered);
+    if early {
+        reply(ctx, message, &result).await;
+    }
     let answer = match record(ctx, retention, command, kind, &result, published(message)).await {
         Ok(None) => result,
         Ok(Some(earlier)) => {
@@ -359,7 +381,9 @@ async fn settle(
             return;
         }
     };
-    reply(ctx, message, &answer).await;
+    if !early {
+        reply(ctx, message, &answer).await;
+    }
     publish_event(ctx, kind, challenge_id, &answer).await;
     crate::failpoint::hit("before-ack");
     ack(message, AckKind::Ack).await;

@@ -666,3 +666,74 @@ async fn a_challenge_update_on_a_single_permit_worker_finishes() {
         .unwrap_or_else(|_| panic!("the update deadlocked\n{}", stack.worker_logs()));
     assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_update_redelivered_after_its_switch_answers_the_switched_instance() {
+    use cm_core::{
+        Identity,
+        model::{InstanceRecord, to_timestamp},
+    };
+    use cm_schemas::v1::{UpdateInstance, UpdateStrategy};
+
+    let stack = Stack::start(1).await;
+    seed_challenge(&stack, "bg").await;
+    let (client, js) = jetstream(&stack).await;
+    let mut replies = client
+        .subscribe(format!("{REPLIES}.>"))
+        .await
+        .expect("subscribe");
+    // The state a blue/green `instance.update` leaves when its worker dies
+    // after the switch, before its result is recorded: the source's record
+    // names the green identity and this command; the blue one is gone.
+    let (blue, green) = (Identity::random(), Identity::random());
+    let now = std::time::SystemTime::now();
+    let switched = InstanceRecord {
+        challenge_id: "bg".into(),
+        identity: green.clone(),
+        source_id: Some("team-bg".into()),
+        status: InstanceStatus::Ready,
+        since: to_timestamp(now),
+        last_renew: to_timestamp(now),
+        until: None,
+        connection_info: "green".into(),
+        flags: vec!["CTF{green}".into()],
+        additional: Default::default(),
+        command_id: "cmd-switch".into(),
+    };
+    stack
+        .store
+        .put_instance(&switched, None, Expect::Absent, None)
+        .await
+        .expect("seed");
+    let command = Command {
+        command_id: "cmd-switch".into(),
+        issued_at: Some(cm_core::model::now()),
+        requested_by: None,
+        request: Some(Request::InstanceUpdate(UpdateInstance {
+            challenge_id: "bg".into(),
+            identity: blue.to_string(),
+            strategy: UpdateStrategy::BlueGreen as i32,
+            parent_command_id: String::new(),
+        })),
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(queue::HDR_MSG_ID, "cmd-switch");
+    headers.insert(queue::HDR_REPLY, format!("{REPLIES}.cmd-switch"));
+    js.publish_with_headers(
+        queue::command_subject(CommandKind::InstanceUpdate, "bg"),
+        headers,
+        command.encode_to_vec().into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+    let got = replies_until(&mut replies, "cmd-switch", Duration::from_secs(30)).await;
+    let Some((_, result)) = got.last() else {
+        panic!("no answer\n{}", stack.worker_logs());
+    };
+    match &result.outcome {
+        Some(Outcome::Instance(i)) => assert_eq!(i.connection_info, "green"),
+        other => panic!("the redelivery answers the switched instance, got {other:?}"),
+    }
+}

@@ -595,14 +595,21 @@ impl Store {
                     Some(GetOptions::new().with_range(end.clone()).with_limit(page)),
                 )
                 .await?;
+            if resp.kvs().is_empty() {
+                break;
+            }
             let mut entries = Vec::new();
+            let mut stale = Vec::new();
             for kv in resp.kvs() {
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
-                let entry = self.parse_expiry_entry(&prefix, &key, kv.value())?;
-                entries.push((key, kv.mod_revision(), entry));
-            }
-            if entries.is_empty() {
-                break;
+                match self.parse_expiry_entry(&prefix, &key, kv.value()) {
+                    Ok(entry) => entries.push((key, kv.mod_revision(), entry)),
+                    // Not one of ours: it must not stop every later tick.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "malformed expiry entry; deleting it");
+                        stale.push((key, kv.mod_revision()));
+                    }
+                }
             }
             let reads = Txn::new().and_then(
                 entries
@@ -613,7 +620,6 @@ impl Store {
                     .collect::<Vec<_>>(),
             );
             let records = self.client.clone().txn(reads).await?;
-            let mut stale = Vec::new();
             for ((key, revision, entry), op) in entries.into_iter().zip(records.op_responses()) {
                 let current = match op {
                     etcd_client::TxnOpResponse::Get(get) => get.kvs().first().map(|kv| {

@@ -146,11 +146,17 @@ async fn stale_expiry_entries_do_not_block_the_janitor() {
         .await
         .expect("stale entry");
 
+    // And one key that is no entry at all.
+    etcd_client
+        .put("/cm/expiry/0/broken", "x", None)
+        .await
+        .expect("malformed entry");
+
     let mut commands = client.subscribe("cm.cmd.>").await.expect("subscribe");
     let janitor = cm_janitor::Janitor::new(store.clone(), js, 1000);
     let report = janitor.tick().await.expect("tick");
     assert_eq!(report.published, 1, "{report:?}");
-    assert_eq!(report.stale, 1101, "{report:?}");
+    assert_eq!(report.stale, 1102, "{report:?}");
     let msg = tokio::time::timeout(Duration::from_secs(5), commands.next())
         .await
         .expect("a command")

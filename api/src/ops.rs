@@ -74,7 +74,8 @@ impl App {
     /// A client's retry (same `Idempotency-Key`) of a command already
     /// settled: its recorded answer, given before any check that would now
     /// answer otherwise (the instance it deleted is gone, the challenge it
-    /// created exists). `None` without a key or a settled command.
+    /// created exists); keyed writes skip those checks altogether (see
+    /// [`unkeyed`]). `None` without a key or a settled command.
     async fn replayed(
         &self,
         request: &Request,
@@ -107,7 +108,7 @@ impl App {
         let Request::ChallengeCreate(req) = request else {
             return Err(unexpected());
         };
-        if self.store.get_challenge(&req.id).await?.is_some() {
+        if unkeyed(&who) && self.store.get_challenge(&req.id).await?.is_some() {
             return Err(DomainError::already_exists(format!(
                 "challenge {} already exists",
                 req.id
@@ -176,7 +177,9 @@ impl App {
         let Request::ChallengeUpdate(req) = request else {
             return Err(unexpected());
         };
-        self.require_challenge(&req.id).await?;
+        if unkeyed(&who) {
+            self.require_challenge(&req.id).await?;
+        }
         if let Some(scenario) = &req.scenario {
             self.scenarios.check(scenario).await?;
         }
@@ -194,7 +197,9 @@ impl App {
         if let Some(done) = self.replayed(&request, &who).await? {
             return expect_deleted(done);
         }
-        self.require_challenge(&id).await?;
+        if unkeyed(&who) {
+            self.require_challenge(&id).await?;
+        }
         expect_deleted(self.write(request, who, mode).await?)
     }
 
@@ -214,7 +219,9 @@ impl App {
         let Request::InstanceCreate(req) = &request else {
             return Err(unexpected());
         };
-        self.require_challenge(&req.challenge_id).await?;
+        if unkeyed(&who) {
+            self.require_challenge(&req.challenge_id).await?;
+        }
         expect_instance(self.write(request, who, mode).await?)
     }
 
@@ -273,7 +280,9 @@ impl App {
         if let Some(done) = self.replayed(&request, &who).await? {
             return expect_instance(done);
         }
-        self.require_instance(&cid, &sid).await?;
+        if unkeyed(&who) {
+            self.require_instance(&cid, &sid).await?;
+        }
         expect_instance(self.write(request, who, mode).await?)
     }
 
@@ -289,7 +298,9 @@ impl App {
         if let Some(done) = self.replayed(&request, &who).await? {
             return expect_deleted(done);
         }
-        self.require_instance(&cid, &sid).await?;
+        if unkeyed(&who) {
+            self.require_instance(&cid, &sid).await?;
+        }
         expect_deleted(self.write(request, who, mode).await?)
     }
 
@@ -313,6 +324,16 @@ impl App {
         };
         serde_json::from_slice(&bytes).map_err(|_| DomainError::internal("internal error"))
     }
+}
+
+/// Whether the write carries no `Idempotency-Key`. Only such writes are
+/// checked against the store up front (a quick 404 or 409 without a trip
+/// through the queue): a keyed one may be the retry of a command that has
+/// just done what the check would refuse (deleted the instance, created the
+/// challenge) and not yet recorded it, so it goes to the queue as the same
+/// command, where the handler or the recorded answer decides.
+fn unkeyed(who: &Requester) -> bool {
+    who.idempotency_key.is_empty()
 }
 
 /// A command's result as the reply of a write.

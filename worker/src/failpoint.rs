@@ -93,7 +93,8 @@ pub async fn pause(name: &str, detail: &str) {
         .open(dir.join(format!("{name}.reached")))
     {
         use std::io::Write as _;
-        let _ = writeln!(f, "{detail}");
+        // One write per line: appends of concurrent pauses never interleave.
+        let _ = f.write_all(format!("{detail}\n").as_bytes());
     }
     while !release.exists() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;

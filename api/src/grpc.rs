@@ -186,10 +186,16 @@ pub async fn report_health(app: App, reporter: HealthReporter, shutdown: Cancell
     }
 }
 
-fn who() -> Requester {
+/// Who asks: the gRPC front door, with the caller's `idempotency-key`
+/// metadata (the REST header's twin; checked where it is used).
+fn who(metadata: &tonic::metadata::MetadataMap) -> Requester {
     Requester {
         principal: String::new(),
         via: "grpc".into(),
+        idempotency_key: metadata
+            .get("idempotency-key")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default(),
     }
 }
 
@@ -208,10 +214,11 @@ impl ChallengeStore for Grpc {
         &self,
         request: tonic::Request<pb_challenge::CreateChallengeRequest>,
     ) -> Result<tonic::Response<pb_challenge::Challenge>, Status> {
+        let who = who(request.metadata());
         let req = create_request(request.into_inner());
         let done = self
             .0
-            .create_challenge(req, who(), Mode::Wait)
+            .create_challenge(req, who, Mode::Wait)
             .await
             .and_then(|r| r.done())
             .map_err(fail)?;
@@ -246,10 +253,11 @@ impl ChallengeStore for Grpc {
         &self,
         request: tonic::Request<pb_challenge::UpdateChallengeRequest>,
     ) -> Result<tonic::Response<pb_challenge::Challenge>, Status> {
+        let who = who(request.metadata());
         let req = update_request(request.into_inner());
         let done = self
             .0
-            .update_challenge(req, who(), Mode::Wait)
+            .update_challenge(req, who, Mode::Wait)
             .await
             .and_then(|r| r.done())
             .map_err(fail)?;
@@ -260,8 +268,9 @@ impl ChallengeStore for Grpc {
         &self,
         request: tonic::Request<pb_challenge::DeleteChallengeRequest>,
     ) -> Result<tonic::Response<pbjson_types::Empty>, Status> {
+        let who = who(request.metadata());
         self.0
-            .delete_challenge(request.into_inner().id, who(), Mode::Wait)
+            .delete_challenge(request.into_inner().id, who, Mode::Wait)
             .await
             .and_then(|r| r.done())
             .map_err(fail)?;
@@ -275,6 +284,7 @@ impl InstanceManager for Grpc {
         &self,
         request: tonic::Request<pb_instance::CreateInstanceRequest>,
     ) -> Result<tonic::Response<pb_instance::Instance>, Status> {
+        let who = who(request.metadata());
         let r = request.into_inner();
         let req = v1::CreateInstanceRequest {
             challenge_id: r.challenge_id,
@@ -283,7 +293,7 @@ impl InstanceManager for Grpc {
         };
         let done = self
             .0
-            .create_instance(req, who(), Mode::Wait)
+            .create_instance(req, who, Mode::Wait)
             .await
             .and_then(|r| r.done())
             .map_err(fail)?;
@@ -321,10 +331,11 @@ impl InstanceManager for Grpc {
         &self,
         request: tonic::Request<pb_instance::RenewInstanceRequest>,
     ) -> Result<tonic::Response<pb_instance::Instance>, Status> {
+        let who = who(request.metadata());
         let r = request.into_inner();
         let done = self
             .0
-            .renew_instance(r.challenge_id, r.source_id, who(), Mode::Wait)
+            .renew_instance(r.challenge_id, r.source_id, who, Mode::Wait)
             .await
             .and_then(|r| r.done())
             .map_err(fail)?;
@@ -335,6 +346,7 @@ impl InstanceManager for Grpc {
         &self,
         request: tonic::Request<pb_instance::DeleteInstanceRequest>,
     ) -> Result<tonic::Response<pbjson_types::Empty>, Status> {
+        let who = who(request.metadata());
         let r = request.into_inner();
         let req = v1::DeleteInstanceRequest {
             challenge_id: r.challenge_id,
@@ -342,7 +354,7 @@ impl InstanceManager for Grpc {
             force: r.force,
         };
         self.0
-            .delete_instance(req, who(), Mode::Wait)
+            .delete_instance(req, who, Mode::Wait)
             .await
             .and_then(|r| r.done())
             .map_err(fail)?;

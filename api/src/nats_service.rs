@@ -7,7 +7,9 @@
 //! `operation.get`, `scenario.upload` (the body is the tar(.gz) itself, so
 //! within the server's `max_payload`). `get`/`delete` take `{"id"}` or `{"challengeId","sourceId"}`,
 //! `instance.list` takes `{"sourceId"}`; lists answer a JSON array. A request
-//! with the header `Prefer: respond-async` is answered once accepted.
+//! with the header `Prefer: respond-async` is answered once accepted; one
+//! with `Idempotency-Key` is the same command as every other request with
+//! that key (see `submit`).
 //! Errors are service errors: code = the HTTP status REST would answer,
 //! description = the same message (headers `Nats-Service-Error-Code`,
 //! `Nats-Service-Error`), and the body is REST's error JSON
@@ -97,7 +99,14 @@ async fn handle(app: App, name: &str, request: Request) {
         Some(v) if v.as_str().eq_ignore_ascii_case("respond-async") => Mode::Async,
         _ => Mode::Wait,
     };
-    let result = dispatch(&app, name, &request.message.payload, mode).await;
+    let key = request
+        .message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Idempotency-Key"))
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    let result = dispatch(&app, name, &request.message.payload, mode, &key).await;
     // An error goes out with the service error headers and REST's error body
     // (async-nats's own error reply has an empty body).
     let sent = match result {
@@ -114,10 +123,11 @@ async fn handle(app: App, name: &str, request: Request) {
     }
 }
 
-fn who() -> Requester {
+fn who(idempotency_key: &str) -> Requester {
     Requester {
         principal: String::new(),
         via: "nats".into(),
+        idempotency_key: idempotency_key.to_owned(),
     }
 }
 
@@ -136,10 +146,16 @@ fn reply(reply: Reply<serde_json::Value>) -> Result<Bytes, DomainError> {
     }
 }
 
-async fn dispatch(app: &App, name: &str, body: &[u8], mode: Mode) -> Result<Bytes, DomainError> {
+async fn dispatch(
+    app: &App,
+    name: &str,
+    body: &[u8],
+    mode: Mode,
+    key: &str,
+) -> Result<Bytes, DomainError> {
     match name {
         "challenge.create" => reply(
-            app.create_challenge(parse::<CreateChallengeRequest>(body)?, who(), mode)
+            app.create_challenge(parse::<CreateChallengeRequest>(body)?, who(key), mode)
                 .await?
                 .into_json()?,
         ),
@@ -149,20 +165,20 @@ async fn dispatch(app: &App, name: &str, body: &[u8], mode: Mode) -> Result<Byte
         )?),
         "challenge.list" => to_bytes(&to_values(&app.list_challenges().await?)?),
         "challenge.update" => reply(
-            app.update_challenge(parse::<UpdateChallengeRequest>(body)?, who(), mode)
+            app.update_challenge(parse::<UpdateChallengeRequest>(body)?, who(key), mode)
                 .await?
                 .into_json()?,
         ),
         "challenge.delete" => {
             let req = parse::<DeleteChallengeRequest>(body)?;
             reply(
-                app.delete_challenge(req.id, who(), mode)
+                app.delete_challenge(req.id, who(key), mode)
                     .await?
                     .into_empty(),
             )
         }
         "instance.create" => reply(
-            app.create_instance(parse::<CreateInstanceRequest>(body)?, who(), mode)
+            app.create_instance(parse::<CreateInstanceRequest>(body)?, who(key), mode)
                 .await?
                 .into_json()?,
         ),
@@ -179,19 +195,19 @@ async fn dispatch(app: &App, name: &str, body: &[u8], mode: Mode) -> Result<Byte
         "instance.renew" => {
             let req = parse::<RenewInstanceRequest>(body)?;
             reply(
-                app.renew_instance(req.challenge_id, req.source_id, who(), mode)
+                app.renew_instance(req.challenge_id, req.source_id, who(key), mode)
                     .await?
                     .into_json()?,
             )
         }
         "instance.delete" => {
             let req = parse::<DeleteInstanceRequest>(body)?;
-            reply(app.delete_instance(req, who(), mode).await?.into_empty())
+            reply(app.delete_instance(req, who(key), mode).await?.into_empty())
         }
         "instance.reset" => {
             let req = parse::<ResetInstanceRequest>(body)?;
             reply(
-                app.reset_instance(req.challenge_id, req.source_id, who(), mode)
+                app.reset_instance(req.challenge_id, req.source_id, who(key), mode)
                     .await?
                     .into_json()?,
             )

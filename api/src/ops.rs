@@ -16,7 +16,7 @@ use cm_schemas::v1::{
 
 use crate::{
     scenarios::Scenarios,
-    submit::{Submitted, Submitter},
+    submit::{Submitted, Submitter, keyed_command_id, validate_idempotency_key},
     validate,
 };
 
@@ -105,11 +105,28 @@ impl App {
         let wait = (mode == Mode::Wait).then_some(self.result_timeout);
         match self.submitter.submit(request, who, wait).await? {
             Submitted::Accepted { operation_id } => Ok(Reply::Accepted { operation_id }),
-            Submitted::Done(result) => match result.outcome {
-                Some(Outcome::Failure(f)) => Err(DomainError::from_failure(&f)),
-                Some(other) => Ok(Reply::Done(other)),
-                None => Err(DomainError::internal("internal error")),
-            },
+            Submitted::Done(result) => answer(*result),
+        }
+    }
+
+    /// A client's retry (same `Idempotency-Key`) of a command already
+    /// settled: its recorded answer, given before any check that would now
+    /// answer otherwise (the instance it deleted is gone, the challenge it
+    /// created exists); keyed writes skip those checks altogether (see
+    /// [`unkeyed`]). `None` without a key or a settled command.
+    async fn replayed(
+        &self,
+        request: &Request,
+        who: &Requester,
+    ) -> Result<Option<Reply<Outcome>>, DomainError> {
+        if who.idempotency_key.is_empty() {
+            return Ok(None);
+        }
+        validate_idempotency_key(&who.idempotency_key)?;
+        let id = keyed_command_id(&who.principal, request, &who.idempotency_key);
+        match self.submitter.settled_result(&id).await? {
+            Some(result) => answer(result).map(Some),
+            None => Ok(None),
         }
     }
 
@@ -122,7 +139,14 @@ impl App {
         mode: Mode,
     ) -> Result<Reply<Challenge>, DomainError> {
         validate::create_challenge(&req)?;
-        if self.store.get_challenge(&req.id).await?.is_some() {
+        let request = Request::ChallengeCreate(req);
+        if let Some(done) = self.replayed(&request, &who).await? {
+            return expect_challenge(done);
+        }
+        let Request::ChallengeCreate(req) = request else {
+            return Err(unexpected());
+        };
+        if unkeyed(&who) && self.store.get_challenge(&req.id).await?.is_some() {
             return Err(DomainError::challenge_already_exists(&req.id));
         }
         self.scenarios.check(&req.scenario).await?;
@@ -181,7 +205,16 @@ impl App {
         mode: Mode,
     ) -> Result<Reply<Challenge>, DomainError> {
         validate::update_challenge(&req)?;
-        self.require_challenge(&req.id).await?;
+        let request = Request::ChallengeUpdate(req);
+        if let Some(done) = self.replayed(&request, &who).await? {
+            return expect_challenge(done);
+        }
+        let Request::ChallengeUpdate(req) = request else {
+            return Err(unexpected());
+        };
+        if unkeyed(&who) {
+            self.require_challenge(&req.id).await?;
+        }
         if let Some(scenario) = &req.scenario {
             self.scenarios.check(scenario).await?;
         }
@@ -197,15 +230,14 @@ impl App {
         mode: Mode,
     ) -> Result<Reply<()>, DomainError> {
         ids::validate("challenge id", &id)?;
-        self.require_challenge(&id).await?;
-        expect_deleted(
-            self.write(
-                Request::ChallengeDelete(DeleteChallengeRequest { id }),
-                who,
-                mode,
-            )
-            .await?,
-        )
+        let request = Request::ChallengeDelete(DeleteChallengeRequest { id: id.clone() });
+        if let Some(done) = self.replayed(&request, &who).await? {
+            return expect_deleted(done);
+        }
+        if unkeyed(&who) {
+            self.require_challenge(&id).await?;
+        }
+        expect_deleted(self.write(request, who, mode).await?)
     }
 
     // ---- instances ----------------------------------------------------------
@@ -217,8 +249,17 @@ impl App {
         mode: Mode,
     ) -> Result<Reply<Instance>, DomainError> {
         validate::create_instance(&req)?;
-        self.require_challenge(&req.challenge_id).await?;
-        expect_instance(self.write(Request::InstanceCreate(req), who, mode).await?)
+        let request = Request::InstanceCreate(req);
+        if let Some(done) = self.replayed(&request, &who).await? {
+            return expect_instance(done);
+        }
+        let Request::InstanceCreate(req) = &request else {
+            return Err(unexpected());
+        };
+        if unkeyed(&who) {
+            self.require_challenge(&req.challenge_id).await?;
+        }
+        expect_instance(self.write(request, who, mode).await?)
     }
 
     pub async fn get_instance(&self, cid: &str, sid: &str) -> Result<Instance, DomainError> {
@@ -253,11 +294,14 @@ impl App {
         mode: Mode,
     ) -> Result<Reply<Instance>, DomainError> {
         validate::instance_key(&cid, &sid)?;
-        let req = RenewInstanceRequest {
+        let request = Request::InstanceRenew(RenewInstanceRequest {
             challenge_id: cid,
             source_id: sid,
-        };
-        expect_instance(self.write(Request::InstanceRenew(req), who, mode).await?)
+        });
+        if let Some(done) = self.replayed(&request, &who).await? {
+            return expect_instance(done);
+        }
+        expect_instance(self.write(request, who, mode).await?)
     }
 
     pub async fn reset_instance(
@@ -268,12 +312,17 @@ impl App {
         mode: Mode,
     ) -> Result<Reply<Instance>, DomainError> {
         validate::instance_key(&cid, &sid)?;
-        self.require_instance(&cid, &sid).await?;
-        let req = ResetInstanceRequest {
-            challenge_id: cid,
-            source_id: sid,
-        };
-        expect_instance(self.write(Request::InstanceReset(req), who, mode).await?)
+        let request = Request::InstanceReset(ResetInstanceRequest {
+            challenge_id: cid.clone(),
+            source_id: sid.clone(),
+        });
+        if let Some(done) = self.replayed(&request, &who).await? {
+            return expect_instance(done);
+        }
+        if unkeyed(&who) {
+            self.require_instance(&cid, &sid).await?;
+        }
+        expect_instance(self.write(request, who, mode).await?)
     }
 
     pub async fn delete_instance(
@@ -283,11 +332,17 @@ impl App {
         mode: Mode,
     ) -> Result<Reply<()>, DomainError> {
         validate::instance_key(&req.challenge_id, &req.source_id)?;
-        // chall-manager answers an unknown challenge before an unknown instance.
-        self.require_challenge(&req.challenge_id).await?;
-        self.require_instance(&req.challenge_id, &req.source_id)
-            .await?;
-        expect_deleted(self.write(Request::InstanceDelete(req), who, mode).await?)
+        let (cid, sid) = (req.challenge_id.clone(), req.source_id.clone());
+        let request = Request::InstanceDelete(req);
+        if let Some(done) = self.replayed(&request, &who).await? {
+            return expect_deleted(done);
+        }
+        if unkeyed(&who) {
+            // chall-manager answers an unknown challenge before an unknown instance.
+            self.require_challenge(&cid).await?;
+            self.require_instance(&cid, &sid).await?;
+        }
+        expect_deleted(self.write(request, who, mode).await?)
     }
 
     // ---- scenarios ----------------------------------------------------------
@@ -330,6 +385,25 @@ fn name_scenario(e: DomainError, scenario: &str) -> DomainError {
         [("reference", scenario)],
     )
     .with_violation(FieldViolation::new("scenario", "VALIDATION", description))
+}
+
+/// Whether the write carries no `Idempotency-Key`. Only such writes are
+/// checked against the store up front (a quick 404 or 409 without a trip
+/// through the queue): a keyed one may be the retry of a command that has
+/// just done what the check would refuse (deleted the instance, created the
+/// challenge) and not yet recorded it, so it goes to the queue as the same
+/// command, where the handler or the recorded answer decides.
+fn unkeyed(who: &Requester) -> bool {
+    who.idempotency_key.is_empty()
+}
+
+/// A command's result as the reply of a write.
+fn answer(result: cm_schemas::v1::CommandResult) -> Result<Reply<Outcome>, DomainError> {
+    match result.outcome {
+        Some(Outcome::Failure(f)) => Err(DomainError::from_failure(&f)),
+        Some(other) => Ok(Reply::Done(other)),
+        None => Err(DomainError::internal("internal error")),
+    }
 }
 
 fn unexpected() -> DomainError {

@@ -8,7 +8,9 @@
 //!
 //! Writes wait for the worker's result; with `Prefer: respond-async` they
 //! answer `202 Accepted` with the operation to poll. A write that outlives the
-//! result timeout answers `504` naming that operation.
+//! result timeout answers `504` naming that operation. A write with an
+//! `Idempotency-Key` header is the same command as every retry with that key
+//! (see `submit`): one effect, one answer.
 
 use axum::{
     Router,
@@ -99,10 +101,15 @@ pub fn router(app: App, auth: ApiAuth, metrics: bool) -> Router {
         .with_state(app)
 }
 
-fn requester() -> Requester {
+fn requester(headers: &HeaderMap) -> Requester {
     Requester {
         principal: String::new(),
         via: "rest".into(),
+        // Checked where it is used (`ops`): a malformed key is a 400.
+        idempotency_key: headers
+            .get("idempotency-key")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default(),
     }
 }
 
@@ -185,7 +192,7 @@ async fn create_challenge(
 ) -> Result<Response, ApiError> {
     let mode = mode(&headers);
     Ok(reply(
-        app.create_challenge(req, requester(), mode)
+        app.create_challenge(req, requester(&headers), mode)
             .await?
             .into_json()?,
         mode,
@@ -238,7 +245,7 @@ async fn update_challenge(
     }
     let mode = mode(&headers);
     Ok(reply(
-        app.update_challenge(req, requester(), mode)
+        app.update_challenge(req, requester(&headers), mode)
             .await?
             .into_json()?,
         mode,
@@ -251,7 +258,7 @@ async fn delete_challenge(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let mode = mode(&headers);
-    let done = app.delete_challenge(id, requester(), mode).await?;
+    let done = app.delete_challenge(id, requester(&headers), mode).await?;
     Ok(reply(done.into_empty(), mode))
 }
 
@@ -262,7 +269,7 @@ async fn create_instance(
 ) -> Result<Response, ApiError> {
     let mode = mode(&headers);
     Ok(reply(
-        app.create_instance(req, requester(), mode)
+        app.create_instance(req, requester(&headers), mode)
             .await?
             .into_json()?,
         mode,
@@ -301,7 +308,7 @@ async fn renew_instance(
 ) -> Result<Response, ApiError> {
     let mode = mode(&headers);
     Ok(reply(
-        app.renew_instance(cid, sid, requester(), mode)
+        app.renew_instance(cid, sid, requester(&headers), mode)
             .await?
             .into_json()?,
         mode,
@@ -315,7 +322,7 @@ async fn reset_instance(
 ) -> Result<Response, ApiError> {
     let mode = mode(&headers);
     Ok(reply(
-        app.reset_instance(cid, sid, requester(), mode)
+        app.reset_instance(cid, sid, requester(&headers), mode)
             .await?
             .into_json()?,
         mode,
@@ -341,7 +348,7 @@ async fn delete_instance(
         source_id: sid,
         force: q.force,
     };
-    let done = app.delete_instance(req, requester(), mode).await?;
+    let done = app.delete_instance(req, requester(&headers), mode).await?;
     Ok(reply(done.into_empty(), mode))
 }
 

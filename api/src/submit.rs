@@ -11,7 +11,19 @@
 //!
 //! A reply is a plain NATS message, lost if it is sent while this process is
 //! reconnecting. So a waiter that heard nothing for a while also reads the
-//! operation record the worker writes after replying, and answers from it.
+//! operation record the worker writes before replying, and answers from it.
+//! The pending record written here never replaces a result a worker recorded
+//! (create-if-absent): a wait that timed out as the result came in answers
+//! that result.
+//!
+//! # Client retries (`Idempotency-Key`)
+//! A request carrying an `Idempotency-Key` header (HTTP or NATS) becomes the
+//! command whose id is [`keyed_command_id`] of (caller, command kind, target
+//! challenge and source, key): a uuid v8. A retry is therefore the same
+//! command: answered from its operation record when that is settled, waited
+//! for when it is in flight, and de-duplicated by JetStream (same
+//! `Nats-Msg-Id`) when the two publishes race, within the duplicate window.
+//! Beyond that window the operation record (kept 24 h) still answers it.
 
 use std::{
     collections::HashMap,
@@ -48,7 +60,66 @@ pub enum Submitted {
 /// How long a waiter trusts the reply alone before reading the record too.
 const RECORD_POLL: Duration = Duration::from_secs(1);
 
-type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<CommandResult>>>>;
+/// How often a retried command's waiter reads its record (no reply comes to
+/// it: the first request's waiter gets that).
+const RETRY_POLL: Duration = Duration::from_millis(100);
+
+/// The longest `Idempotency-Key` accepted.
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// The command id a client's `Idempotency-Key` stands for: a uuid v8 whose
+/// bits are SHA-256 over the caller's principal, the command kind, its target
+/// (challenge, and source for instance commands) and the key, each
+/// length-prefixed. The same request retried with the same key is the same
+/// command; the same key on another route, target or caller is not.
+pub fn keyed_command_id(principal: &str, request: &Request, key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let (kind, challenge_id) = CommandKind::of(request);
+    let source_id = match request {
+        Request::InstanceCreate(r) => r.source_id.as_str(),
+        Request::InstanceRenew(r) => r.source_id.as_str(),
+        Request::InstanceDelete(r) => r.source_id.as_str(),
+        Request::InstanceReset(r) => r.source_id.as_str(),
+        Request::InstanceExpire(r) => r.source_id.as_str(),
+        _ => "",
+    };
+    let mut hash = Sha256::new();
+    for part in [
+        "cm-idempotency-v1",
+        principal,
+        kind.as_str(),
+        challenge_id,
+        source_id,
+        key,
+    ] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    let digest = hash.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
+}
+
+/// Checks a client's `Idempotency-Key`: 1 to [`MAX_IDEMPOTENCY_KEY`]
+/// visible ASCII characters.
+pub fn validate_idempotency_key(key: &str) -> Result<(), DomainError> {
+    if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY
+        || !key.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(DomainError::invalid(format!(
+            "the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Requests waiting for a command's reply, by command id; several when a
+/// client retried under one `Idempotency-Key` (each with its own token).
+type Waiters = Arc<Mutex<HashMap<String, Vec<(u64, oneshot::Sender<CommandResult>)>>>>;
 
 /// Publishes commands and routes their replies.
 #[derive(Debug, Clone)]
@@ -81,9 +152,9 @@ impl Submitter {
                     tracing::warn!(subject = %msg.subject, "undecodable reply");
                     continue;
                 };
-                let waiter = routes.lock().ok().and_then(|mut w| w.remove(id));
-                if let Some(tx) = waiter {
-                    let _ = tx.send(result);
+                let waiting = routes.lock().ok().and_then(|mut w| w.remove(id));
+                for (_, tx) in waiting.unwrap_or_default() {
+                    let _ = tx.send(result.clone());
                 }
             }
         });
@@ -99,7 +170,10 @@ impl Submitter {
     }
 
     /// Publishes `request` as a command; waits at most `wait` for its result
-    /// (`None`: do not wait).
+    /// (`None`: do not wait). With an idempotency key (in `requester`), the
+    /// command id is derived from it: a command already in flight under that
+    /// key is waited for, not repeated (the caller answers one already
+    /// settled before its own checks, see `ops`).
     pub async fn submit(
         &self,
         request: Request,
@@ -108,7 +182,13 @@ impl Submitter {
     ) -> Result<Submitted, DomainError> {
         let (kind, challenge_id) = CommandKind::of(&request);
         let subject = queue::command_subject(kind, challenge_id);
-        let id = uuid::Uuid::now_v7().to_string();
+        let keyed = !requester.idempotency_key.is_empty();
+        let id = if keyed {
+            validate_idempotency_key(&requester.idempotency_key)?;
+            keyed_command_id(&requester.principal, &request, &requester.idempotency_key)
+        } else {
+            uuid::Uuid::now_v7().to_string()
+        };
         let span = tracing::info_span!(
             "publish",
             otel.name = %format!("publish cm.cmd.{kind}"),
@@ -118,6 +198,7 @@ impl Submitter {
             messaging.destination.name = %subject,
             messaging.message.id = %id,
             cm.command.kind = %kind,
+            cm.idempotent = keyed,
         );
         let command = Command {
             command_id: id.clone(),
@@ -129,32 +210,52 @@ impl Submitter {
             // A caller that does not wait polls the operation at once: record
             // it first. A waiting caller hears the result directly; its
             // operation is recorded only if the wait times out.
-            if wait.is_none() {
-                self.record_pending(&command, kind).await?;
+            if wait.is_none()
+                && let Some(result) = self.record_pending(&command, kind).await?
+            {
+                return Ok(Submitted::Done(Box::new(result)));
             }
             let receiver = wait.map(|_| self.register(&id));
-            if let Err(e) = self.publish(&subject, &command, wait.is_some()).await {
-                self.forget(&id);
-                return Err(e);
-            }
-            let (Some(limit), Some(receiver)) = (wait, receiver) else {
+            let token = receiver.as_ref().map_or(0, |(token, _)| *token);
+            let duplicate = match self.publish(&subject, &command, wait.is_some()).await {
+                Ok(duplicate) => duplicate,
+                Err(e) => {
+                    self.forget(&id, token);
+                    return Err(e);
+                }
+            };
+            let (Some(limit), Some((_, receiver))) = (wait, receiver) else {
                 return Ok(Submitted::Accepted { operation_id: id });
             };
+            // A duplicate (the first request's copy is in flight) gets no
+            // reply of its own: it reads the record, often.
+            let poll = if duplicate { RETRY_POLL } else { RECORD_POLL };
             let answered = async {
+                // A reply wakes it; else the record (a dropped sender is no answer).
+                let replied = async {
+                    match receiver.await {
+                        Ok(r) => r,
+                        Err(_) => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
-                    r = receiver => r.ok(),
-                    r = self.recorded_result(&id) => Some(r),
+                    r = replied => r,
+                    r = self.recorded_result(&id, poll) => r,
                 }
             };
             match tokio::time::timeout(limit, answered).await {
-                Ok(Some(result)) => {
-                    self.forget(&id);
+                Ok(result) => {
+                    self.forget(&id, token);
                     Ok(Submitted::Done(Box::new(result)))
                 }
-                _ => {
-                    self.forget(&id);
-                    self.record_pending(&command, kind).await?;
-                    Ok(Submitted::Accepted { operation_id: id })
+                Err(_) => {
+                    self.forget(&id, token);
+                    // The result may have been recorded just now: it wins
+                    // over a pending record, and is the answer.
+                    match self.record_pending(&command, kind).await? {
+                        Some(result) => Ok(Submitted::Done(Box::new(result))),
+                        None => Ok(Submitted::Accepted { operation_id: id }),
+                    }
                 }
             }
         }
@@ -162,11 +263,13 @@ impl Submitter {
         .await
     }
 
+    /// Writes the command's pending operation record unless one exists;
+    /// returns the recorded result when the existing one is settled.
     async fn record_pending(
         &self,
         command: &Command,
         kind: CommandKind,
-    ) -> Result<(), DomainError> {
+    ) -> Result<Option<CommandResult>, DomainError> {
         let op = Operation {
             id: command.command_id.clone(),
             kind: kind.as_str().to_owned(),
@@ -176,18 +279,29 @@ impl Submitter {
         };
         let bytes = serde_json::to_vec(&op).map_err(|_| DomainError::internal("internal error"))?;
         let lease = self.retention.id().await?;
-        self.store
-            .put_operation(&command.command_id, bytes, lease)
+        let existing = self
+            .store
+            .create_operation(&command.command_id, bytes, lease)
             .await?;
-        Ok(())
+        Ok(existing.and_then(|bytes| settled(&bytes)))
     }
 
+    /// The recorded result of command `id`, if it is settled.
+    pub async fn settled_result(&self, id: &str) -> Result<Option<CommandResult>, DomainError> {
+        Ok(self
+            .store
+            .get_operation(id)
+            .await?
+            .and_then(|bytes| settled(&bytes)))
+    }
+
+    /// Publishes the command; whether JetStream already had it (a retry).
     async fn publish(
         &self,
         subject: &str,
         command: &Command,
         reply: bool,
-    ) -> Result<(), DomainError> {
+    ) -> Result<bool, DomainError> {
         let mut headers = HeaderMap::new();
         headers.insert(queue::HDR_MSG_ID, command.command_id.as_str());
         if reply {
@@ -214,22 +328,19 @@ impl Submitter {
         .map_err(|_| unavailable("publish acknowledgement timed out".into()))?
         .map_err(unavailable)?;
         tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "command accepted");
-        Ok(())
+        Ok(ack.duplicate)
     }
 
     /// The command's result as the worker recorded it: looked for after
-    /// [`RECORD_POLL`] without a reply, then every [`RECORD_POLL`]. A read
-    /// that fails (etcd away) is simply tried again.
-    async fn recorded_result(&self, id: &str) -> CommandResult {
+    /// `poll` without a reply, then every `poll`. A read that fails (etcd
+    /// away) is simply tried again.
+    async fn recorded_result(&self, id: &str, poll: Duration) -> CommandResult {
         loop {
-            tokio::time::sleep(RECORD_POLL).await;
+            tokio::time::sleep(poll).await;
             let Ok(Some(bytes)) = self.store.get_operation(id).await else {
                 continue;
             };
-            if let Ok(op) = serde_json::from_slice::<Operation>(&bytes)
-                && op.state != State::Pending as i32
-                && let Some(result) = op.result
-            {
+            if let Some(result) = settled(&bytes) {
                 tracing::debug!(
                     command = id,
                     "answered from the operation record (reply lost)"
@@ -239,17 +350,86 @@ impl Submitter {
         }
     }
 
-    fn register(&self, id: &str) -> oneshot::Receiver<CommandResult> {
+    fn register(&self, id: &str) -> (u64, oneshot::Receiver<CommandResult>) {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let token = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Ok(mut w) = self.waiters.lock() {
-            w.insert(id.to_owned(), tx);
+            w.entry(id.to_owned()).or_default().push((token, tx));
         }
-        rx
+        (token, rx)
     }
 
-    fn forget(&self, id: &str) {
-        if let Ok(mut w) = self.waiters.lock() {
-            w.remove(id);
+    fn forget(&self, id: &str, token: u64) {
+        if let Ok(mut w) = self.waiters.lock()
+            && let Some(waiting) = w.get_mut(id)
+        {
+            waiting.retain(|(t, _)| *t != token);
+            if waiting.is_empty() {
+                w.remove(id);
+            }
+        }
+    }
+}
+
+/// The result in an operation record, if it is settled.
+fn settled(bytes: &[u8]) -> Option<CommandResult> {
+    serde_json::from_slice::<Operation>(bytes)
+        .ok()
+        .filter(|op| op.state != State::Pending as i32)
+        .and_then(|op| op.result)
+}
+
+#[cfg(test)]
+mod tests {
+    use cm_schemas::v1::{CreateInstanceRequest, DeleteInstanceRequest};
+
+    use super::*;
+
+    fn create(cid: &str, sid: &str) -> Request {
+        Request::InstanceCreate(CreateInstanceRequest {
+            challenge_id: cid.into(),
+            source_id: sid.into(),
+            additional: Default::default(),
+        })
+    }
+
+    #[test]
+    fn a_key_names_one_command_per_caller_route_and_target() {
+        let id = keyed_command_id("", &create("c", "s"), "k");
+        assert_eq!(
+            id,
+            keyed_command_id("", &create("c", "s"), "k"),
+            "deterministic"
+        );
+        let parsed = uuid::Uuid::parse_str(&id).expect("a uuid");
+        assert_eq!(parsed.get_version_num(), 8);
+        for other in [
+            keyed_command_id("", &create("c", "s"), "k2"),
+            keyed_command_id("alice", &create("c", "s"), "k"),
+            keyed_command_id("", &create("c", "s2"), "k"),
+            keyed_command_id("", &create("c2", "s"), "k"),
+            keyed_command_id(
+                "",
+                &Request::InstanceDelete(DeleteInstanceRequest {
+                    challenge_id: "c".into(),
+                    source_id: "s".into(),
+                    force: false,
+                }),
+                "k",
+            ),
+            // Parts are length-prefixed: no two splits of one string collide.
+            keyed_command_id("", &create("cs", ""), "k"),
+        ] {
+            assert_ne!(id, other);
+        }
+    }
+
+    #[test]
+    fn malformed_keys_are_refused() {
+        assert!(validate_idempotency_key("retry-1:abc").is_ok());
+        for bad in ["", "has space", "tab\there", "é", &"x".repeat(256)] {
+            assert!(validate_idempotency_key(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -214,27 +214,70 @@ pub async fn ensure_streams(
     Ok(())
 }
 
-/// The durable pull consumer every worker shares.
+/// The configuration of the workers' consumer for `cfg`.
+///
+/// `max_deliver` is not JetStream's bound: a command whose last delivery is
+/// lost (worker killed, ack wait expired) would stay in the stream for ever,
+/// unanswered. JetStream redelivers without bound and the worker stops at
+/// `cfg.max_deliver` itself, dead-lettering the command with its reason.
+pub fn workers_consumer_config(cfg: &QueueConfig) -> pull::Config {
+    pull::Config {
+        durable_name: Some(WORKERS_CONSUMER.into()),
+        ack_policy: AckPolicy::Explicit,
+        deliver_policy: DeliverPolicy::All,
+        ack_wait: cfg.ack_wait,
+        max_deliver: -1,
+        max_ack_pending: cfg.max_ack_pending,
+        filter_subject: "cm.cmd.>".into(),
+        ..Default::default()
+    }
+}
+
+/// The durable pull consumer every worker shares (created when missing).
 pub async fn workers_consumer(
     js: &jetstream::Context,
     cfg: &QueueConfig,
 ) -> Result<PullConsumer, async_nats::Error> {
     let stream = js.get_stream(COMMANDS_STREAM).await?;
     let consumer = stream
-        .get_or_create_consumer(
-            WORKERS_CONSUMER,
-            pull::Config {
-                durable_name: Some(WORKERS_CONSUMER.into()),
-                ack_policy: AckPolicy::Explicit,
-                deliver_policy: DeliverPolicy::All,
-                ack_wait: cfg.ack_wait,
-                max_deliver: cfg.max_deliver,
-                max_ack_pending: cfg.max_ack_pending,
-                filter_subject: "cm.cmd.>".into(),
-                ..Default::default()
-            },
-        )
+        .get_or_create_consumer(WORKERS_CONSUMER, workers_consumer_config(cfg))
         .await?;
+    Ok(consumer)
+}
+
+/// The same, its configuration brought to `cfg` when it differs (a worker
+/// started with new flags: ack wait, concurrency cap, delivery bound). The
+/// workers call this at start; readers (exporter, cmctl) do not.
+pub async fn reconcile_workers_consumer(
+    js: &jetstream::Context,
+    cfg: &QueueConfig,
+) -> Result<PullConsumer, async_nats::Error> {
+    let stream = js.get_stream(COMMANDS_STREAM).await?;
+    let mut consumer: PullConsumer = stream
+        .get_or_create_consumer(WORKERS_CONSUMER, workers_consumer_config(cfg))
+        .await?;
+    let want = workers_consumer_config(cfg);
+    let have = &consumer.cached_info().config;
+    if have.ack_wait != want.ack_wait
+        || have.max_deliver != want.max_deliver
+        || have.max_ack_pending != want.max_ack_pending
+        || have.filter_subject != want.filter_subject
+    {
+        tracing::info!(
+            ack_wait = ?want.ack_wait,
+            max_ack_pending = want.max_ack_pending,
+            "updating the workers' consumer to this worker's configuration"
+        );
+        // Create-or-update: the server changes an existing durable in place.
+        // A server that refuses leaves the consumer as it was: consume with it.
+        match stream.create_consumer(want).await {
+            Ok(updated) => consumer = updated,
+            Err(e) => tracing::warn!(
+                error = %e,
+                "the workers' consumer could not be updated; consuming with its current configuration"
+            ),
+        }
+    }
     Ok(consumer)
 }
 

@@ -14,6 +14,18 @@
 //!                                           time and the janitor reads only what has expired)
 //! <root>/lock/...                           see `lock`
 //! ```
+//!
+//! # Reads of whole prefixes
+//! Lists are read in pages of [`Store::page_size`] keys, each page starting
+//! after the last key of the one before and all pinned to the revision of the
+//! first: one consistent snapshot however many records there are, and no
+//! response near the gRPC message limit.
+//!
+//! # Operation records
+//! An operation settles once: [`Store::settle_operation`] writes a result
+//! only over nothing or a pending record and otherwise hands back the result
+//! already there, and [`Store::create_operation`] (the API's pending record)
+//! never replaces anything.
 
 use cm_schemas::wkt::Timestamp;
 use etcd_client::{
@@ -113,6 +125,15 @@ fn parse_expiry_time(s: &str) -> Option<Timestamp> {
     })
 }
 
+/// What the janitor's read of the expiry index found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExpiredScan {
+    /// Expired entries whose instance is still there as the entry says.
+    pub live: Vec<Expired>,
+    /// Stale entries deleted on the way.
+    pub stale_removed: usize,
+}
+
 /// A value with the revision it was last modified at.
 #[derive(Debug, Clone)]
 pub struct Versioned<T> {
@@ -191,6 +212,9 @@ impl std::fmt::Debug for EtcdTls {
     }
 }
 
+/// Keys per page of a list read (see [`Store::with_page_size`]).
+pub const DEFAULT_PAGE_SIZE: i64 = 500;
+
 /// The etcd store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -201,6 +225,8 @@ pub struct Store {
     _endpoints: Option<std::sync::Arc<crate::etcd_endpoints::Watch>>,
     /// Compared in every write transaction (empty: unfenced).
     fence: Fence,
+    /// Keys per page of a list read.
+    page_size: i64,
 }
 
 impl std::fmt::Debug for Store {
@@ -299,6 +325,7 @@ impl Store {
             root: root.trim_end_matches('/').to_owned(),
             _endpoints: None,
             fence: Fence::default(),
+            page_size: DEFAULT_PAGE_SIZE,
         }
     }
 
@@ -314,6 +341,17 @@ impl Store {
     /// The fence this store's writes carry.
     pub fn fence(&self) -> &Fence {
         &self.fence
+    }
+
+    /// The same store reading lists `page_size` keys at a time (at least 1).
+    pub fn with_page_size(mut self, page_size: i64) -> Self {
+        self.page_size = page_size.max(1);
+        self
+    }
+
+    /// Keys per page of a list read.
+    pub fn page_size(&self) -> i64 {
+        self.page_size
     }
 
     /// The etcd client (for locks and leases).
@@ -663,6 +701,147 @@ impl Store {
         Ok(out)
     }
 
+    /// Like [`Store::list_expired`], for the janitor: at most `limit`
+    /// expired entries whose instance is still there with that identity and
+    /// `until`, read a page at a time past any number of stale entries. A
+    /// stale entry (its instance deleted, renewed or replaced by a write that
+    /// did not move the entry) is deleted on the way, guarded by its
+    /// revision, so it can neither hide live entries behind it nor cost a
+    /// command per tick for ever. One transaction of record reads per page.
+    pub async fn expired_live(
+        &self,
+        now: &Timestamp,
+        limit: i64,
+    ) -> Result<ExpiredScan, StoreError> {
+        let prefix = self.expiry_prefix();
+        let end = format!("{prefix}{}/~", expiry_time(now)).into_bytes();
+        // etcd caps operations per transaction (128 by default).
+        let page = self.page_size.clamp(1, 64);
+        let mut from = prefix.clone().into_bytes();
+        let mut scan = ExpiredScan::default();
+        while (scan.live.len() as i64) < limit {
+            let resp = self
+                .client
+                .clone()
+                .get(
+                    from.clone(),
+                    Some(GetOptions::new().with_range(end.clone()).with_limit(page)),
+                )
+                .await?;
+            if resp.kvs().is_empty() {
+                break;
+            }
+            let mut entries = Vec::new();
+            let mut stale = Vec::new();
+            for kv in resp.kvs() {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                match self.parse_expiry_entry(&prefix, &key, kv.value()) {
+                    Ok(entry) => entries.push((key, kv.mod_revision(), entry)),
+                    // Not one of ours: it must not stop every later tick.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "malformed expiry entry; deleting it");
+                        stale.push((key, kv.mod_revision()));
+                    }
+                }
+            }
+            let reads = Txn::new().and_then(
+                entries
+                    .iter()
+                    .map(|(_, _, e)| {
+                        TxnOp::get(self.claimed_key(&e.challenge_id, &e.source_id), None)
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            let records = self.client.clone().txn(reads).await?;
+            for ((key, revision, entry), op) in entries.into_iter().zip(records.op_responses()) {
+                let current = match op {
+                    etcd_client::TxnOpResponse::Get(get) => get.kvs().first().map(|kv| {
+                        from_json::<InstanceRecord>(&String::from_utf8_lossy(kv.key()), kv.value())
+                    }),
+                    _ => None,
+                }
+                .transpose()?;
+                let live = current.is_some_and(|rec| {
+                    rec.identity == entry.identity
+                        && rec.until.as_ref().map(expiry_time) == Some(expiry_time(&entry.until))
+                });
+                if live {
+                    if (scan.live.len() as i64) < limit {
+                        scan.live.push(entry);
+                    }
+                } else {
+                    stale.push((key, revision));
+                }
+            }
+            scan.stale_removed += self.delete_stale_entries(&stale).await?;
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok(scan)
+    }
+
+    /// Deletes expiry entries, each only if unchanged since read; how many.
+    async fn delete_stale_entries(&self, stale: &[(String, i64)]) -> Result<usize, StoreError> {
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        let compares: Vec<Compare> = stale
+            .iter()
+            .map(|(k, rev)| Compare::mod_revision(k.as_str(), CompareOp::Equal, *rev))
+            .collect();
+        let deletes: Vec<TxnOp> = stale
+            .iter()
+            .map(|(k, _)| TxnOp::delete(k.as_str(), None))
+            .collect();
+        let all = Txn::new().when(compares).and_then(deletes);
+        if self.client.clone().txn(all).await?.succeeded() {
+            return Ok(stale.len());
+        }
+        // One changed meanwhile (written again): delete the others one by one.
+        let mut removed = 0;
+        for (key, rev) in stale {
+            let one = Txn::new()
+                .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, *rev)])
+                .and_then([TxnOp::delete(key.as_str(), None)]);
+            if self.client.clone().txn(one).await?.succeeded() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn parse_expiry_entry(
+        &self,
+        prefix: &str,
+        key: &str,
+        value: &[u8],
+    ) -> Result<Expired, StoreError> {
+        let corrupt = || StoreError::Corrupt {
+            key: key.to_owned(),
+            reason: "malformed expiry entry".into(),
+        };
+        let rest = key.strip_prefix(prefix).ok_or_else(corrupt)?;
+        let mut parts = rest.split('/');
+        let (Some(time), Some(cid), Some(sid), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(corrupt());
+        };
+        Ok(Expired {
+            until: parse_expiry_time(time).ok_or_else(corrupt)?,
+            challenge_id: ids::decode(cid).ok_or_else(corrupt)?,
+            source_id: ids::decode(sid).ok_or_else(corrupt)?,
+            identity: String::from_utf8_lossy(value)
+                .parse()
+                .map_err(|_| corrupt())?,
+        })
+    }
+
     /// Writes a stack state on its own, while Pulumi runs: the checkpoint of
     /// an operation in flight, so a worker that dies mid-run leaves the state
     /// of what it already deployed for the next one to resume from.
@@ -756,20 +935,80 @@ impl Store {
         Ok(())
     }
 
-    /// Writes an operation record only if none exists yet.
+    /// Writes an operation record only if none exists yet (the API's pending
+    /// record, which must never replace a result a worker recorded). Returns
+    /// the record already there instead, if any. One round trip.
     pub async fn create_operation(
         &self,
         id: &str,
         value: Vec<u8>,
         lease: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let key = self.operation_key(id);
         let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
         let txn = Txn::new()
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, value, opts)]);
-        self.client.clone().txn(txn).await?;
-        Ok(())
+            .and_then([TxnOp::put(key.clone(), value, opts)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self.client.clone().txn(txn).await?;
+        if resp.succeeded() {
+            return Ok(None);
+        }
+        Ok(first_get(&resp).map(|(value, _)| value))
+    }
+
+    /// Records a command's final operation record, once: written over nothing
+    /// or over a pending record (guarded by its revision), never over another
+    /// final one. Returns `None` when `value` was recorded, or the final
+    /// record already there (an earlier delivery settled the command first:
+    /// its answer is the command's answer). One round trip when nothing is
+    /// recorded yet.
+    ///
+    /// `since`: a final record finished before it settled an earlier life of
+    /// the command (dead-lettered, then replayed by an operator) and is
+    /// replaced like a pending one.
+    pub async fn settle_operation(
+        &self,
+        id: &str,
+        value: Vec<u8>,
+        lease: i64,
+        since: Option<&Timestamp>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.operation_key(id);
+        let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+        let mut guard = Compare::version(key.clone(), CompareOp::Equal, 0);
+        // A pending record may be replaced; a concurrent change is re-read.
+        for _ in 0..8 {
+            let txn = Txn::new()
+                .when([guard])
+                .and_then([TxnOp::put(key.clone(), value.clone(), opts.clone())])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let resp = self.client.clone().txn(txn).await?;
+            if resp.succeeded() {
+                return Ok(None);
+            }
+            let Some((existing, revision)) = first_get(&resp) else {
+                // Deleted meanwhile (its lease expired): write it afresh.
+                guard = Compare::version(key.clone(), CompareOp::Equal, 0);
+                continue;
+            };
+            let op =
+                serde_json::from_slice::<cm_schemas::v1::Operation>(&existing).map_err(|e| {
+                    StoreError::Corrupt {
+                        key: key.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+            let pending = op.state == cm_schemas::v1::operation::State::Pending as i32;
+            let finished = op.result.as_ref().and_then(|r| r.finished_at.as_ref());
+            let earlier_life = matches!((finished, since), (Some(f), Some(s))
+                if (f.seconds, f.nanos) < (s.seconds, s.nanos));
+            if !pending && !earlier_life {
+                return Ok(Some(existing));
+            }
+            guard = Compare::mod_revision(key.clone(), CompareOp::Equal, revision);
+        }
+        Err(StoreError::Conflict { key })
     }
 
     // ---- helpers ----------------------------------------------------------
@@ -864,21 +1103,79 @@ impl Store {
         &self,
         prefix: &str,
     ) -> Result<Vec<Versioned<T>>, StoreError> {
-        let resp = self
-            .client
-            .clone()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await?;
-        resp.kvs()
-            .iter()
-            .map(|kv| {
-                Ok(Versioned {
-                    value: from_json(&String::from_utf8_lossy(kv.key()), kv.value())?,
-                    mod_revision: kv.mod_revision(),
-                })
-            })
-            .collect()
+        let mut out = Vec::new();
+        self.scan(prefix.as_bytes(), &prefix_end(prefix.as_bytes()), |kv| {
+            out.push(Versioned {
+                value: from_json(&String::from_utf8_lossy(kv.key()), kv.value())?,
+                mod_revision: kv.mod_revision(),
+            });
+            Ok(true)
+        })
+        .await?;
+        Ok(out)
     }
+
+    /// Visits the keys in `[start, end)` in order, a page of
+    /// [`Store::page_size`] keys per read, every page at the revision of the
+    /// first (one snapshot); `visit` returns whether to go on.
+    async fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        mut visit: impl FnMut(&etcd_client::KeyValue) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut from = start.to_vec();
+        let mut revision = 0;
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.to_vec())
+                .with_limit(self.page_size);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let resp = self.client.clone().get(from.clone(), Some(opts)).await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            for kv in resp.kvs() {
+                if !visit(kv)? {
+                    return Ok(());
+                }
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+}
+
+/// The first key after every key starting with `prefix` (etcd's range end
+/// of a prefix read).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte is 0xff: to the end of the keyspace.
+    vec![0]
+}
+
+/// The value and modification revision of a transaction's first get.
+fn first_get(resp: &etcd_client::TxnResponse) -> Option<(Vec<u8>, i64)> {
+    resp.op_responses().into_iter().find_map(|op| match op {
+        etcd_client::TxnOpResponse::Get(get) => get
+            .kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())),
+        _ => None,
+    })
 }
 
 fn to_json<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {

@@ -8,6 +8,11 @@
 //! JetStream keeps one of the copies, and the worker deletes an instance only
 //! if its `until` is still the one the janitor saw (a renewal wins).
 //!
+//! Stale index entries (whose instance was deleted, renewed or replaced
+//! without the entry moving) are checked against the records and deleted as
+//! the index is read, a page at a time: however many there are, they neither
+//! hide the live entries behind them nor come back every tick.
+//!
 //! # Layout
 //! - [`run`]: connects (with backoff), then ticks until shutdown or once.
 //! - [`tick`]: one pass over the expiry index.
@@ -76,6 +81,8 @@ pub struct TickReport {
     pub published: usize,
     /// Duplicates JetStream dropped (already published by a janitor).
     pub duplicates: usize,
+    /// Stale index entries found and deleted (no command published).
+    pub stale: usize,
 }
 
 /// The janitor's connections.
@@ -96,8 +103,10 @@ impl Janitor {
     #[tracing::instrument(name = "janitor tick", skip(self), fields(expired, published))]
     pub async fn tick(&self) -> Result<TickReport, TickError> {
         let outcome = async {
-            let expired = self.collect(&now()).await?;
-            self.publish(expired).await
+            let scan = self.store.expired_live(&now(), self.batch).await?;
+            let mut report = self.publish(scan.live).await?;
+            report.stale = scan.stale_removed;
+            Ok::<_, TickError>(report)
         }
         .await;
         let expired = outcome.as_ref().map_or(0, |r| r.expired as u64);
@@ -109,12 +118,13 @@ impl Janitor {
         Ok(report)
     }
 
-    /// What has expired at `at` (the first half of a tick).
+    /// What has expired at `at` (the first half of a tick): live entries
+    /// only, stale ones deleted on the way.
     pub async fn collect(
         &self,
         at: &cm_schemas::wkt::Timestamp,
     ) -> Result<Vec<Expired>, TickError> {
-        Ok(self.store.list_expired(at, self.batch).await?)
+        Ok(self.store.expired_live(at, self.batch).await?.live)
     }
 
     /// Publishes the expiry commands of `expired` (the second half of a tick).
@@ -140,6 +150,7 @@ impl Janitor {
                 requested_by: Some(Requester {
                     principal: String::new(),
                     via: "janitor".into(),
+                    ..Default::default()
                 }),
                 request: Some(Request::InstanceExpire(ExpireInstance {
                     challenge_id: entry.challenge_id,

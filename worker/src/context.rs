@@ -322,6 +322,7 @@ async fn publish_command(
         requested_by: Some(Requester {
             principal: String::new(),
             via: "worker".into(),
+            ..Default::default()
         }),
         request: Some(request),
     };

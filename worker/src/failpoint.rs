@@ -22,6 +22,13 @@
 //!   surplus pooled instance (its identity locked and re-read);
 //! - `instance-update-before-write` (pause): an instance update's Pulumi run
 //!   is done, its record not written yet.
+//!
+//! Pauses (`CM_PAUSE=<point>`, `CM_PAUSE_DIR=<dir>`, see [`hold`]) stop a
+//! worker at a named step until the test releases it, for races that need
+//! one delivery held while another runs:
+//! - `received`: a command was pulled, before anything is read or run;
+//! - `handler-start`: the settled check found nothing, the handler is about
+//!   to run (no in-progress acks are sent while paused there).
 
 use std::{path::PathBuf, sync::OnceLock, time::Duration};
 
@@ -86,4 +93,58 @@ pub async fn pause(name: &str) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tracing::warn!(failpoint = name, "failpoint resumed");
+}
+
+/// The environment variable naming the point where the worker pauses.
+pub const PAUSE_ENV: &str = "CM_PAUSE";
+/// The directory where a pause is announced and released.
+pub const PAUSE_DIR_ENV: &str = "CM_PAUSE_DIR";
+
+fn pause_point() -> Option<&'static (String, std::path::PathBuf)> {
+    static POINT: OnceLock<Option<(String, std::path::PathBuf)>> = OnceLock::new();
+    POINT
+        .get_or_init(|| {
+            let name = std::env::var(PAUSE_ENV).ok().filter(|n| !n.trim().is_empty())?;
+            let dir = std::env::var_os(PAUSE_DIR_ENV)?;
+            tracing::warn!(pause = %name, "pause point armed: this worker will stop there on purpose");
+            Some((name.trim().to_owned(), std::path::PathBuf::from(dir)))
+        })
+        .as_ref()
+}
+
+/// Pauses at `name` when `CM_PAUSE` names it (and `CM_PAUSE_DIR` is set),
+/// for the race tests: the worker appends `detail` (e.g. the command id) as
+/// a line to `<dir>/<name>.reached`, then waits until `<dir>/<name>.release`
+/// exists; once released, later hits pass straight through. Unarmed (always,
+/// in production), one cached lookup.
+pub async fn hold(name: &str, detail: &str) {
+    let Some((armed, dir)) = pause_point() else {
+        return;
+    };
+    if armed != name {
+        return;
+    }
+    let release = dir.join(format!("{name}.release"));
+    if release.exists() {
+        return;
+    }
+    tracing::warn!(
+        pause = name,
+        detail,
+        "pause point reached: waiting for its release"
+    );
+    // One line per paused command (several when the worker runs several).
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.reached")))
+    {
+        use std::io::Write as _;
+        // One write per line: appends of concurrent pauses never interleave.
+        let _ = f.write_all(format!("{detail}\n").as_bytes());
+    }
+    while !release.exists() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tracing::warn!(pause = name, "pause point released");
 }

@@ -205,6 +205,9 @@ async fn fan_out(
         });
         ctx.publish_with_reply(request, Some(&inbox)).await?;
     }
+    // From here on this command only waits for its children: its permit
+    // lets this worker run them (at concurrency 1 it would wait for ever).
+    crate::consumer::yield_permit();
     let (mut updated, mut failed) = (0, 0);
     let collect = async {
         while updated + failed < targets.len() {

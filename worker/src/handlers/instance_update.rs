@@ -65,6 +65,18 @@ async fn update(
     let challenge = ctx.challenge(cid).await?;
     // Read under the identity's lock, with the revision guarding the final write.
     let Some(found) = ctx.store.find_identity(cid, identity).await? else {
+        // Redelivered after this very command switched the instance to a new
+        // identity (blue/green) but before it settled: the switched record is
+        // its answer, not "gone".
+        if let Some(done) = ctx
+            .store
+            .list_instances(cid)
+            .await?
+            .into_iter()
+            .find(|r| r.command_id == command_id && r.identity != *identity)
+        {
+            return Ok(Outcome::Instance(done.to_api()));
+        }
         // Deleted or reset meanwhile: nothing to update.
         return Err(DomainError::not_found(format!("instance {} is gone", req.identity)).into());
     };

@@ -90,15 +90,16 @@ pub async fn serve(
 }
 
 async fn handle(app: App, name: &str, request: Request) {
-    let mode = match request
-        .message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("Prefer"))
-    {
-        Some(v) if v.as_str().eq_ignore_ascii_case("respond-async") => Mode::Async,
-        _ => Mode::Wait,
-    };
+    let mode = Mode::from_prefer(
+        request
+            .message
+            .headers
+            .as_ref()
+            .map(|h| h.get_all("Prefer"))
+            .into_iter()
+            .flatten()
+            .map(|v| v.as_str()),
+    );
     let key = request
         .message
         .headers

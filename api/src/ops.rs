@@ -86,6 +86,19 @@ pub enum Mode {
     Async,
 }
 
+impl Mode {
+    /// From the values of the `Prefer` header (RFC 7240), on REST and on
+    /// NATS alike: `respond-async` among any comma-separated preferences of
+    /// any of the values, in any case, asks for [`Mode::Async`].
+    pub fn from_prefer<'a>(values: impl IntoIterator<Item = &'a str>) -> Self {
+        let asks_async = values.into_iter().any(|v| {
+            v.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+        });
+        if asks_async { Self::Async } else { Self::Wait }
+    }
+}
+
 impl App {
     /// Whether the store answers (within 2 s): the health checks' answer.
     pub async fn store_healthy(&self) -> bool {
@@ -431,5 +444,23 @@ fn expect_deleted(reply: Reply<Outcome>) -> Result<Reply<()>, DomainError> {
         Reply::Done(Outcome::Deleted(_)) => Ok(Reply::Done(())),
         Reply::Accepted { operation_id } => Ok(Reply::Accepted { operation_id }),
         Reply::Done(_) => Err(unexpected()),
+    }
+}
+
+#[cfg(test)]
+mod mode_tests {
+    use super::Mode;
+
+    #[test]
+    fn prefer_respond_async_among_other_preferences() {
+        assert_eq!(Mode::from_prefer(["respond-async"]), Mode::Async);
+        assert_eq!(Mode::from_prefer(["wait=10, Respond-Async"]), Mode::Async);
+        assert_eq!(
+            Mode::from_prefer(["return=minimal", "respond-async"]),
+            Mode::Async
+        );
+        assert_eq!(Mode::from_prefer(["return=minimal"]), Mode::Wait);
+        assert_eq!(Mode::from_prefer(["respond-asynchronously"]), Mode::Wait);
+        assert_eq!(Mode::from_prefer([]), Mode::Wait);
     }
 }

@@ -114,13 +114,12 @@ fn requester(headers: &HeaderMap) -> Requester {
 }
 
 fn mode(headers: &HeaderMap) -> Mode {
-    let asks_async = headers.get_all("prefer").iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
-        })
-    });
-    if asks_async { Mode::Async } else { Mode::Wait }
+    Mode::from_prefer(
+        headers
+            .get_all("prefer")
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
 }
 
 fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {

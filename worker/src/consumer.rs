@@ -628,15 +628,37 @@ async fn publish_event(ctx: &Ctx, kind: CommandKind, challenge_id: &str, result:
     queue::inject_trace_context(&mut headers);
     let subject = queue::event_subject(name, challenge_id);
     let payload = Bytes::from(without_flags(result).encode_to_vec());
-    match ctx.js.publish_with_headers(subject, headers, payload).await {
-        Ok(ack) => {
-            if let Err(e) = ack.await {
-                tracing::warn!(error = %e, "event not acknowledged");
-            }
+    // While a clustered stream elects a new leader (a NATS node lost), a
+    // publish fails for a second or two: try again, a few times (the message
+    // id makes a copy that did land count once). A redelivery of the command
+    // publishes again too.
+    let mut delay = EVENT_RETRY_FIRST;
+    for attempt in 1..=EVENT_ATTEMPTS {
+        let failure = match ctx
+            .js
+            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+            .await
+        {
+            Ok(ack) => match ack.await {
+                Ok(_) => return,
+                Err(e) => format!("not acknowledged: {e}"),
+            },
+            Err(e) => format!("not published: {e}"),
+        };
+        if attempt == EVENT_ATTEMPTS {
+            tracing::warn!(error = %failure, attempts = attempt, "event lost");
+            return;
         }
-        Err(e) => tracing::warn!(error = %e, "event not published"),
+        tracing::debug!(error = %failure, attempt, "event publish failed; retrying");
+        tokio::time::sleep(delay).await;
+        delay *= 2;
     }
 }
+
+/// Tries of one event publish, and the first wait between two (doubling):
+/// about 3 s in all, a stream leader election on loopback.
+const EVENT_ATTEMPTS: u32 = 5;
+const EVENT_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The result as events carry it: flags are secrets, kept for the caller's
 /// reply and the store, never written to the retained event stream.

@@ -13,9 +13,10 @@ use cm_core::store::{Store, StoreOptions};
 use cm_testkit::cluster::{EtcdCluster, NatsCluster};
 use serde_json::{Value, json};
 
-/// POST /api/v1/instance, retried while the cluster fails over (503/504, or
-/// no answer); `409` means an earlier try went through. Gives the status
-/// that settled it and how many tries it took.
+/// POST /api/v1/instance as a careful client does while the cluster fails
+/// over: retried on 503/504 or no answer, every try with the same
+/// `Idempotency-Key`, so the tries are one command and the answer is its
+/// result. Gives the status that settled it and how many tries it took.
 async fn create(http: &reqwest::Client, api: &str, source: &str) -> (u16, u32) {
     let body = json!({"challengeId": "cl", "sourceId": source});
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
@@ -24,6 +25,7 @@ async fn create(http: &reqwest::Client, api: &str, source: &str) -> (u16, u32) {
         tries += 1;
         let status = match http
             .post(format!("{api}/api/v1/instance"))
+            .header("Idempotency-Key", format!("cluster-create-{source}"))
             .json(&body)
             .send()
             .await
@@ -31,10 +33,39 @@ async fn create(http: &reqwest::Client, api: &str, source: &str) -> (u16, u32) {
             Ok(resp) => resp.status().as_u16(),
             Err(_) => 0,
         };
-        if matches!(status, 200 | 409) || tokio::time::Instant::now() > deadline {
+        if !matches!(status, 0 | 503 | 504) || tokio::time::Instant::now() > deadline {
             return (status, tries);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Creates an instance for each of `sources` at once, runs `fault` while
+/// they are in flight, and checks that each was created.
+async fn creates_during(
+    http: &reqwest::Client,
+    api: &str,
+    sources: &[String],
+    fault: impl FnOnce(),
+    logs: &dyn Fn() -> String,
+) {
+    let creates = sources
+        .iter()
+        .map(|s| {
+            let (http, api, s) = (http.clone(), api.to_owned(), s.clone());
+            tokio::spawn(async move { create(&http, &api, &s).await })
+        })
+        .collect::<Vec<_>>();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fault();
+    for (source, task) in sources.iter().zip(creates) {
+        let (status, tries) = task.await.expect("create task");
+        assert_eq!(
+            status,
+            200,
+            "{source}: {status} after {tries} tries\n{}",
+            logs()
+        );
     }
 }
 
@@ -118,47 +149,13 @@ async fn instances_survive_the_loss_of_the_stream_leader_and_the_etcd_leader() {
     let leader = stream_leader(&nats).await;
     let sources: Vec<String> = (0..8).map(|i| format!("s{i}")).collect();
     let (first, second) = sources.split_at(4);
-    let creates = first
-        .iter()
-        .map(|s| {
-            let (http, api, s) = (http.clone(), api.clone(), s.clone());
-            tokio::spawn(async move { create(&http, &api, &s).await })
-        })
-        .collect::<Vec<_>>();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    nats.kill(leader);
-    for (source, task) in first.iter().zip(creates) {
-        let (status, tries) = task.await.expect("create task");
-        eprintln!("create {source}: {status} after {tries} tries");
-        assert!(
-            matches!(status, 200 | 409),
-            "{source}: {status} after {tries} tries\n{}",
-            worker_logs()
-        );
-    }
+    creates_during(&http, &api, first, || nats.kill(leader), &worker_logs).await;
     nats.start_member(leader);
     nats.wait_jetstream().await;
 
     // Phase 2: kill etcd's leader while creates are in flight.
     let leader = etcd.leader().await.expect("an etcd leader");
-    let creates = second
-        .iter()
-        .map(|s| {
-            let (http, api, s) = (http.clone(), api.clone(), s.clone());
-            tokio::spawn(async move { create(&http, &api, &s).await })
-        })
-        .collect::<Vec<_>>();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    etcd.kill(leader);
-    for (source, task) in second.iter().zip(creates) {
-        let (status, tries) = task.await.expect("create task");
-        eprintln!("create {source}: {status} after {tries} tries");
-        assert!(
-            matches!(status, 200 | 409),
-            "{source}: {status} after {tries} tries\n{}",
-            worker_logs()
-        );
-    }
+    creates_during(&http, &api, second, || etcd.kill(leader), &worker_logs).await;
     etcd.start_member(leader);
 
     // Quiescence: every command settled.

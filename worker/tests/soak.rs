@@ -188,10 +188,13 @@ async fn soak_with_random_faults_keeps_the_invariants() {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         api_stops.push(tx);
         tokio::spawn(async move {
-            let _ = cm_api::run(config, listener, async {
+            if let Err(e) = cm_api::run(config, listener, async {
                 let _ = rx.await;
             })
-            .await;
+            .await
+            {
+                eprintln!("soak: an API stopped: {e}");
+            }
         });
     }
     let mut workers = Workers {
@@ -227,8 +230,11 @@ async fn soak_with_random_faults_keeps_the_invariants() {
         });
     }
     let http = reqwest::Client::new();
+    // Under load a clustered start takes a while (streams at replicas 3).
     for api in &apis {
-        support::wait_healthy(&http, api).await;
+        cm_testkit::wait::healthy(&http, api, Duration::from_secs(60))
+            .await
+            .expect("API healthy");
     }
 
     // The challenges.

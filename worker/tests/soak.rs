@@ -4,9 +4,10 @@
 //! 3-member etcd cluster, two APIs (in-process), three worker processes and
 //! a janitor. Clients create, read, renew and delete instances on three
 //! challenges (one plain, one pooled whose scenario an admin keeps updating
-//! in place, one with a short timeout that the janitor expires) while a
-//! nemesis, at random times, kills and restarts workers, NATS nodes and
-//! etcd members, and pauses workers past their lease (SIGSTOP, SIGCONT).
+//! in place, one with a short timeout that the janitor expires), over REST
+//! and over the NATS front door, while a nemesis, at random times, kills and
+//! restarts workers, APIs, NATS nodes and etcd members, kills scenarios'
+//! `pulumi` runs, and pauses workers past their lease (SIGSTOP, SIGCONT).
 //!
 //! After the nemesis stops and the system quiesces, the checker reads the
 //! store and the history of every request and answer and reports each
@@ -49,6 +50,8 @@ const CLIENTS: usize = 6;
 struct Op {
     at_ms: u128,
     client: usize,
+    /// `rest` or `nats` (the front door the request went through).
+    via: &'static str,
     kind: &'static str,
     challenge: String,
     source: String,
@@ -120,6 +123,30 @@ impl Workers {
         }
     }
 
+    /// Kills (SIGKILL) the `pulumi` processes worker `i` runs; whether there
+    /// was one.
+    fn kill_pulumi(&self, i: usize) -> bool {
+        let Some(c) = &self.children[i] else {
+            return false;
+        };
+        let Ok(out) = std::process::Command::new("pgrep")
+            .args(["-P", &c.id().to_string(), "-x", "pulumi"])
+            .output()
+        else {
+            return false;
+        };
+        let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        for pid in &pids {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", pid])
+                .status();
+        }
+        !pids.is_empty()
+    }
+
     fn signal(&self, i: usize, sig: &str) {
         if let Some(c) = &self.children[i] {
             let _ = std::process::Command::new("kill")
@@ -135,6 +162,85 @@ impl Drop for Workers {
             self.signal(i, "-CONT");
             self.kill(i);
         }
+    }
+}
+
+/// An API in-process, on its own listener; killed (its task aborted, every
+/// connection dropped) and started again on the same port by the nemesis.
+struct ApiServer {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ApiServer {
+    async fn start(addr: std::net::SocketAddr, config: &cm_api::ApiConfig) -> Self {
+        // The port of a killed API may take a moment to be free again.
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("cannot bind {addr} again: {e}"),
+            }
+        };
+        let addr = listener.local_addr().expect("addr");
+        let config = config.clone();
+        // As a supervisor would (systemd, Kubernetes): an API that exits
+        // with an error (e.g. JetStream not answering at start while the
+        // cluster elects a leader) is started again.
+        let task = tokio::spawn(async move {
+            let mut listener = Some(listener);
+            loop {
+                let l = match listener.take() {
+                    Some(l) => l,
+                    None => match tokio::net::TcpListener::bind(addr).await {
+                        Ok(l) => l,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
+                        }
+                    },
+                };
+                match cm_api::run(config.clone(), l, std::future::pending()).await {
+                    Ok(()) => return,
+                    Err(e) => eprintln!("soak: an API exited ({e}); starting it again"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A request through the NATS front door (`cm.api.<name>`), its status as
+/// REST would give it: 200, the service error code, or 0 with no answer.
+async fn nats_request(nats: &async_nats::Client, name: &str, body: Value) -> (u16, Option<Value>) {
+    let request = async_nats::Request::new()
+        .payload(body.to_string().into())
+        .timeout(Some(Duration::from_secs(60)));
+    match nats.send_request(format!("cm.api.{name}"), request).await {
+        Ok(reply) => {
+            let code = reply
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(async_nats::service::NATS_SERVICE_ERROR_CODE))
+                .and_then(|v| v.as_str().parse::<u16>().ok());
+            (
+                code.unwrap_or(200),
+                serde_json::from_slice(&reply.payload).ok(),
+            )
+        }
+        Err(_) => (0, None),
     }
 }
 
@@ -174,29 +280,18 @@ async fn soak_with_random_faults_keeps_the_invariants() {
         .keep();
 
     // Two APIs, in-process, on their own listeners.
-    let mut apis = Vec::new();
-    let mut api_stops = Vec::new();
+    let mut api_config = support::api_config(&nats_url, &etcd.urls[0]);
+    api_config.etcd_endpoints = etcd.urls.clone();
+    api_config.queue.replicas = 3;
+    api_config.result_timeout = Duration::from_secs(45);
+    let mut api_servers = Vec::new();
     for _ in 0..2 {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        apis.push(format!("http://{}", listener.local_addr().expect("addr")));
-        let mut config = support::api_config(&nats_url, &etcd.urls[0]);
-        config.etcd_endpoints = etcd.urls.clone();
-        config.queue.replicas = 3;
-        config.result_timeout = Duration::from_secs(45);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        api_stops.push(tx);
-        tokio::spawn(async move {
-            if let Err(e) = cm_api::run(config, listener, async {
-                let _ = rx.await;
-            })
-            .await
-            {
-                eprintln!("soak: an API stopped: {e}");
-            }
-        });
+        api_servers.push(ApiServer::start("127.0.0.1:0".parse().expect("addr"), &api_config).await);
     }
+    let apis: Vec<String> = api_servers
+        .iter()
+        .map(|a| format!("http://{}", a.addr))
+        .collect();
     let mut workers = Workers {
         children: (0..WORKERS).map(|_| None).collect(),
         nats_url: nats_url.clone(),
@@ -268,8 +363,13 @@ async fn soak_with_random_faults_keeps_the_invariants() {
             history.clone(),
             stop_clients.clone(),
         );
+        let nats_client = cm_core::nats::connect(&nats_url, "soak-client", &Default::default())
+            .await
+            .expect("nats client");
         client_tasks.push(tokio::spawn(async move {
             while !stop.is_cancelled() {
+                // A third of the instance requests go through the NATS front door.
+                let via_nats = rng.gen_range(0..3) == 0;
                 let api = &apis[rng.gen_range(0..apis.len())];
                 let challenge = ["plain", "pooled", "short"][rng.gen_range(0..3)];
                 let source = format!("s{}", rng.gen_range(0..SOURCES));
@@ -311,7 +411,20 @@ async fn soak_with_random_faults_keeps_the_invariants() {
                         )
                     }
                 };
-                let (status, answer) = request(&http, method, url, body).await;
+                let nats_name = match kind {
+                    "create" => Some("instance.create"),
+                    "get" => Some("instance.get"),
+                    "delete" => Some("instance.delete"),
+                    "renew" => Some("instance.renew"),
+                    _ => None,
+                };
+                let (status, answer) = match nats_name {
+                    Some(name) if via_nats => {
+                        let key = json!({"challengeId": challenge, "sourceId": source});
+                        nats_request(&nats_client, name, key).await
+                    }
+                    _ => request(&http, method, url, body).await,
+                };
                 let info = answer
                     .as_ref()
                     .and_then(|a| a.get("connectionInfo"))
@@ -325,6 +438,11 @@ async fn soak_with_random_faults_keeps_the_invariants() {
                 history.lock().expect("history").push(Op {
                     at_ms: start.elapsed().as_millis(),
                     client,
+                    via: if via_nats && nats_name.is_some() {
+                        "nats"
+                    } else {
+                        "rest"
+                    },
                     kind,
                     challenge,
                     source,
@@ -340,7 +458,7 @@ async fn soak_with_random_faults_keeps_the_invariants() {
     let mut faults = Faults::default();
     while start.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(2000..5000))).await;
-        match rng.gen_range(0..4) {
+        match rng.gen_range(0..6) {
             0 => {
                 let i = rng.gen_range(0..WORKERS);
                 workers.kill(i);
@@ -362,6 +480,21 @@ async fn soak_with_random_faults_keeps_the_invariants() {
                 *faults.counts.entry("kill -9 etcd member").or_default() += 1;
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(1000..4000))).await;
                 etcd.start_member(i);
+            }
+            3 => {
+                let i = rng.gen_range(0..api_servers.len());
+                let addr = api_servers[i].addr;
+                api_servers[i].task.abort();
+                *faults.counts.entry("kill an API").or_default() += 1;
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(500..3000))).await;
+                api_servers[i] = ApiServer::start(addr, &api_config).await;
+            }
+            4 => {
+                // A scenario's pulumi run killed under its worker.
+                let i = rng.gen_range(0..WORKERS);
+                if workers.kill_pulumi(i) {
+                    *faults.counts.entry("kill -9 a pulumi run").or_default() += 1;
+                }
             }
             _ => {
                 let i = rng.gen_range(0..WORKERS);
@@ -559,9 +692,7 @@ async fn soak_with_random_faults_keeps_the_invariants() {
         logs.display()
     );
 
-    for tx in api_stops {
-        let _ = tx.send(());
-    }
+    drop(api_servers);
     assert!(
         violations.is_empty(),
         "seed {seed}: {} violation(s):\n{}",

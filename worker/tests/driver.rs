@@ -307,3 +307,58 @@ async fn a_run_interrupted_with_pending_operations_is_recovered() {
         "step-0 kept, not duplicated"
     );
 }
+
+#[tokio::test]
+async fn a_pulumi_run_killed_by_a_signal_is_retryable() {
+    let driver = driver();
+    let scenario = driver
+        .prepare(&cm_testkit::example("steps"))
+        .await
+        .expect("prepare");
+    let identity = Identity::random();
+    // Four steps of 1.5 s: long enough to be killed in the middle.
+    let slow = BTreeMap::from([
+        ("steps".to_owned(), "4".to_owned()),
+        ("step_ms".to_owned(), "1500".to_owned()),
+    ]);
+    let run = {
+        let (driver, scenario, identity, slow) = (
+            driver.clone(),
+            scenario.clone(),
+            identity.clone(),
+            slow.clone(),
+        );
+        tokio::spawn(async move { driver.up(&scenario, &identity, &slow, None).await })
+    };
+    // Kill the `pulumi up` of this stack (a child of this test process whose
+    // command line names the stack; other tests' runs are left alone) once
+    // it runs, as the OOM killer or an operator would.
+    let me = std::process::id().to_string();
+    let stack = identity.to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = Command::new("pgrep")
+            .args(["-P", &me, "-f", &stack])
+            .output()
+            .expect("pgrep");
+        let pids = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !pids.trim().is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+            for pid in pids.split_whitespace() {
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "pulumi never started");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let err = run
+        .await
+        .expect("task")
+        .expect_err("a killed run does not succeed");
+    assert!(
+        matches!(err, DriverError::Interrupted { signal: 9 }),
+        "killed by SIGKILL: {err:?}"
+    );
+    assert!(err.is_retryable(), "a killed run is worth retrying");
+}

@@ -89,9 +89,9 @@ impl From<DriverError> for HandlerError {
                 tracing::error!(%reason, "stack state corrupt");
                 Self::Domain(DomainError::internal("internal error"))
             }
-            retry @ (DriverError::EngineUnavailable { .. } | DriverError::Io { .. }) => {
-                Self::Retry(retry.to_string())
-            }
+            retry @ (DriverError::EngineUnavailable { .. }
+            | DriverError::Interrupted { .. }
+            | DriverError::Io { .. }) => Self::Retry(retry.to_string()),
         }
     }
 }

@@ -44,6 +44,8 @@ pub(crate) struct Cli {
 #[derive(Debug)]
 pub(crate) struct CliOutput {
     pub success: bool,
+    /// The signal that ended the process, when one did.
+    pub killed_by: Option<i32>,
     pub stdout: String,
     pub stderr: String,
 }
@@ -163,6 +165,7 @@ impl Cli {
             })?;
         let out = CliOutput {
             success: output.status.success(),
+            killed_by: std::os::unix::process::ExitStatusExt::signal(&output.status),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         };
@@ -241,6 +244,7 @@ mod tests {
     fn extracts_error_lines_from_diagnostics() {
         let out = CliOutput {
             success: false,
+            killed_by: None,
             stdout: concat!(
                 "Updating (abc):\n",
                 " +  pulumi:pulumi:Stack fail-abc creating (0s) error: an unhandled error occurred: program failed:\n",
@@ -264,6 +268,7 @@ mod tests {
         );
         let stderr_only = CliOutput {
             success: false,
+            killed_by: None,
             stdout: String::new(),
             stderr: "boom\n\nreally boom\n".into(),
         };

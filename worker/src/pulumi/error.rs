@@ -35,6 +35,15 @@ pub enum DriverError {
         reason: String,
     },
 
+    /// The `pulumi` process was killed (a signal, e.g. the OOM killer or an
+    /// operator) before it finished: nothing is wrong with the scenario, and
+    /// the next try resumes the stack from its last checkpoint.
+    #[error("pulumi was killed by signal {signal} before it finished")]
+    Interrupted {
+        /// The signal that ended it.
+        signal: i32,
+    },
+
     /// The stored stack state could not be read back or is corrupt.
     #[error("stack state unreadable: {reason}")]
     StateCorrupt {
@@ -76,6 +85,9 @@ impl DriverError {
 
     /// Whether running the same operation again may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::EngineUnavailable { .. } | Self::Io { .. })
+        matches!(
+            self,
+            Self::EngineUnavailable { .. } | Self::Interrupted { .. } | Self::Io { .. }
+        )
     }
 }

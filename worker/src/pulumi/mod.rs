@@ -323,6 +323,9 @@ impl Driver {
         if let (Some(sink), Some(state)) = (sink, &state) {
             sink.send(state.clone());
         }
+        if let Some(signal) = out.killed_by {
+            return Err(DriverError::Interrupted { signal });
+        }
         if !out.success {
             return Err(DriverError::ProgramFailed {
                 message: cli::diagnostics(&out),
@@ -392,6 +395,9 @@ impl Driver {
             .await?;
         if let (Some(sink), Ok(Some(after))) = (sink, ws.read_state(&state.encryption_salt).await) {
             sink.send(after);
+        }
+        if let Some(signal) = out.killed_by {
+            return Err(DriverError::Interrupted { signal });
         }
         if !out.success {
             let state = ws.read_state(&state.encryption_salt).await?;

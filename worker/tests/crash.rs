@@ -49,25 +49,6 @@ async fn queue_instance(stack: &Stack, cid: &str, sid: &str) -> String {
         .to_owned()
 }
 
-/// Waits for an operation to end; returns its JSON.
-async fn wait_operation(stack: &Stack, id: &str, limit: Duration) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let (status, body) = stack
-            .call(Method::GET, &format!("/api/v1/operation/{id}"), None)
-            .await;
-        if status == 200 && body["state"] != "PENDING" && !body["state"].is_null() {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "operation {id} not finished after {limit:?}: {status} {body}\n{}",
-            stack.worker_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 async fn record(stack: &Stack, cid: &str, sid: &str) -> Option<InstanceRecord> {
     stack
         .store
@@ -250,7 +231,7 @@ async fn worker_killed_mid_pulumi_run_is_resumed_by_another() {
 
     // Another worker takes the command over after the ack deadline.
     stack.spawn_worker();
-    let done = wait_operation(&stack, &op, Duration::from_secs(90)).await;
+    let done = stack.wait_operation(&op, Duration::from_secs(90)).await;
     assert_eq!(
         done["state"],
         "SUCCEEDED",
@@ -314,7 +295,7 @@ async fn worker_killed_between_pulumi_and_the_store_write() {
     assert_eq!(steps_of(&deployed).len(), 2);
 
     stack.spawn_worker();
-    let done = wait_operation(&stack, &op, Duration::from_secs(90)).await;
+    let done = stack.wait_operation(&op, Duration::from_secs(90)).await;
     assert_eq!(
         done["state"],
         "SUCCEEDED",
@@ -348,7 +329,7 @@ async fn worker_killed_between_the_store_write_and_the_ack() {
         "the redelivered command was not settled\n{}",
         stack.worker_logs()
     );
-    let done = wait_operation(&stack, &op, Duration::from_secs(5)).await;
+    let done = stack.wait_operation(&op, Duration::from_secs(5)).await;
     assert_eq!(done["state"], "SUCCEEDED");
     assert_one_whole_instance(&stack, "late", "team-c", 1).await;
     let after = record(&stack, "late", "team-c").await.expect("record");
@@ -545,7 +526,9 @@ async fn a_command_published_twice_with_one_id_has_one_effect() {
         "{}",
         stack.worker_logs()
     );
-    let done = wait_operation(&stack, &command.command_id, Duration::from_secs(30)).await;
+    let done = stack
+        .wait_operation(&command.command_id, Duration::from_secs(30))
+        .await;
     assert_eq!(done["state"], "SUCCEEDED", "{done}");
     assert_one_whole_instance(&stack, "twice", "team-f", 1).await;
 }

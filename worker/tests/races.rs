@@ -337,21 +337,7 @@ async fn a_handler_whose_lease_was_lost_cannot_resurrect_a_deleted_instance() {
 
     // The stale create resumes (if it still runs): its writes must fail.
     resume(pauses.path(), PAUSE);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let done: Value = loop {
-        let (status, body) = stack
-            .call(Method::GET, &format!("/api/v1/operation/{op}"), None)
-            .await;
-        if status == 200 && body["state"] != "PENDING" && !body["state"].is_null() {
-            break body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "create never settled: {body}\n{}",
-            stack.worker_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let done: Value = stack.wait_operation(&op, Duration::from_secs(120)).await;
     assert!(
         support::wait_drained(
             &stack.nats.url,
@@ -614,21 +600,7 @@ async fn an_eviction_does_not_deadlock_with_a_create_on_the_victims_challenge() 
     let started = Instant::now();
     resume(pauses.path(), PAUSE);
     for op in [&evicting, &competing] {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let (status, body) = stack
-                .call(Method::GET, &format!("/api/v1/operation/{op}"), None)
-                .await;
-            if status == 200 && body["state"] != "PENDING" && !body["state"].is_null() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{op} never settled\n{}",
-                stack.worker_logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        stack.wait_operation(op, Duration::from_secs(60)).await;
     }
     let took = started.elapsed();
     assert!(
@@ -904,27 +876,13 @@ async fn a_lost_lease_stops_the_handler_and_kills_its_pulumi_run() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Retried under a new lease, the command ends with one whole instance.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (status, body) = stack
-            .call(Method::GET, &format!("/api/v1/operation/{op}"), None)
-            .await;
-        if status == 200 && body["state"] != "PENDING" && !body["state"].is_null() {
-            assert_eq!(
-                body["state"],
-                "SUCCEEDED",
-                "{body}\n{}",
-                stack.worker_logs()
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "create never settled: {body}\n{}",
-            stack.worker_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let body = stack.wait_operation(&op, Duration::from_secs(120)).await;
+    assert_eq!(
+        body["state"],
+        "SUCCEEDED",
+        "{body}\n{}",
+        stack.worker_logs()
+    );
     let rec = claimed(&stack, "slow", "p1").await;
     assert_eq!(rec.status, InstanceStatus::Ready);
     assert!(rec.connection_info.ends_with("x6"), "{rec:?}");

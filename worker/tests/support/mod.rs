@@ -281,6 +281,31 @@ impl Stack {
         (resp.status().as_u16(), resp.text().await.expect("body"))
     }
 
+    /// Polls `GET /api/v1/operation/{id}` until the operation has ended
+    /// (neither pending nor missing); its JSON. Fails after `limit`, with the
+    /// workers' logs.
+    pub async fn wait_operation(&self, id: &str, limit: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let (status, body) = self
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/api/v1/operation/{id}"),
+                    None,
+                )
+                .await;
+            if status == 200 && body["state"] != "PENDING" && !body["state"].is_null() {
+                return body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "operation {id} not finished after {limit:?}: {status} {body}\n{}",
+                self.worker_logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn stop_api(&mut self) {
         if let Some(tx) = self.api_stop.take() {
             let _ = tx.send(());

@@ -141,6 +141,7 @@ PARTS=(
   "docker-registry|docker-registry|answers --version (OCI registry for scenario-source tests)|apt-get install docker-registry"
   "nc|netcat-openbsd|present (talks to the demo's TCP service)|apt-get install netcat-openbsd"
   "script|bsdutils|present (pseudo-terminal for CLI tests)|apt-get install bsdutils"
+  "pgrep|procps|present, with kill (the fault tests find and kill pulumi runs)|apt-get install procps"
   "curl|curl|answers --version (health checks)|apt-get install curl"
   "go||answers 'go version' (builds Pulumi, providers and scenarios)|the machine's Go toolchain (https://go.dev/doc/install)"
   "cargo||answers --version|the machine's Rust toolchain (rustup)"
@@ -268,6 +269,10 @@ PROTO
       head -n 1 <<<"$out"
       ;;
     nc | script)
+      find_bin "$name" || { echo "$name not found"; return 1; }
+      ;;
+    pgrep)
+      find_bin kill >/dev/null || { echo "kill not found"; return 1; }
       find_bin "$name" || { echo "$name not found"; return 1; }
       ;;
     go)

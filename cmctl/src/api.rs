@@ -108,6 +108,12 @@ impl Api {
             )]));
         }
         if let Some(ca) = &access.ca_pem {
+            // reqwest accepts a file with no certificate in it, silently.
+            if !String::from_utf8_lossy(ca).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(CliError::Usage(
+                    "--api-ca holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+                ));
+            }
             let cert = reqwest::Certificate::from_pem(ca)
                 .map_err(|e| CliError::Usage(format!("--api-ca: {e}")))?;
             builder = builder.add_root_certificate(cert);

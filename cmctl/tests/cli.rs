@@ -899,3 +899,73 @@ async fn scenarios_pushed_to_a_registry_and_uploaded_deploy() {
         .await
         .fails(4);
 }
+
+/// cmctl reaches an API that requires a bearer token with --api-token or
+/// --api-token-file, is refused without it, and refuses unusable access
+/// flags before sending anything.
+#[tokio::test]
+async fn a_token_guarded_api_is_reached_with_the_token_and_bad_access_flags_are_usage_errors() {
+    let token = "cmctl-test-token-0123456789";
+    let stack = support::Stack::start(
+        0,
+        support::Options {
+            api_token: Some(token.to_owned()),
+            ..Default::default()
+        },
+    )
+    .await;
+    // Without the token: the API's 401, as exit code 1 (refused request).
+    let refused = stack.cmctl(&["challenge", "list"]).await;
+    assert_ne!(refused.code, 0, "{refused:#?}");
+    assert!(refused.stderr.contains("401"), "{refused:#?}");
+    // With it, inline or from a file.
+    stack
+        .cmctl(&["--api-token", token, "-o", "json", "challenge", "list"])
+        .await
+        .ok();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{token}\n")).expect("write");
+    let file = file.to_string_lossy().into_owned();
+    stack
+        .cmctl(&["--api-token-file", &file, "-o", "json", "challenge", "list"])
+        .await
+        .ok();
+    // Unusable flags: usage errors (exit 1), nothing sent.
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "not a certificate").expect("write");
+    let not_pem = not_pem.to_string_lossy().into_owned();
+    for (args, says) in [
+        (
+            vec!["--api-cert", &file, "challenge", "list"],
+            "go together",
+        ),
+        (
+            vec!["--api-ca", &not_pem, "challenge", "list"],
+            "no PEM certificate",
+        ),
+        (
+            vec![
+                "--api-token",
+                token,
+                "--api-token-file",
+                &file,
+                "challenge",
+                "list",
+            ],
+            "not both",
+        ),
+        (
+            vec![
+                "--api-token-file",
+                "/nonexistent/token",
+                "challenge",
+                "list",
+            ],
+            "cannot read",
+        ),
+    ] {
+        let run = stack.cmctl(&args).await.fails(1);
+        assert!(run.stderr.contains(says), "{args:?}: {run:#?}");
+    }
+}

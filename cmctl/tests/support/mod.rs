@@ -33,6 +33,8 @@ pub struct Options {
     pub lock_timeout: Duration,
     /// Registries (`host:port`) the API and workers reach over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// A bearer token the API requires (open when `None`).
+    pub api_token: Option<String>,
 }
 
 impl Default for Options {
@@ -42,6 +44,7 @@ impl Default for Options {
             max_deliver: 5,
             lock_timeout: Duration::from_secs(60),
             insecure_registries: Vec::new(),
+            api_token: None,
         }
     }
 }
@@ -117,7 +120,13 @@ impl Stack {
             },
             max_upload: cm_api::DEFAULT_MAX_UPLOAD,
             nats: Default::default(),
-            auth: cm_api::auth::ApiAuth::open(),
+            auth: match &options.api_token {
+                Some(token) => {
+                    cm_api::auth::ApiAuth::tokens([&cm_core::Secret::new(token.clone())])
+                        .expect("token")
+                }
+                None => cm_api::auth::ApiAuth::open(),
+            },
             tls: None,
             metrics_listen: None,
         };

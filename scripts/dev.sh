@@ -499,7 +499,9 @@ set_service_cmd() {
         --listen-client-urls "$ETCD_URL" --advertise-client-urls "$ETCD_URL"
         --listen-peer-urls "$ETCD_PEER_URL" --initial-advertise-peer-urls "$ETCD_PEER_URL"
         --initial-cluster "dev=$ETCD_PEER_URL" --initial-cluster-state new
-        --initial-cluster-token ctf-instancer-dev --logger zap --log-outputs stderr)
+        --initial-cluster-token ctf-instancer-dev --logger zap --log-outputs stderr
+        --auto-compaction-mode periodic --auto-compaction-retention 1h
+        --quota-backend-bytes 2147483648)
       ;;
   esac
 }

@@ -149,12 +149,7 @@ impl Cli {
             return Err(CliError::Open);
         }
         Ok(ApiConfig {
-            nats_url: self.connect.nats_url.clone(),
-            nats: self.connect.nats_options()?,
-            etcd_endpoints: self.connect.etcd_endpoints.clone(),
-            etcd_root: self.connect.etcd_root.clone(),
-            store: self.connect.store_options()?,
-            queue: self.connect.queue_config(),
+            connection: self.connect.connection()?,
             result_timeout: self.result_timeout,
             nats_service: !self.no_nats_service,
             auth,

@@ -74,8 +74,8 @@ pub fn http_status(code: Code) -> StatusCode {
 /// as protojson prints it, unpopulated fields included).
 pub fn error_body(e: &DomainError) -> Value {
     json!({
-        "code": e.code as i32,
-        "message": e.message,
+        "code": e.code() as i32,
+        "message": e.message(),
         "details": details(e),
     })
 }
@@ -84,8 +84,8 @@ pub fn error_body(e: &DomainError) -> Value {
 /// order: the one mapping, rendered as JSON by [`details`] (REST, NATS) and
 /// as binary `google.rpc.Status` details by [`grpc_status`].
 pub fn rpc_details(e: &DomainError) -> Vec<ErrorDetail> {
-    let Some(r) = e.reason.as_deref().filter(|r| !r.reason.is_empty()) else {
-        return if e.code == Code::Internal {
+    let Some(r) = e.reason_info().filter(|r| !r.reason.is_empty()) else {
+        return if e.code() == Code::Internal {
             vec![error_info(reasons::INTERNAL_ERROR, DOMAIN, [])]
         } else {
             Vec::new()
@@ -172,7 +172,7 @@ pub fn rpc_details(e: &DomainError) -> Vec<ErrorDetail> {
             let description = r
                 .field_violations
                 .first()
-                .map_or(e.message.as_str(), |v| v.description.as_str());
+                .map_or(e.message(), |v| v.description.as_str());
             out.push(resource_info("Reference", meta("reference"), description));
             out.push(help(&[(
                 "OCI Image Format specification GitHub repository.",
@@ -291,8 +291,8 @@ fn detail_json(d: &ErrorDetail) -> Option<Value> {
 /// The gRPC form of an error: the same code and message, and the same
 /// details as a binary `google.rpc.Status` (trailer `grpc-status-details-bin`).
 pub fn grpc_status(e: &DomainError) -> tonic::Status {
-    let code = tonic::Code::from_i32(e.code as i32);
-    tonic::Status::with_error_details_vec(code, e.message.clone(), rpc_details(e))
+    let code = tonic::Code::from_i32(e.code() as i32);
+    tonic::Status::with_error_details_vec(code, e.message(), rpc_details(e))
 }
 
 impl From<ApiError> for tonic::Status {
@@ -303,7 +303,7 @@ impl From<ApiError> for tonic::Status {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = http_status(self.0.code);
+        let status = http_status(self.0.code());
         (status, Json(error_body(&self.0))).into_response()
     }
 }
@@ -312,8 +312,8 @@ impl IntoResponse for ApiError {
 /// as status text (headers `Nats-Service-Error-Code`, `Nats-Service-Error`).
 pub fn service_error(e: &DomainError) -> async_nats::service::error::Error {
     async_nats::service::error::Error {
-        status: e.message.replace(['\r', '\n'], " "),
-        code: http_status(e.code).as_u16() as usize,
+        status: e.message().replace(['\r', '\n'], " "),
+        code: http_status(e.code()).as_u16() as usize,
     }
 }
 
@@ -356,7 +356,7 @@ mod tests {
         assert_eq!(body["code"], 9);
         assert_eq!(body["details"][1]["violations"][0]["type"], "RENEWAL");
         // Internal errors say nothing but their reason.
-        let body = error_body(&DomainError::internal("internal error"));
+        let body = error_body(&DomainError::internal_error());
         assert_eq!(body["details"][0]["reason"], "INTERNAL_ERROR");
         assert_eq!(body["details"][0]["metadata"], json!({}));
         // Field violations become a BadRequest; OCI reasons their own domain.
@@ -393,7 +393,7 @@ mod tests {
         assert_eq!(decoded.len(), 2);
         let json: Vec<Value> = decoded.iter().filter_map(detail_json).collect();
         assert_eq!(json, details(&e));
-        let internal = grpc_status(&DomainError::internal("internal error"));
+        let internal = grpc_status(&DomainError::internal_error());
         assert_eq!(internal.code(), tonic::Code::Internal);
         assert_eq!(
             internal

@@ -375,6 +375,7 @@ fn create_request(r: pb_challenge::CreateChallengeRequest) -> v1::CreateChalleng
         max: r.max,
         update_strategy: None,
         max_per_source: r.max_per_source,
+        pool: r.pool,
     }
 }
 
@@ -393,6 +394,7 @@ fn update_request(r: pb_challenge::UpdateChallengeRequest) -> v1::UpdateChalleng
             ("min", r.min != 0),
             ("max", r.max != 0),
             ("max_per_source", r.max_per_source.is_some()),
+            ("pool", r.pool.is_some()),
         ]
         .into_iter()
         .filter(|(_, set)| *set)
@@ -410,6 +412,7 @@ fn update_request(r: pb_challenge::UpdateChallengeRequest) -> v1::UpdateChalleng
         update_strategy: r.update_strategy,
         additional: r.additional,
         max_per_source: r.max_per_source,
+        pool: r.pool,
         update_mask: Some(cm_schemas::wkt::FieldMask { paths }),
     }
 }
@@ -425,6 +428,7 @@ fn challenge(c: v1::Challenge) -> pb_challenge::Challenge {
         min: c.min,
         max: c.max,
         max_per_source: c.max_per_source,
+        pool: c.pool,
     }
 }
 

@@ -126,7 +126,7 @@ fn fill_unpopulated(value: &mut Value, name: &str) {
 pub fn to_value<T: Serialize + prost::Name>(message: &T) -> Result<Value, DomainError> {
     let mut value = serde_json::to_value(message).map_err(|e| {
         tracing::error!(error = %e, message = T::NAME, "cannot print a message");
-        DomainError::internal("internal error")
+        DomainError::internal_error()
     })?;
     fill_unpopulated(&mut value, &format!(".{}", T::full_name()));
     Ok(value)
@@ -328,10 +328,10 @@ mod tests {
         ] {
             let err = parse::<CreateInstanceRequest>(body).expect_err("refused");
             assert!(
-                err.message.contains(expected),
+                err.message().contains(expected),
                 "{:?}: {}",
                 body,
-                err.message
+                err.message()
             );
         }
         let deep = format!(
@@ -340,6 +340,6 @@ mod tests {
             "1".to_owned() + &"}".repeat(40)
         );
         let err = parse::<CreateInstanceRequest>(deep.as_bytes()).expect_err("too deep");
-        assert!(err.message.contains("nested"), "{}", err.message);
+        assert!(err.message().contains("nested"), "{}", err.message());
     }
 }

@@ -39,11 +39,7 @@ pub mod validate;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use cm_core::{
-    nats::NatsOptions,
-    queue::{self, QueueConfig},
-    store::{Store, StoreOptions},
-};
+use cm_core::protocol::{self};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -52,13 +48,8 @@ use crate::{auth::ApiAuth, ops::App, submit::Submitter};
 /// Everything the API needs to run.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
-    pub nats_url: String,
-    /// NATS authentication and TLS.
-    pub nats: NatsOptions,
-    pub etcd_endpoints: Vec<String>,
-    pub etcd_root: String,
-    pub store: StoreOptions,
-    pub queue: QueueConfig,
+    /// Where NATS and etcd are, and the queue's settings.
+    pub connection: cm_core::config::Connection,
     /// How long a write waits for the worker's result before answering 504.
     pub result_timeout: Duration,
     /// Serve the NATS service front door too.
@@ -106,12 +97,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ApiRunError> {
-    let nats = cm_core::nats::connect(&config.nats_url, "cm-api", &config.nats).await?;
+    let nats = config.connection.nats("cm-api").await?;
     let js = async_nats::jetstream::new(nats.clone());
-    queue::ensure_streams(&js, &config.queue)
+    protocol::ensure_streams(&js, &config.connection.queue)
         .await
         .map_err(|e| ApiRunError::Nats(e.to_string()))?;
-    let store = Store::connect(&config.etcd_endpoints, &config.etcd_root, &config.store).await?;
+    let store = config.connection.store().await?;
     let scenarios = scenarios::Scenarios::new(
         cm_core::oci::Client::new(config.oci.clone()),
         js.clone(),

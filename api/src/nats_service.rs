@@ -135,15 +135,20 @@ fn who(idempotency_key: &str) -> Requester {
 fn to_bytes<T: Serialize>(value: &T) -> Result<Bytes, DomainError> {
     serde_json::to_vec(value)
         .map(Bytes::from)
-        .map_err(|_| DomainError::internal("internal error"))
+        .map_err(|_| DomainError::internal_error())
 }
 
-fn reply(reply: Reply<serde_json::Value>) -> Result<Bytes, DomainError> {
+/// A write's answer: its result; under `Prefer: respond-async`, the
+/// accepted operation; to a caller that waited past the result timeout, the
+/// same "still running" error (504, `DEADLINE_EXCEEDED`) REST and gRPC give,
+/// never a body that could be read as a success.
+fn answer(reply: Reply<serde_json::Value>, mode: Mode) -> Result<Bytes, DomainError> {
     match reply {
         Reply::Done(v) => to_bytes(&v),
-        Reply::Accepted { operation_id } => {
+        Reply::Accepted { operation_id } if mode == Mode::Async => {
             to_bytes(&serde_json::json!({"operationId": operation_id, "state": "PENDING"}))
         }
+        Reply::Accepted { operation_id } => Err(crate::ops::still_running(&operation_id)),
     }
 }
 
@@ -154,6 +159,7 @@ async fn dispatch(
     mode: Mode,
     key: &str,
 ) -> Result<Bytes, DomainError> {
+    let reply = |r: Reply<serde_json::Value>| answer(r, mode);
     match name {
         "challenge.create" => reply(
             app.create_challenge(parse::<CreateChallengeRequest>(body)?, who(key), mode)

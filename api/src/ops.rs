@@ -109,6 +109,14 @@ impl App {
         matches!(read.await, Ok(Ok(_)))
     }
 
+    /// etcd's space (within 2 s), or `None` when the store does not answer.
+    pub async fn store_space(&self) -> Option<cm_core::store::EtcdSpace> {
+        match tokio::time::timeout(Duration::from_secs(2), self.store.space()).await {
+            Ok(Ok(space)) => Some(space),
+            _ => None,
+        }
+    }
+
     async fn write(
         &self,
         request: Request,
@@ -373,10 +381,10 @@ impl App {
 
     pub async fn operation(&self, id: &str) -> Result<Operation, DomainError> {
         ids::validate("operation id", id)?;
-        let Some(bytes) = self.store.get_operation(id).await? else {
-            return Err(DomainError::not_found(format!("operation {id} not found")));
-        };
-        serde_json::from_slice(&bytes).map_err(|_| DomainError::internal("internal error"))
+        match self.store.get_operation(id).await? {
+            Some(record) => Ok(record.into_operation()),
+            None => Err(DomainError::operation_not_found(id)),
+        }
     }
 }
 
@@ -386,13 +394,12 @@ impl App {
 fn name_scenario(e: DomainError, scenario: &str) -> DomainError {
     use cm_core::error::{FieldViolation, reasons};
     let unnamed = e.reason() == Some(reasons::SCENARIO_NON_MATCHING_SPECIFICATION)
-        && e.reason
-            .as_deref()
+        && e.reason_info()
             .is_some_and(|r| !r.metadata.contains_key("reference"));
     if !unnamed || scenario.is_empty() {
         return e;
     }
-    let description = e.message.clone();
+    let description = e.message().to_owned();
     e.with_reason(
         reasons::SCENARIO_NON_MATCHING_SPECIFICATION,
         [("reference", scenario)],
@@ -415,12 +422,12 @@ fn answer(result: cm_schemas::v1::CommandResult) -> Result<Reply<Outcome>, Domai
     match result.outcome {
         Some(Outcome::Failure(f)) => Err(DomainError::from_failure(&f)),
         Some(other) => Ok(Reply::Done(other)),
-        None => Err(DomainError::internal("internal error")),
+        None => Err(DomainError::internal_error()),
     }
 }
 
 fn unexpected() -> DomainError {
-    DomainError::internal("internal error")
+    DomainError::internal_error()
 }
 
 fn expect_challenge(reply: Reply<Outcome>) -> Result<Reply<Challenge>, DomainError> {

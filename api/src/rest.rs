@@ -133,7 +133,7 @@ fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
             body,
         )
             .into_response(),
-        Err(_) => ApiError(DomainError::internal("internal error")).into_response(),
+        Err(_) => ApiError(DomainError::internal_error()).into_response(),
     }
 }
 
@@ -161,7 +161,7 @@ fn stream_lines<T: Serialize>(items: &[T]) -> Response {
     let mut body = Vec::new();
     for item in items {
         if serde_json::to_writer(&mut body, &serde_json::json!({ "result": item })).is_err() {
-            return ApiError(DomainError::internal("internal error")).into_response();
+            return ApiError(DomainError::internal_error()).into_response();
         }
         body.push(b'\n');
     }
@@ -176,12 +176,35 @@ fn stream_lines<T: Serialize>(items: &[T]) -> Response {
         .into_response()
 }
 
+/// 200 while the store answers and has room; 503 when etcd is away or has
+/// raised its NOSPACE alarm (it refuses every write: see the runbook,
+/// `CmEtcdOutOfSpace`). The body reports etcd's size against its quota
+/// (`null` when etcd does not tell this API's user).
 async fn healthcheck(State(app): State<App>) -> Response {
-    if app.store_healthy().await {
-        json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
-    } else {
-        ApiError(DomainError::unavailable("the store is unavailable")).into_response()
+    if !app.store_healthy().await {
+        return ApiError(DomainError::unavailable("the store is unavailable")).into_response();
     }
+    let space = app.store_space().await;
+    if let Some(space) = space.as_ref().filter(|s| s.out_of_space()) {
+        return ApiError(DomainError::unavailable(format!(
+            "etcd is out of space (NOSPACE alarm, {} of {} bytes): it refuses every write; \
+             compact, defragment and disarm it (runbook: CmEtcdOutOfSpace)",
+            space.db_size, space.quota
+        )))
+        .into_response();
+    }
+    let etcd = space.map(|space| {
+        serde_json::json!({
+            "dbSizeBytes": space.db_size,
+            "dbSizeInUseBytes": space.db_size_in_use,
+            "quotaBytes": space.quota,
+            "alarms": space.alarms,
+        })
+    });
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({"status": "ok", "etcd": etcd}),
+    )
 }
 
 async fn create_challenge(
@@ -213,7 +236,7 @@ async fn list_challenges(State(app): State<App>) -> Result<Response, ApiError> {
 }
 
 /// JSON member names of `UpdateChallengeRequest` and their proto paths.
-const UPDATE_FIELDS: [(&str, &str); 7] = [
+const UPDATE_FIELDS: [(&str, &str); 8] = [
     ("scenario", "scenario"),
     ("timeout", "timeout"),
     ("until", "until"),
@@ -221,6 +244,7 @@ const UPDATE_FIELDS: [(&str, &str); 7] = [
     ("min", "min"),
     ("max", "max"),
     ("maxPerSource", "max_per_source"),
+    ("pool", "pool"),
 ];
 
 async fn update_challenge(

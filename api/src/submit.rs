@@ -31,20 +31,15 @@ use std::{
     time::Duration,
 };
 
-use async_nats::{HeaderMap, jetstream};
-use bytes::Bytes;
+use async_nats::jetstream;
 use cm_core::{
     DomainError,
     lock::RetentionLease,
-    model::now,
-    queue::{self, CommandKind},
+    protocol::{OperationRecord, Outgoing, operation::retention_lease, reply},
     store::Store,
 };
-use cm_schemas::v1::{
-    Command, CommandResult, Operation, Requester, command::Request, operation::State,
-};
+use cm_schemas::v1::{CommandResult, Requester, command::Request};
 use futures::StreamExt;
-use prost::Message as _;
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
@@ -64,58 +59,9 @@ const RECORD_POLL: Duration = Duration::from_secs(1);
 /// it: the first request's waiter gets that).
 const RETRY_POLL: Duration = Duration::from_millis(100);
 
-/// The longest `Idempotency-Key` accepted.
-pub const MAX_IDEMPOTENCY_KEY: usize = 255;
-
-/// The command id a client's `Idempotency-Key` stands for: a uuid v8 whose
-/// bits are SHA-256 over the caller's principal, the command kind, its target
-/// (challenge, and source for instance commands) and the key, each
-/// length-prefixed. The same request retried with the same key is the same
-/// command; the same key on another route, target or caller is not.
-pub fn keyed_command_id(principal: &str, request: &Request, key: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let (kind, challenge_id) = CommandKind::of(request);
-    let source_id = match request {
-        Request::InstanceCreate(r) => r.source_id.as_str(),
-        Request::InstanceRenew(r) => r.source_id.as_str(),
-        Request::InstanceDelete(r) => r.source_id.as_str(),
-        Request::InstanceReset(r) => r.source_id.as_str(),
-        Request::InstanceExpire(r) => r.source_id.as_str(),
-        _ => "",
-    };
-    let mut hash = Sha256::new();
-    for part in [
-        "cm-idempotency-v1",
-        principal,
-        kind.as_str(),
-        challenge_id,
-        source_id,
-        key,
-    ] {
-        hash.update((part.len() as u64).to_be_bytes());
-        hash.update(part.as_bytes());
-    }
-    let digest = hash.finalize();
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    uuid::Builder::from_custom_bytes(bytes)
-        .into_uuid()
-        .to_string()
-}
-
-/// Checks a client's `Idempotency-Key`: 1 to [`MAX_IDEMPOTENCY_KEY`]
-/// visible ASCII characters.
-pub fn validate_idempotency_key(key: &str) -> Result<(), DomainError> {
-    if key.is_empty()
-        || key.len() > MAX_IDEMPOTENCY_KEY
-        || !key.bytes().all(|b| b.is_ascii_graphic())
-    {
-        return Err(DomainError::invalid(format!(
-            "the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
-        )));
-    }
-    Ok(())
-}
+pub use cm_core::protocol::envelope::{
+    MAX_IDEMPOTENCY_KEY, keyed_command_id, validate_idempotency_key,
+};
 
 /// Requests waiting for a command's reply, by command id; several when a
 /// client retried under one `Idempotency-Key` (each with its own token).
@@ -139,16 +85,16 @@ impl Submitter {
         js: jetstream::Context,
         store: Store,
     ) -> Result<Self, async_nats::Error> {
-        let reply_prefix = format!("_CM_REPLY.{}", uuid::Uuid::new_v4().simple());
-        let mut sub = nats.subscribe(format!("{reply_prefix}.*")).await?;
+        let reply_prefix = reply::fresh_prefix();
+        let mut sub = nats.subscribe(reply::subscription(&reply_prefix)).await?;
         let waiters: Waiters = Arc::default();
         let routes = waiters.clone();
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
-                let Some(id) = msg.subject.rsplit('.').next() else {
+                let Some(id) = reply::command_id_of(&msg.subject) else {
                     continue;
                 };
-                let Ok(result) = CommandResult::decode(msg.payload.clone()) else {
+                let Ok(result) = reply::decode(msg.payload.clone()) else {
                     tracing::warn!(subject = %msg.subject, "undecodable reply");
                     continue;
                 };
@@ -158,7 +104,7 @@ impl Submitter {
                 }
             }
         });
-        let retention = Arc::new(RetentionLease::new(store.client(), 24 * 3600, 25 * 3600));
+        let retention = Arc::new(retention_lease(store.client()));
         Ok(Self {
             js,
             store,
@@ -180,44 +126,35 @@ impl Submitter {
         requester: Requester,
         wait: Option<Duration>,
     ) -> Result<Submitted, DomainError> {
-        let (kind, challenge_id) = CommandKind::of(&request);
-        let subject = queue::command_subject(kind, challenge_id);
         let keyed = !requester.idempotency_key.is_empty();
-        let id = if keyed {
-            validate_idempotency_key(&requester.idempotency_key)?;
-            keyed_command_id(&requester.principal, &request, &requester.idempotency_key)
-        } else {
-            uuid::Uuid::now_v7().to_string()
-        };
+        let mut outgoing = Outgoing::new(request, requester)?;
+        if wait.is_some() {
+            outgoing = outgoing.reply_to(&self.reply_prefix);
+        }
+        let (id, kind) = (outgoing.id().to_owned(), outgoing.kind());
         let span = tracing::info_span!(
             "publish",
             otel.name = %format!("publish cm.cmd.{kind}"),
             otel.kind = "producer",
             messaging.system = "nats",
             messaging.operation.type = "publish",
-            messaging.destination.name = %subject,
+            messaging.destination.name = %outgoing.subject(),
             messaging.message.id = %id,
             cm.command.kind = %kind,
             cm.idempotent = keyed,
         );
-        let command = Command {
-            command_id: id.clone(),
-            issued_at: Some(now()),
-            requested_by: Some(requester),
-            request: Some(request),
-        };
         async {
             // A caller that does not wait polls the operation at once: record
             // it first. A waiting caller hears the result directly; its
             // operation is recorded only if the wait times out.
             if wait.is_none()
-                && let Some(result) = self.record_pending(&command, kind).await?
+                && let Some(result) = self.record_pending(&outgoing).await?
             {
                 return Ok(Submitted::Done(Box::new(result)));
             }
             let receiver = wait.map(|_| self.register(&id));
             let token = receiver.as_ref().map_or(0, |(token, _)| *token);
-            let duplicate = match self.publish(&subject, &command, wait.is_some()).await {
+            let duplicate = match self.publish(&outgoing).await {
                 Ok(duplicate) => duplicate,
                 Err(e) => {
                     self.forget(&id, token);
@@ -252,7 +189,7 @@ impl Submitter {
                     self.forget(&id, token);
                     // The result may have been recorded just now: it wins
                     // over a pending record, and is the answer.
-                    match self.record_pending(&command, kind).await? {
+                    match self.record_pending(&outgoing).await? {
                         Some(result) => Ok(Submitted::Done(Box::new(result))),
                         None => Ok(Submitted::Accepted { operation_id: id }),
                     }
@@ -267,23 +204,12 @@ impl Submitter {
     /// returns the recorded result when the existing one is settled.
     async fn record_pending(
         &self,
-        command: &Command,
-        kind: CommandKind,
+        outgoing: &Outgoing,
     ) -> Result<Option<CommandResult>, DomainError> {
-        let op = Operation {
-            id: command.command_id.clone(),
-            kind: kind.as_str().to_owned(),
-            state: State::Pending as i32,
-            created_at: command.issued_at,
-            result: None,
-        };
-        let bytes = serde_json::to_vec(&op).map_err(|_| DomainError::internal("internal error"))?;
+        let pending = OperationRecord::pending(outgoing.command());
         let lease = self.retention.id().await?;
-        let existing = self
-            .store
-            .create_operation(&command.command_id, bytes, lease)
-            .await?;
-        Ok(existing.and_then(|bytes| settled(&bytes)))
+        let existing = self.store.create_operation(&pending, lease).await?;
+        Ok(existing.and_then(OperationRecord::into_result))
     }
 
     /// The recorded result of command `id`, if it is settled.
@@ -292,41 +218,19 @@ impl Submitter {
             .store
             .get_operation(id)
             .await?
-            .and_then(|bytes| settled(&bytes)))
+            .and_then(OperationRecord::into_result))
     }
 
     /// Publishes the command; whether JetStream already had it (a retry).
-    async fn publish(
-        &self,
-        subject: &str,
-        command: &Command,
-        reply: bool,
-    ) -> Result<bool, DomainError> {
-        let mut headers = HeaderMap::new();
-        headers.insert(queue::HDR_MSG_ID, command.command_id.as_str());
-        if reply {
-            headers.insert(
-                queue::HDR_REPLY,
-                format!("{}.{}", self.reply_prefix, command.command_id),
-            );
-        }
-        queue::inject_trace_context(&mut headers);
-        let payload = Bytes::from(command.encode_to_vec());
+    async fn publish(&self, outgoing: &Outgoing) -> Result<bool, DomainError> {
         let unavailable = |e: String| {
             tracing::warn!(error = %e, "publish failed");
             DomainError::unavailable("the command queue is unavailable, retry later")
         };
-        let ack = tokio::time::timeout(self.publish_timeout, async {
-            self.js
-                .publish_with_headers(subject.to_owned(), headers, payload)
-                .await
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|_| unavailable("publish acknowledgement timed out".into()))?
-        .map_err(unavailable)?;
+        let ack = tokio::time::timeout(self.publish_timeout, outgoing.publish(&self.js))
+            .await
+            .map_err(|_| unavailable("publish acknowledgement timed out".into()))?
+            .map_err(|e| unavailable(e.to_string()))?;
         tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "command accepted");
         Ok(ack.duplicate)
     }
@@ -337,10 +241,10 @@ impl Submitter {
     async fn recorded_result(&self, id: &str, poll: Duration) -> CommandResult {
         loop {
             tokio::time::sleep(poll).await;
-            let Ok(Some(bytes)) = self.store.get_operation(id).await else {
+            let Ok(Some(record)) = self.store.get_operation(id).await else {
                 continue;
             };
-            if let Some(result) = settled(&bytes) {
+            if let Some(result) = record.into_result() {
                 tracing::debug!(
                     command = id,
                     "answered from the operation record (reply lost)"
@@ -368,68 +272,6 @@ impl Submitter {
             if waiting.is_empty() {
                 w.remove(id);
             }
-        }
-    }
-}
-
-/// The result in an operation record, if it is settled.
-fn settled(bytes: &[u8]) -> Option<CommandResult> {
-    serde_json::from_slice::<Operation>(bytes)
-        .ok()
-        .filter(|op| op.state != State::Pending as i32)
-        .and_then(|op| op.result)
-}
-
-#[cfg(test)]
-mod tests {
-    use cm_schemas::v1::{CreateInstanceRequest, DeleteInstanceRequest};
-
-    use super::*;
-
-    fn create(cid: &str, sid: &str) -> Request {
-        Request::InstanceCreate(CreateInstanceRequest {
-            challenge_id: cid.into(),
-            source_id: sid.into(),
-            additional: Default::default(),
-        })
-    }
-
-    #[test]
-    fn a_key_names_one_command_per_caller_route_and_target() {
-        let id = keyed_command_id("", &create("c", "s"), "k");
-        assert_eq!(
-            id,
-            keyed_command_id("", &create("c", "s"), "k"),
-            "deterministic"
-        );
-        let parsed = uuid::Uuid::parse_str(&id).expect("a uuid");
-        assert_eq!(parsed.get_version_num(), 8);
-        for other in [
-            keyed_command_id("", &create("c", "s"), "k2"),
-            keyed_command_id("alice", &create("c", "s"), "k"),
-            keyed_command_id("", &create("c", "s2"), "k"),
-            keyed_command_id("", &create("c2", "s"), "k"),
-            keyed_command_id(
-                "",
-                &Request::InstanceDelete(DeleteInstanceRequest {
-                    challenge_id: "c".into(),
-                    source_id: "s".into(),
-                    force: false,
-                }),
-                "k",
-            ),
-            // Parts are length-prefixed: no two splits of one string collide.
-            keyed_command_id("", &create("cs", ""), "k"),
-        ] {
-            assert_ne!(id, other);
-        }
-    }
-
-    #[test]
-    fn malformed_keys_are_refused() {
-        assert!(validate_idempotency_key("retry-1:abc").is_ok());
-        for bad in ["", "has space", "tab\there", "é", &"x".repeat(256)] {
-            assert!(validate_idempotency_key(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -75,6 +75,15 @@ fn pool(min: i64, max: i64) -> Result<(), DomainError> {
     Err(e)
 }
 
+fn pool_mode(v: Option<&str>) -> Result<(), DomainError> {
+    match v {
+        Some(m) if cm_core::pool_demand::PoolMode::parse(m).is_none() => Err(DomainError::invalid(
+            format!("pool must be \"static\" or \"adaptive\", got {m:?}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn max_per_source(v: Option<i64>) -> Result<(), DomainError> {
     if v.is_some_and(|v| v < 0) {
         return Err(DomainError::invalid("maxPerSource must not be negative"));
@@ -110,6 +119,7 @@ pub fn create_challenge(req: &CreateChallengeRequest) -> Result<(), DomainError>
     timeout(&req.timeout)?;
     pool(req.min, req.max)?;
     max_per_source(req.max_per_source)?;
+    pool_mode(req.pool.as_deref())?;
     additional(&req.additional)
 }
 
@@ -121,8 +131,9 @@ pub fn update_challenge(req: &UpdateChallengeRequest) -> Result<(), DomainError>
     timeout(&req.timeout)?;
     pool(req.min.unwrap_or(0), req.max.unwrap_or(0))?;
     max_per_source(req.max_per_source)?;
+    pool_mode(req.pool.as_deref())?;
     if let Some(mask) = &req.update_mask {
-        const KNOWN: [&str; 7] = [
+        const KNOWN: [&str; 8] = [
             "scenario",
             "timeout",
             "until",
@@ -130,6 +141,7 @@ pub fn update_challenge(req: &UpdateChallengeRequest) -> Result<(), DomainError>
             "min",
             "max",
             "max_per_source",
+            "pool",
         ];
         if let Some(bad) = mask.paths.iter().find(|p| !KNOWN.contains(&p.as_str())) {
             let text = format!(
@@ -230,13 +242,27 @@ mod tests {
                 },
                 "positive",
             ),
+            (
+                CreateChallengeRequest {
+                    pool: Some("elastic".into()),
+                    ..base.clone()
+                },
+                "pool must be \"static\" or \"adaptive\"",
+            ),
         ];
+        for mode in ["static", "adaptive"] {
+            create_challenge(&CreateChallengeRequest {
+                pool: Some(mode.into()),
+                ..base.clone()
+            })
+            .expect(mode);
+        }
         for (req, expected) in cases {
             let err = create_challenge(&req).expect_err(expected);
             assert!(
-                err.message.contains(expected),
+                err.message().contains(expected),
                 "{expected}: {}",
-                err.message
+                err.message()
             );
         }
     }
@@ -253,7 +279,7 @@ mod tests {
         assert!(
             update_challenge(&req)
                 .expect_err("id is not updatable")
-                .message
+                .message()
                 .contains("updateMask")
         );
     }

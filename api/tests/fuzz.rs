@@ -67,7 +67,7 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         if let Err(e) = parse::<CreateChallengeRequest>(&bytes) {
-            prop_assert!(refused_cleanly(e.code, &e.message), "{e:?}");
+            prop_assert!(refused_cleanly(e.code(), e.message()), "{e:?}");
         }
     }
 
@@ -75,7 +75,7 @@ proptest! {
     fn arbitrary_json_parses_or_is_refused_with_a_reason(value in json_value()) {
         let bytes = serde_json::to_vec(&value).expect("encode");
         if let Err(e) = parse::<UpdateChallengeRequest>(&bytes) {
-            prop_assert!(refused_cleanly(e.code, &e.message), "{e:?}");
+            prop_assert!(refused_cleanly(e.code(), e.message()), "{e:?}");
         }
     }
 
@@ -85,18 +85,18 @@ proptest! {
         match parse::<CreateChallengeRequest>(&bytes) {
             Ok(req) => {
                 if let Err(e) = validate::create_challenge(&req) {
-                    prop_assert!(refused_cleanly(e.code, &e.message), "{e:?}");
+                    prop_assert!(refused_cleanly(e.code(), e.message()), "{e:?}");
                 }
             }
-            Err(e) => prop_assert!(refused_cleanly(e.code, &e.message), "{e:?}"),
+            Err(e) => prop_assert!(refused_cleanly(e.code(), e.message()), "{e:?}"),
         }
         match parse::<CreateInstanceRequest>(&bytes) {
             Ok(req) => {
                 if let Err(e) = validate::create_instance(&req) {
-                    prop_assert!(refused_cleanly(e.code, &e.message), "{e:?}");
+                    prop_assert!(refused_cleanly(e.code(), e.message()), "{e:?}");
                 }
             }
-            Err(e) => prop_assert!(refused_cleanly(e.code, &e.message), "{e:?}"),
+            Err(e) => prop_assert!(refused_cleanly(e.code(), e.message()), "{e:?}"),
         }
     }
 

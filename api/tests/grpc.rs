@@ -53,13 +53,12 @@ impl Stack {
         let mut tasks = Vec::new();
         if worker {
             let config = cm_worker::WorkerConfig {
-                nats_url: nats.url.clone(),
-                nats: Default::default(),
-                etcd_endpoints: vec![etcd.url.clone()],
-                etcd_root: "/cm".into(),
-                store: Default::default(),
-                queue: Default::default(),
+                connection: cm_core::config::Connection::plain(
+                    &nats.url,
+                    std::slice::from_ref(&etcd.url),
+                ),
                 concurrency: 4,
+                pulumi_runs: 0,
                 scenarios_dir: cm_testkit::workspace_root().join("examples"),
                 oci: Default::default(),
                 driver: cm_worker::pulumi::DriverConfig {
@@ -71,8 +70,10 @@ impl Stack {
                 lock_timeout: Duration::from_secs(60),
                 quota: Default::default(),
                 lease_ttl: 10,
+                checkpoint_interval: std::time::Duration::ZERO,
                 shutdown_grace: Duration::from_secs(5),
                 metrics_listen: None,
+                pools: Default::default(),
             };
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             stop.push(tx);
@@ -87,12 +88,10 @@ impl Stack {
             }));
         }
         let mut config = cm_api::ApiConfig {
-            nats_url: nats.url.clone(),
-            nats: Default::default(),
-            etcd_endpoints: vec![etcd.url.clone()],
-            etcd_root: "/cm".into(),
-            store: Default::default(),
-            queue: Default::default(),
+            connection: cm_core::config::Connection::plain(
+                &nats.url,
+                std::slice::from_ref(&etcd.url),
+            ),
             result_timeout: Duration::from_secs(120),
             nats_service: false,
             oci: Default::default(),

@@ -65,6 +65,9 @@ enum Which {
     Write,
     /// Pool claims end to end, with and without refills running.
     Claim,
+    /// A CTF-start burst (`--burst-claims` creates from `--clients` clients over
+    /// `--burst-secs`) on a static pool, then an adaptive one (not part of `all`).
+    Burst,
     /// Instances per minute with `--clients` clients and 1, then 2 workers; CPU and memory.
     Throughput,
     /// Janitor tick at each of `--janitor-sizes` stored instances.
@@ -73,6 +76,9 @@ enum Which {
     Rss,
     /// Renew latency and worker throughput with span export off, then on.
     Telemetry,
+    /// Pulumi state at scale: `steps` creates of `--state-sizes` resources; bytes to
+    /// the object store and etcd, etcd's growth and peak memory.
+    State,
 }
 
 impl Which {
@@ -80,7 +86,7 @@ impl Which {
         use Which::*;
         match self {
             All => vec![
-                Floor, Create, Driver, Write, Claim, Throughput, Janitor, Rss, Telemetry,
+                Floor, Create, Driver, Write, Claim, Throughput, Janitor, Rss, Telemetry, State,
             ],
             one => vec![one],
         }
@@ -129,9 +135,37 @@ struct Opts {
     )]
     janitor_sizes: Option<Vec<usize>>,
 
+    /// Resources of the `steps` stacks of the state scenario
+    /// [default: 10,1000,9000; quick: 10,200].
+    #[arg(
+        long,
+        global = true,
+        env = "CM_BENCH_STATE_SIZES",
+        value_delimiter = ','
+    )]
+    state_sizes: Option<Vec<usize>>,
+
     /// Janitor ticks timed at each size [default: 20; quick: 5].
     #[arg(long, global = true, env = "CM_BENCH_TICKS")]
     ticks: Option<usize>,
+
+    /// Creates of the burst scenario [default: 200; quick: 40].
+    #[arg(long, global = true, env = "CM_BENCH_BURST_CLAIMS")]
+    burst_claims: Option<usize>,
+
+    /// Seconds the burst's creates are spread over [default: 60; quick: 15].
+    #[arg(long, global = true, env = "CM_BENCH_BURST_SECS")]
+    burst_secs: Option<u64>,
+
+    /// Seconds a burst player keeps its instance before deleting it
+    /// [default: 10; quick: 3].
+    #[arg(long, global = true, env = "CM_BENCH_BURST_HOLD")]
+    burst_hold: Option<u64>,
+
+    /// Longest wait for a pool to drain back to min after the burst
+    /// [default: 900; quick: 120].
+    #[arg(long, global = true, env = "CM_BENCH_BURST_DRAIN_LIMIT")]
+    burst_drain_limit: Option<u64>,
 
     /// Seconds a fresh stack idles before its memory is read [default: 10; quick: 2].
     #[arg(long, global = true, env = "CM_BENCH_IDLE_SETTLE")]
@@ -178,7 +212,18 @@ impl Opts {
                 }
             }),
             ticks: self.ticks.unwrap_or(q(5, 20)).max(1),
+            state_sizes: self.state_sizes.clone().unwrap_or_else(|| {
+                if self.quick {
+                    vec![10, 200]
+                } else {
+                    vec![10, 1_000, 9_000]
+                }
+            }),
             idle_settle_secs: self.idle_settle.unwrap_or(q(2, 10) as u64),
+            burst_claims: self.burst_claims.unwrap_or(q(40, 200)).max(1),
+            burst_secs: self.burst_secs.unwrap_or(q(15, 60) as u64).max(1),
+            burst_hold_secs: self.burst_hold.unwrap_or(q(3, 10) as u64),
+            burst_drain_limit_secs: self.burst_drain_limit.unwrap_or(q(120, 900) as u64),
             worker_concurrency: self.worker_concurrency.max(1),
             quick: self.quick,
         }
@@ -324,10 +369,12 @@ async fn run(ctx: &mut Ctx, which: Which) -> anyhow::Result<()> {
         Which::Driver => driver::run(ctx).await,
         Which::Write => write::run(ctx).await,
         Which::Claim => claim::run(ctx).await,
+        Which::Burst => burst::run(ctx).await,
         Which::Throughput => throughput::run(ctx).await,
         Which::Janitor => janitor::run(ctx).await,
         Which::Rss => rss::run(ctx).await,
         Which::Telemetry => telemetry::run(ctx).await,
+        Which::State => state::run(ctx).await,
     }
 }
 
@@ -381,7 +428,7 @@ mod tests {
         let p = cli.opts.params();
         assert_eq!(p.iterations, 7);
         assert_eq!(p.janitor_sizes, vec![10, 20]);
-        assert_eq!(Which::All.scenarios().len(), 9);
+        assert_eq!(Which::All.scenarios().len(), 10);
         assert_eq!(Which::Throughput.name(), "throughput");
     }
 

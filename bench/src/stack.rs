@@ -176,6 +176,7 @@ impl Stack {
             cmd.args(["--interval", "5s"])
                 .env("CM_METRICS_LISTEN", format!("127.0.0.1:{metrics}"));
             connect(&mut cmd);
+            cmd.envs(config.env.iter().map(|(k, v)| (k, v)));
             Some(spawn(
                 cmd,
                 "cm-janitor",

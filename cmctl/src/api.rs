@@ -31,7 +31,7 @@ pub struct ApiAccess {
 
 impl ApiAccess {
     /// From the global flags: files read now, so a missing one is a usage error.
-    pub fn from_flags(global: &crate::cli::Global) -> Result<Self, CliError> {
+    pub fn from_flags(global: &crate::global::Global) -> Result<Self, CliError> {
         let usage = |e: cm_core::config::ConfigError| CliError::Usage(e.to_string());
         if global.api_token.is_some() && global.api_token_file.is_some() {
             return Err(CliError::Usage(

@@ -3,7 +3,8 @@
 //! letters through NATS JetStream directly.
 //!
 //! # Layout
-//! - [`cli`]: the global flags and the parser.
+//! - [`cli`]: the parser: global flags and the subcommand tree together.
+//! - [`global`]: the flags every subcommand takes.
 //! - [`commands`]: one module per subcommand group (`challenge`, `instance`,
 //!   `operation`, `queue`, `dlq`).
 //! - [`api`]: the REST client and its error mapping.
@@ -18,6 +19,7 @@ pub mod args;
 pub mod cli;
 pub mod commands;
 pub mod error;
+pub mod global;
 pub mod nats;
 pub mod output;
 pub mod progress;

@@ -1,5 +1,5 @@
 //! The JetStream side: connecting to NATS and opening the streams defined in
-//! `cm_core::queue` (`CM_COMMANDS`, `CM_DEAD_LETTERS`). `cmctl` never creates
+//! `cm_core::protocol` (`CM_COMMANDS`, `CM_DEAD_LETTERS`). `cmctl` never creates
 //! a stream or the workers' consumer: it inspects what the API and workers
 //! set up, and a missing stream is reported, not made.
 

@@ -2,9 +2,11 @@
 //! are, and how to authenticate to them and verify them (TLS).
 //!
 //! Each binary flattens [`ConnectArgs`] into its own clap parser, then calls
-//! [`ConnectArgs::nats_options`] and [`ConnectArgs::store_options`], which
-//! check the combination of flags and read the secret and certificate files,
-//! so a misconfiguration stops the binary before it connects anywhere.
+//! [`ConnectArgs::connection`], which checks the combination of flags and
+//! reads the secret and certificate files, so a misconfiguration stops the
+//! binary before it connects anywhere. The resulting [`Connection`] is the
+//! one part of every binary's runtime configuration that says where NATS
+//! and etcd are, and the one place that connects to them.
 //! Secrets are [`Secret`]s: `--help` hides their environment values and no
 //! `Debug` print shows them.
 
@@ -104,6 +106,13 @@ pub struct NatsArgs {
 #[derive(Debug, Clone, Default, clap::Args)]
 #[command(next_help_heading = "etcd authentication and TLS")]
 pub struct EtcdArgs {
+    /// etcd's space quota in bytes, as its `--quota-backend-bytes` sets it
+    /// (etcd before 3.6 does not report it): the health check and the
+    /// `cm_etcd_db_quota_bytes` gauge hold the database size against it.
+    /// Default: etcd's own, 2 GiB.
+    #[arg(long, env = "CM_ETCD_QUOTA_BYTES")]
+    pub etcd_quota_bytes: Option<i64>,
+
     /// CA bundle (PEM) that the etcd server certificate must chain to
     /// (needed for `https://` endpoints).
     #[arg(long, env = "CM_ETCD_CA")]
@@ -168,10 +177,67 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Where the queue and the store are, how to reach them, and the queue's
+/// settings: built once from [`ConnectArgs`] and embedded by the API's, the
+/// worker's and the janitor's configurations.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// NATS server URL(s), comma-separated.
+    pub nats_url: String,
+    /// NATS authentication and TLS.
+    pub nats: NatsOptions,
+    /// etcd endpoints.
+    pub etcd_endpoints: Vec<String>,
+    /// Prefix of every key this system writes in etcd.
+    pub etcd_root: String,
+    /// etcd authentication, TLS and quota.
+    pub store: StoreOptions,
+    /// Streams, consumer and retry settings.
+    pub queue: crate::protocol::QueueConfig,
+}
+
+impl Connection {
+    /// No authentication, no TLS, root `/cm`, the queue's defaults: the
+    /// loopback servers of tests and the local stack.
+    pub fn plain(nats_url: &str, etcd_endpoints: &[String]) -> Self {
+        Self {
+            nats_url: nats_url.to_owned(),
+            nats: NatsOptions::default(),
+            etcd_endpoints: etcd_endpoints.to_vec(),
+            etcd_root: "/cm".into(),
+            store: StoreOptions::default(),
+            queue: crate::protocol::QueueConfig::default(),
+        }
+    }
+
+    /// Connects to NATS as `name` (the client name the server shows).
+    pub async fn nats(&self, name: &str) -> Result<async_nats::Client, crate::nats::NatsError> {
+        crate::nats::connect(&self.nats_url, name, &self.nats).await
+    }
+
+    /// Connects to etcd under this deployment's root.
+    pub async fn store(&self) -> Result<crate::store::Store, crate::store::StoreError> {
+        crate::store::Store::connect(&self.etcd_endpoints, &self.etcd_root, &self.store).await
+    }
+}
+
 impl ConnectArgs {
+    /// Checks the flags, reads the files they name, and returns the
+    /// connection they describe.
+    pub fn connection(&self) -> Result<Connection, ConfigError> {
+        Ok(Connection {
+            nats_url: self.nats_url.clone(),
+            nats: self.nats_options()?,
+            etcd_endpoints: self.etcd_endpoints.clone(),
+            etcd_root: self.etcd_root.clone(),
+            store: self.store_options()?,
+            queue: self.queue_config(),
+        })
+    }
+
     /// The queue's defaults with this deployment's stream replicas.
-    pub fn queue_config(&self) -> crate::queue::QueueConfig {
-        crate::queue::QueueConfig {
+    pub fn queue_config(&self) -> crate::protocol::QueueConfig {
+        crate::protocol::QueueConfig {
             replicas: usize::from(self.stream_replicas),
             ..Default::default()
         }
@@ -319,7 +385,11 @@ impl EtcdArgs {
         } else {
             None
         };
-        Ok(StoreOptions { user, tls })
+        Ok(StoreOptions {
+            user,
+            tls,
+            quota_bytes: self.etcd_quota_bytes,
+        })
     }
 }
 

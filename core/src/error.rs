@@ -1,8 +1,13 @@
-//! Domain errors, as gRPC status codes with a client-safe message.
+//! Domain errors: [`DomainError`], one case per domain situation (not found
+//! and of what, already exists, invalid argument, failed precondition,
+//! aborted, unavailable, internal), each with a client-safe message and
+//! chall-manager's reason.
 //!
-//! Knows nothing of HTTP or NATS: the API turns a [`DomainError`] into a REST
-//! response in one place and into a NATS service error in another. The
-//! `message` is what clients see; internal detail goes to logs and spans.
+//! Owns: the cases, their messages (the not-found messages and
+//! [`INTERNAL_MESSAGE`] are written here once) and their wire form
+//! ([`Failure`]). Must not know: HTTP, gRPC or NATS statuses (the API maps
+//! them in one place), acks (the worker's consumer maps those). Internal
+//! detail goes to logs and spans, never into a message.
 
 use std::collections::BTreeMap;
 
@@ -56,26 +61,150 @@ pub struct Reason {
     pub field_violations: Vec<FieldViolation>,
 }
 
-/// An error a client may see, with its gRPC code.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{code:?}: {message}")]
-pub struct DomainError {
-    /// The gRPC status code.
-    pub code: Code,
+/// What a client sees of an internal failure; the detail goes to the log.
+pub const INTERNAL_MESSAGE: &str = "internal error";
+
+/// What a request named and was not found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Missing {
+    /// A challenge, by id.
+    Challenge(String),
+    /// A source's instance of a challenge.
+    Instance {
+        challenge_id: String,
+        source_id: String,
+    },
+    /// An operation (a command accepted with `Prefer: respond-async`).
+    Operation(String),
+    /// Anything else; the message says what.
+    Other,
+}
+
+/// The client-facing part of an error: its message, and chall-manager's
+/// reason when it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Detail {
     /// A message safe to show to the client.
     pub message: String,
     /// chall-manager's reason for this error, when it has one.
     pub reason: Option<Box<Reason>>,
 }
 
-impl DomainError {
-    /// An error with `code` and client-safe `message`.
-    pub fn new(code: Code, message: impl Into<String>) -> Self {
+impl Detail {
+    fn new(message: impl Into<String>) -> Self {
         Self {
-            code,
             message: message.into(),
             reason: None,
         }
+    }
+}
+
+/// An error a client may see: one case per domain situation. The one
+/// mapping to HTTP, gRPC and NATS statuses is the API's (`api/src/error.rs`),
+/// by [`DomainError::code`]; the worker's consumer maps handler outcomes to
+/// acks. Crosses the queue as a [`Failure`] ([`DomainError::to_failure`],
+/// [`DomainError::from_failure`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    /// Something the request names does not exist.
+    #[error("NotFound: {}", .1.message)]
+    NotFound(Missing, Detail),
+    /// What the request would create exists.
+    #[error("AlreadyExists: {}", .0.message)]
+    AlreadyExists(Detail),
+    /// The request is malformed; the fields at fault are its reason's field
+    /// violations.
+    #[error("InvalidArgument: {}", .0.message)]
+    InvalidArgument(Detail),
+    /// The system is not in a state allowing the operation.
+    #[error("FailedPrecondition: {}", .0.message)]
+    FailedPrecondition(Detail),
+    /// A concurrent change won; retrying may succeed.
+    #[error("Aborted: {}", .0.message)]
+    Aborted(Detail),
+    /// A dependency is away; worth retrying.
+    #[error("Unavailable: {}", .0.message)]
+    Unavailable(Detail),
+    /// Something broke inside; the message says nothing internal.
+    #[error("Internal: {}", .0.message)]
+    Internal(Detail),
+    /// Any other status (authentication, deadline, ...), by its gRPC code.
+    #[error("{:?}: {}", .0, .1.message)]
+    Other(Code, Detail),
+}
+
+/// The [`Detail`] of any case (by reference, shared or mutable).
+macro_rules! each_detail {
+    ($e:expr) => {
+        match $e {
+            DomainError::NotFound(_, d)
+            | DomainError::AlreadyExists(d)
+            | DomainError::InvalidArgument(d)
+            | DomainError::FailedPrecondition(d)
+            | DomainError::Aborted(d)
+            | DomainError::Unavailable(d)
+            | DomainError::Internal(d)
+            | DomainError::Other(_, d) => d,
+        }
+    };
+}
+
+impl DomainError {
+    /// An error with `code` and client-safe `message`.
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Self::of_code(code, Detail::new(message))
+    }
+
+    fn of_code(code: Code, detail: Detail) -> Self {
+        match code {
+            Code::NotFound => Self::NotFound(Missing::Other, detail),
+            Code::AlreadyExists => Self::AlreadyExists(detail),
+            Code::InvalidArgument => Self::InvalidArgument(detail),
+            Code::FailedPrecondition => Self::FailedPrecondition(detail),
+            Code::Aborted => Self::Aborted(detail),
+            Code::Unavailable => Self::Unavailable(detail),
+            Code::Internal => Self::Internal(detail),
+            other => Self::Other(other, detail),
+        }
+    }
+
+    /// The gRPC status code of this case.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::NotFound(..) => Code::NotFound,
+            Self::AlreadyExists(_) => Code::AlreadyExists,
+            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::FailedPrecondition(_) => Code::FailedPrecondition,
+            Self::Aborted(_) => Code::Aborted,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::Internal(_) => Code::Internal,
+            Self::Other(code, _) => *code,
+        }
+    }
+
+    /// The message and reason.
+    pub fn detail(&self) -> &Detail {
+        each_detail!(self)
+    }
+
+    fn detail_mut(&mut self) -> &mut Detail {
+        each_detail!(self)
+    }
+
+    /// The message a client sees.
+    pub fn message(&self) -> &str {
+        &self.detail().message
+    }
+
+    /// chall-manager's reason with its metadata and field violations.
+    pub fn reason_info(&self) -> Option<&Reason> {
+        self.detail().reason.as_deref()
+    }
+
+    /// Whether this is a failure of the system rather than a refusal of the
+    /// request (what the worker counts as `failed`, not `refused`).
+    pub fn is_internal(&self) -> bool {
+        matches!(self.code(), Code::Internal | Code::Unknown | Code::DataLoss)
     }
 
     /// The same error with a reason and its metadata.
@@ -88,12 +217,13 @@ impl DomainError {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
-        let violations = self
+        let detail = self.detail_mut();
+        let violations = detail
             .reason
             .take()
             .map(|r| r.field_violations)
             .unwrap_or_default();
-        self.reason = Some(Box::new(Reason {
+        detail.reason = Some(Box::new(Reason {
             reason: reason.to_owned(),
             metadata,
             field_violations: violations,
@@ -103,7 +233,8 @@ impl DomainError {
 
     /// The same error with a field violation (needs a reason first).
     pub fn with_violation(mut self, violation: FieldViolation) -> Self {
-        self.reason
+        self.detail_mut()
+            .reason
             .get_or_insert_with(Box::default)
             .field_violations
             .push(violation);
@@ -112,13 +243,12 @@ impl DomainError {
 
     /// The reason, if any.
     pub fn reason(&self) -> Option<&str> {
-        self.reason.as_deref().map(|r| r.reason.as_str())
+        self.reason_info().map(|r| r.reason.as_str())
     }
 
     /// No challenge `id` (404, `CHALLENGE_NOT_FOUND`).
     pub fn challenge_not_found(id: &str) -> Self {
-        Self::not_found(format!("challenge {id} not found"))
-            .with_reason(reasons::CHALLENGE_NOT_FOUND, [("id", id)])
+        Self::missing(Missing::Challenge(id.to_owned()))
     }
 
     /// Challenge `id` exists (409, `CHALLENGE_ALREADY_EXISTS`).
@@ -141,9 +271,46 @@ impl DomainError {
 
     /// No instance of (`cid`, `sid`) (404, `INSTANCE_NOT_FOUND`).
     pub fn instance_not_found(cid: &str, sid: &str) -> Self {
-        Self::not_found(format!("no instance of challenge {cid} for source {sid}")).with_reason(
-            reasons::INSTANCE_NOT_FOUND,
-            [("challenge_id", cid), ("source_id", sid)],
+        Self::missing(Missing::Instance {
+            challenge_id: cid.to_owned(),
+            source_id: sid.to_owned(),
+        })
+    }
+
+    /// No operation `id` (404).
+    pub fn operation_not_found(id: &str) -> Self {
+        Self::missing(Missing::Operation(id.to_owned()))
+    }
+
+    /// `what` is not found (404): its message and reason, written once.
+    pub fn missing(what: Missing) -> Self {
+        let (message, reason) = match &what {
+            Missing::Challenge(id) => (
+                format!("challenge {id} not found"),
+                Some(Reason::new(
+                    reasons::CHALLENGE_NOT_FOUND,
+                    [("id", id.as_str())],
+                )),
+            ),
+            Missing::Instance {
+                challenge_id: cid,
+                source_id: sid,
+            } => (
+                format!("no instance of challenge {cid} for source {sid}"),
+                Some(Reason::new(
+                    reasons::INSTANCE_NOT_FOUND,
+                    [("challenge_id", cid.as_str()), ("source_id", sid.as_str())],
+                )),
+            ),
+            Missing::Operation(id) => (format!("operation {id} not found"), None),
+            Missing::Other => (String::new(), None),
+        };
+        Self::NotFound(
+            what,
+            Detail {
+                message,
+                reason: reason.map(Box::new),
+            },
         )
     }
 
@@ -165,40 +332,47 @@ impl DomainError {
 
     /// Invalid input (HTTP 400).
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self::new(Code::InvalidArgument, message)
+        Self::InvalidArgument(Detail::new(message))
     }
 
-    /// Unknown resource (HTTP 404).
+    /// Unknown resource other than a challenge, an instance or an
+    /// operation (HTTP 404); `message` says what.
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(Code::NotFound, message)
+        Self::NotFound(Missing::Other, Detail::new(message))
     }
 
     /// Resource already exists (HTTP 409).
     pub fn already_exists(message: impl Into<String>) -> Self {
-        Self::new(Code::AlreadyExists, message)
+        Self::AlreadyExists(Detail::new(message))
     }
 
     /// The system is not in a state allowing the operation (HTTP 400).
     pub fn failed_precondition(message: impl Into<String>) -> Self {
-        Self::new(Code::FailedPrecondition, message)
+        Self::FailedPrecondition(Detail::new(message))
     }
 
     /// A dependency is away (HTTP 503); worth retrying.
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(Code::Unavailable, message)
+        Self::Unavailable(Detail::new(message))
     }
 
-    /// Something broke inside; the message must say nothing internal.
+    /// Something broke inside, said with a client-safe `message`.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(Code::Internal, message)
+        Self::Internal(Detail::new(message))
+    }
+
+    /// Something broke inside, and nothing more is said
+    /// ([`INTERNAL_MESSAGE`]); the caller logs the detail.
+    pub fn internal_error() -> Self {
+        Self::internal(INTERNAL_MESSAGE)
     }
 
     /// The wire form of this error.
     pub fn to_failure(&self) -> Failure {
-        let reason = self.reason.as_deref();
+        let reason = self.reason_info();
         Failure {
-            code: self.code as i32,
-            message: self.message.clone(),
+            code: self.code() as i32,
+            message: self.message().to_owned(),
             reason: reason.map(|r| r.reason.clone()).unwrap_or_default(),
             metadata: reason
                 .map(|r| r.metadata.clone().into_iter().collect())
@@ -218,7 +392,7 @@ impl DomainError {
         }
     }
 
-    /// Back from the wire form.
+    /// Back from the wire form: the same case, message and reason.
     pub fn from_failure(failure: &Failure) -> Self {
         let reason =
             (!failure.reason.is_empty() || !failure.field_violations.is_empty()).then(|| {
@@ -236,10 +410,37 @@ impl DomainError {
                         .collect(),
                 })
             });
-        Self {
-            code: Code::try_from(failure.code).unwrap_or(Code::Unknown),
+        let meta = |k: &str| failure.metadata.get(k).cloned().unwrap_or_default();
+        let detail = Detail {
             message: failure.message.clone(),
             reason,
+        };
+        match Code::try_from(failure.code).unwrap_or(Code::Unknown) {
+            Code::NotFound => {
+                let what = match failure.reason.as_str() {
+                    reasons::CHALLENGE_NOT_FOUND => Missing::Challenge(meta("id")),
+                    reasons::INSTANCE_NOT_FOUND => Missing::Instance {
+                        challenge_id: meta("challenge_id"),
+                        source_id: meta("source_id"),
+                    },
+                    _ => Missing::Other,
+                };
+                Self::NotFound(what, detail)
+            }
+            code => Self::of_code(code, detail),
+        }
+    }
+}
+
+impl Reason {
+    fn new<'a>(reason: &str, metadata: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        Self {
+            reason: reason.to_owned(),
+            metadata: metadata
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            field_violations: Vec::new(),
         }
     }
 }
@@ -258,4 +459,51 @@ pub fn chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_case_crosses_the_wire_unchanged() {
+        let cases = [
+            DomainError::challenge_not_found("web"),
+            DomainError::instance_not_found("web", "team 1"),
+            DomainError::operation_not_found("0190"),
+            DomainError::challenge_already_exists("web"),
+            DomainError::invalid("bad").with_violation(FieldViolation::new(
+                "id",
+                "VALIDATION",
+                "x",
+            )),
+            DomainError::challenge_no_renewal("web"),
+            DomainError::new(Code::Aborted, "a concurrent change won, retry"),
+            DomainError::unavailable("away"),
+            DomainError::internal_error(),
+            DomainError::new(Code::Unauthenticated, "who are you"),
+        ];
+        for e in cases {
+            let wire = e.to_failure();
+            let back = DomainError::from_failure(&wire);
+            assert_eq!(back.to_failure(), wire, "{e}");
+            assert_eq!(back.code(), e.code(), "{e}");
+        }
+        let e = DomainError::instance_not_found("web", "team 1");
+        assert_eq!(DomainError::from_failure(&e.to_failure()), e);
+    }
+
+    #[test]
+    fn not_found_says_what_once() {
+        let e = DomainError::instance_not_found("web", "t1");
+        assert_eq!(e.message(), "no instance of challenge web for source t1");
+        assert_eq!(e.reason(), Some(reasons::INSTANCE_NOT_FOUND));
+        assert!(matches!(
+            e,
+            DomainError::NotFound(Missing::Instance { .. }, _)
+        ));
+        assert_eq!(e.code(), Code::NotFound);
+        assert_eq!(DomainError::internal_error().message(), "internal error");
+        assert!(DomainError::internal_error().is_internal());
+    }
 }

@@ -105,8 +105,8 @@ mod tests {
             ("a\nb", "control"),
         ] {
             let err = validate("challenge id", bad).expect_err(bad);
-            assert!(err.message.contains(why), "{bad:?}: {}", err.message);
-            assert!(err.message.starts_with("challenge id"));
+            assert!(err.message().contains(why), "{bad:?}: {}", err.message());
+            assert!(err.message().starts_with("challenge id"));
         }
         validate("challenge id", "a..b").expect("dots inside are fine");
         validate("challenge id", &"x".repeat(MAX_ID_LEN)).expect("max length");

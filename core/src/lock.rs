@@ -30,10 +30,8 @@ use etcd_client::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    ids,
-    store::{Fence, StoreError},
-};
+pub use crate::lock_keys::{challenge_lock, identity_lock, instance_lock, pool_lock, source_lock};
+use crate::store::{Fence, StoreError};
 
 /// Read (shared) or write (exclusive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +66,7 @@ pub enum LockError {
 
 impl From<etcd_client::Error> for LockError {
     fn from(e: etcd_client::Error) -> Self {
-        Self::Store(StoreError::Unavailable(e))
+        Self::Store(StoreError::from(e))
     }
 }
 
@@ -518,39 +516,6 @@ fn blocks(kv: &etcd_client::KeyValue, prefix: &str, mode: LockMode, my_rev: i64)
     kv.create_revision() < my_rev
         && (mode == LockMode::Write
             || kv.key()[prefix.len()..].starts_with(LockMode::Write.tag().as_bytes()))
-}
-
-/// Lock prefix of a challenge (reader/writer).
-pub fn challenge_lock(root: &str, cid: &str) -> String {
-    format!("{root}/lock/challenge/{}/", ids::encode(cid))
-}
-
-/// Lock prefix of a challenge's pool (writer only: one refill at a time).
-pub fn pool_lock(root: &str, cid: &str) -> String {
-    format!("{root}/lock/pool/{}/", ids::encode(cid))
-}
-
-/// Lock prefix of a source's instance count (writer only; held by creates).
-pub fn source_lock(root: &str, sid: &str) -> String {
-    format!("{root}/lock/source/{}/", ids::encode(sid))
-}
-
-/// Lock prefix of one (challenge, source) instance slot (writer only).
-pub fn instance_lock(root: &str, cid: &str, sid: &str) -> String {
-    format!(
-        "{root}/lock/instance/{}/{}/",
-        ids::encode(cid),
-        ids::encode(sid)
-    )
-}
-
-/// Lock prefix of one deployed identity (writer only): every transition of
-/// that instance takes it (claim from the pool, update, refill's destroy,
-/// reset, delete, expiry), so one identity never has two Pulumi runs or two
-/// owners at once. A claim without Pulumi does not take it; it checks in its
-/// transaction that no key exists under it (see `Store::claim_pooled`).
-pub fn identity_lock(root: &str, cid: &str, identity: &crate::Identity) -> String {
-    format!("{root}/lock/identity/{}/{identity}/", ids::encode(cid))
 }
 
 /// Takes the lock at `prefix` in `mode`, bound to `lease`, waiting at most `timeout`.

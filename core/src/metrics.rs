@@ -27,9 +27,19 @@ pub const DEAD_LETTERS: &str = "cm_dead_letters";
 pub const LOCK_WAIT: &str = "cm_lock_wait_seconds";
 pub const PULUMI_DURATION: &str = "cm_pulumi_duration_seconds";
 pub const POOL_SIZE: &str = "cm_pool_size";
+pub const POOL_CLAIMS: &str = "cm_pool_claims";
+pub const POOL_TARGET: &str = "cm_pool_target";
+pub const POOL_READY: &str = "cm_pool_ready";
+pub const POOL_DEPLOYING: &str = "cm_pool_deploying";
+pub const POOL_CLAIM_RATE: &str = "cm_pool_claim_rate";
+pub const POOL_DEPLOY_SECONDS: &str = "cm_pool_deploy_seconds";
 pub const JANITOR_TICKS: &str = "cm_janitor_ticks";
 pub const JANITOR_EXPIRED: &str = "cm_janitor_expired_found";
 pub const JANITOR_LAST_TICK: &str = "cm_janitor_last_tick_timestamp_seconds";
+pub const STATE_BYTES: &str = "cm_state_bytes_written";
+pub const ETCD_DB_SIZE: &str = "cm_etcd_db_size_bytes";
+pub const ETCD_DB_QUOTA: &str = "cm_etcd_db_quota_bytes";
+pub const ETCD_ALARM: &str = "cm_etcd_alarm";
 
 /// Label sets are plain `(name, value)` pairs.
 pub type Labels = Vec<(String, String)>;
@@ -68,9 +78,19 @@ pub struct Metrics {
     pub lock_wait: Family<Labels, Histogram, fn() -> Histogram>,
     pub pulumi_duration: Family<Labels, Histogram, fn() -> Histogram>,
     pub pool_size: Family<Labels, Gauge>,
+    pub pool_claims: Family<Labels, Counter>,
+    pub pool_target: Family<Labels, Gauge>,
+    pub pool_ready: Family<Labels, Gauge>,
+    pub pool_deploying: Family<Labels, Gauge>,
+    pub pool_claim_rate: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub pool_deploy_seconds: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub janitor_ticks: Family<Labels, Counter>,
     pub janitor_expired: Counter,
     pub janitor_last_tick: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub state_bytes: Family<Labels, Counter>,
+    pub etcd_db_size: Gauge,
+    pub etcd_db_quota: Gauge,
+    pub etcd_alarm: Family<Labels, Gauge>,
 }
 
 impl Metrics {
@@ -91,9 +111,19 @@ impl Metrics {
             lock_wait: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
             pulumi_duration: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
             pool_size: Family::default(),
+            pool_claims: Family::default(),
+            pool_target: Family::default(),
+            pool_ready: Family::default(),
+            pool_deploying: Family::default(),
+            pool_claim_rate: Family::default(),
+            pool_deploy_seconds: Family::default(),
             janitor_ticks: Family::default(),
             janitor_expired: Counter::default(),
             janitor_last_tick: Gauge::default(),
+            state_bytes: Family::default(),
+            etcd_db_size: Gauge::default(),
+            etcd_db_quota: Gauge::default(),
+            etcd_alarm: Family::default(),
             registry: Registry::default(),
         };
         registry.register(CHALLENGES, "Challenges registered", m.challenges.clone());
@@ -163,6 +193,36 @@ impl Metrics {
             m.pool_size.clone(),
         );
         registry.register(
+            POOL_CLAIMS,
+            "Instance creates by challenge and how they were served (pool: a ready pooled instance; deploy: Pulumi ran while the player waited)",
+            m.pool_claims.clone(),
+        );
+        registry.register(
+            POOL_TARGET,
+            "Pooled instances a challenge's pool aims at (min for a static pool; from the demand for an adaptive one)",
+            m.pool_target.clone(),
+        );
+        registry.register(
+            POOL_READY,
+            "Pooled instances ready to be claimed",
+            m.pool_ready.clone(),
+        );
+        registry.register(
+            POOL_DEPLOYING,
+            "Pooled instances being deployed",
+            m.pool_deploying.clone(),
+        );
+        registry.register(
+            POOL_CLAIM_RATE,
+            "Claim rate an adaptive pool follows (claims per second)",
+            m.pool_claim_rate.clone(),
+        );
+        registry.register(
+            POOL_DEPLOY_SECONDS,
+            "Deploy time an adaptive pool assumes for its scenario (seconds)",
+            m.pool_deploy_seconds.clone(),
+        );
+        registry.register(
             JANITOR_TICKS,
             "Janitor ticks, by outcome",
             m.janitor_ticks.clone(),
@@ -177,6 +237,26 @@ impl Metrics {
             "Unix time of the janitor's last successful tick",
             m.janitor_last_tick.clone(),
         );
+        registry.register(
+            STATE_BYTES,
+            "Bytes of Pulumi stack state written, by store (object: the JetStream object store, etcd: the pointers)",
+            m.state_bytes.clone(),
+        );
+        registry.register(
+            ETCD_DB_SIZE,
+            "Size of etcd's database (the member this process asks)",
+            m.etcd_db_size.clone(),
+        );
+        registry.register(
+            ETCD_DB_QUOTA,
+            "etcd's space quota as configured here (--etcd-quota-bytes)",
+            m.etcd_db_quota.clone(),
+        );
+        registry.register(
+            ETCD_ALARM,
+            "Raised etcd alarms, by kind (NOSPACE: etcd refuses every write)",
+            m.etcd_alarm.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -188,6 +268,18 @@ impl Metrics {
         }
         out
     }
+}
+
+/// One pool's state, as the gauges show it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PoolState {
+    pub target: i64,
+    pub ready: i64,
+    pub deploying: i64,
+    /// Claims per second the pool follows (0 for a static pool).
+    pub claim_rate: f64,
+    /// Deploy time assumed (0 for a static pool).
+    pub deploy_seconds: f64,
 }
 
 /// A consumer's lag, as JetStream reports it.
@@ -211,7 +303,9 @@ struct Otel {
     lock_wait: opentelemetry::metrics::Histogram<f64>,
     pulumi_duration: opentelemetry::metrics::Histogram<f64>,
     janitor_ticks: opentelemetry::metrics::Counter<u64>,
+    pool_claims: opentelemetry::metrics::Counter<u64>,
     janitor_expired: opentelemetry::metrics::Counter<u64>,
+    state_bytes: opentelemetry::metrics::Counter<u64>,
     gauge: opentelemetry::metrics::Gauge<f64>,
     gauges: std::collections::HashMap<&'static str, opentelemetry::metrics::Gauge<f64>>,
 }
@@ -242,7 +336,15 @@ pub fn install_otel(meter: &opentelemetry::metrics::Meter) {
         QUEUE_OLDEST_AGE,
         DEAD_LETTERS,
         POOL_SIZE,
+        POOL_TARGET,
+        POOL_READY,
+        POOL_DEPLOYING,
+        POOL_CLAIM_RATE,
+        POOL_DEPLOY_SECONDS,
         JANITOR_LAST_TICK,
+        ETCD_DB_SIZE,
+        ETCD_DB_QUOTA,
+        ETCD_ALARM,
     ]
     .into_iter()
     .map(|name| (name, meter.f64_gauge(name).build()))
@@ -254,7 +356,9 @@ pub fn install_otel(meter: &opentelemetry::metrics::Meter) {
         lock_wait: histogram(LOCK_WAIT),
         pulumi_duration: histogram(PULUMI_DURATION),
         janitor_ticks: meter.u64_counter(JANITOR_TICKS).build(),
+        pool_claims: meter.u64_counter(POOL_CLAIMS).build(),
         janitor_expired: meter.u64_counter(JANITOR_EXPIRED).build(),
+        state_bytes: meter.u64_counter(STATE_BYTES).with_unit("By").build(),
         gauge: meter.f64_gauge("cm_unused").build(),
         gauges,
     });
@@ -291,6 +395,32 @@ impl Metrics {
             if let Some(s) = seconds {
                 o.command_duration.record(s, &otel_attrs(&pairs));
             }
+        }
+    }
+
+    /// `bytes` of stack state written to `store` (`object` or `etcd`).
+    pub fn state_written(&self, store: &str, bytes: u64) {
+        let pairs = [("store", store)];
+        self.state_bytes
+            .get_or_create(&labels(&pairs))
+            .inc_by(bytes);
+        if let Some(o) = OTEL.get() {
+            o.state_bytes.add(bytes, &otel_attrs(&pairs));
+        }
+    }
+
+    /// etcd's database size, the quota it is held against, and its alarms.
+    pub fn etcd_space(&self, db_size: i64, quota: i64, alarms: &[&str]) {
+        self.etcd_db_size.set(db_size);
+        self.etcd_db_quota.set(quota);
+        self.set_gauge(ETCD_DB_SIZE, &[], db_size as f64);
+        self.set_gauge(ETCD_DB_QUOTA, &[], quota as f64);
+        for kind in ["NOSPACE", "CORRUPT"] {
+            let raised = i64::from(alarms.contains(&kind));
+            self.etcd_alarm
+                .get_or_create(&labels(&[("alarm", kind)]))
+                .set(raised);
+            self.set_gauge(ETCD_ALARM, &[("alarm", kind)], raised as f64);
         }
     }
 
@@ -366,6 +496,35 @@ impl Metrics {
                 .set(*size);
             self.set_gauge(POOL_SIZE, &[("challenge", cid)], *size as f64);
         }
+    }
+
+    /// A create on `challenge`, served from the pool (`pool`) or deployed
+    /// on demand (`deploy`).
+    pub fn pool_claim(&self, challenge: &str, served: &str) {
+        let pairs = [("challenge", challenge), ("served", served)];
+        self.pool_claims.get_or_create(&labels(&pairs)).inc();
+        if let Some(o) = OTEL.get() {
+            o.pool_claims.add(1, &otel_attrs(&pairs));
+        }
+    }
+
+    /// One pool's state: what it aims at, what it holds, and (adaptive) the
+    /// estimator's inputs.
+    pub fn pool_state(&self, challenge: &str, state: &PoolState) {
+        let pairs = [("challenge", challenge)];
+        let l = labels(&pairs);
+        self.pool_target.get_or_create(&l).set(state.target);
+        self.pool_ready.get_or_create(&l).set(state.ready);
+        self.pool_deploying.get_or_create(&l).set(state.deploying);
+        self.pool_claim_rate.get_or_create(&l).set(state.claim_rate);
+        self.pool_deploy_seconds
+            .get_or_create(&l)
+            .set(state.deploy_seconds);
+        self.set_gauge(POOL_TARGET, &pairs, state.target as f64);
+        self.set_gauge(POOL_READY, &pairs, state.ready as f64);
+        self.set_gauge(POOL_DEPLOYING, &pairs, state.deploying as f64);
+        self.set_gauge(POOL_CLAIM_RATE, &pairs, state.claim_rate);
+        self.set_gauge(POOL_DEPLOY_SECONDS, &pairs, state.deploy_seconds);
     }
 
     /// A janitor tick's outcome and what it found.

@@ -33,6 +33,9 @@ pub struct ChallengeRecord {
     pub max: i64,
     #[serde(default)]
     pub max_per_source: Option<i64>,
+    /// How the pool is sized (records written before it existed: static).
+    #[serde(default)]
+    pub pool: crate::pool_demand::PoolMode,
 }
 
 impl ChallengeRecord {
@@ -48,6 +51,9 @@ impl ChallengeRecord {
             min: self.min,
             max: self.max,
             max_per_source: self.max_per_source,
+            // Printed only when it is not chall-manager's behaviour.
+            pool: (self.pool != crate::pool_demand::PoolMode::Static)
+                .then(|| self.pool.as_str().to_owned()),
         }
     }
 
@@ -98,6 +104,29 @@ pub struct InstanceRecord {
     pub additional: BTreeMap<String, String>,
     /// The command that last wrote this record (idempotency of redeliveries).
     pub command_id: String,
+    /// What the stack was last deployed from ([`deployment_fingerprint`]);
+    /// absent on records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployed_from: Option<String>,
+}
+
+/// What a stack is deployed from: the challenge's scenario reference and
+/// the configuration its program saw, as SHA-256 (hex). A challenge update
+/// compares the challenge's with each instance's to know which still run
+/// something else, whichever delivery of the update asks.
+pub fn deployment_fingerprint(scenario: &str, additional: &BTreeMap<String, String>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut sha = Sha256::new();
+    // Length-prefixed: no two different inputs give the same bytes.
+    for part in std::iter::once(scenario).chain(
+        additional
+            .iter()
+            .flat_map(|(k, v)| [k.as_str(), v.as_str()]),
+    ) {
+        sha.update((part.len() as u64).to_be_bytes());
+        sha.update(part.as_bytes());
+    }
+    hex::encode(sha.finalize())
 }
 
 impl InstanceRecord {
@@ -172,6 +201,7 @@ mod tests {
             min: 0,
             max: 0,
             max_per_source: None,
+            pool: Default::default(),
         }
     }
 

@@ -11,10 +11,10 @@ use std::path::Path;
 
 use async_nats::jetstream::{self, object_store::ObjectStore};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 
 use crate::{
     archive::{self, ArchiveError, Budget, Limits},
+    object_read::{self, ObjectReadError},
     scenario_ref::ScenarioRef,
 };
 
@@ -53,7 +53,7 @@ impl ScenarioStoreError {
 
 /// The scenario bucket, created (file storage, one replica) when missing.
 /// Processes create it with the deployment's replicas at start
-/// ([`ensure_bucket`], from `queue::ensure_streams`).
+/// ([`ensure_bucket`], from `protocol::ensure_streams`).
 pub async fn bucket(js: &jetstream::Context) -> Result<ObjectStore, ScenarioStoreError> {
     ensure_bucket(js, 1).await
 }
@@ -147,25 +147,29 @@ pub async fn fetch_into(
     dest: &Path,
     limits: Limits,
 ) -> Result<Vec<String>, ScenarioStoreError> {
-    let store = bucket(js).await?;
-    let mut object = match store.get(object_name(hex)).await {
-        Ok(o) => o,
-        Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => {
-            return Err(not_found(hex));
-        }
-        Err(e) => return Err(ScenarioStoreError::Unavailable(e.to_string())),
-    };
-    let mut data = Vec::new();
-    (&mut object)
-        .take(limits.max_total + 1)
-        .read_to_end(&mut data)
+    // Made sure of (created when missing); reads go to its stream's leader.
+    bucket(js).await?;
+    let stream = js
+        .get_stream(format!("OBJ_{BUCKET}"))
         .await
         .map_err(|e| ScenarioStoreError::Unavailable(e.to_string()))?;
-    if data.len() as u64 > limits.max_total {
-        return Err(ScenarioStoreError::TooLarge {
-            limit: limits.max_total,
-        });
-    }
+    let read = object_read::read(&stream, BUCKET, &object_name(hex), limits.max_total).await;
+    let data = match read {
+        Ok(Some(object)) => object.data,
+        Ok(None) => return Err(not_found(hex)),
+        Err(ObjectReadError::TooLarge { .. }) => {
+            return Err(ScenarioStoreError::TooLarge {
+                limit: limits.max_total,
+            });
+        }
+        Err(ObjectReadError::Unavailable(e)) => return Err(ScenarioStoreError::Unavailable(e)),
+        Err(e @ (ObjectReadError::ChunksMissing { .. } | ObjectReadError::Digest)) => {
+            return Err(ScenarioStoreError::Unavailable(format!(
+                "{}: {e}",
+                ScenarioRef::object(hex)
+            )));
+        }
+    };
     let actual = hex::encode(Sha256::digest(&data));
     if actual != hex {
         return Err(ScenarioStoreError::DigestMismatch {

@@ -8,7 +8,7 @@
 //! <root>/instance/<cid>/pool/<identity>     InstanceRecord of a pooled instance
 //! <root>/source/<sid>/<cid>                 copy of the claimed record (query by source: one read)
 //! <root>/stack/<cid>/<identity>             Pulumi stack state (JSON, kept apart: reads stay light)
-//! <root>/operation/<command id>             Operation (pending/succeeded/failed + result)
+//! <root>/operation/<command id>             OperationRecord (see `protocol::operation`)
 //! <root>/expiry/<until>/<cid>/<sid>         identity of a claimed instance that expires at
 //!                                           <until> (`<secs:020>.<nanos:09>`, so keys sort by
 //!                                           time and the janitor reads only what has expired)
@@ -22,10 +22,11 @@
 //! response near the gRPC message limit.
 //!
 //! # Operation records
-//! An operation settles once: [`Store::settle_operation`] writes a result
-//! only over nothing or a pending record and otherwise hands back the result
-//! already there, and [`Store::create_operation`] (the API's pending record)
-//! never replaces anything.
+//! Typed ([`OperationRecord`]): no raw bytes leave the store. An operation
+//! settles once: [`Store::settle_operation`] writes a result only over
+//! nothing or a pending record and otherwise hands back the record already
+//! there, and [`Store::create_operation`] (the API's pending record) never
+//! replaces anything.
 
 use cm_schemas::wkt::Timestamp;
 use etcd_client::{
@@ -36,15 +37,55 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
     DomainError, Identity, ids,
-    model::{ChallengeRecord, InstanceRecord},
+    model::{ChallengeRecord, InstanceRecord, InstanceStatus},
+    pool_demand::Demand,
+    protocol::OperationRecord,
+    stack_store::StatePointer,
 };
+
+/// What an instance's stack key holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredStack {
+    /// Where the state is in the object store (what every write stores).
+    Pointer(StatePointer),
+    /// The state itself, as releases before the object store wrote it: read
+    /// as it is, replaced by a pointer at the stack's next write.
+    Inline(Vec<u8>),
+}
+
+impl StoredStack {
+    fn parse(key: &str, value: &[u8]) -> Result<Self, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Probe {
+            object: Option<serde_json::Value>,
+        }
+        let probe: Probe = from_json(key, value)?;
+        if probe.object.is_some() {
+            from_json(key, value).map(Self::Pointer)
+        } else {
+            Ok(Self::Inline(value.to_vec()))
+        }
+    }
+
+    /// The object this value points at, if it is a pointer.
+    pub fn object(&self) -> Option<&str> {
+        match self {
+            Self::Pointer(p) => Some(&p.object),
+            Self::Inline(_) => None,
+        }
+    }
+}
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// etcd could not be reached or refused the request; retry later.
     #[error("etcd unavailable: {0}")]
-    Unavailable(#[from] etcd_client::Error),
+    Unavailable(etcd_client::Error),
+    /// etcd refused a request over its size limit (`--max-request-bytes`,
+    /// or the gRPC message limit): the same write fails every time.
+    #[error("etcd refused a request too large for it: {0}")]
+    TooLarge(etcd_client::Error),
     /// A stored value does not parse.
     #[error("record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
@@ -69,15 +110,29 @@ pub enum StoreError {
     },
 }
 
+impl From<etcd_client::Error> for StoreError {
+    fn from(e: etcd_client::Error) -> Self {
+        let too_large = matches!(&e, etcd_client::Error::GRpcStatus(s)
+            if s.message().contains("request is too large")
+                || s.message().contains("larger than max"));
+        if too_large {
+            Self::TooLarge(e)
+        } else {
+            Self::Unavailable(e)
+        }
+    }
+}
+
 impl StoreError {
-    /// Whether retrying cannot help (credentials refused, bad configuration).
+    /// Whether retrying cannot help (credentials refused, bad configuration,
+    /// a request over etcd's size limit).
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
             Self::Connect {
                 permanent: true,
                 ..
-            }
+            } | Self::TooLarge(_)
         )
     }
 }
@@ -88,7 +143,11 @@ impl From<StoreError> for DomainError {
             StoreError::Unavailable(_) | StoreError::Connect { .. } => {
                 DomainError::unavailable("the store is unavailable, retry later")
             }
-            StoreError::Corrupt { .. } => DomainError::internal("internal error"),
+            StoreError::Corrupt { .. } => DomainError::internal_error(),
+            StoreError::TooLarge(_) => DomainError::new(
+                cm_schemas::v1::Code::ResourceExhausted,
+                "a record is too large for the store",
+            ),
             StoreError::Conflict { .. } => DomainError::new(
                 cm_schemas::v1::Code::Aborted,
                 "a concurrent change won, retry",
@@ -192,6 +251,33 @@ pub struct StoreOptions {
     pub user: Option<(String, crate::Secret<String>)>,
     /// TLS towards etcd (`https://` endpoints).
     pub tls: Option<EtcdTls>,
+    /// etcd's space quota (`--quota-backend-bytes`), when etcd does not
+    /// report it (before 3.6); `None`: etcd's default, [`DEFAULT_ETCD_QUOTA`].
+    pub quota_bytes: Option<i64>,
+}
+
+/// etcd's default space quota (2 GiB): past it, etcd raises its NOSPACE
+/// alarm and refuses every write until compacted, defragmented and disarmed.
+pub const DEFAULT_ETCD_QUOTA: i64 = 2 << 30;
+
+/// etcd's space as one member reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdSpace {
+    /// Size of the database file, bytes (what the quota is held against).
+    pub db_size: i64,
+    /// Bytes of it in use (the rest is free pages a defragmentation returns).
+    pub db_size_in_use: i64,
+    /// The quota: reported by etcd (3.6+) or configured.
+    pub quota: i64,
+    /// Raised alarms: `NOSPACE`, `CORRUPT`.
+    pub alarms: Vec<&'static str>,
+}
+
+impl EtcdSpace {
+    /// Whether etcd refuses writes for want of space.
+    pub fn out_of_space(&self) -> bool {
+        self.alarms.contains(&"NOSPACE")
+    }
 }
 
 /// TLS material for etcd, read from the PEM files at startup.
@@ -227,6 +313,8 @@ pub struct Store {
     fence: Fence,
     /// Keys per page of a list read.
     page_size: i64,
+    /// etcd's space quota when etcd does not report it.
+    quota: i64,
 }
 
 impl std::fmt::Debug for Store {
@@ -302,6 +390,7 @@ impl Store {
             .await
             .map_err(failed)?;
         let mut store = Self::from_client(client, root);
+        store.quota = options.quota_bytes.unwrap_or(DEFAULT_ETCD_QUOTA);
         store._endpoints =
             crate::etcd_endpoints::watch(&store.client, endpoints).map(std::sync::Arc::new);
         // The client connects lazily: one read now turns a refused TLS
@@ -326,6 +415,7 @@ impl Store {
             _endpoints: None,
             fence: Fence::default(),
             page_size: DEFAULT_PAGE_SIZE,
+            quota: DEFAULT_ETCD_QUOTA,
         }
     }
 
@@ -399,6 +489,9 @@ impl Store {
             ids::encode(sid)
         )
     }
+    fn demand_key(&self, cid: &str) -> String {
+        format!("{}/demand/{}", self.root, ids::encode(cid))
+    }
     fn operation_key(&self, id: &str) -> String {
         format!("{}/operation/{}", self.root, ids::encode(id))
     }
@@ -442,8 +535,126 @@ impl Store {
     /// Deletes a challenge record (its instances are deleted one by one first).
     pub async fn delete_challenge(&self, cid: &str) -> Result<(), StoreError> {
         let key = self.challenge_key(cid);
-        self.txn(&key, Vec::new(), vec![TxnOp::delete(key.clone(), None)])
+        let demand = self.demand_key(cid);
+        self.txn(
+            &key,
+            Vec::new(),
+            vec![
+                TxnOp::delete(key.clone(), None),
+                TxnOp::delete(demand, None),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    // ---- pool demand ------------------------------------------------------
+
+    /// A challenge's demand estimate (empty when none was recorded).
+    pub async fn get_demand(&self, cid: &str) -> Result<Demand, StoreError> {
+        Ok(self
+            .get_json::<Demand>(&self.demand_key(cid))
+            .await?
+            .map(|v| v.value)
+            .unwrap_or_default())
+    }
+
+    /// Moves a challenge's demand estimate by `change`, compare-and-swap on
+    /// its revision (claims on several workers move it at once). Advisory:
+    /// no lock, no fence; gives up with `Conflict` after a few lost races.
+    pub async fn update_demand(
+        &self,
+        cid: &str,
+        change: impl Fn(&mut Demand),
+    ) -> Result<Demand, StoreError> {
+        let key = self.demand_key(cid);
+        for _ in 0..8 {
+            let current = self.get_json::<Demand>(&key).await?;
+            let (mut demand, expect) = match current {
+                Some(v) => (v.value, Expect::Revision(v.mod_revision)),
+                None => (Demand::default(), Expect::Absent),
+            };
+            change(&mut demand);
+            let value = to_json(&key, &demand)?;
+            let compare = match expect {
+                Expect::Revision(rev) => Compare::mod_revision(key.as_str(), CompareOp::Equal, rev),
+                _ => Compare::version(key.as_str(), CompareOp::Equal, 0),
+            };
+            let resp = self
+                .client
+                .clone()
+                .txn(Txn::new().when(vec![compare]).and_then(vec![TxnOp::put(
+                    key.clone(),
+                    value,
+                    None,
+                )]))
+                .await?;
+            if resp.succeeded() {
+                return Ok(demand);
+            }
+        }
+        Err(StoreError::Conflict { key })
+    }
+
+    /// Takes up to `want` of the cluster's `cap` refill slots, each a key
+    /// under `lease` (a worker that dies frees its slots with its lease).
+    /// Returns the slots taken (maybe none: all are busy).
+    pub async fn take_refill_slots(
+        &self,
+        lease: i64,
+        cap: usize,
+        want: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let prefix = crate::lock_keys::refill_slots(&self.root);
+        let busy = self
+            .client
+            .clone()
+            .get(
+                prefix.as_str(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
             .await?;
+        let busy: std::collections::HashSet<Vec<u8>> =
+            busy.kvs().iter().map(|kv| kv.key().to_vec()).collect();
+        let mut taken = Vec::new();
+        for i in 0..cap {
+            if taken.len() >= want {
+                break;
+            }
+            let key = format!("{prefix}{i}");
+            if busy.contains(key.as_bytes()) {
+                continue;
+            }
+            let resp = self
+                .client
+                .clone()
+                .txn(
+                    Txn::new()
+                        .when(vec![Compare::version(key.as_str(), CompareOp::Equal, 0)])
+                        .and_then(vec![TxnOp::put(
+                            key.clone(),
+                            Vec::new(),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )]),
+                )
+                .await?;
+            if resp.succeeded() {
+                taken.push(key);
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Gives refill slots back.
+    pub async fn release_refill_slots(&self, slots: &[String]) -> Result<(), StoreError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let ops = slots
+            .iter()
+            .map(|k| TxnOp::delete(k.as_str(), None))
+            .collect::<Vec<_>>();
+        self.client.clone().txn(Txn::new().and_then(ops)).await?;
         Ok(())
     }
 
@@ -461,6 +672,20 @@ impl Store {
     /// Every instance of a challenge, claimed and pooled.
     pub async fn list_instances(&self, cid: &str) -> Result<Vec<InstanceRecord>, StoreError> {
         self.list_json(&self.instances_prefix(cid)).await
+    }
+
+    /// How many instances of a challenge are claimed (a count-only read).
+    pub async fn count_claimed(&self, cid: &str) -> Result<i64, StoreError> {
+        let prefix = format!("{}claimed/", self.instances_prefix(cid));
+        let r = self
+            .client
+            .clone()
+            .get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await?;
+        Ok(r.count())
     }
 
     /// The pooled (unclaimed) instances of a challenge, with their revisions.
@@ -499,7 +724,7 @@ impl Store {
     /// Moves a pooled instance to a source in one transaction: the pooled
     /// record must be unchanged (`pooled.mod_revision`), the source's slot
     /// free, and no lock held or awaited on the identity (see
-    /// [`crate::lock::identity_lock`]: an update or a refill's destroy of
+    /// [`crate::lock_keys::identity_lock`]: an update or a refill's destroy of
     /// that instance is under way), else `Conflict`: the caller tries
     /// another pooled instance. No Pulumi is involved. Returns the revision
     /// of the claimed record.
@@ -509,7 +734,7 @@ impl Store {
         claimed: &InstanceRecord,
     ) -> Result<i64, StoreError> {
         let identity_lock =
-            crate::lock::identity_lock(&self.root, &claimed.challenge_id, &claimed.identity);
+            crate::lock_keys::identity_lock(&self.root, &claimed.challenge_id, &claimed.identity);
         self.claim_pooled_with(
             pooled,
             claimed,
@@ -573,7 +798,7 @@ impl Store {
     pub async fn put_instance(
         &self,
         rec: &InstanceRecord,
-        stack: Option<&[u8]>,
+        stack: Option<&StatePointer>,
         expect: Expect,
         previous: Option<&InstanceRecord>,
     ) -> Result<(), StoreError> {
@@ -587,10 +812,23 @@ impl Store {
     pub async fn put_instance_rev(
         &self,
         rec: &InstanceRecord,
-        stack: Option<&[u8]>,
+        stack: Option<&StatePointer>,
         expect: Expect,
         previous: Option<&InstanceRecord>,
     ) -> Result<i64, StoreError> {
+        let key = self.instance_key(rec);
+        let ops = self.instance_ops(rec, stack, previous)?;
+        self.guarded(&key, expect, ops).await
+    }
+
+    /// The writes of [`Store::put_instance_rev`]: the record, its source
+    /// index, the stack pointer when given, the expiry entry moved.
+    fn instance_ops(
+        &self,
+        rec: &InstanceRecord,
+        stack: Option<&StatePointer>,
+        previous: Option<&InstanceRecord>,
+    ) -> Result<Vec<TxnOp>, StoreError> {
         let key = self.instance_key(rec);
         let value = to_json(&key, rec)?;
         let mut ops = vec![TxnOp::put(key.clone(), value.clone(), None)];
@@ -602,11 +840,9 @@ impl Store {
             ));
         }
         if let Some(stack) = stack {
-            ops.push(TxnOp::put(
-                self.stack_key(&rec.challenge_id, &rec.identity),
-                stack.to_vec(),
-                None,
-            ));
+            let stack_key = self.stack_key(&rec.challenge_id, &rec.identity);
+            let pointer = to_json(&stack_key, stack)?;
+            ops.push(TxnOp::put(stack_key, pointer, None));
         }
         if let Some(prev) = previous
             && let (Some(sid), Some(until)) = (&prev.source_id, &prev.until)
@@ -621,7 +857,74 @@ impl Store {
             let entry = self.expiry_key(until, &rec.challenge_id, sid);
             ops.push(TxnOp::put(entry, rec.identity.as_str(), None));
         }
-        self.guarded(&key, expect, ops).await
+        Ok(ops)
+    }
+
+    /// A renewal without locks: writes claimed record `rec` over `previous`
+    /// (read at `revision`) only if, in the same transaction, the record is
+    /// unchanged, the challenge is the one read (at `challenge_revision`),
+    /// nobody holds or awaits the slot's lock (create, delete, expiry,
+    /// reset) and no writer holds or awaits the challenge's lock (its
+    /// update moves `until`). `Ok(false)`: one of those did not hold; the
+    /// caller takes the locks and tries again.
+    pub async fn renew_unlocked(
+        &self,
+        rec: &InstanceRecord,
+        previous: &InstanceRecord,
+        revision: i64,
+        challenge_revision: i64,
+    ) -> Result<bool, StoreError> {
+        let Some(sid) = &rec.source_id else {
+            return Ok(false);
+        };
+        let cid = &rec.challenge_id;
+        let key = self.instance_key(rec);
+        let slot_lock = crate::lock_keys::instance_lock(&self.root, cid, sid);
+        let writers = format!("{}w-", crate::lock_keys::challenge_lock(&self.root, cid));
+        let when = vec![
+            Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
+            Compare::mod_revision(
+                self.challenge_key(cid),
+                CompareOp::Equal,
+                challenge_revision,
+            ),
+            Compare::version(slot_lock, CompareOp::Equal, 0).with_prefix(),
+            Compare::version(writers, CompareOp::Equal, 0).with_prefix(),
+        ];
+        let ops = self.instance_ops(rec, None, Some(previous))?;
+        let resp = self
+            .client
+            .clone()
+            .txn(Txn::new().when(when).and_then(ops))
+            .await?;
+        Ok(resp.succeeded())
+    }
+
+    /// Replaces pooled record `old` (guarded by its `revision`) with pooled
+    /// record `new` under another identity and its stack `pointer`, in one
+    /// transaction (a blue/green update of a pooled instance). The old
+    /// identity's stack state stays: its destroy deletes it, or the orphan
+    /// sweep finds it if that never happens.
+    pub async fn replace_pooled(
+        &self,
+        old: &InstanceRecord,
+        revision: i64,
+        new: &InstanceRecord,
+        pointer: &StatePointer,
+    ) -> Result<(), StoreError> {
+        let (old_key, new_key) = (self.instance_key(old), self.instance_key(new));
+        let stack_key = self.stack_key(&new.challenge_id, &new.identity);
+        let ops = vec![
+            TxnOp::delete(old_key.clone(), None),
+            TxnOp::put(new_key.clone(), to_json(&new_key, new)?, None),
+            TxnOp::put(stack_key.clone(), to_json(&stack_key, pointer)?, None),
+        ];
+        let compare = vec![
+            Compare::mod_revision(old_key.as_str(), CompareOp::Equal, revision),
+            Compare::version(new_key.as_str(), CompareOp::Equal, 0),
+        ];
+        self.txn(&old_key, compare, ops).await?;
+        Ok(())
     }
 
     /// Deletes an instance record, its source index and its stack state.
@@ -635,6 +938,19 @@ impl Store {
         rec: &InstanceRecord,
         expect: Expect,
     ) -> Result<(), StoreError> {
+        self.delete_instance_answering(rec, expect, None).await
+    }
+
+    /// [`Store::delete_instance_if`], writing in the same transaction the
+    /// command's settled operation record `answer` (on retention `lease`):
+    /// a delivery that follows one that died right after the delete finds
+    /// the command answered, rather than an instance gone.
+    pub async fn delete_instance_answering(
+        &self,
+        rec: &InstanceRecord,
+        expect: Expect,
+        answer: Option<(&OperationRecord, i64)>,
+    ) -> Result<(), StoreError> {
         let mut ops = vec![
             TxnOp::delete(self.instance_key(rec), None),
             TxnOp::delete(self.stack_key(&rec.challenge_id, &rec.identity), None),
@@ -647,6 +963,15 @@ impl Store {
                     None,
                 ));
             }
+        }
+        if let Some((answer, lease)) = answer {
+            let key = self.operation_key(answer.id());
+            let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+            ops.push(TxnOp::put(
+                key.clone(),
+                encode_operation(&key, answer)?,
+                opts,
+            ));
         }
         self.guarded(&self.instance_key(rec), expect, ops).await?;
         Ok(())
@@ -842,22 +1167,24 @@ impl Store {
         })
     }
 
-    /// Writes a stack state on its own, while Pulumi runs: the checkpoint of
-    /// an operation in flight, so a worker that dies mid-run leaves the state
-    /// of what it already deployed for the next one to resume from.
+    /// Points the stack key at a checkpoint stored while Pulumi runs (see
+    /// [`crate::stack_store`]): a worker that dies mid-run leaves the state
+    /// of what it already deployed for the next one to resume from. Fenced
+    /// like every write of a lock holder.
     pub async fn put_stack(
         &self,
         cid: &str,
         identity: &Identity,
-        state: Vec<u8>,
+        pointer: &StatePointer,
     ) -> Result<(), StoreError> {
         let key = self.stack_key(cid, identity);
-        self.txn(&key, Vec::new(), vec![TxnOp::put(key.clone(), state, None)])
+        let value = to_json(&key, pointer)?;
+        self.txn(&key, Vec::new(), vec![TxnOp::put(key.clone(), value, None)])
             .await?;
         Ok(())
     }
 
-    /// Deletes a stack state (after its stack was destroyed).
+    /// Deletes a stack's pointer (after its stack was destroyed).
     pub async fn delete_stack(&self, cid: &str, identity: &Identity) -> Result<(), StoreError> {
         let key = self.stack_key(cid, identity);
         self.txn(&key, Vec::new(), vec![TxnOp::delete(key.clone(), None)])
@@ -865,18 +1192,128 @@ impl Store {
         Ok(())
     }
 
-    /// The stored Pulumi stack state of an instance.
+    /// What the stack key of an instance holds.
     pub async fn get_stack(
         &self,
         cid: &str,
         identity: &Identity,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        let resp = self
-            .client
-            .clone()
-            .get(self.stack_key(cid, identity), None)
+    ) -> Result<Option<StoredStack>, StoreError> {
+        let key = self.stack_key(cid, identity);
+        let resp = self.client.clone().get(key.as_str(), None).await?;
+        resp.kvs()
+            .first()
+            .map(|kv| StoredStack::parse(&key, kv.value()))
+            .transpose()
+    }
+
+    /// The object names every stack pointer of this root refers to (what the
+    /// object store sweep must keep).
+    pub async fn stack_objects(&self) -> Result<Vec<String>, StoreError> {
+        let prefix = format!("{}/stack/", self.root);
+        let mut objects = Vec::new();
+        self.scan(prefix.as_bytes(), &prefix_end(prefix.as_bytes()), |kv| {
+            let key = String::from_utf8_lossy(kv.key());
+            if let StoredStack::Pointer(p) = StoredStack::parse(&key, kv.value())? {
+                objects.push(p.object);
+            }
+            Ok(true)
+        })
+        .await?;
+        Ok(objects)
+    }
+
+    /// Stacks nobody answers for, whose identity no lock holds: a stack
+    /// state no instance record names (left by a replacement, a reset or a
+    /// blue/green update, that died before or after its switch or failed to
+    /// destroy the stack it replaced), and a pool reservation still
+    /// `Deploying` (its refill died; no refill resumes it, and it counts
+    /// as pooled while no one can claim it). As (challenge, identity).
+    /// Whoever acts on one checks again under the identity's lock.
+    pub async fn orphan_stacks(&self) -> Result<Vec<(String, Identity)>, StoreError> {
+        let prefix = format!("{}/stack/", self.root);
+        let mut stacks: std::collections::BTreeMap<String, Vec<Identity>> = Default::default();
+        self.scan(prefix.as_bytes(), &prefix_end(prefix.as_bytes()), |kv| {
+            let key = String::from_utf8_lossy(kv.key());
+            let parsed = key
+                .strip_prefix(prefix.as_str())
+                .and_then(|rest| rest.split_once('/'))
+                .and_then(|(cid, identity)| Some((ids::decode(cid)?, identity.parse().ok()?)));
+            match parsed {
+                Some((cid, identity)) => stacks.entry(cid).or_default().push(identity),
+                None => tracing::warn!(%key, "unexpected key under the stack prefix; skipped"),
+            }
+            Ok(true)
+        })
+        .await?;
+        for challenge in self.list_challenges().await? {
+            stacks.entry(challenge.id).or_default();
+        }
+        let mut orphans = Vec::new();
+        for (cid, with_state) in stacks {
+            let records = self.list_instances(&cid).await?;
+            let abandoned = records
+                .iter()
+                .filter(|r| r.source_id.is_none() && r.status == InstanceStatus::Deploying)
+                .map(|r| r.identity.clone());
+            let named: std::collections::HashSet<&Identity> =
+                records.iter().map(|r| &r.identity).collect();
+            let unnamed = with_state.into_iter().filter(|i| !named.contains(i));
+            let candidates: std::collections::BTreeSet<Identity> =
+                unnamed.chain(abandoned).collect();
+            for identity in candidates {
+                let lock = crate::lock_keys::identity_lock(&self.root, &cid, &identity);
+                let held = self
+                    .client
+                    .clone()
+                    .get(
+                        lock.as_str(),
+                        Some(GetOptions::new().with_prefix().with_count_only()),
+                    )
+                    .await?
+                    .count()
+                    > 0;
+                if !held {
+                    orphans.push((cid.clone(), identity));
+                }
+            }
+        }
+        Ok(orphans)
+    }
+
+    // ---- etcd's space -----------------------------------------------------
+
+    /// etcd's database size against its quota, and its raised alarms.
+    pub async fn space(&self) -> Result<EtcdSpace, StoreError> {
+        let mut client = self.client.clone();
+        let status = client.status().await?;
+        let alarms = client
+            .alarm(
+                etcd_client::AlarmAction::Get,
+                etcd_client::AlarmType::None,
+                None,
+            )
             .await?;
-        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+        let mut raised: Vec<&'static str> = alarms
+            .alarms()
+            .iter()
+            .filter_map(|a| match a.alarm() {
+                etcd_client::AlarmType::Nospace => Some("NOSPACE"),
+                etcd_client::AlarmType::Corrupt => Some("CORRUPT"),
+                etcd_client::AlarmType::None => None,
+            })
+            .collect();
+        raised.sort_unstable();
+        raised.dedup();
+        Ok(EtcdSpace {
+            db_size: status.db_size(),
+            db_size_in_use: status.raft_used_db_size(),
+            quota: if status.db_size_quota() > 0 {
+                status.db_size_quota()
+            } else {
+                self.quota
+            },
+            alarms: raised,
+        })
     }
 
     // ---- inventory (metrics) --------------------------------------------
@@ -900,7 +1337,10 @@ impl Store {
         let claimed = count(format!("{}/source/", self.root)).await?;
         let all = count(format!("{}/instance/", self.root)).await?;
         let mut pools = Vec::new();
-        for c in challenges.iter().filter(|c| c.min > 0 || c.max > 0) {
+        for c in challenges
+            .iter()
+            .filter(|c| c.min > 0 || c.max > 0 || c.pool == crate::pool_demand::PoolMode::Adaptive)
+        {
             let n = count(format!("{}pool/", self.instances_prefix(&c.id))).await?;
             pools.push((c.id.clone(), n));
         }
@@ -909,29 +1349,27 @@ impl Store {
 
     // ---- operations -------------------------------------------------------
 
-    /// An operation record (raw protobuf-JSON bytes, see the api/worker).
-    pub async fn get_operation(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let resp = self
-            .client
-            .clone()
-            .get(self.operation_key(id), None)
-            .await?;
-        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    /// A command's operation record.
+    pub async fn get_operation(&self, id: &str) -> Result<Option<OperationRecord>, StoreError> {
+        let key = self.operation_key(id);
+        let resp = self.client.clone().get(key.as_str(), None).await?;
+        resp.kvs()
+            .first()
+            .map(|kv| decode_operation(&key, kv.value()))
+            .transpose()
     }
 
-    /// Writes an operation record, attached to `lease` (0: none) so that
-    /// records expire with it.
+    /// Writes an operation record over anything, attached to `lease` (0:
+    /// none) so that it expires with it.
     pub async fn put_operation(
         &self,
-        id: &str,
-        value: Vec<u8>,
+        record: &OperationRecord,
         lease: i64,
     ) -> Result<(), StoreError> {
+        let key = self.operation_key(record.id());
+        let value = encode_operation(&key, record)?;
         let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
-        self.client
-            .clone()
-            .put(self.operation_key(id), value, opts)
-            .await?;
+        self.client.clone().put(key, value, opts).await?;
         Ok(())
     }
 
@@ -940,41 +1378,43 @@ impl Store {
     /// the record already there instead, if any. One round trip.
     pub async fn create_operation(
         &self,
-        id: &str,
-        value: Vec<u8>,
+        record: &OperationRecord,
         lease: i64,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        let key = self.operation_key(id);
+    ) -> Result<Option<OperationRecord>, StoreError> {
+        let key = self.operation_key(record.id());
+        let value = encode_operation(&key, record)?;
         let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
         let txn = Txn::new()
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), value, opts)])
-            .or_else([TxnOp::get(key, None)]);
+            .or_else([TxnOp::get(key.clone(), None)]);
         let resp = self.client.clone().txn(txn).await?;
         if resp.succeeded() {
             return Ok(None);
         }
-        Ok(first_get(&resp).map(|(value, _)| value))
+        first_get(&resp)
+            .map(|(value, _)| decode_operation(&key, &value))
+            .transpose()
     }
 
-    /// Records a command's final operation record, once: written over nothing
-    /// or over a pending record (guarded by its revision), never over another
-    /// final one. Returns `None` when `value` was recorded, or the final
-    /// record already there (an earlier delivery settled the command first:
-    /// its answer is the command's answer). One round trip when nothing is
-    /// recorded yet.
+    /// Records a command's settled operation record, once: written over
+    /// nothing or over a pending record (guarded by its revision), never
+    /// over another settled one. Returns `None` when `record` was written, or
+    /// the settled record already there (an earlier delivery settled the
+    /// command first: its answer is the command's answer). One round trip
+    /// when nothing is recorded yet.
     ///
-    /// `since`: a final record finished before it settled an earlier life of
-    /// the command (dead-lettered, then replayed by an operator) and is
-    /// replaced like a pending one.
+    /// `since`: a settled record finished before it answered an earlier
+    /// life of the command (dead-lettered, then replayed by an operator) and
+    /// is replaced like a pending one.
     pub async fn settle_operation(
         &self,
-        id: &str,
-        value: Vec<u8>,
+        record: &OperationRecord,
         lease: i64,
-        since: Option<&Timestamp>,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        let key = self.operation_key(id);
+        since: Option<std::time::SystemTime>,
+    ) -> Result<Option<OperationRecord>, StoreError> {
+        let key = self.operation_key(record.id());
+        let value = encode_operation(&key, record)?;
         let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
         let mut guard = Compare::version(key.clone(), CompareOp::Equal, 0);
         // A pending record may be replaced; a concurrent change is re-read.
@@ -992,18 +1432,9 @@ impl Store {
                 guard = Compare::version(key.clone(), CompareOp::Equal, 0);
                 continue;
             };
-            let op =
-                serde_json::from_slice::<cm_schemas::v1::Operation>(&existing).map_err(|e| {
-                    StoreError::Corrupt {
-                        key: key.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
-            let pending = op.state == cm_schemas::v1::operation::State::Pending as i32;
-            let finished = op.result.as_ref().and_then(|r| r.finished_at.as_ref());
-            let earlier_life = matches!((finished, since), (Some(f), Some(s))
-                if (f.seconds, f.nanos) < (s.seconds, s.nanos));
-            if !pending && !earlier_life {
+            let existing = decode_operation(&key, &existing)?;
+            let earlier_life = since.is_some_and(|s| existing.finished_before(s));
+            if existing.is_settled() && !earlier_life {
                 return Ok(Some(existing));
             }
             guard = Compare::mod_revision(key.clone(), CompareOp::Equal, revision);
@@ -1175,6 +1606,20 @@ fn first_get(resp: &etcd_client::TxnResponse) -> Option<(Vec<u8>, i64)> {
             .first()
             .map(|kv| (kv.value().to_vec(), kv.mod_revision())),
         _ => None,
+    })
+}
+
+fn encode_operation(key: &str, record: &OperationRecord) -> Result<Vec<u8>, StoreError> {
+    record.encode().map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn decode_operation(key: &str, bytes: &[u8]) -> Result<OperationRecord, StoreError> {
+    OperationRecord::decode(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
     })
 }
 

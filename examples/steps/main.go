@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/pulumi/pulumi/sdk/v3/go/pulumi"
@@ -61,6 +62,14 @@ func program(ctx *pulumi.Context) error {
 	if err != nil {
 		return err
 	}
+	payloadKB, err := intSetting(additional, "payload_kb", 0)
+	if err != nil {
+		return err
+	}
+	// Each step's outputs carry this many KiB, the way a Kubernetes
+	// resource's state holds its whole manifest: big states, few resources.
+	block := identity + "-payload-block-"
+	payload := strings.Repeat(block, payloadKB*1024/len(block)+1)[:payloadKB*1024]
 
 	var previous pulumi.Resource
 	for i := 0; i < steps; i++ {
@@ -75,7 +84,11 @@ func program(ctx *pulumi.Context) error {
 		if err := ctx.RegisterComponentResource("cm:example:Step", fmt.Sprintf("step-%d", i), s, opts...); err != nil {
 			return err
 		}
-		if err := ctx.RegisterResourceOutputs(s, pulumi.Map{"index": pulumi.Int(i)}); err != nil {
+		outputs := pulumi.Map{"index": pulumi.Int(i)}
+		if payloadKB > 0 {
+			outputs["payload"] = pulumi.String(payload)
+		}
+		if err := ctx.RegisterResourceOutputs(s, outputs); err != nil {
 			return err
 		}
 		previous = s

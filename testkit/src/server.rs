@@ -148,6 +148,12 @@ fn launch_nats(dir: &std::path::Path, port: &str) -> (Child, u16) {
     (child, port)
 }
 
+/// etcd with a space quota of `quota_bytes` (`--quota-backend-bytes`), to
+/// drive it out of space.
+pub fn etcd_with_quota(quota_bytes: u64) -> Server {
+    etcd_with(vec![format!("--quota-backend-bytes={quota_bytes}")], "http")
+}
+
 /// Starts a single-node `etcd` on loopback ports handed out by the OS.
 pub fn etcd() -> Server {
     etcd_with(Vec::new(), "http")
@@ -228,6 +234,11 @@ fn try_launch_etcd(
     let client_url = format!("{scheme}://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
     let mut child = Command::new(bin)
+        // The hygiene every shipped deployment has (deploy/, scripts/dev.sh).
+        .args([
+            "--auto-compaction-mode=periodic",
+            "--auto-compaction-retention=1h",
+        ])
         .args(extra)
         .arg("--data-dir")
         .arg(dir.join("data"))

@@ -43,21 +43,33 @@ pub async fn drained(nats_url: &str, poll: Duration, limit: Duration) -> Result<
         .map_err(|e| nats(&e))?;
     let js = async_nats::jetstream::new(client);
     let deadline = Instant::now() + limit;
+    // A cluster electing a stream leader answers nothing for a while:
+    // asked again until the limit, failing only if it never answered.
+    let mut answered = false;
+    let mut last_error = None;
     while Instant::now() < deadline {
-        let mut consumer = js
-            .get_stream(cm_core::queue::COMMANDS_STREAM)
-            .await
-            .map_err(|e| nats(&e))?
-            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
-                cm_core::queue::WORKERS_CONSUMER,
-            )
-            .await
-            .map_err(|e| nats(&e))?;
-        let info = consumer.info().await.map_err(|e| nats(&e))?;
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            return Ok(true);
+        let probe = async {
+            let mut consumer = js
+                .get_stream(cm_core::queue::COMMANDS_STREAM)
+                .await
+                .map_err(|e| nats(&e))?
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
+                    cm_core::queue::WORKERS_CONSUMER,
+                )
+                .await
+                .map_err(|e| nats(&e))?;
+            let info = consumer.info().await.map_err(|e| nats(&e))?;
+            Ok::<bool, WaitError>(info.num_pending == 0 && info.num_ack_pending == 0)
+        };
+        match probe.await {
+            Ok(true) => return Ok(true),
+            Ok(false) => answered = true,
+            Err(e) => last_error = Some(e),
         }
         tokio::time::sleep(poll).await;
     }
-    Ok(false)
+    match last_error {
+        Some(e) if !answered => Err(e),
+        _ => Ok(false),
+    }
 }

@@ -33,61 +33,39 @@
 
 use std::{sync::Arc, time::Duration};
 
-use async_nats::{
-    HeaderMap,
-    jetstream::{AckKind, Message},
-};
-use bytes::Bytes;
+use async_nats::jetstream::{AckKind, Message};
 use cm_core::{
     DomainError,
-    lock::RetentionLease,
     model::now,
-    queue::{self, CommandKind},
+    protocol::{
+        self, CommandKind, OperationRecord, Outgoing, dead_letter, envelope, events::Event, reply,
+    },
 };
-use cm_schemas::v1::{
-    Code, Command, CommandResult, Operation, command_result::Outcome, operation::State,
-};
+use cm_schemas::v1::{Command, CommandResult, command::Request, command_result::Outcome};
 use futures::StreamExt;
-use prost::Message as _;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
     context::Ctx,
-    handlers::{self, HandlerError},
+    error::HandlerError,
+    failpoint::{self, Waits},
+    handlers,
 };
 
 /// How long one pull request waits for commands before it is renewed.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 
-tokio::task_local! {
-    /// The concurrency permit of the command the current task runs.
-    static PERMIT: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>;
-}
-
-/// Gives the running command's concurrency permit back, for a handler that
-/// only waits on other commands from now on (a challenge update waiting for
-/// its instances' updates): one worker at concurrency 1 could otherwise
-/// never run the commands it waits for. Outside a command, does nothing.
-pub fn yield_permit() {
-    let permit = PERMIT.try_with(|slot| match slot.lock() {
-        Ok(mut p) => p.take(),
-        Err(_) => None,
-    });
-    drop(permit);
-}
-
 /// Pulls and processes commands until `shutdown`, at most `concurrency` at once.
 pub async fn run(
     ctx: Arc<Ctx>,
-    retention: Arc<RetentionLease>,
     concurrency: usize,
     shutdown: CancellationToken,
     grace: Duration,
 ) -> Result<(), async_nats::Error> {
-    let mut consumer = queue::reconcile_workers_consumer(&ctx.js, &ctx.queue).await?;
+    let mut consumer = protocol::reconcile_workers_consumer(&ctx.js, &ctx.queue).await?;
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     let mut delay = Duration::from_millis(200);
@@ -119,7 +97,7 @@ pub async fn run(
                         _ = tokio::time::sleep(delay) => {}
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
-                    if let Ok(c) = queue::workers_consumer(&ctx.js, &ctx.queue).await {
+                    if let Ok(c) = protocol::workers_consumer(&ctx.js, &ctx.queue).await {
                         consumer = c;
                     }
                     continue;
@@ -140,10 +118,10 @@ pub async fn run(
                         // The server never sends more than asked; be safe anyway.
                         None => permits.clone().acquire_owned().await?,
                     };
-                    let (ctx, retention) = (ctx.clone(), retention.clone());
+                    let ctx = ctx.clone();
                     let slot = Arc::new(std::sync::Mutex::new(Some(permit)));
-                    tasks.spawn(PERMIT.scope(slot, async move {
-                        process(&ctx, &retention, message).await;
+                    tasks.spawn(crate::permit::scope(slot, async move {
+                        process(&ctx, message).await;
                     }));
                 }
                 Some(Err(e)) => {
@@ -164,7 +142,7 @@ pub async fn run(
                 _ = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(Duration::from_secs(5));
-            if let Ok(c) = queue::workers_consumer(&ctx.js, &ctx.queue).await {
+            if let Ok(c) = protocol::workers_consumer(&ctx.js, &ctx.queue).await {
                 consumer = c;
             }
         }
@@ -182,31 +160,22 @@ pub async fn run(
     Ok(())
 }
 
-async fn process(ctx: &Ctx, retention: &RetentionLease, message: Message) {
+async fn process(ctx: &Ctx, message: Message) {
     let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
     if let Some(id) = message
         .headers
         .as_ref()
-        .and_then(|h| h.get(queue::HDR_MSG_ID))
+        .and_then(|h| h.get(protocol::HDR_MSG_ID))
     {
-        crate::failpoint::hold("received", id.as_str()).await;
+        failpoint::pause("received", id.as_str(), Waits::Every).await;
     }
-    let command = match Command::decode(message.payload.clone()) {
-        Ok(c) if c.request.is_some() && !c.command_id.is_empty() => c,
-        Ok(_) => {
-            return dead_letter(
-                ctx,
-                &message,
-                None,
-                "command without id or request",
-                delivered,
-            )
-            .await;
-        }
+    let command = match envelope::decode_command(message.payload.clone()) {
+        Ok(c) => c,
         Err(e) => {
-            count_poison();
-            let reason = format!("undecodable command: {e}");
-            return dead_letter(ctx, &message, None, &reason, delivered).await;
+            if matches!(e, envelope::Undecodable::Decode(_)) {
+                count_poison();
+            }
+            return dead_letter(ctx, &message, None, &e.to_string(), delivered).await;
         }
     };
     let Some(request) = &command.request else {
@@ -235,25 +204,16 @@ async fn process(ctx: &Ctx, retention: &RetentionLease, message: Message) {
         cm.delivery = delivered,
         cm.queued_ms = queued_ms,
     );
-    if let Err(e) = span.set_parent(queue::extract_trace_context(message.headers.as_ref())) {
+    if let Err(e) = span.set_parent(protocol::extract_trace_context(message.headers.as_ref())) {
         tracing::debug!(error = %e, "trace context not attached");
     }
-    settle(
-        ctx,
-        retention,
-        &message,
-        &command,
-        kind,
-        challenge_id,
-        delivered,
-    )
-    .instrument(span)
-    .await;
+    settle(ctx, &message, &command, kind, challenge_id, delivered)
+        .instrument(span)
+        .await;
 }
 
 async fn settle(
     ctx: &Ctx,
-    retention: &RetentionLease,
     message: &Message,
     command: &Command,
     kind: CommandKind,
@@ -269,7 +229,7 @@ async fn settle(
     if !provably_first(ctx, message, delivered)
         && let Some(op) = settled(ctx, command, message).await
     {
-        if let Some(result) = op.result {
+        if let Some(result) = op.into_result() {
             reply(ctx, message, &result).await;
             publish_event(ctx, kind, challenge_id, &result).await;
         }
@@ -295,7 +255,6 @@ async fn settle(
         record_outcome("dead_lettered");
         give_up(
             ctx,
-            retention,
             message,
             command,
             (kind, challenge_id),
@@ -306,7 +265,7 @@ async fn settle(
         return;
     }
 
-    crate::failpoint::hold("handler-start", &command.command_id).await;
+    failpoint::pause("handler-start", &command.command_id, Waits::Every).await;
     let progress = CancellationToken::new();
     let ticker = tokio::spawn(keep_in_progress(
         message.clone(),
@@ -317,30 +276,22 @@ async fn settle(
     progress.cancel();
     let _ = ticker.await;
 
-    let result = match outcome {
-        Ok(outcome) => {
-            record_outcome("success");
-            result_of(command, Ok(outcome))
+    let result = match disposition(command, outcome, delivered, &ctx.queue) {
+        Disposition::Answer(result, label) => {
+            record_outcome(label);
+            *result
         }
-        Err(HandlerError::Domain(e)) => {
-            tracing::info!(code = ?e.code, message = %e.message, "command refused");
-            let internal = matches!(e.code, Code::Internal | Code::Unknown | Code::DataLoss);
-            record_outcome(if internal { "failed" } else { "refused" });
-            result_of(command, Err(e))
-        }
-        Err(HandlerError::Retry(reason)) if delivered < ctx.queue.max_deliver => {
-            let delay = queue::backoff_delay(&ctx.queue, delivered);
+        Disposition::Retry(delay, reason) => {
             tracing::warn!(%reason, ?delay, delivered, "command failed; retrying later");
             record_outcome("retried");
             ack(message, AckKind::Nak(Some(delay))).await;
             return;
         }
-        Err(HandlerError::Retry(reason)) => {
+        Disposition::GiveUp(reason) => {
             tracing::error!(%reason, delivered, "command failed too often; dead-lettering");
             record_outcome("dead_lettered");
             give_up(
                 ctx,
-                retention,
                 message,
                 command,
                 (kind, challenge_id),
@@ -364,7 +315,7 @@ async fn settle(
     if early {
         reply(ctx, message, &result).await;
     }
-    let answer = match record(ctx, retention, command, kind, &result, published(message)).await {
+    let answer = match record(ctx, command, &result, published(message)).await {
         Ok(None) => result,
         Ok(Some(earlier)) => {
             tracing::warn!("another delivery settled this command first; answering its result");
@@ -375,7 +326,7 @@ async fn settle(
             tracing::warn!(error = %e, "recording the result failed; retrying later");
             ack(
                 message,
-                AckKind::Nak(Some(queue::backoff_delay(&ctx.queue, delivered))),
+                AckKind::Nak(Some(protocol::backoff_delay(&ctx.queue, delivered))),
             )
             .await;
             return;
@@ -385,9 +336,47 @@ async fn settle(
         reply(ctx, message, &answer).await;
     }
     publish_event(ctx, kind, challenge_id, &answer).await;
-    crate::failpoint::hit("before-ack");
+    failpoint::hit("before-ack");
     ack(message, AckKind::Ack).await;
     observe_latency(command, kind);
+}
+
+/// What becomes of a delivery whose handler returned `outcome`: the one
+/// mapping of handler outcomes to acks.
+enum Disposition {
+    /// Settle with this result (record, reply, event), then `Ack`; the
+    /// label is the outcome counted (`success`, `refused`, `failed`).
+    Answer(Box<CommandResult>, &'static str),
+    /// `Nak` with this delay: a later delivery tries again (why).
+    Retry(Duration, String),
+    /// Dead-letter (then `Term`) and answer as failed: retried too often (why).
+    GiveUp(String),
+}
+
+fn disposition(
+    command: &Command,
+    outcome: Result<Outcome, HandlerError>,
+    delivered: i64,
+    queue: &protocol::QueueConfig,
+) -> Disposition {
+    match outcome {
+        Ok(outcome) => Disposition::Answer(Box::new(result_of(command, Ok(outcome))), "success"),
+        Err(HandlerError::Domain(e)) => {
+            tracing::info!(code = ?e.code(), message = %e.message(), "command refused");
+            let label = if e.is_internal() { "failed" } else { "refused" };
+            Disposition::Answer(Box::new(result_of(command, Err(e))), label)
+        }
+        Err(HandlerError::Transient(why)) => retry(why.to_string(), delivered, queue),
+    }
+}
+
+/// Retried with backoff up to `max_deliver`, then given up.
+fn retry(reason: String, delivered: i64, queue: &protocol::QueueConfig) -> Disposition {
+    if delivered < queue.max_deliver {
+        Disposition::Retry(protocol::backoff_delay(queue, delivered), reason)
+    } else {
+        Disposition::GiveUp(reason)
+    }
 }
 
 /// Whether no other delivery of `message` can have happened yet, so the
@@ -406,10 +395,10 @@ fn provably_first(ctx: &Ctx, message: &Message, delivered: i64) -> bool {
 
 /// The command's operation record when it is settled (not pending) and was
 /// recorded for this message (see [`recorded_since_published`]).
-async fn settled(ctx: &Ctx, command: &Command, message: &Message) -> Option<Operation> {
-    let bytes = ctx.store.get_operation(&command.command_id).await.ok()??;
-    let op = serde_json::from_slice::<Operation>(&bytes).ok()?;
-    (op.state != State::Pending as i32 && recorded_since_published(&op, message)).then_some(op)
+async fn settled(ctx: &Ctx, command: &Command, message: &Message) -> Option<OperationRecord> {
+    let op = ctx.store.get_operation(&command.command_id).await.ok()??;
+    let earlier_life = published(message).is_some_and(|p| op.finished_before(p));
+    (op.is_settled() && !earlier_life).then_some(op)
 }
 
 /// Sets a command aside for an operator: undoes what a lost
@@ -417,7 +406,6 @@ async fn settled(ctx: &Ctx, command: &Command, message: &Message) -> Option<Oper
 /// answers it as failed (unless another delivery settled it meanwhile).
 async fn give_up(
     ctx: &Ctx,
-    retention: &RetentionLease,
     message: &Message,
     command: &Command,
     (kind, challenge_id): (CommandKind, &str),
@@ -429,7 +417,7 @@ async fn give_up(
         tracing::warn!(error = %e, "cannot undo the command's reservation yet; retrying later");
         ack(
             message,
-            AckKind::Nak(Some(queue::backoff_delay(&ctx.queue, delivered))),
+            AckKind::Nak(Some(protocol::backoff_delay(&ctx.queue, delivered))),
         )
         .await;
         return;
@@ -440,7 +428,7 @@ async fn give_up(
         delivered.min(ctx.queue.max_deliver)
     ));
     let result = result_of(command, Err(e));
-    let answer = match record(ctx, retention, command, kind, &result, published(message)).await {
+    let answer = match record(ctx, command, &result, published(message)).await {
         Ok(None) => result,
         Ok(Some(earlier)) => earlier,
         Err(e) => {
@@ -452,21 +440,29 @@ async fn give_up(
     reply(ctx, message, &answer).await;
 }
 
+/// Why a reservation could not be undone yet (the command is retried).
+#[derive(Debug, thiserror::Error)]
+enum UndoError {
+    #[error("reading the reservation: {0}")]
+    Store(#[from] cm_core::store::StoreError),
+    #[error("publishing its undo: {0}")]
+    Publish(#[from] protocol::PublishError),
+}
+
 /// A dead-lettered `instance.create` may have left its reservation (a
 /// `deploying` record and part of a stack; or, lost after the deploy, a
 /// ready instance nobody was told about): it is destroyed by an
 /// `instance.expire` naming its identity and `until`, which does nothing if
 /// the slot holds anything else by then. Published with an id derived from
 /// the command, so a retry of this step publishes it once.
-async fn undo_reservation(ctx: &Ctx, command: &Command) -> Result<(), String> {
-    let Some(cm_schemas::v1::command::Request::InstanceCreate(req)) = &command.request else {
+async fn undo_reservation(ctx: &Ctx, command: &Command) -> Result<(), UndoError> {
+    let Some(Request::InstanceCreate(req)) = &command.request else {
         return Ok(());
     };
     let found = ctx
         .store
         .get_instance(&req.challenge_id, &req.source_id)
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let Some(rec) = found.map(|v| v.value) else {
         return Ok(());
     };
@@ -474,33 +470,16 @@ async fn undo_reservation(ctx: &Ctx, command: &Command) -> Result<(), String> {
         return Ok(());
     }
     tracing::warn!(identity = %rec.identity, status = ?rec.status, "undoing the reservation of a dead-lettered create");
-    let undo = Command {
-        command_id: uuid::Uuid::now_v7().to_string(),
-        issued_at: Some(now()),
-        requested_by: Some(cm_schemas::v1::Requester {
-            principal: String::new(),
-            via: "worker".into(),
-            ..Default::default()
-        }),
-        request: Some(cm_schemas::v1::command::Request::InstanceExpire(
-            cm_schemas::v1::ExpireInstance {
-                challenge_id: rec.challenge_id.clone(),
-                source_id: req.source_id.clone(),
-                identity: rec.identity.to_string(),
-                until: rec.until,
-            },
-        )),
-    };
-    let mut headers = HeaderMap::new();
-    headers.insert(queue::HDR_MSG_ID, format!("undo-{}", command.command_id));
-    queue::inject_trace_context(&mut headers);
-    let subject = queue::command_subject(CommandKind::InstanceExpire, &rec.challenge_id);
-    ctx.js
-        .publish_with_headers(subject, headers, Bytes::from(undo.encode_to_vec()))
-        .await
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
+    let undo = Request::InstanceExpire(cm_schemas::v1::ExpireInstance {
+        challenge_id: rec.challenge_id.clone(),
+        source_id: req.source_id.clone(),
+        identity: rec.identity.to_string(),
+        until: rec.until,
+    });
+    Outgoing::internal(undo, crate::context::ISSUER)
+        .deduplicated_as(format!("undo-{}", command.command_id))
+        .publish(&ctx.js)
+        .await?;
     Ok(())
 }
 
@@ -510,17 +489,6 @@ fn published(message: &Message) -> Option<std::time::SystemTime> {
         .info()
         .ok()
         .map(|i| std::time::SystemTime::from(i.published))
-}
-
-/// Whether `op` was recorded after `message` was stored (unknown: assume so).
-fn recorded_since_published(op: &Operation, message: &Message) -> bool {
-    let finished = op.result.as_ref().and_then(|r| r.finished_at.as_ref());
-    match (finished, message.info()) {
-        (Some(finished), Ok(info)) => {
-            cm_core::model::to_system_time(finished) >= std::time::SystemTime::from(info.published)
-        }
-        _ => true,
-    }
 }
 
 fn count_poison() {
@@ -556,78 +524,30 @@ fn result_of(command: &Command, outcome: Result<Outcome, DomainError>) -> Comman
 /// `published` belongs to an earlier life of the command and is replaced.
 async fn record(
     ctx: &Ctx,
-    retention: &RetentionLease,
     command: &Command,
-    kind: CommandKind,
     result: &CommandResult,
     published: Option<std::time::SystemTime>,
 ) -> Result<Option<CommandResult>, cm_core::store::StoreError> {
-    let failed = matches!(result.outcome, Some(Outcome::Failure(_)));
-    let op = Operation {
-        id: command.command_id.clone(),
-        kind: kind.as_str().to_owned(),
-        state: if failed {
-            State::Failed
-        } else {
-            State::Succeeded
-        } as i32,
-        created_at: command.issued_at,
-        result: Some(result.clone()),
-    };
-    let bytes = serde_json::to_vec(&op).map_err(|e| cm_core::store::StoreError::Corrupt {
-        key: command.command_id.clone(),
-        reason: e.to_string(),
-    })?;
-    let lease = retention.id().await?;
-    let since = published.map(cm_core::model::to_timestamp);
+    let record = OperationRecord::settled(command, result.clone());
+    let lease = ctx.retention.id().await?;
     let Some(existing) = ctx
         .store
-        .settle_operation(&command.command_id, bytes, lease, since.as_ref())
+        .settle_operation(&record, lease, published)
         .await?
     else {
         return Ok(None);
     };
-    match serde_json::from_slice::<Operation>(&existing) {
-        Ok(Operation {
-            result: Some(earlier),
-            ..
-        }) => Ok(Some(earlier)),
-        _ => Err(cm_core::store::StoreError::Corrupt {
+    existing
+        .into_result()
+        .map(Some)
+        .ok_or_else(|| cm_core::store::StoreError::Corrupt {
             key: command.command_id.clone(),
             reason: "a settled operation without a result".into(),
-        }),
-    }
-}
-
-/// Past-tense event name of a command kind's success.
-fn event_name(kind: CommandKind) -> &'static str {
-    match kind {
-        CommandKind::ChallengeCreate => "challenge.created",
-        CommandKind::ChallengeUpdate => "challenge.updated",
-        CommandKind::ChallengeDelete => "challenge.deleted",
-        CommandKind::InstanceCreate => "instance.created",
-        CommandKind::InstanceRenew => "instance.renewed",
-        CommandKind::InstanceDelete => "instance.deleted",
-        CommandKind::InstanceExpire => "instance.expired",
-        CommandKind::InstanceReset => "instance.reset",
-        CommandKind::InstanceUpdate => "instance.updated",
-        CommandKind::PoolRefill => "pool.refilled",
-    }
+        })
 }
 
 async fn publish_event(ctx: &Ctx, kind: CommandKind, challenge_id: &str, result: &CommandResult) {
-    let name = match (&result.outcome, kind) {
-        (Some(Outcome::Failure(_)), _) => "command.failed",
-        // The janitor's order found the instance renewed: nothing expired.
-        (Some(Outcome::Instance(_)), CommandKind::InstanceExpire) => "instance.expiry-skipped",
-        _ => event_name(kind),
-    };
-    let mut headers = HeaderMap::new();
-    headers.insert(queue::HDR_COMMAND_ID, result.command_id.as_str());
-    headers.insert(queue::HDR_MSG_ID, format!("{}-{name}", result.command_id));
-    queue::inject_trace_context(&mut headers);
-    let subject = queue::event_subject(name, challenge_id);
-    let payload = Bytes::from(without_flags(result).encode_to_vec());
+    let event = Event::of_result(kind, challenge_id, result);
     // While a clustered stream elects a new leader (a NATS node lost), a
     // publish fails for a second or two: try again, a few times (the message
     // id makes a copy that did land count once). A redelivery of the command
@@ -636,7 +556,11 @@ async fn publish_event(ctx: &Ctx, kind: CommandKind, challenge_id: &str, result:
     for attempt in 1..=EVENT_ATTEMPTS {
         let failure = match ctx
             .js
-            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+            .publish_with_headers(
+                event.subject.clone(),
+                event.headers.clone(),
+                event.payload.clone(),
+            )
             .await
         {
             Ok(ack) => match ack.await {
@@ -660,32 +584,15 @@ async fn publish_event(ctx: &Ctx, kind: CommandKind, challenge_id: &str, result:
 const EVENT_ATTEMPTS: u32 = 5;
 const EVENT_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// The result as events carry it: flags are secrets, kept for the caller's
-/// reply and the store, never written to the retained event stream.
-fn without_flags(result: &CommandResult) -> CommandResult {
-    let mut event = result.clone();
-    let strip = |i: &mut cm_schemas::v1::Instance| {
-        i.flags.clear();
-        i.flag = None;
-    };
-    match &mut event.outcome {
-        Some(Outcome::Instance(i)) => strip(i),
-        Some(Outcome::Challenge(c)) => c.instances.iter_mut().for_each(strip),
-        _ => {}
-    }
-    event
-}
-
 async fn reply(ctx: &Ctx, message: &Message, result: &CommandResult) {
-    let Some(inbox) = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(queue::HDR_REPLY))
-    else {
+    let Some(inbox) = reply::reply_to(message.headers.as_ref()) else {
         return;
     };
-    let payload = Bytes::from(result.encode_to_vec());
-    if let Err(e) = ctx.nats.publish(inbox.as_str().to_owned(), payload).await {
+    if let Err(e) = ctx
+        .nats
+        .publish(inbox.to_owned(), reply::encode(result))
+        .await
+    {
         tracing::warn!(error = %e, "reply not sent");
     }
     // Someone is waiting on this: do not leave it in the write buffer.
@@ -699,36 +606,14 @@ async fn dead_letter(
     reason: &str,
     delivered: i64,
 ) {
-    let subject = match about {
-        Some((kind, cid)) => queue::dead_letter_subject(kind.as_str(), cid),
-        None => "cm.dlq.unknown.unknown".to_owned(),
+    let delivery = dead_letter::Delivery {
+        headers: message.headers.as_ref(),
+        subject: message.subject.as_str(),
+        sequence: message.info().map(|i| i.stream_sequence).ok(),
+        delivered,
     };
-    let mut headers = message.headers.clone().unwrap_or_default();
-    headers.insert(queue::HDR_FAILURE_REASON, reason.replace(['\r', '\n'], " "));
-    headers.insert(queue::HDR_DELIVERIES, delivered.to_string());
-    headers.insert(queue::HDR_ORIGINAL_SUBJECT, message.subject.as_str());
-    let original_id = headers
-        .get(queue::HDR_MSG_ID)
-        .map(|v| v.as_str().to_owned());
-    if let Some(id) = &original_id {
-        headers.insert(queue::HDR_ORIGINAL_MSG_ID, id.as_str());
-    }
-    // A dead letter must not be de-duplicated away by the command's own id,
-    // nor by an earlier dead letter of the same command (replayed, then failed
-    // again): its id names the command's message in the stream, the same for
-    // every delivery of that message.
-    let sequence = message.info().map(|i| i.stream_sequence).ok();
-    if let Some(seq) = sequence {
-        headers.insert(queue::HDR_ORIGINAL_SEQUENCE, seq.to_string());
-    }
-    match (sequence, &original_id) {
-        (Some(seq), id) => headers.insert(
-            queue::HDR_MSG_ID,
-            format!("dlq-{seq}-{}", id.as_deref().unwrap_or_default()),
-        ),
-        (None, Some(id)) => headers.insert(queue::HDR_MSG_ID, format!("dlq-{id}")),
-        (None, None) => {}
-    }
+    let headers = dead_letter::letter_headers(delivery, reason);
+    let subject = dead_letter::subject_for(about);
     match ctx
         .js
         .publish_with_headers(subject, headers, message.payload.clone())

@@ -14,15 +14,15 @@ use cm_core::{
     DomainError, Identity,
     lock::{self, LockGuard, LockMode, LockSet, Session},
     model::ChallengeRecord,
-    queue::{self, CommandKind, QueueConfig},
+    protocol::{Outgoing, QueueConfig},
     store::{Fence, Store},
 };
-use cm_schemas::v1::{Command, RefillPool, Requester, command::Request};
+use cm_schemas::v1::{RefillPool, command::Request};
 
 use crate::{
-    handlers::HandlerError,
+    error::{HandlerError, Transient},
     pulumi::{Driver, PreparedScenario},
-    sources::{Source, SourceError, Sources},
+    sources::{Source, Sources},
 };
 
 /// Shared state of a running worker.
@@ -42,6 +42,38 @@ pub struct Ctx {
     pub lock_timeout: Duration,
     /// Cap on concurrent instances per source.
     pub quota: Quota,
+    /// Pulumi stack states (the etcd store holds pointers to them).
+    pub stacks: cm_core::stack_store::StackStore,
+    /// Shortest time between two stored checkpoints of a running operation.
+    pub checkpoint_interval: Duration,
+    /// The lease operation records hang on (kept a day).
+    pub retention: Arc<lock::RetentionLease>,
+    /// How pools are refilled and adaptive pools sized.
+    pub pools: PoolSettings,
+}
+
+/// How pools are refilled, and how adaptive pools follow demand.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    /// The demand estimator's settings.
+    pub tuning: cm_core::pool_demand::Tuning,
+    /// Pool deploys the whole cluster runs at once (every worker should be
+    /// given the same number): refills never take more of the cluster's
+    /// Pulumi runs than this from players' own creates.
+    pub refill_slots: usize,
+    /// Most deploys one refill of an adaptive pool runs at once (a static
+    /// pool deploys one at a time, as before).
+    pub refill_batch: usize,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            tuning: Default::default(),
+            refill_slots: 4,
+            refill_batch: 4,
+        }
+    }
 }
 
 /// A handler's view while it holds locks: everything of [`Ctx`], with the
@@ -59,6 +91,15 @@ impl std::ops::Deref for Locked<'_> {
     type Target = Ctx;
     fn deref(&self) -> &Ctx {
         self.ctx
+    }
+}
+
+impl Locked<'_> {
+    /// This view with one more lock (taken inside the step): writes are
+    /// fenced by it as well.
+    pub fn also(&self, guard: &LockGuard) -> Locked<'_> {
+        self.ctx
+            .locked(&self.store.fence().clone().and(&guard.fence()))
     }
 }
 
@@ -245,25 +286,63 @@ impl Ctx {
         request: Request,
         reply_prefix: Option<&str>,
     ) -> Result<(), HandlerError> {
-        let kind = CommandKind::of(&request).0;
-        publish_command(&self.js, request, reply_prefix)
+        let mut outgoing = Outgoing::internal(request, ISSUER);
+        if let Some(prefix) = reply_prefix {
+            outgoing = outgoing.reply_to(prefix);
+        }
+        let kind = outgoing.kind();
+        outgoing
+            .publish(&self.js)
             .await
-            .map_err(|e| HandlerError::Retry(format!("publish {kind}: {e}")))
+            .map(drop)
+            .map_err(|source| Transient::Publish { kind, source }.into())
     }
 
-    /// Asks for the challenge's pool to be brought back to `min`. Published
-    /// in the background: the command that asked (a claim) answers at once.
+    /// Asks for the challenge's pool to be brought back to its size.
+    /// Published in the background: the command that asked answers at once.
     pub async fn request_refill(&self, cid: &str) {
-        let request = Request::PoolRefill(RefillPool {
-            challenge_id: cid.to_owned(),
-        });
         let js = self.js.clone();
         let cid = cid.to_owned();
+        tokio::spawn(async move { publish_refill(&js, &cid).await });
+    }
+
+    /// A create arrived on `challenge`, served from its pool or deployed
+    /// on demand (`from_pool`): counted; for an adaptive pool, one more claim
+    /// in its demand estimate. Then the pool's refill is asked for (a static
+    /// pool only misses the instance a claim took; an adaptive one may want
+    /// more). In the background: the create goes on at once.
+    pub fn note_claim(&self, challenge: &ChallengeRecord, from_pool: bool) {
+        let served = if from_pool { "pool" } else { "deploy" };
+        cm_core::metrics::metrics().pool_claim(&challenge.id, served);
+        let adaptive = challenge.pool == cm_core::pool_demand::PoolMode::Adaptive;
+        if !adaptive && !from_pool {
+            return;
+        }
+        let store = self.store.clone();
+        let js = self.js.clone();
+        let tuning = self.pools.tuning;
+        let cid = challenge.id.clone();
         tokio::spawn(async move {
-            if let Err(e) = publish_command(&js, request, None).await {
-                tracing::warn!(error = %e, challenge = %cid, "pool refill not requested");
+            if adaptive {
+                let now = cm_core::pool_demand::unix_now();
+                if let Err(e) = store.update_demand(&cid, |d| d.claimed(now, &tuning)).await {
+                    tracing::debug!(error = %e, challenge = %cid, "demand estimate not moved");
+                }
             }
+            publish_refill(&js, &cid).await;
         });
+    }
+
+    /// A deploy of an adaptive pool's scenario took `took` (its estimate
+    /// follows the deploy time).
+    pub async fn note_deploy(&self, cid: &str, took: Duration) {
+        let moved = self
+            .store
+            .update_demand(cid, |d| d.deployed(took.as_secs_f64()))
+            .await;
+        if let Err(e) = moved {
+            tracing::debug!(error = %e, challenge = %cid, "deploy time not recorded");
+        }
     }
 
     /// The challenge `cid`, or the command's final answer: not found.
@@ -293,50 +372,16 @@ impl Ctx {
     }
 }
 
-impl From<SourceError> for HandlerError {
-    fn from(e: SourceError) -> Self {
-        if e.is_retryable() {
-            return Self::Retry(e.to_string());
-        }
-        match e {
-            SourceError::Directory(d) => Self::Domain(d),
-            other => Self::Domain(DomainError::invalid(other.to_string())),
-        }
-    }
-}
+/// How the worker names itself as the issuer of its own commands.
+pub const ISSUER: &str = "worker";
 
-/// Publishes a command issued by the worker itself and waits for
-/// JetStream's acknowledgement.
-async fn publish_command(
-    js: &jetstream::Context,
-    request: Request,
-    reply_prefix: Option<&str>,
-) -> Result<(), String> {
-    let subject = {
-        let (kind, cid) = CommandKind::of(&request);
-        queue::command_subject(kind, cid)
-    };
-    let command = Command {
-        command_id: uuid::Uuid::now_v7().to_string(),
-        issued_at: Some(cm_core::model::now()),
-        requested_by: Some(Requester {
-            principal: String::new(),
-            via: "worker".into(),
-            ..Default::default()
-        }),
-        request: Some(request),
-    };
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(queue::HDR_MSG_ID, command.command_id.as_str());
-    if let Some(prefix) = reply_prefix {
-        headers.insert(queue::HDR_REPLY, format!("{prefix}.{}", command.command_id));
+/// Publishes a `pool.refill` of `cid`; a failure is logged (the next claim,
+/// or the janitor's review of adaptive pools, asks again).
+async fn publish_refill(js: &jetstream::Context, cid: &str) {
+    let request = Request::PoolRefill(RefillPool {
+        challenge_id: cid.to_owned(),
+    });
+    if let Err(e) = Outgoing::internal(request, ISSUER).publish(js).await {
+        tracing::warn!(error = %e, challenge = %cid, "pool refill not requested");
     }
-    queue::inject_trace_context(&mut headers);
-    let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&command));
-    js.publish_with_headers(subject, headers, payload)
-        .await
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
 }

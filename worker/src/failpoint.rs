@@ -2,33 +2,41 @@
 //! worker dies on the spot, as if killed, or pauses until a test lets it go,
 //! when `CM_FAILPOINT` names them.
 //!
-//! `CM_FAILPOINT=after-up,before-ack` arms those points to abort;
-//! `CM_FAILPOINT=pause:instance-update-before-write` arms a pause: the task
-//! reaching it writes `<CM_FAILPOINT_DIR>/<name>.paused` and waits until
-//! `<CM_FAILPOINT_DIR>/<name>.resume` exists (other tasks keep running), so a
-//! test can order two handlers' steps deterministically. A pause fires once
-//! per process: the first task to reach it waits, later ones (a redelivery
-//! of the same command, say) pass. Unset (always, in
-//! production), [`hit`] and [`pause`] are one cached lookup. The points:
-//! - `after-up`: Pulumi finished a deploy, its record is not written yet;
-//! - `before-ack`: a command's result is recorded and announced, not acked;
-//! - `instance-create-before-write` (pause): a create's Pulumi run is done,
-//!   the ready record not written yet;
-//! - `instance-create-before-evict` (pause): a create holds its locks and is
-//!   about to evict the source's oldest instance;
-//! - `pool-refill-between-rounds` (pause): a refill deployed one instance
-//!   and released its locks before the next round;
-//! - `pool-refill-before-destroy` (pause): a refill is about to destroy a
-//!   surplus pooled instance (its identity locked and re-read);
-//! - `instance-update-before-write` (pause): an instance update's Pulumi run
-//!   is done, its record not written yet.
+//! `CM_FAILPOINT=after-up,before-ack` arms those points to abort ([`hit`]);
+//! `CM_FAILPOINT=pause:<point>` arms a pause ([`pause`]), one mechanism for
+//! every pause point: a task reaching it appends a line (its detail, e.g.
+//! the command id) to `<CM_FAILPOINT_DIR>/<point>.paused` and waits until
+//! `<CM_FAILPOINT_DIR>/<point>.resume` exists (other tasks keep running), so
+//! a test can order two steps deterministically. Once resumed, the point
+//! lets everyone through. Which arrivals wait is the point's own
+//! ([`Waits`]): the first only (a redelivery of the same command passes),
+//! or every one until the resume (several commands held at once). Unset
+//! (always, in production), both are one cached lookup.
 //!
-//! Pauses (`CM_PAUSE=<point>`, `CM_PAUSE_DIR=<dir>`, see [`hold`]) stop a
-//! worker at a named step until the test releases it, for races that need
-//! one delivery held while another runs:
-//! - `received`: a command was pulled, before anything is read or run;
-//! - `handler-start`: the settled check found nothing, the handler is about
-//!   to run (no in-progress acks are sent while paused there).
+//! The points:
+//! - `after-up` (abort): Pulumi finished a deploy, its record is not written yet;
+//! - `before-ack` (abort): a command's result is recorded and announced, not acked;
+//! - `instance-delete-after-write` (abort): a delete destroyed the stack and
+//!   deleted the records (the command answered in that transaction), and
+//!   has not recorded nor acked anything else;
+//! - `challenge-update-before-fan-out` (abort): a challenge update wrote the
+//!   challenge, and has published none of its instances' updates;
+//! - `received` (every arrival): a command was pulled, before anything is
+//!   read or run;
+//! - `handler-start` (every arrival): the settled check found nothing, the
+//!   handler is about to run (no in-progress acks are sent while paused);
+//! - `instance-create-before-write` (first): a create's Pulumi run is done,
+//!   the ready record not written yet;
+//! - `instance-create-before-evict` (first): a create holds its locks and is
+//!   about to evict the source's oldest instance;
+//! - `pool-refill-between-rounds` (first): a refill deployed one instance
+//!   and released its locks before the next round;
+//! - `pool-refill-before-destroy` (first): a refill is about to destroy a
+//!   surplus pooled instance (its identity locked and re-read);
+//! - `instance-update-before-write` (first): an instance update's Pulumi run
+//!   is done, its record not written yet;
+//! - `instance-reset-before-retire` (first): a reset switched the record to
+//!   its fresh identity and is about to destroy the old stack.
 
 use std::{path::PathBuf, sync::OnceLock, time::Duration};
 
@@ -67,9 +75,20 @@ pub fn hit(name: &str) {
     }
 }
 
+/// Which arrivals at a pause point wait for its resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waits {
+    /// The first task to reach it in this process; later ones pass.
+    First,
+    /// Every task that reaches it before it is resumed.
+    Every,
+}
+
 /// Waits here when `pause:<name>` is armed, until the test creates
-/// `<name>.resume` in `CM_FAILPOINT_DIR`. Only the calling task waits.
-pub async fn pause(name: &str) {
+/// `<name>.resume` in `CM_FAILPOINT_DIR`; `detail` (e.g. the command id;
+/// empty: the process id) is appended as a line to `<name>.paused` first. Only the calling task
+/// waits.
+pub async fn pause(name: &str, detail: &str, waits: Waits) {
     if armed().is_empty()
         || !armed()
             .iter()
@@ -77,74 +96,40 @@ pub async fn pause(name: &str) {
     {
         return;
     }
-    static FIRED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    match FIRED.lock() {
-        Ok(mut fired) if !fired.iter().any(|n| n == name) => fired.push(name.to_owned()),
-        _ => return,
-    }
     let dir = PathBuf::from(std::env::var_os(DIR_ENV).unwrap_or_else(|| ".".into()));
     let resume = dir.join(format!("{name}.resume"));
-    tracing::warn!(failpoint = name, "failpoint reached: pausing until resumed");
-    let _ = std::fs::write(
-        dir.join(format!("{name}.paused")),
-        std::process::id().to_string(),
+    if resume.exists() {
+        return;
+    }
+    if waits == Waits::First {
+        static FIRED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        match FIRED.lock() {
+            Ok(mut fired) if !fired.iter().any(|n| n == name) => fired.push(name.to_owned()),
+            _ => return,
+        }
+    }
+    tracing::warn!(
+        failpoint = name,
+        detail,
+        "failpoint reached: pausing until resumed"
     );
+    // One line per paused task (several when the worker runs several).
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.paused")))
+    {
+        use std::io::Write as _;
+        // One write per line: appends of concurrent pauses never interleave.
+        let line = if detail.is_empty() {
+            std::process::id().to_string()
+        } else {
+            detail.to_owned()
+        };
+        let _ = f.write_all(format!("{line}\n").as_bytes());
+    }
     while !resume.exists() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tracing::warn!(failpoint = name, "failpoint resumed");
-}
-
-/// The environment variable naming the point where the worker pauses.
-pub const PAUSE_ENV: &str = "CM_PAUSE";
-/// The directory where a pause is announced and released.
-pub const PAUSE_DIR_ENV: &str = "CM_PAUSE_DIR";
-
-fn pause_point() -> Option<&'static (String, std::path::PathBuf)> {
-    static POINT: OnceLock<Option<(String, std::path::PathBuf)>> = OnceLock::new();
-    POINT
-        .get_or_init(|| {
-            let name = std::env::var(PAUSE_ENV).ok().filter(|n| !n.trim().is_empty())?;
-            let dir = std::env::var_os(PAUSE_DIR_ENV)?;
-            tracing::warn!(pause = %name, "pause point armed: this worker will stop there on purpose");
-            Some((name.trim().to_owned(), std::path::PathBuf::from(dir)))
-        })
-        .as_ref()
-}
-
-/// Pauses at `name` when `CM_PAUSE` names it (and `CM_PAUSE_DIR` is set),
-/// for the race tests: the worker appends `detail` (e.g. the command id) as
-/// a line to `<dir>/<name>.reached`, then waits until `<dir>/<name>.release`
-/// exists; once released, later hits pass straight through. Unarmed (always,
-/// in production), one cached lookup.
-pub async fn hold(name: &str, detail: &str) {
-    let Some((armed, dir)) = pause_point() else {
-        return;
-    };
-    if armed != name {
-        return;
-    }
-    let release = dir.join(format!("{name}.release"));
-    if release.exists() {
-        return;
-    }
-    tracing::warn!(
-        pause = name,
-        detail,
-        "pause point reached: waiting for its release"
-    );
-    // One line per paused command (several when the worker runs several).
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(format!("{name}.reached")))
-    {
-        use std::io::Write as _;
-        // One write per line: appends of concurrent pauses never interleave.
-        let _ = f.write_all(format!("{detail}\n").as_bytes());
-    }
-    while !release.exists() {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    tracing::warn!(pause = name, "pause point released");
 }

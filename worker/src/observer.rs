@@ -2,7 +2,8 @@
 //! JetStream's consumer and stream state and from etcd (count-only reads):
 //! pending, ack-pending, redelivered, waiting pull requests, the age of the
 //! oldest unprocessed command, dead letters; challenges, instances (claimed,
-//! pooled) and pool sizes. Every worker exports them; so does
+//! pooled) and pool sizes; etcd's database size against its quota and its
+//! alarms (NOSPACE stops every write). Every worker exports them; so does
 //! `cm-worker queue-exporter` for deployments that want them apart.
 
 use std::time::Duration;
@@ -10,13 +11,19 @@ use std::time::Duration;
 use async_nats::jetstream;
 use cm_core::{
     metrics::{QueueLag, metrics},
-    queue::{COMMANDS_STREAM, DEAD_LETTERS_STREAM, WORKERS_CONSUMER},
+    protocol::{COMMANDS_STREAM, DEAD_LETTERS_STREAM, WORKERS_CONSUMER},
     store::Store,
 };
 use tokio_util::sync::CancellationToken;
 
 /// Refreshes the gauges every `every` until `stop`.
-pub async fn run(js: jetstream::Context, store: Store, every: Duration, stop: CancellationToken) {
+pub async fn run(
+    js: jetstream::Context,
+    store: Store,
+    tuning: cm_core::pool_demand::Tuning,
+    every: Duration,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
@@ -28,6 +35,9 @@ pub async fn run(js: jetstream::Context, store: Store, every: Duration, stop: Ca
         }
         if let Err(e) = observe_inventory(&store).await {
             tracing::debug!(error = %e, "inventory not read");
+        }
+        if let Err(e) = observe_pools(&store, &tuning).await {
+            tracing::debug!(error = %e, "pools not read");
         }
     }
 }
@@ -67,5 +77,55 @@ pub async fn observe_queue(js: &jetstream::Context) -> Result<(), async_nats::Er
 async fn observe_inventory(store: &Store) -> Result<(), cm_core::store::StoreError> {
     let (challenges, claimed, pooled, pools) = store.inventory().await?;
     metrics().inventory(challenges, claimed, pooled, &pools);
+    let space = store.space().await?;
+    metrics().etcd_space(space.db_size, space.quota, &space.alarms);
+    Ok(())
+}
+
+/// Each pool's target, ready and deploying instances, and an adaptive
+/// pool's estimator inputs.
+async fn observe_pools(
+    store: &Store,
+    tuning: &cm_core::pool_demand::Tuning,
+) -> Result<(), cm_core::store::StoreError> {
+    use cm_core::{
+        model::InstanceStatus,
+        pool_demand::{Plan, PoolMode, Want, unix_now},
+    };
+    for c in store.list_challenges().await? {
+        if c.min == 0 && c.max == 0 && c.pool == PoolMode::Static {
+            continue;
+        }
+        // The pool's records (few) and a count of the claimed ones.
+        let pooled = store.list_pooled(&c.id).await?;
+        let ready = pooled
+            .iter()
+            .filter(|r| r.value.status == InstanceStatus::Ready)
+            .count() as i64;
+        let claimed = store.count_claimed(&c.id).await?;
+        let (want, claim_rate, deploy_seconds) = match c.pool {
+            PoolMode::Static => (Want::NONE, 0.0, 0.0),
+            PoolMode::Adaptive => {
+                let demand = store.get_demand(&c.id).await?;
+                let now = unix_now();
+                (
+                    demand.want(now, tuning),
+                    demand.rate_at(now, tuning),
+                    demand.deploy_time(tuning),
+                )
+            }
+        };
+        let plan = Plan::of(c.pool, c.min, c.max, claimed, want);
+        metrics().pool_state(
+            &c.id,
+            &cm_core::metrics::PoolState {
+                target: plan.target,
+                ready,
+                deploying: pooled.len() as i64 - ready,
+                claim_rate,
+                deploy_seconds,
+            },
+        );
+    }
     Ok(())
 }

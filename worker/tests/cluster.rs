@@ -102,8 +102,8 @@ async fn instances_survive_the_loss_of_the_stream_leader_and_the_etcd_leader() {
         .expect("bind");
     let api = format!("http://{}", listener.local_addr().expect("addr"));
     let mut config = support::api_config(&nats_url, &etcd.urls[0]);
-    config.etcd_endpoints = etcd.urls.clone();
-    config.queue.replicas = 3;
+    config.connection.etcd_endpoints = etcd.urls.clone();
+    config.connection.queue.replicas = 3;
     let (stop_api, stopped) = tokio::sync::oneshot::channel::<()>();
     let api_task = tokio::spawn(async move {
         cm_api::run(config, listener, async {

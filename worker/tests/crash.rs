@@ -61,10 +61,8 @@ async fn record(stack: &Stack, cid: &str, sid: &str) -> Option<InstanceRecord> {
 /// The stored stack state of an instance, as JSON.
 async fn stack_state(stack: &Stack, cid: &str, identity: &Identity) -> Option<Value> {
     stack
-        .store
-        .get_stack(cid, identity)
+        .stack_state_bytes(cid, identity)
         .await
-        .expect("store")
         .map(|b| serde_json::from_slice(&b).expect("stack state is JSON"))
 }
 
@@ -262,6 +260,75 @@ async fn worker_killed_mid_pulumi_run_is_resumed_by_another() {
     wait_locks_free(&stack).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_killed_mid_deploy_of_a_large_stack_resumes_from_the_object_store() {
+    let mut stack = Stack::start(0).await;
+    stack.spawn_worker_with(&[SHORT_LEASE, ("CM_CHECKPOINT_INTERVAL", "1s")]);
+    // 10 steps of 300 KiB each: by the kill the checkpoint is over etcd's
+    // 1.5 MiB request limit, so it can only have come from the object store.
+    create_challenge(
+        &stack,
+        "large",
+        json!({"steps": "10", "step_ms": "700", "payload_kb": "300"}),
+    )
+    .await;
+    let op = queue_instance(&stack, "large", "team-l").await;
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let identity = loop {
+        if let Some(rec) = record(&stack, "large", "team-l").await
+            && rec.status == InstanceStatus::Deploying
+            && let Some(cm_core::store::StoredStack::Pointer(p)) = stack
+                .store
+                .get_stack("large", &rec.identity)
+                .await
+                .expect("store")
+            && p.live
+            && stack
+                .stack_state_bytes("large", &rec.identity)
+                .await
+                .is_some_and(|b| b.len() > 1_572_864)
+        {
+            break rec.identity;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint over 1.5 MiB stored while Pulumi ran\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    stack.kill_worker(0);
+    let stored = stack_state(&stack, "large", &identity)
+        .await
+        .expect("the checkpoint is readable");
+    let at_kill = steps_of(&stored);
+    assert!(
+        (5..10).contains(&at_kill.len()),
+        "killed mid-run with a large checkpoint: {} steps",
+        at_kill.len()
+    );
+
+    stack.spawn_worker();
+    let done = stack.wait_operation(&op, Duration::from_secs(120)).await;
+    assert_eq!(
+        done["state"],
+        "SUCCEEDED",
+        "{done}\n{}",
+        stack.worker_logs()
+    );
+    let end = assert_one_whole_instance(&stack, "large", "team-l", 10).await;
+    let final_steps = steps_of(&end);
+    for (name, created) in &at_kill {
+        let now = final_steps
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("step kept");
+        assert_eq!(&now.1, created, "{name} was deployed again");
+    }
+    wait_locks_free(&stack).await;
+}
+
 /// A stack whose only worker (short lease) has just aborted at `failpoint`
 /// while creating an instance of a new `steps` challenge; the create's
 /// operation id.
@@ -374,6 +441,76 @@ async fn worker_killed_between_the_store_write_and_the_ack() {
     wait_locks_free(&stack).await;
 }
 
+/// A delete whose worker dies right after its transaction (stack destroyed,
+/// records gone) and before anything else: the next delivery finds no
+/// instance, and must answer what the first would have, "deleted" (it used
+/// to answer "not found" and record the command as failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_killed_right_after_a_delete_answers_deleted_on_redelivery() {
+    let mut stack = Stack::start(1).await;
+    create_challenge(&stack, "gone", json!({"steps": "1"})).await;
+    let created = queue_instance(&stack, "gone", "team-d").await;
+    let done = stack
+        .wait_operation(&created, Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        done["state"],
+        "SUCCEEDED",
+        "{done}\n{}",
+        stack.worker_logs()
+    );
+    stack.kill_worker(0);
+    stack.spawn_worker_with(&[SHORT_LEASE, ("CM_FAILPOINT", "instance-delete-after-write")]);
+    let (status, body) = stack
+        .call_with(
+            Method::DELETE,
+            "/api/v1/instance/gone/team-d",
+            None,
+            &[("Prefer", "respond-async")],
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let op = body["operationId"]
+        .as_str()
+        .expect("operation id")
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stack.worker_exit(1).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the failpoint never fired\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(record(&stack, "gone", "team-d").await.is_none(), "deleted");
+
+    stack.spawn_worker();
+    assert!(
+        support::wait_drained(
+            &stack.nats.url,
+            Duration::from_millis(200),
+            Duration::from_secs(60)
+        )
+        .await,
+        "the redelivered delete was not settled\n{}",
+        stack.worker_logs()
+    );
+    let done = stack.wait_operation(&op, Duration::from_secs(5)).await;
+    assert_eq!(
+        done["state"],
+        "SUCCEEDED",
+        "{done}\n{}",
+        stack.worker_logs()
+    );
+    assert_eq!(
+        count_keys(&stack, "/cm/stack/gone/").await,
+        0,
+        "no stack state left"
+    );
+    wait_locks_free(&stack).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failed_create_leaves_nothing_and_the_next_create_works() {
     let stack = Stack::start(1).await;
@@ -433,14 +570,19 @@ async fn an_instance_stuck_in_a_failed_state_can_be_force_deleted() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    // Its stack state is damaged: no destroy can run any more.
+    // Its stack state is lost: no destroy can run any more.
     let rec = record(&stack, "stuck", "team-e").await.expect("record");
     stack
         .store
         .put_stack(
             "stuck",
             &rec.identity,
-            b"{\"not\": \"a stack state\"}".to_vec(),
+            &cm_core::stack_store::StatePointer {
+                object: "gone".into(),
+                sha256: "00".into(),
+                size: 1,
+                live: false,
+            },
         )
         .await
         .expect("etcd");

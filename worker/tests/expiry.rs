@@ -33,21 +33,6 @@ async fn janitor(stack: &Stack) -> cm_janitor::Janitor {
     cm_janitor::Janitor::new(store, js, 1000)
 }
 
-fn janitor_config(stack: &Stack, interval: Duration) -> cm_janitor::JanitorConfig {
-    cm_janitor::JanitorConfig {
-        nats_url: stack.nats.url.clone(),
-        nats: Default::default(),
-        etcd_endpoints: vec![stack.etcd.url.clone()],
-        etcd_root: "/cm".into(),
-        store: StoreOptions::default(),
-        queue: QueueConfig::default(),
-        interval,
-        once: false,
-        batch: 1000,
-        metrics_listen: None,
-    }
-}
-
 /// Subjects and count of the events stored for `subject_filter`.
 async fn events(stack: &Stack, subject_filter: &str) -> usize {
     let client = async_nats::connect(stack.nats.url.as_str())
@@ -97,9 +82,12 @@ async fn the_janitor_destroys_an_instance_within_one_interval_of_its_expiry() {
 
     let interval = Duration::from_secs(1);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(cm_janitor::run(janitor_config(&stack, interval), async {
-        let _ = stopped.await;
-    }));
+    let task = tokio::spawn(cm_janitor::run(
+        support::janitor_config(&stack, interval),
+        async {
+            let _ = stopped.await;
+        },
+    ));
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let gone_at = loop {
@@ -133,6 +121,12 @@ async fn the_janitor_destroys_an_instance_within_one_interval_of_its_expiry() {
             .is_none(),
         "stack gone"
     );
+    // The event follows the deletion (after the state object is removed
+    // and the command settled): waited for, then counted exactly once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while events(&stack, "cm.evt.instance.expired.short").await == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         events(&stack, "cm.evt.instance.expired.short").await,
         1,
@@ -167,6 +161,7 @@ async fn three_janitors_over_fifty_expiring_instances_delete_each_once() {
             flags: vec![],
             additional: Default::default(),
             command_id: "seed".into(),
+            deployed_from: None,
         };
         stack
             .store
@@ -178,7 +173,7 @@ async fn three_janitors_over_fifty_expiring_instances_delete_each_once() {
     for _ in 0..3 {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(cm_janitor::run(
-            janitor_config(&stack, Duration::from_secs(1)),
+            support::janitor_config(&stack, Duration::from_secs(1)),
             async {
                 let _ = stopped.await;
             },

@@ -25,7 +25,7 @@ fn exercise(command: &Command) -> Result<(), TestCaseError> {
         3 + kind.as_str().split('.').count()
     );
     if let Err(e) = ids::validate("challenge id", challenge_id) {
-        prop_assert!(!e.message.is_empty());
+        prop_assert!(!e.message().is_empty());
     }
     Ok(())
 }

@@ -161,10 +161,8 @@ async fn tcp_flag_instances_serve_their_flag_and_are_gone_after_delete() {
             "one server process for port {port}"
         );
         let state = stack
-            .store
-            .get_stack("tcp-1", &identity)
+            .stack_state_bytes("tcp-1", &identity)
             .await
-            .expect("store")
             .expect("stack state");
         assert!(
             !state.windows(flag.len()).any(|w| w == flag.as_bytes()),

@@ -692,3 +692,54 @@ async fn poison_is_dead_lettered_at_once_and_failing_commands_after_their_bound(
         .await;
     assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
 }
+
+/// A caller of the NATS front door that waits (no `Prefer: respond-async`)
+/// for a command that outlives the result timeout gets the same "still
+/// running" error REST gives (504), never a reply that reads as a success;
+/// one that asked for an asynchronous answer gets the pending operation.
+/// (The fault soak found the waiting caller told "done" of a delete that
+/// had not run.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_caller_that_waited_past_the_result_timeout_is_told_it_is_still_running() {
+    // No worker: every command outlives the 1 s result timeout.
+    let stack = Stack::start_custom(0, &[], |c| {
+        c.result_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let client = async_nats::connect(stack.nats.url.as_str())
+        .await
+        .expect("connect");
+    match nats_call(
+        &client,
+        "challenge.create",
+        json!({"id": "slow-1", "scenario": "identity"}),
+    )
+    .await
+    {
+        Err((504, message)) => assert!(
+            message.contains("still running"),
+            "the error says the command is still running: {message}"
+        ),
+        other => panic!("a waiting caller was not told the command is still running: {other:?}"),
+    }
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Prefer", "respond-async");
+    let body = json!({"id": "slow-2", "scenario": "identity"});
+    let resp = client
+        .request_with_headers(
+            "cm.api.challenge.create",
+            headers,
+            serde_json::to_vec(&body).expect("json").into(),
+        )
+        .await
+        .expect("NATS request");
+    assert!(
+        resp.headers
+            .as_ref()
+            .is_none_or(|h| h.get("Nats-Service-Error-Code").is_none()),
+        "an asynchronous caller is answered without error"
+    );
+    let accepted: Value = serde_json::from_slice(&resp.payload).expect("JSON response");
+    assert_eq!(accepted["state"], "PENDING", "{accepted}");
+    assert!(accepted["operationId"].is_string(), "{accepted}");
+}

@@ -19,6 +19,8 @@ use std::{
 };
 
 use cm_core::model::{InstanceRecord, InstanceStatus};
+use cm_core::stack_store::StatePointer;
+use cm_core::store::StoredStack;
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use futures::StreamExt;
 use reqwest::Method;
@@ -416,7 +418,16 @@ async fn a_fenced_write_fails_once_its_lock_is_lost() {
     .expect("lock");
     let stale = store.fenced(&held.fence());
     stale
-        .put_stack("c", &identity, b"{}".to_vec())
+        .put_stack(
+            "c",
+            &identity,
+            &StatePointer {
+                object: "first".into(),
+                sha256: "00".into(),
+                size: 1,
+                live: false,
+            },
+        )
         .await
         .expect("a held lock's write goes through");
 
@@ -434,11 +445,29 @@ async fn a_fenced_write_fails_once_its_lock_is_lost() {
     .expect("the lock is free again");
     store
         .fenced(&next.fence())
-        .put_stack("c", &identity, b"{\"new\":1}".to_vec())
+        .put_stack(
+            "c",
+            &identity,
+            &StatePointer {
+                object: "new".into(),
+                sha256: "00".into(),
+                size: 1,
+                live: false,
+            },
+        )
         .await
         .expect("the new holder writes");
     match stale
-        .put_stack("c", &identity, b"{\"stale\":1}".to_vec())
+        .put_stack(
+            "c",
+            &identity,
+            &StatePointer {
+                object: "stale".into(),
+                sha256: "00".into(),
+                size: 1,
+                live: false,
+            },
+        )
         .await
     {
         Err(StoreError::Fenced { key }) => assert!(key.starts_with(&prefix), "{key}"),
@@ -446,7 +475,12 @@ async fn a_fenced_write_fails_once_its_lock_is_lost() {
     }
     assert_eq!(
         store.get_stack("c", &identity).await.expect("get"),
-        Some(b"{\"new\":1}".to_vec())
+        Some(StoredStack::Pointer(StatePointer {
+            object: "new".into(),
+            sha256: "00".into(),
+            size: 1,
+            live: false,
+        }))
     );
     tokio::time::timeout(Duration::from_secs(10), lost.cancelled())
         .await
@@ -770,10 +804,8 @@ async fn a_claim_racing_a_refills_surplus_destroy_gets_a_whole_instance() {
         "p1 claimed the instance the refill was destroying"
     );
     let state: Value = stack
-        .store
-        .get_stack("shrink", &p1.identity)
+        .stack_state_bytes("shrink", &p1.identity)
         .await
-        .expect("store")
         .and_then(|b| serde_json::from_slice(&b).ok())
         .expect("p1's instance has a stack state");
     let resources = state
@@ -886,4 +918,87 @@ async fn a_lost_lease_stops_the_handler_and_kills_its_pulumi_run() {
     let rec = claimed(&stack, "slow", "p1").await;
     assert_eq!(rec.status, InstanceStatus::Ready);
     assert!(rec.connection_info.ends_with("x6"), "{rec:?}");
+}
+
+/// A renewal takes no lock when nobody else is at work on the instance; it
+/// must then never write while someone is: a key under the slot's lock (a
+/// delete, an expiry, a reset in progress) or a writer's key under the
+/// challenge's lock (an update moving `until`) sends it to the locked path,
+/// where it waits its turn. The keys are put by hand, as a holder's are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_renewal_never_writes_while_the_slot_or_the_challenge_is_locked() {
+    let stack = Stack::start(1).await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "rn", "scenario": "steps", "timeout": "600s", "additional": {"steps": "1"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "rn", "sourceId": "p1"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+
+    // Uncontended: renewed at once.
+    let before = until(&stack).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, body) = stack
+        .call(Method::PATCH, "/api/v1/instance/rn/p1", None)
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    let renewed = until(&stack).await;
+    assert!(renewed > before, "renewed: {before:?} -> {renewed:?}");
+
+    for held in [
+        "/cm/lock/instance/rn/p1/w-test",
+        "/cm/lock/challenge/rn/w-test",
+    ] {
+        let mut etcd = stack.store.client();
+        etcd.put(held, "", None).await.expect("put a lock key");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let before = until(&stack).await;
+        let (status, body) = stack
+            .call_with(
+                Method::PATCH,
+                "/api/v1/instance/rn/p1",
+                None,
+                &[("Prefer", "respond-async")],
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        let op = body["operationId"]
+            .as_str()
+            .expect("operation id")
+            .to_owned();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            until(&stack).await,
+            before,
+            "renewed while {held} was held\n{}",
+            stack.worker_logs()
+        );
+        etcd.delete(held, None).await.expect("release");
+        let done = stack.wait_operation(&op, Duration::from_secs(60)).await;
+        assert_eq!(
+            done["state"],
+            "SUCCEEDED",
+            "{done}\n{}",
+            stack.worker_logs()
+        );
+        assert!(
+            until(&stack).await > before,
+            "renewed once {held} was released"
+        );
+    }
+}
+
+async fn until(stack: &Stack) -> std::time::SystemTime {
+    let until = claimed(stack, "rn", "p1").await.until.expect("an until");
+    cm_core::model::to_system_time(&until)
 }

@@ -40,6 +40,7 @@ fn record(cid: &str, sid: Option<String>, until: Option<SystemTime>, pad: usize)
         flags: vec!["CTF{scale}".into()],
         additional: Default::default(),
         command_id: "seed".into(),
+        deployed_from: None,
     }
 }
 

@@ -47,11 +47,11 @@ const API_PERMISSIONS: &str = r#"{
   subscribe: ["cm.api.>", "$SRV.>", "_INBOX.>", "_CM_REPLY.>"]
 }"#;
 const WORKER_PERMISSIONS: &str = r#"{
-  publish: ["cm.cmd.>", "cm.evt.>", "cm.dlq.>", "$JS.API.>", "$JS.ACK.CM_COMMANDS.>", "_CM_REPLY.>"]
+  publish: ["cm.cmd.>", "cm.evt.>", "cm.dlq.>", "$JS.API.>", "$JS.ACK.CM_COMMANDS.>", "_CM_REPLY.>", "$O.cm-stack-states.>"]
   subscribe: ["_INBOX.>"]
 }"#;
 const JANITOR_PERMISSIONS: &str = r#"{
-  publish: ["cm.cmd.>", "$JS.API.>"]
+  publish: ["cm.cmd.>", "$JS.API.>", "$O.cm-stack-states.>"]
   subscribe: ["_INBOX.>"]
 }"#;
 const PLATFORM_PERMISSIONS: &str = r#"{
@@ -191,6 +191,7 @@ authorization {{
                     Secret::new(std::fs::read(&self.pki.client_key).expect("key")),
                 )),
             }),
+            quota_bytes: None,
         }
     }
 
@@ -859,22 +860,27 @@ async fn refused_credentials_end_the_binaries_with_a_clear_error() {
 
     // The janitor with a wrong password gives up instead of retrying forever.
     let janitor = cm_janitor::JanitorConfig {
-        nats_url: secure.nats.url.clone(),
-        nats: NatsOptions {
-            auth: NatsAuth::UserPassword {
-                user: "cm-janitor".into(),
-                password: Secret::new(random_secret()),
+        connection: cm_core::config::Connection {
+            nats_url: secure.nats.url.clone(),
+            nats: NatsOptions {
+                auth: NatsAuth::UserPassword {
+                    user: "cm-janitor".into(),
+                    password: Secret::new(random_secret()),
+                },
+                tls: secure.nats_tls(),
             },
-            tls: secure.nats_tls(),
+            etcd_endpoints: vec![secure.etcd.url.clone()],
+            etcd_root: "/cm".into(),
+            store: secure.store_options(),
+            queue: Default::default(),
         },
-        etcd_endpoints: vec![secure.etcd.url.clone()],
-        etcd_root: "/cm".into(),
-        store: secure.store_options(),
-        queue: Default::default(),
         interval: Duration::from_secs(1),
         once: true,
         batch: 10,
         metrics_listen: None,
+        state_sweep: None,
+        orphan_sweep: None,
+        pool_review: None,
     };
     let ran = tokio::time::timeout(
         limit,
@@ -885,12 +891,15 @@ async fn refused_credentials_end_the_binaries_with_a_clear_error() {
     assert!(ran.is_err());
     // ...and with the right one, it ticks.
     let janitor = cm_janitor::JanitorConfig {
-        nats: NatsOptions {
-            auth: NatsAuth::UserPassword {
-                user: "cm-janitor".into(),
-                password: Secret::new(secure.janitor_password.clone()),
+        connection: cm_core::config::Connection {
+            nats: NatsOptions {
+                auth: NatsAuth::UserPassword {
+                    user: "cm-janitor".into(),
+                    password: Secret::new(secure.janitor_password.clone()),
+                },
+                tls: secure.nats_tls(),
             },
-            tls: secure.nats_tls(),
+            ..janitor.connection.clone()
         },
         ..janitor
     };

@@ -1,6 +1,6 @@
 //! How commands are settled when deliveries race (issue 15, the queue half):
 //! each test holds one delivery at a named pause point of a real worker
-//! process (`CM_PAUSE`, see `worker/src/failpoint.rs`) while another worker
+//! process (`CM_FAILPOINT=pause:<point>`, see `worker/src/failpoint.rs`) while another worker
 //! settles the command, then lets the first go on, and checks that
 //!
 //! - a busy worker pulls no command it cannot start (no prefetch: a command
@@ -52,6 +52,7 @@ async fn seed_challenge(stack: &Stack, id: &str) {
         min: 0,
         max: 0,
         max_per_source: None,
+        pool: Default::default(),
     };
     stack
         .store
@@ -98,11 +99,11 @@ async fn publish_delete(js: &async_nats::jetstream::Context, id: &str, cid: &str
 
 /// The pause directory's marker files.
 fn reached(dir: &Path, point: &str) -> PathBuf {
-    dir.join(format!("{point}.reached"))
+    dir.join(format!("{point}.paused"))
 }
 
 fn release(dir: &Path, point: &str) {
-    std::fs::write(dir.join(format!("{point}.release")), b"").expect("release");
+    std::fs::write(dir.join(format!("{point}.resume")), b"").expect("resume");
 }
 
 /// Waits until `n` commands are paused at `point`; their ids.
@@ -129,11 +130,10 @@ async fn wait_paused(stack: &Stack, dir: &Path, point: &str, n: usize) -> Vec<St
 async fn wait_settled(stack: &Stack, id: &str, limit: Duration) -> Operation {
     let deadline = Instant::now() + limit;
     loop {
-        if let Some(bytes) = stack.store.get_operation(id).await.expect("etcd")
-            && let Ok(op) = serde_json::from_slice::<Operation>(&bytes)
-            && op.state != State::Pending as i32
+        if let Some(record) = stack.store.get_operation(id).await.expect("etcd")
+            && record.is_settled()
         {
-            return op;
+            return record.into_operation();
         }
         assert!(
             Instant::now() < deadline,
@@ -191,8 +191,8 @@ async fn a_busy_worker_pulls_no_command_it_cannot_start() {
     stack.spawn_worker_with(&[
         ("CM_WORKER_CONCURRENCY", "2"),
         ("CM_ACK_WAIT", "2s"),
-        ("CM_PAUSE", "handler-start"),
-        ("CM_PAUSE_DIR", &dir),
+        ("CM_FAILPOINT", "pause:handler-start"),
+        ("CM_FAILPOINT_DIR", &dir),
     ]);
     publish_delete(&js, "cmd-p1a", "p1a").await;
     publish_delete(&js, "cmd-p1b", "p1b").await;
@@ -254,6 +254,7 @@ async fn a_busy_worker_pulls_no_command_it_cannot_start() {
 async fn held_delivery_answers_the_settled_result(point: &str) {
     let pauses = tempfile::tempdir().expect("tempdir");
     let dir = pauses.path().to_str().expect("utf-8").to_owned();
+    let armed = format!("pause:{point}");
     let mut stack = Stack::start(0).await;
     let (client, js) = jetstream(&stack).await;
     let mut replies = client
@@ -263,8 +264,8 @@ async fn held_delivery_answers_the_settled_result(point: &str) {
     seed_challenge(&stack, "held").await;
     stack.spawn_worker_with(&[
         ("CM_ACK_WAIT", "2s"),
-        ("CM_PAUSE", point),
-        ("CM_PAUSE_DIR", &dir),
+        ("CM_FAILPOINT", &armed),
+        ("CM_FAILPOINT_DIR", &dir),
     ]);
     publish_delete(&js, "cmd-held", "held").await;
     assert_eq!(
@@ -341,25 +342,16 @@ async fn the_apis_pending_record_never_replaces_a_recorded_result() {
     let worker = tokio::spawn(async move {
         let msg = commands.next().await.expect("the command");
         let command = Command::decode(msg.payload).expect("command");
-        let op = Operation {
-            id: command.command_id.clone(),
-            kind: "challenge.delete".into(),
-            state: State::Succeeded as i32,
-            created_at: command.issued_at,
-            result: Some(CommandResult {
+        let record = cm_core::protocol::OperationRecord::settled(
+            &command,
+            CommandResult {
                 command_id: command.command_id.clone(),
                 finished_at: Some(cm_core::model::now()),
                 outcome: Some(Outcome::Deleted(Default::default())),
-            }),
-        };
-        store
-            .put_operation(
-                &command.command_id,
-                serde_json::to_vec(&op).expect("json"),
-                0,
-            )
-            .await
-            .expect("record");
+            },
+        );
+        assert_eq!(record.operation().kind, "challenge.delete");
+        store.put_operation(&record, 0).await.expect("record");
         command.command_id
     });
     let (status, body) = stack
@@ -699,6 +691,7 @@ async fn an_instance_update_redelivered_after_its_switch_answers_the_switched_in
         flags: vec!["CTF{green}".into()],
         additional: Default::default(),
         command_id: "cmd-switch".into(),
+        deployed_from: None,
     };
     stack
         .store

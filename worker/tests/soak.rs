@@ -1,24 +1,41 @@
 //! A randomized fault soak on clustered servers, with an invariant checker.
 //!
 //! Topology: a 3-node nats-server cluster (streams at replicas 3), a
-//! 3-member etcd cluster, two APIs (in-process), three worker processes and
-//! a janitor. Clients create, read, renew and delete instances on three
-//! challenges (one plain, one pooled whose scenario an admin keeps updating
-//! in place, one with a short timeout that the janitor expires), over REST
+//! 3-member etcd cluster, two APIs and two janitors (in-process), three
+//! worker processes and the queue-lag exporter. Clients create, read, renew,
+//! reset and delete instances on three challenges (one plain, one pooled
+//! whose scenario an admin keeps updating, in place, by recreation or blue/
+//! green at random, and whose pool it resizes, one
+//! whose short timeout it changes and that the janitors expire), over REST
 //! and over the NATS front door, while a nemesis, at random times, kills and
-//! restarts workers, APIs, NATS nodes and etcd members, kills scenarios'
-//! `pulumi` runs, and pauses workers past their lease (SIGSTOP, SIGCONT).
+//! restarts workers, APIs, janitors, NATS nodes and etcd members, kills
+//! scenarios' `pulumi` runs, revokes a worker's etcd lease, and pauses
+//! workers past their lease (SIGSTOP, SIGCONT).
+//!
+//! Then the on-call path: a real Prometheus (the shipped rules, scraping
+//! the workers and the exporter) and a real Alertmanager (the shipped
+//! routing, its webhooks pointed at a receiver). Every worker is stopped
+//! while commands wait: the page (`CmNoWorkerConsuming`) must reach the
+//! receiver firing, and resolved once the workers are back. The report gives
+//! the time to fire and to resolve.
 //!
 //! After the nemesis stops and the system quiesces, the checker reads the
 //! store and the history of every request and answer and reports each
 //! violation of the invariants (docs/invariants.md):
 //! - I1: an identity is pooled or claimed by one source, never both or two;
 //!   flags are unique;
-//! - I3: every record has its stack state;
-//! - I4: the last answer a client saw stands (an instance created, and not
-//!   deleted or expired since, is still there with the same identity; one
-//!   deleted is gone), unless a later request's outcome is unknown;
-//! - I5: the queue is drained and no lock key is left.
+//! - I3: every record has its stack state, and that state reads back
+//!   whole (its object and every chunk of it are there); no stack state is
+//!   left that no record names (the janitor's orphan sweep reclaims them);
+//! - I4: the last answer a client saw stands (an instance created or reset,
+//!   and not deleted or expired since, is still there with the same
+//!   connection info; one deleted is gone), unless a later request's outcome
+//!   is unknown;
+//! - I2: no stack has two `pulumi` runs at once (sampled every 100 ms from
+//!   the process table while the clients, the nemesis and the on-call phase
+//!   run);
+//! - I5: the queue is drained and no lock key is left;
+//! - no flag of any instance appears in any process's log.
 //!
 //! Bounded and seeded: `CM_SOAK_SEED` replays a schedule (the seed is
 //! printed), `CM_SOAK_DURATION` (default 60s) bounds the faults. The whole
@@ -36,7 +53,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cm_core::store::{Store, StoreOptions};
+use cm_core::{
+    stack_store::StackStore,
+    store::{Store, StoreOptions, StoredStack},
+};
 use cm_testkit::cluster::{EtcdCluster, NatsCluster};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
@@ -95,6 +115,9 @@ fn duration() -> Duration {
 
 struct Workers {
     children: Vec<Option<Child>>,
+    /// Each worker slot's `/metrics` port (kept across restarts: Prometheus
+    /// scrapes them).
+    metrics: Vec<u16>,
     nats_url: String,
     etcd_endpoints: String,
     logs: std::path::PathBuf,
@@ -107,6 +130,10 @@ impl Workers {
             .expect("log");
         self.started += 1;
         let child = support::worker_command(&self.nats_url, &self.etcd_endpoints)
+            .env(
+                "CM_METRICS_LISTEN",
+                format!("127.0.0.1:{}", self.metrics[i]),
+            )
             .env("CM_STREAM_REPLICAS", "3")
             .env("CM_LEASE_TTL", LEASE_TTL.to_string())
             .env("CM_LOCK_TIMEOUT", "20s")
@@ -164,6 +191,131 @@ impl Drop for Workers {
             self.kill(i);
         }
     }
+}
+
+/// Whether `pid`'s parent is one of this soak's workers (known by the
+/// `/metrics` port in its environment): other tests' runs on the machine
+/// are not this soak's business.
+fn child_of_our_workers(pid: u32, ports: &[u16]) -> bool {
+    let Some(ppid) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after = stat.rsplit_once(')')?.1.to_owned();
+            after.split_whitespace().nth(1)?.parse::<u32>().ok()
+        })
+    else {
+        return false;
+    };
+    let Ok(environ) = std::fs::read(format!("/proc/{ppid}/environ")) else {
+        return false;
+    };
+    let environ = String::from_utf8_lossy(&environ);
+    ports
+        .iter()
+        .any(|p| environ.contains(&format!("CM_METRICS_LISTEN=127.0.0.1:{p}\0")))
+}
+
+/// The `pulumi` runs of this soak's workers alive now: (stack, pid) of every
+/// process whose program is `pulumi` and whose arguments name a `--stack`.
+fn pulumi_runs(ports: &[u16]) -> Vec<(String, u32)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut runs = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_pulumi = args.first().is_some_and(|a| {
+            std::path::Path::new(a)
+                .file_name()
+                .is_some_and(|f| f == "pulumi")
+        });
+        if !is_pulumi {
+            continue;
+        }
+        if let Some(i) = args.iter().position(|a| a == "--stack")
+            && let Some(stack) = args.get(i + 1)
+            && child_of_our_workers(pid, ports)
+        {
+            runs.push((stack.clone(), pid));
+        }
+    }
+    runs
+}
+
+/// Samples the `pulumi` runs every 100 ms until `stop`; returns each time
+/// one stack had two runs at once (I2), with when (ms since `start`), and
+/// how many samples saw a run at all (a check that saw none proved nothing).
+async fn watch_pulumi_runs(
+    start: Instant,
+    ports: Vec<u16>,
+    stop: tokio_util::sync::CancellationToken,
+) -> (Vec<String>, usize) {
+    let mut seen = Vec::new();
+    let mut busy = 0;
+    while !stop.is_cancelled() {
+        let mut by_stack: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        for (stack, pid) in pulumi_runs(&ports) {
+            by_stack.entry(stack).or_default().push(pid);
+        }
+        busy += usize::from(!by_stack.is_empty());
+        for (stack, pids) in by_stack {
+            if pids.len() > 1 {
+                seen.push(format!(
+                    "I2: stack {stack} had {} pulumi runs at once at {} ms (pids {pids:?})",
+                    pids.len(),
+                    start.elapsed().as_millis()
+                ));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (seen, busy)
+}
+
+/// A janitor in-process; killed by aborting its task.
+fn spawn_janitor(config: &cm_janitor::JanitorConfig) -> tokio::task::JoinHandle<()> {
+    let config = config.clone();
+    tokio::spawn(async move {
+        let _ = cm_janitor::run(config, std::future::pending()).await;
+    })
+}
+
+/// Revokes the etcd lease of one worker's locks, as if etcd had expired it:
+/// the worker must notice, stop what it holds and take a new lease. Whether
+/// a worker held a lock to revoke.
+async fn revoke_a_worker_lease(client: &mut etcd_client::Client, rng: &mut StdRng) -> bool {
+    let Ok(resp) = client
+        .get(
+            "/cm/lock/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+    else {
+        return false;
+    };
+    let mut leases: Vec<i64> = resp
+        .kvs()
+        .iter()
+        .map(|kv| kv.lease())
+        .filter(|l| *l != 0)
+        .collect();
+    leases.sort_unstable();
+    leases.dedup();
+    if leases.is_empty() {
+        return false;
+    }
+    let lease = leases[rng.gen_range(0..leases.len())];
+    client.lease_revoke(lease).await.is_ok()
 }
 
 /// An API in-process, on its own listener; killed (its task aborted, every
@@ -251,7 +403,20 @@ async fn request(
     url: String,
     body: Option<Value>,
 ) -> (u16, Option<Value>) {
+    request_with(http, method, url, body, &[]).await
+}
+
+async fn request_with(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    body: Option<Value>,
+    headers: &[(&str, &str)],
+) -> (u16, Option<Value>) {
     let mut req = http.request(method, url).timeout(Duration::from_secs(60));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
     if let Some(b) = body {
         req = req.json(&b);
     }
@@ -282,8 +447,8 @@ async fn soak_with_random_faults_keeps_the_invariants() {
 
     // Two APIs, in-process, on their own listeners.
     let mut api_config = support::api_config(&nats_url, &etcd.urls[0]);
-    api_config.etcd_endpoints = etcd.urls.clone();
-    api_config.queue.replicas = 3;
+    api_config.connection.etcd_endpoints = etcd.urls.clone();
+    api_config.connection.queue.replicas = 3;
     api_config.result_timeout = Duration::from_secs(45);
     let mut api_servers = Vec::new();
     for _ in 0..2 {
@@ -295,6 +460,9 @@ async fn soak_with_random_faults_keeps_the_invariants() {
         .collect();
     let mut workers = Workers {
         children: (0..WORKERS).map(|_| None).collect(),
+        metrics: (0..WORKERS)
+            .map(|_| cm_testkit::server::free_port())
+            .collect(),
         nats_url: nats_url.clone(),
         etcd_endpoints: etcd.urls.join(","),
         logs: logs.clone(),
@@ -303,9 +471,8 @@ async fn soak_with_random_faults_keeps_the_invariants() {
     for i in 0..WORKERS {
         workers.spawn(i);
     }
-    let janitor_stop = tokio_util::sync::CancellationToken::new();
-    {
-        let config = cm_janitor::JanitorConfig {
+    let janitor_config = cm_janitor::JanitorConfig {
+        connection: cm_core::config::Connection {
             nats_url: nats_url.clone(),
             nats: Default::default(),
             etcd_endpoints: etcd.urls.clone(),
@@ -315,16 +482,42 @@ async fn soak_with_random_faults_keeps_the_invariants() {
                 replicas: 3,
                 ..Default::default()
             },
-            interval: Duration::from_secs(2),
-            once: false,
-            batch: 100,
-            metrics_listen: None,
-        };
-        let stop = janitor_stop.clone();
-        tokio::spawn(async move {
-            let _ = cm_janitor::run(config, stop.cancelled_owned()).await;
-        });
-    }
+        },
+        interval: Duration::from_secs(2),
+        once: false,
+        batch: 100,
+        metrics_listen: None,
+        state_sweep: Some(Duration::from_secs(10)),
+        orphan_sweep: Some(Duration::from_secs(5)),
+        pool_review: None,
+    };
+    let mut janitors: Vec<tokio::task::JoinHandle<()>> =
+        (0..2).map(|_| spawn_janitor(&janitor_config)).collect();
+    let exporter_port = cm_testkit::server::free_port();
+    let _exporter = support::oncall::queue_exporter(
+        &nats_url,
+        &etcd.urls.join(","),
+        exporter_port,
+        &logs.join("exporter.log"),
+    );
+    let oncall = support::oncall::OnCall::start(
+        &logs,
+        &[
+            (
+                "cm-worker",
+                workers
+                    .metrics
+                    .iter()
+                    .map(|p| format!("127.0.0.1:{p}"))
+                    .collect(),
+            ),
+            (
+                "cm-queue-exporter",
+                vec![format!("127.0.0.1:{exporter_port}")],
+            ),
+        ],
+    )
+    .await;
     let http = reqwest::Client::new();
     // Under load a clustered start takes a while (streams at replicas 3).
     for api in &apis {
@@ -394,20 +587,46 @@ async fn soak_with_random_faults_keeps_the_invariants() {
                         format!("{api}/api/v1/instance/{challenge}/{source}"),
                         None,
                     ),
-                    80..92 => (
+                    80..87 => (
                         "renew",
                         reqwest::Method::PATCH,
                         format!("{api}/api/v1/instance/{challenge}/{source}"),
                         Some(json!({})),
                     ),
+                    87..90 => (
+                        "reset",
+                        reqwest::Method::POST,
+                        format!("{api}/api/v1/instance/{challenge}/{source}/reset"),
+                        None,
+                    ),
+                    90..93 => {
+                        let min = rng.gen_range(0..3);
+                        let max = min + rng.gen_range(1..3);
+                        (
+                            "resize-pool",
+                            reqwest::Method::PATCH,
+                            format!("{api}/api/v1/challenge/pooled"),
+                            Some(json!({"min": min.to_string(), "max": max.to_string(),
+                                        "updateMask": "min,max"})),
+                        )
+                    }
+                    93..95 => (
+                        "change-timeout",
+                        reqwest::Method::PATCH,
+                        format!("{api}/api/v1/challenge/short"),
+                        Some(json!({"timeout": format!("{}s", rng.gen_range(5..15)),
+                                    "updateMask": "timeout"})),
+                    ),
                     _ => {
                         let steps = rng.gen_range(2..5).to_string();
+                        let strategy =
+                            ["update_in_place", "recreate", "blue_green"][rng.gen_range(0..3)];
                         (
                             "update-challenge",
                             reqwest::Method::PATCH,
                             format!("{api}/api/v1/challenge/pooled"),
                             Some(json!({"additional": {"steps": steps, "step_ms": "300"},
-                                        "updateStrategy": "update_in_place",
+                                        "updateStrategy": strategy,
                                         "updateMask": "additional"})),
                         )
                     }
@@ -417,6 +636,7 @@ async fn soak_with_random_faults_keeps_the_invariants() {
                     "get" => Some("instance.get"),
                     "delete" => Some("instance.delete"),
                     "renew" => Some("instance.renew"),
+                    "reset" => Some("instance.reset"),
                     _ => None,
                 };
                 let (status, answer) = match nats_name {
@@ -431,10 +651,10 @@ async fn soak_with_random_faults_keeps_the_invariants() {
                     .and_then(|a| a.get("connectionInfo"))
                     .and_then(Value::as_str)
                     .map(str::to_owned);
-                let (challenge, source) = if kind == "update-challenge" {
-                    ("pooled".to_owned(), String::new())
-                } else {
-                    (challenge.to_owned(), source)
+                let (challenge, source) = match kind {
+                    "update-challenge" | "resize-pool" => ("pooled".to_owned(), String::new()),
+                    "change-timeout" => ("short".to_owned(), String::new()),
+                    _ => (challenge.to_owned(), source),
                 };
                 history.lock().expect("history").push(Op {
                     at_ms: start.elapsed().as_millis(),
@@ -455,11 +675,22 @@ async fn soak_with_random_faults_keeps_the_invariants() {
         }));
     }
 
+    // I2, watched while anything runs.
+    let stop_watch = tokio_util::sync::CancellationToken::new();
+    let run_watch = tokio::spawn(watch_pulumi_runs(
+        start,
+        workers.metrics.clone(),
+        stop_watch.clone(),
+    ));
+
     // The nemesis.
     let mut faults = Faults::default();
+    let mut nemesis_etcd = etcd_client::Client::connect(&etcd.urls, None)
+        .await
+        .expect("etcd");
     while start.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(2000..5000))).await;
-        match rng.gen_range(0..6) {
+        match rng.gen_range(0..8) {
             0 => {
                 let i = rng.gen_range(0..WORKERS);
                 workers.kill(i);
@@ -490,6 +721,18 @@ async fn soak_with_random_faults_keeps_the_invariants() {
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(500..3000))).await;
                 api_servers[i] = ApiServer::start(addr, &api_config).await;
             }
+            6 => {
+                let i = rng.gen_range(0..janitors.len());
+                janitors[i].abort();
+                *faults.counts.entry("kill a janitor").or_default() += 1;
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(500..3000))).await;
+                janitors[i] = spawn_janitor(&janitor_config);
+            }
+            7 => {
+                if revoke_a_worker_lease(&mut nemesis_etcd, &mut rng).await {
+                    *faults.counts.entry("revoke a worker's lease").or_default() += 1;
+                }
+            }
             4 => {
                 // A scenario's pulumi run killed under its worker.
                 let i = rng.gen_range(0..WORKERS);
@@ -514,6 +757,52 @@ async fn soak_with_random_faults_keeps_the_invariants() {
         let _ = t.await;
     }
 
+    // The on-call path: from a drained queue (the outage, not the faults'
+    // backlog, is what pages), every worker gone while commands wait.
+    let drained_before_outage = support::wait_drained(
+        &nats_url,
+        Duration::from_millis(500),
+        Duration::from_secs(300),
+    )
+    .await;
+    for i in 0..WORKERS {
+        workers.kill(i);
+    }
+    let outage = Instant::now();
+    for i in 0..3 {
+        let (status, body) = request_with(
+            &http,
+            reqwest::Method::POST,
+            format!("{}/api/v1/instance", apis[0]),
+            Some(json!({"challengeId": "plain", "sourceId": format!("oncall-{i}")})),
+            &[("Prefer", "respond-async")],
+        )
+        .await;
+        assert_eq!(status, 202, "{body:?}");
+    }
+    let fired = oncall
+        .wait_notified(
+            "pager",
+            "CmNoWorkerConsuming",
+            "firing",
+            Duration::from_secs(420),
+        )
+        .await;
+    let back = Instant::now();
+    for i in 0..WORKERS {
+        workers.spawn(i);
+    }
+    let resolved = oncall
+        .wait_notified(
+            "pager",
+            "CmNoWorkerConsuming",
+            "resolved",
+            Duration::from_secs(420),
+        )
+        .await;
+    let (to_fire, to_resolve) = (fired - outage, resolved - back);
+    let paged = oncall.paged("pager");
+
     // Quiescence: the queue drained, then no lock left once leases of
     // killed holders expired.
     let drained = support::wait_drained(
@@ -525,6 +814,16 @@ async fn soak_with_random_faults_keeps_the_invariants() {
     let store = Store::connect(&etcd.urls, "/cm", &StoreOptions::default())
         .await
         .expect("store");
+    let states = StackStore::open(
+        &async_nats::jetstream::new(
+            cm_core::nats::connect(&nats_url, "cm-soak-checker", &Default::default())
+                .await
+                .expect("nats"),
+        ),
+        "/cm",
+    )
+    .await
+    .expect("the state bucket");
     let mut etcd_client = etcd_client::Client::connect(&etcd.urls, None)
         .await
         .expect("etcd");
@@ -552,16 +851,41 @@ async fn soak_with_random_faults_keeps_the_invariants() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    janitor_stop.cancel();
+    // I3: no stack without a record once the janitors' orphan sweep (every
+    // 5 s here) and the workers have had their turn.
+    let mut orphans = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        orphans = store.orphan_stacks().await.expect("orphans");
+        if orphans.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    for j in &janitors {
+        j.abort();
+    }
 
     // The checker.
+    stop_watch.cancel();
     let history = history.lock().expect("history").clone();
-    let mut violations: Vec<String> = Vec::new();
+    let (mut violations, samples_with_runs) = run_watch.await.unwrap_or_default();
+    if samples_with_runs == 0 {
+        violations.push("I2: the sampler never saw a pulumi run of these workers".into());
+    }
+    if !drained_before_outage {
+        violations.push("I5: the commands stream did not drain after the faults".into());
+    }
     if !drained {
         violations.push("I5: the commands stream did not drain".into());
     }
     if !locks.is_empty() {
         violations.push(format!("I5: lock keys left: {locks:?}"));
+    }
+    if !orphans.is_empty() {
+        violations.push(format!(
+            "I3: stacks no record names were never reclaimed: {orphans:?}"
+        ));
     }
     let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut flags: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -597,7 +921,15 @@ async fn soak_with_random_faults_keeps_the_invariants() {
                 present.insert((cid.to_owned(), sid.clone()), r.connection_info.clone());
             }
             match store.get_stack(cid, &r.identity).await {
-                Ok(Some(_)) => {}
+                Ok(Some(StoredStack::Pointer(p))) => {
+                    if let Err(e) = states.get(&p).await {
+                        violations.push(format!(
+                            "I3: the stack state of {cid}/{} ({who}) does not read back: {e}",
+                            r.identity
+                        ));
+                    }
+                }
+                Ok(Some(StoredStack::Inline(_))) => {}
                 Ok(None) => violations.push(format!(
                     "I3: {cid}/{} ({who}) has a record but no stack state",
                     r.identity
@@ -644,6 +976,16 @@ async fn soak_with_random_faults_keeps_the_invariants() {
                     "I4: {cid}/{sid} was created (op at {} ms, client {}) and never deleted, but is gone",
                     last.at_ms, last.client
                 )),
+                ("reset", 200, None) => violations.push(format!(
+                    "I4: {cid}/{sid} was reset (op at {} ms, client {}) and never deleted, but is gone",
+                    last.at_ms, last.client
+                )),
+                ("reset", 200, Some(info)) if cid == "plain" && last.info.as_deref() != Some(info) => {
+                    violations.push(format!(
+                        "I4: {cid}/{sid} was reset to {:?} (op at {} ms) but is now {info}",
+                        last.info, last.at_ms
+                    ))
+                }
                 ("delete", 200, Some(info)) => violations.push(format!(
                     "I4: {cid}/{sid} was deleted (op at {} ms, client {}) but exists ({info})",
                     last.at_ms, last.client
@@ -656,6 +998,29 @@ async fn soak_with_random_faults_keeps_the_invariants() {
                 }
                 _ => {}
             }
+        }
+    }
+
+    // No flag in telemetry: the workers' and the exporter's logs (the
+    // processes that handle flags log to files here) hold none of them.
+    if let Ok(entries) = std::fs::read_dir(&logs) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "log") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            for (flag, who) in &flags {
+                if text.contains(flag.as_str()) {
+                    violations.push(format!("a flag of {who:?} is in {}", path.display()));
+                }
+            }
+        }
+    }
+    // The on-call path: the cause paged, not its consequences (inhibited).
+    for p in &paged {
+        if p.starts_with("CmQueueOldestPendingTooOld") || p.starts_with("CmConsumerStalled") {
+            violations.push(format!("on-call: a consequence of the outage paged: {p}"));
         }
     }
 
@@ -683,6 +1048,12 @@ async fn soak_with_random_faults_keeps_the_invariants() {
     for (fault, n) in &faults.counts {
         eprintln!("    {fault:<32} {n}");
     }
+    eprintln!(
+        "  on-call: CmNoWorkerConsuming paged {to_fire:?} after the last worker died \
+         (rule hold 3m, group_wait 10s), resolved {to_resolve:?} after they returned \
+         (group_interval 2m); the pager received {paged:?}"
+    );
+    eprintln!("  I2 sampler: {samples_with_runs} samples (100 ms apart) saw pulumi runs");
     eprintln!("  violations: {}", violations.len());
     for v in &violations {
         eprintln!("    {v}");

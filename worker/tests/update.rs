@@ -161,3 +161,82 @@ async fn blue_green_brings_new_identities_up_and_the_old_stacks_down() {
 async fn recreate_keeps_identities() {
     run_strategy("recreate").await;
 }
+
+/// A challenge update whose worker dies once the challenge is written and
+/// before any instance update is published: the redelivery finds the
+/// instances still deployed from the old program in their records and
+/// updates them (it used to compare the request with the challenge, found
+/// nothing changed, and left them on the old scenario for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenge_update_that_dies_before_its_fan_out_still_updates_every_instance() {
+    let dir = scenarios();
+    let root = dir.path().to_str().expect("utf-8").to_owned();
+    let mut stack = Stack::start_with(0, &[("CM_SCENARIOS_DIR", &root)]).await;
+    stack.spawn_worker_with(&[
+        ("CM_LEASE_TTL", "3"),
+        ("CM_FAILPOINT", "challenge-update-before-fan-out"),
+    ]);
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "fan", "scenario": "v1"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    for source in ["a", "b"] {
+        let (status, body) = stack
+            .call(
+                Method::POST,
+                "/api/v1/instance",
+                Some(json!({"challengeId": "fan", "sourceId": source})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    }
+    let (status, body) = stack
+        .call_with(
+            Method::PATCH,
+            "/api/v1/challenge/fan",
+            Some(json!({"scenario": "v2", "updateStrategy": "update_in_place"})),
+            &[("Prefer", "respond-async")],
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let op = body["operationId"]
+        .as_str()
+        .expect("operation id")
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stack.worker_exit(0).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the worker never reached the failpoint\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let written = stack
+        .store
+        .get_challenge("fan")
+        .await
+        .expect("store")
+        .expect("challenge");
+    assert_eq!(written.value.scenario, "v2", "the challenge was written");
+
+    stack.spawn_worker();
+    let done = stack.wait_operation(&op, Duration::from_secs(120)).await;
+    assert_eq!(
+        done["state"],
+        "SUCCEEDED",
+        "{done}\n{}",
+        stack.worker_logs()
+    );
+    for rec in instances(&stack, "fan").await {
+        assert!(
+            rec.connection_info.ends_with("ctf.local 2448"),
+            "left on the old scenario: {rec:?}"
+        );
+    }
+    drop(dir);
+}

@@ -94,7 +94,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
 }
 
 /// Waits until `challenge` has `size` ready pooled instances.
-async fn wait_pool(
+pub(crate) async fn wait_pool(
     stack: &Stack,
     challenge: &str,
     size: usize,

@@ -23,10 +23,10 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
 pub async fn pulumi_up(ctx: &mut Ctx) -> anyhow::Result<()> {
     let scenario = ctx.compiled().await?;
     let home = ctx.env.cache_dir.join("raw-pulumi-home");
-    raw_up(&ctx.env.pulumi, &scenario.binary, &home).await?;
+    raw_up(&ctx.env.pulumi, &scenario.binary, &home, "identity", None).await?;
     let mut samples = Vec::new();
     for _ in 0..ctx.params.iterations {
-        samples.push(raw_up(&ctx.env.pulumi, &scenario.binary, &home).await?);
+        samples.push(raw_up(&ctx.env.pulumi, &scenario.binary, &home, "identity", None).await?);
     }
     ctx.report.push(Row::latency(
         PULUMI_UP,
@@ -36,14 +36,21 @@ pub async fn pulumi_up(ctx: &mut Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One raw `pulumi up` of a new stack: the workspace laid out the way
-/// `pulumi stack init` + `config set` leave it (untimed), then `up` (timed).
-pub async fn raw_up(pulumi: &Path, binary: &Path, home: &Path) -> anyhow::Result<f64> {
+/// One raw `pulumi up` of a new stack of `project`: the workspace laid out
+/// the way `pulumi stack init` + `config set` leave it (untimed; `additional`
+/// is the JSON of the scenario's `additional` object), then `up` (timed).
+pub async fn raw_up(
+    pulumi: &Path,
+    binary: &Path,
+    home: &Path,
+    project: &str,
+    additional: Option<&str>,
+) -> anyhow::Result<f64> {
     let ws = tempfile::tempdir().context("creating a workspace")?;
     let root = ws.path();
     std::fs::write(
         root.join("Pulumi.yaml"),
-        "name: identity\nruntime:\n  name: go\n  options:\n    binary: ./main\n",
+        format!("name: {project}\nruntime:\n  name: go\n  options:\n    binary: ./main\n"),
     )
     .context("writing Pulumi.yaml")?;
     std::os::unix::fs::symlink(binary, root.join("main")).context("linking the program")?;
@@ -72,6 +79,12 @@ pub async fn raw_up(pulumi: &Path, binary: &Path, home: &Path) -> anyhow::Result
         .output()
         .await;
     check("pulumi config set", set)?;
+    if let Some(additional) = additional {
+        let set = pulumi_cmd(&["config", "set", "additional", additional])
+            .output()
+            .await;
+        check("pulumi config set additional", set)?;
+    }
     let started = Instant::now();
     let up = pulumi_cmd(&["up", "--yes", "--skip-preview"])
         .output()

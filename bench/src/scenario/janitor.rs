@@ -104,6 +104,7 @@ async fn seed(store: &Store, from: usize, to: usize) -> anyhow::Result<()> {
                 flags: vec![],
                 additional: Default::default(),
                 command_id: "seed".into(),
+                deployed_from: None,
             };
             async move { store.put_instance(&rec, None, Expect::Any, None).await }
         })

@@ -2,12 +2,14 @@
 //! the stack environment, the compiled example scenario and the raw
 //! `pulumi up` floor other rows are compared with.
 
+pub mod burst;
 pub mod claim;
 pub mod create;
 pub mod driver;
 pub mod floor;
 pub mod janitor;
 pub mod rss;
+pub mod state;
 pub mod telemetry;
 pub mod throughput;
 pub mod write;
@@ -41,8 +43,18 @@ pub struct Params {
     pub janitor_sizes: Vec<usize>,
     /// Ticks timed at each size.
     pub ticks: usize,
+    /// Resources of each `steps` stack of the state scenario.
+    pub state_sizes: Vec<usize>,
     /// Seconds a freshly started stack is left alone before idle memory is read.
     pub idle_settle_secs: u64,
+    /// Creates of the burst scenario.
+    pub burst_claims: usize,
+    /// Seconds the burst's creates are spread over.
+    pub burst_secs: u64,
+    /// Seconds a burst player keeps an instance before deleting it.
+    pub burst_hold_secs: u64,
+    /// Longest wait for a pool to drain back to min after the burst.
+    pub burst_drain_limit_secs: u64,
     /// Commands each worker runs at once (`cm-worker run --concurrency`).
     pub worker_concurrency: usize,
     pub quick: bool,

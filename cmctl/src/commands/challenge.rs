@@ -69,8 +69,31 @@ pub struct CreateArgs {
     /// Most instances one source may hold at once (0 or unset: the workers' default).
     #[arg(long)]
     max_per_source: Option<i64>,
+    /// How the pool is sized: `static` keeps `--min` ready instances;
+    /// `adaptive` follows the claims seen, within `--min` and `--max`.
+    #[arg(long, value_enum)]
+    pool: Option<Pool>,
     #[command(flatten)]
     write: WriteArgs,
+}
+
+/// `--pool`, named as the API names them.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Pool {
+    /// `--min` ready instances.
+    Static,
+    /// Sized from the claims seen, within `--min` and `--max`.
+    Adaptive,
+}
+
+impl Pool {
+    fn name(self) -> String {
+        match self {
+            Self::Static => "static",
+            Self::Adaptive => "adaptive",
+        }
+        .to_owned()
+    }
 }
 
 /// `--strategy`, named as the API names them.
@@ -133,6 +156,9 @@ pub struct UpdateArgs {
     /// Most instances one source may hold at once.
     #[arg(long)]
     max_per_source: Option<i64>,
+    /// How the pool is sized (`static` or `adaptive`).
+    #[arg(long, value_enum)]
+    pool: Option<Pool>,
     /// How running instances take a new scenario or additional map.
     #[arg(long, value_enum)]
     strategy: Option<Strategy>,
@@ -154,6 +180,7 @@ pub async fn run(cmd: Cmd, ctx: &Ctx) -> Result<(), CliError> {
                 max: a.max,
                 update_strategy: None,
                 max_per_source: a.max_per_source,
+                pool: a.pool.map(Pool::name),
             };
             let body = to_json(&req)?;
             let label = format!("registering challenge {}", a.id);
@@ -245,10 +272,11 @@ fn update_request(a: UpdateArgs) -> Result<UpdateChallengeRequest, CliError> {
     mark(a.min.is_some(), "min");
     mark(a.max.is_some(), "max");
     mark(a.max_per_source.is_some(), "max_per_source");
+    mark(a.pool.is_some(), "pool");
     if paths.is_empty() {
         return Err(CliError::Usage(
             "nothing to update: give at least one of --scenario, --timeout, --no-timeout, \
-             --until, --no-until, --additional, --clear-additional, --min, --max, --max-per-source"
+             --until, --no-until, --additional, --clear-additional, --min, --max, --max-per-source, --pool"
                 .into(),
         ));
     }
@@ -263,6 +291,7 @@ fn update_request(a: UpdateArgs) -> Result<UpdateChallengeRequest, CliError> {
         min: a.min,
         max: a.max,
         max_per_source: a.max_per_source,
+        pool: a.pool.map(Pool::name),
     })
 }
 
@@ -298,6 +327,13 @@ fn view(c: &Value, show_flags: bool) -> View {
         ("min".into(), count(c, "min")),
         ("max".into(), count(c, "max")),
         ("max per source".into(), cell(c, "maxPerSource")),
+        (
+            "pool".into(),
+            c.get("pool")
+                .and_then(Value::as_str)
+                .unwrap_or("static")
+                .to_owned(),
+        ),
     ]);
     let instances: Vec<Value> = c
         .get("instances")

@@ -1,9 +1,8 @@
 //! `cmctl dlq list|show|replay|delete`: the dead-letter stream
-//! `CM_DEAD_LETTERS`, where a worker puts a command it gave up on
-//! (`worker/src/consumer.rs`): the command's payload and headers, plus
-//! `cm-failure-reason`, `cm-deliveries` and where it came from
-//! (`cm-original-subject`, `cm-original-msg-id`, `cm-original-sequence`), on
-//! `cm.dlq.<kind>.<challenge>` (`cm.dlq.unknown.unknown` when undecodable).
+//! `CM_DEAD_LETTERS`, where a worker puts a command it gave up on. The
+//! letter's format (subject, headers, ids) and how a replay restores the
+//! command are `cm_core::protocol::dead_letter`'s; this module lists, shows,
+//! replays and deletes.
 //!
 //! # Replay
 //! A replay publishes the command again on `CM_COMMANDS` with its original
@@ -24,24 +23,17 @@
 
 use std::time::Duration;
 
-use async_nats::{
-    HeaderMap,
-    jetstream::{
-        self,
-        message::StreamMessage,
-        stream::{RawMessageErrorKind, Stream},
-    },
+use async_nats::jetstream::{
+    self,
+    message::StreamMessage,
+    stream::{RawMessageErrorKind, Stream},
 };
 use clap::Subcommand;
-use cm_core::{
-    ids,
-    queue::{
-        self, COMMANDS_STREAM, DEAD_LETTERS_STREAM, HDR_DELIVERIES, HDR_FAILURE_REASON, HDR_MSG_ID,
-        HDR_ORIGINAL_MSG_ID, HDR_ORIGINAL_SEQUENCE, HDR_ORIGINAL_SUBJECT,
-    },
+use cm_core::protocol::{
+    COMMANDS_STREAM, DEAD_LETTERS_STREAM, HDR_DELIVERIES, HDR_FAILURE_REASON,
+    HDR_ORIGINAL_SEQUENCE, HDR_ORIGINAL_SUBJECT, dead_letter, envelope, streams,
 };
 use cm_schemas::v1::Command;
-use prost::Message as _;
 use serde_json::{Map, Value, json};
 
 use super::Ctx;
@@ -124,7 +116,10 @@ impl Letter {
         let mut out = Vec::new();
         let mut next = state.first_sequence.max(1);
         while state.messages > 0 && next <= state.last_sequence {
-            match dlq.get_first_raw_message_by_subject("cm.dlq.>", next).await {
+            match dlq
+                .get_first_raw_message_by_subject(streams::DEAD_LETTERS_SUBJECTS, next)
+                .await
+            {
                 Ok(m) if m.sequence <= state.last_sequence => {
                     next = m.sequence + 1;
                     out.push(Self(m));
@@ -143,29 +138,16 @@ impl Letter {
 
     /// `instance.create`, or `unknown` for an undecodable command.
     fn kind(&self) -> String {
-        let tokens: Vec<&str> = self.0.subject.split('.').collect();
-        match tokens.as_slice() {
-            ["cm", "dlq", "unknown", "unknown"] => "unknown".into(),
-            ["cm", "dlq", a, b, _] => format!("{a}.{b}"),
-            _ => "unknown".into(),
-        }
+        dead_letter::kind_of(&self.0.subject)
     }
 
     /// The challenge id, decoded from the subject.
     fn challenge(&self) -> Option<String> {
-        let tokens: Vec<&str> = self.0.subject.split('.').collect();
-        match tokens.as_slice() {
-            ["cm", "dlq", _, _, cid] => ids::decode(cid),
-            _ => None,
-        }
+        dead_letter::challenge_of(&self.0.subject)
     }
 
-    fn command(&self) -> Result<Command, String> {
-        match Command::decode(self.0.payload.clone()) {
-            Ok(c) if c.request.is_some() && !c.command_id.is_empty() => Ok(c),
-            Ok(_) => Err("a command without id or request".into()),
-            Err(e) => Err(format!("undecodable: {e}")),
-        }
+    fn command(&self) -> Result<Command, envelope::Undecodable> {
+        envelope::decode_command(self.0.payload.clone())
     }
 
     /// The list row, as JSON.
@@ -206,7 +188,7 @@ impl Letter {
                 Ok(v) => (strip_flags(v), None),
                 Err(e) => (Value::Null, Some(format!("not printable as JSON: {e}"))),
             },
-            Err(e) => (Value::Null, Some(e)),
+            Err(e) => (Value::Null, Some(e.to_string())),
         };
         if let Some(obj) = out.as_object_mut() {
             obj.insert("headers".into(), Value::Object(sorted(headers)));
@@ -336,16 +318,6 @@ enum Outcome {
     Failed(CliError),
 }
 
-/// Headers the dead-lettering added, which the command did not carry.
-const DEAD_LETTER_HEADERS: [&str; 6] = [
-    HDR_FAILURE_REASON,
-    HDR_DELIVERIES,
-    HDR_ORIGINAL_SUBJECT,
-    HDR_ORIGINAL_MSG_ID,
-    HDR_ORIGINAL_SEQUENCE,
-    HDR_MSG_ID,
-];
-
 async fn replay(
     ctx: &Ctx,
     js: &jetstream::Context,
@@ -417,38 +389,14 @@ async fn replay_one(
         }
     };
     // Where it was queued: the recorded subject, else the command's own.
-    let subject = match letter.header(HDR_ORIGINAL_SUBJECT) {
-        Some(s) => s.to_owned(),
-        None => match &command.request {
-            Some(r) => {
-                let (kind, cid) = queue::CommandKind::of(r);
-                queue::command_subject(kind, cid)
-            }
-            None => String::new(),
-        },
-    };
+    let subject = dead_letter::replay_subject(&letter.0.headers, &command);
     if !subject.starts_with("cm.cmd.") {
         return Outcome::Failed(CliError::Usage(format!(
             "dead letter {seq} names {subject:?} as its subject, not a command subject; not replayed"
         )));
     }
-    let msg_id = original_msg_id(letter);
-    let mut headers = HeaderMap::new();
-    for (name, values) in letter.0.headers.iter() {
-        let name: &str = name.as_ref();
-        if DEAD_LETTER_HEADERS
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(name))
-        {
-            continue;
-        }
-        for v in values {
-            headers.append(name, v.as_str());
-        }
-    }
-    if let Some(id) = &msg_id {
-        headers.insert(HDR_MSG_ID, id.as_str());
-    }
+    let msg_id = dead_letter::original_msg_id(&letter.0.headers);
+    let headers = dead_letter::replay_headers(&letter.0.headers);
     let ack = match js
         .publish_with_headers(subject.clone(), headers, letter.0.payload.clone())
         .await
@@ -500,22 +448,6 @@ async fn replay_one(
              replaying it again is harmless, or delete it with `cmctl dlq delete {seq}`"
         ))),
     }
-}
-
-/// The `Nats-Msg-Id` the command was queued with.
-fn original_msg_id(letter: &Letter) -> Option<String> {
-    if let Some(id) = letter.header(HDR_ORIGINAL_MSG_ID) {
-        return Some(id.to_owned());
-    }
-    if letter.header(HDR_ORIGINAL_SEQUENCE).is_some() {
-        // Written by a worker that records the id: the command had none.
-        return None;
-    }
-    // Older dead letters: `dlq-<original id>`.
-    letter
-        .header(HDR_MSG_ID)
-        .and_then(|id| id.strip_prefix("dlq-"))
-        .map(str::to_owned)
 }
 
 // ---- delete -----------------------------------------------------------------

@@ -21,8 +21,8 @@ use serde_json::{Value, json};
 
 use crate::{
     api::{Api, Written},
-    cli::Global,
     error::CliError,
+    global::Global,
     nats,
     output::{Printer, View},
 };

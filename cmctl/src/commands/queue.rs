@@ -12,7 +12,7 @@
 
 use async_nats::jetstream::consumer;
 use clap::Subcommand;
-use cm_core::queue::{COMMANDS_STREAM, DEAD_LETTERS_STREAM, WORKERS_CONSUMER};
+use cm_core::protocol::{COMMANDS_STREAM, DEAD_LETTERS_STREAM, WORKERS_CONSUMER};
 use futures::TryStreamExt;
 use serde_json::{Value, json};
 use time::OffsetDateTime;

@@ -107,11 +107,14 @@ impl Stack {
             .expect("bind");
         let api = format!("http://{}", listener.local_addr().expect("addr"));
         let config = cm_api::ApiConfig {
-            nats_url: nats.url.clone(),
-            etcd_endpoints: vec![etcd.url.clone()],
-            etcd_root: "/cm".into(),
-            store: StoreOptions::default(),
-            queue: queue_config(&options),
+            connection: cm_core::config::Connection {
+                nats_url: nats.url.clone(),
+                etcd_endpoints: vec![etcd.url.clone()],
+                etcd_root: "/cm".into(),
+                store: StoreOptions::default(),
+                queue: queue_config(&options),
+                nats: Default::default(),
+            },
             result_timeout: Duration::from_secs(120),
             nats_service: false,
             oci: cm_core::oci::ClientConfig {
@@ -119,7 +122,6 @@ impl Stack {
                 ..Default::default()
             },
             max_upload: cm_api::DEFAULT_MAX_UPLOAD,
-            nats: Default::default(),
             auth: match &options.api_token {
                 Some(token) => {
                     cm_api::auth::ApiAuth::tokens([&cm_core::Secret::new(token.clone())])
@@ -165,12 +167,16 @@ impl Stack {
     /// Starts one more worker (in-process, the library `cm-worker run` calls).
     pub fn start_worker(&mut self) {
         let config = cm_worker::WorkerConfig {
-            nats_url: self.nats.url.clone(),
-            etcd_endpoints: vec![self.etcd.url.clone()],
-            etcd_root: "/cm".into(),
-            store: StoreOptions::default(),
-            queue: queue_config(&self.options),
+            connection: cm_core::config::Connection {
+                nats_url: self.nats.url.clone(),
+                etcd_endpoints: vec![self.etcd.url.clone()],
+                etcd_root: "/cm".into(),
+                store: StoreOptions::default(),
+                queue: queue_config(&self.options),
+                nats: Default::default(),
+            },
             concurrency: 4,
+            pulumi_runs: 0,
             scenarios_dir: cm_testkit::workspace_root().join("examples"),
             driver: cm_worker::pulumi::DriverConfig {
                 pulumi: cm_testkit::pulumi(),
@@ -181,13 +187,14 @@ impl Stack {
             lock_timeout: self.options.lock_timeout,
             quota: Default::default(),
             lease_ttl: 10,
+            checkpoint_interval: std::time::Duration::ZERO,
             shutdown_grace: Duration::from_secs(5),
             metrics_listen: None,
+            pools: Default::default(),
             oci: cm_core::oci::ClientConfig {
                 insecure_registries: self.options.insecure_registries.clone(),
                 ..Default::default()
             },
-            nats: Default::default(),
         };
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {

@@ -34,6 +34,11 @@ pub async fn handle(
         min: req.min,
         max: req.max,
         max_per_source: req.max_per_source,
+        pool: req
+            .pool
+            .as_deref()
+            .and_then(cm_core::pool_demand::PoolMode::parse)
+            .unwrap_or_default(),
     };
     if let Some(existing) = ctx.store.get_challenge(&req.id).await? {
         lock.release();

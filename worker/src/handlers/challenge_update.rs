@@ -9,6 +9,10 @@
 //! write the challenge (guarded by its revision); 2. release the lock and
 //! publish one `instance.update` per instance, in parallel across workers;
 //! 3. wait for their results and report how many succeeded and failed.
+//! Which instances step 2 updates comes from the records, not from the
+//! request alone: each record says what its stack was deployed from
+//! (`deployed_from`), so a delivery after one that wrote the challenge and
+//! died before its fan-out still updates every instance left behind.
 //! Undo: an instance whose update fails keeps its previous state and record
 //! (see `instance_update`); the failure count is reported.
 
@@ -16,6 +20,7 @@ use cm_core::{
     DomainError, Identity, ids,
     lock::LockMode,
     model::{ChallengeRecord, InstanceRecord, to_system_time},
+    protocol::reply,
     store::Expect,
 };
 use cm_schemas::v1::{
@@ -23,10 +28,9 @@ use cm_schemas::v1::{
     command_result::Outcome,
 };
 use futures::StreamExt;
-use prost::Message as _;
 
-use super::HandlerError;
-use crate::context::Ctx;
+use super::{HandlerError, Transient, deployed_from};
+use crate::{context::Ctx, failpoint};
 
 #[tracing::instrument(name = "challenge.update", skip_all, fields(challenge = %req.id, updated, failed))]
 pub async fn handle(
@@ -39,6 +43,7 @@ pub async fn handle(
     let prepared = update_record(&ctx.locked(&lock.fence()), command_id, req).await;
     lock.release();
     let (next, targets, strategy, resized) = prepared?;
+    failpoint::hit("challenge-update-before-fan-out");
     if resized {
         ctx.request_refill(&next.id).await;
     }
@@ -101,6 +106,13 @@ pub(crate) fn apply(current: &ChallengeRecord, req: &UpdateChallengeRequest) -> 
     if masked(req, "max_per_source", req.max_per_source.is_some()) {
         next.max_per_source = req.max_per_source;
     }
+    if masked(req, "pool", req.pool.is_some()) {
+        next.pool = req
+            .pool
+            .as_deref()
+            .and_then(cm_core::pool_demand::PoolMode::parse)
+            .unwrap_or_default();
+    }
     next
 }
 
@@ -138,7 +150,9 @@ async fn update_record(
     if redeploy {
         ctx.scenario(&next.scenario).await?;
     }
-    let strategy = if scenario_changed {
+    // The requested strategy applies when the request names a scenario
+    // (on its first delivery and on any other alike).
+    let strategy = if masked(req, "scenario", req.scenario.is_some()) && req.scenario.is_some() {
         req.update_strategy
             .and_then(|s| UpdateStrategy::try_from(s).ok())
             .unwrap_or(UpdateStrategy::UpdateInPlace)
@@ -167,12 +181,23 @@ async fn update_record(
     ctx.store
         .put_challenge(&next, Expect::Revision(current.mod_revision))
         .await?;
-    let resized = next.min != current.value.min || next.max != current.value.max;
-    let targets = if redeploy {
-        versioned.iter().map(|r| r.value.identity.clone()).collect()
-    } else {
-        Vec::new()
-    };
+    let resized = next.min != current.value.min
+        || next.max != current.value.max
+        || next.pool != current.value.pool;
+    // Every instance when this delivery changes the program; otherwise
+    // those known to run something else than the challenge now says (an
+    // earlier delivery wrote the challenge, then died before its fan-out).
+    let targets = versioned
+        .iter()
+        .filter(|v| {
+            redeploy
+                || v.value
+                    .deployed_from
+                    .as_ref()
+                    .is_some_and(|from| *from != deployed_from(&next, &v.value))
+        })
+        .map(|v| v.value.identity.clone())
+        .collect();
     Ok((next, targets, strategy, resized))
 }
 
@@ -193,9 +218,9 @@ async fn fan_out(
     let inbox = ctx.nats.new_inbox();
     let mut replies = ctx
         .nats
-        .subscribe(format!("{inbox}.*"))
+        .subscribe(reply::subscription(&inbox))
         .await
-        .map_err(|e| HandlerError::Retry(format!("subscribe: {e}")))?;
+        .map_err(Transient::Subscribe)?;
     for identity in targets {
         let request = Request::InstanceUpdate(UpdateInstance {
             challenge_id: cid.to_owned(),
@@ -207,14 +232,14 @@ async fn fan_out(
     }
     // From here on this command only waits for its children: its permit
     // lets this worker run them (at concurrency 1 it would wait for ever).
-    crate::consumer::yield_permit();
+    crate::permit::yield_permit();
     let (mut updated, mut failed) = (0, 0);
     let collect = async {
         while updated + failed < targets.len() {
             let Some(msg) = replies.next().await else {
                 break;
             };
-            match CommandResult::decode(msg.payload) {
+            match reply::decode(msg.payload) {
                 Ok(CommandResult {
                     outcome: Some(Outcome::Instance(_)),
                     ..

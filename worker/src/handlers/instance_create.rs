@@ -25,11 +25,12 @@ use cm_core::{
 use cm_schemas::v1::{CreateInstanceRequest, command_result::Outcome};
 
 use super::{
-    HandlerError, destroy_persisted, encode_state, merged_additional, stack_state,
-    store_deployment, up_persisted,
+    HandlerError, Transient, destroy_persisted, merged_additional, store_deployment,
+    undo_failed_deploy, up_persisted,
 };
 use crate::{
     context::{Ctx, Locked},
+    failpoint::{self, Waits},
     pulumi::DriverError,
 };
 
@@ -83,10 +84,10 @@ async fn create(
             InstanceStatus::Deploying => {
                 let guard = ctx.lock_identity(cid, &existing.value.identity).await?;
                 let Some(now) = ctx.store.get_instance(cid, sid).await? else {
-                    return Err(HandlerError::Retry("the reservation vanished".into()));
+                    return Err(HandlerError::changed("the reservation vanished"));
                 };
                 if now.value.identity != existing.value.identity {
-                    return Err(HandlerError::Retry("the reservation changed".into()));
+                    return Err(HandlerError::changed("the reservation changed"));
                 }
                 if now.value.status == InstanceStatus::Ready {
                     // Another delivery finished it while this one waited.
@@ -108,9 +109,10 @@ async fn create(
             if let Some(claimed) =
                 claim_from_pool(ctx, fence, command_id, &challenge, req, now).await?
             {
-                ctx.request_refill(cid).await;
+                ctx.note_claim(&challenge, true);
                 return Ok(Outcome::Instance(claimed.to_api()));
             }
+            ctx.note_claim(&challenge, false);
             let identity = Identity::random();
             // A fresh identity: nobody else knows it, the lock is free.
             let guard = ctx.lock_identity(cid, &identity).await?;
@@ -126,6 +128,7 @@ async fn create(
                 flags: Vec::new(),
                 additional: req.additional.clone().into_iter().collect(),
                 command_id: command_id.to_owned(),
+                deployed_from: None,
             };
             match ctx
                 .store
@@ -149,9 +152,13 @@ async fn create(
     tracing::Span::current().record("identity", record.identity.as_str());
 
     let locked = ctx.locked(&fence.clone().and(&identity_lock.fence()));
+    let started = std::time::Instant::now();
     let deployed = Box::pin(deploy_reserved(&locked, &challenge, &mut record, revision)).await;
     identity_lock.release();
     deployed?;
+    if challenge.pool == cm_core::pool_demand::PoolMode::Adaptive {
+        ctx.note_deploy(cid, started.elapsed()).await;
+    }
     Ok(Outcome::Instance(record.to_api()))
 }
 
@@ -170,44 +177,55 @@ pub(crate) async fn deploy_reserved(
     let scenario = match ctx.scenario(&challenge.scenario).await {
         Ok(s) => s,
         Err(e) => {
-            ctx.store.delete_instance_if(record, guard).await?;
+            crate::stacks::delete_record(ctx, record, guard).await?;
             return Err(e);
         }
     };
     let additional = merged_additional(challenge, record);
-    let previous = stack_state(ctx, &record.challenge_id, &record.identity).await?;
-    let deployment = match up_persisted(ctx, &scenario, record, &additional, previous.as_ref())
-        .await
-    {
-        Ok(d) => d,
-        Err(DriverError::ProgramFailed { message, state }) => {
-            // Undo: destroy partial resources, then release the slot.
-            if let Some(state) = state.filter(|s| s.resource_count() > 0)
-                && let Err(e) = destroy_persisted(ctx, &scenario, record, &state).await
-            {
-                tracing::error!(error = %e, identity = %record.identity, "cleanup of a failed deploy failed");
-                ctx.store
-                    .put_instance(record, Some(&encode_state(&state)?), guard, None)
-                    .await?;
-                return Err(HandlerError::Retry(format!(
-                    "cleanup of a failed deploy failed: {e}"
-                )));
+    let previous = crate::stacks::load(ctx, &record.challenge_id, &record.identity).await?;
+    let deployment =
+        match up_persisted(ctx, &scenario, record, &additional, previous.as_ref()).await {
+            Ok(d) => d,
+            Err(DriverError::ProgramFailed { message, state }) => {
+                // Undo: destroy partial resources, then release the slot; what
+                // cannot be destroyed yet stays recorded and is retried.
+                if let Err((e, state)) = undo_failed_deploy(ctx, &scenario, record, state).await {
+                    crate::stacks::write_record(ctx, record, Some(&state), guard, None).await?;
+                    return Err(Transient::Cleanup(e).into());
+                }
+                crate::stacks::delete_record(ctx, record, guard).await?;
+                return Err(DriverError::ProgramFailed {
+                    message,
+                    state: None,
+                }
+                .into());
             }
-            ctx.store.delete_instance_if(record, guard).await?;
-            return Err(DriverError::ProgramFailed {
-                message,
-                state: None,
-            }
-            .into());
-        }
-        Err(other) => return Err(other.into()),
-    };
+            Err(other) => return Err(other.into()),
+        };
 
-    crate::failpoint::hit("after-up");
-    crate::failpoint::pause("instance-create-before-write").await;
+    failpoint::hit("after-up");
+    failpoint::pause("instance-create-before-write", "", Waits::First).await;
     record.status = InstanceStatus::Ready;
-    store_deployment(ctx, record, deployment, guard, None).await?;
-    Ok(())
+    let state = deployment.state.clone();
+    match store_deployment(ctx, challenge, record, deployment, guard, None).await {
+        Ok(_) => Ok(()),
+        // The deployment cannot be recorded, ever (a record over etcd's size
+        // limit): undo it rather than leave it unrecorded.
+        Err(HandlerError::Domain(e)) => {
+            tracing::error!(error = %e, identity = %record.identity, "deployment cannot be recorded; destroying it");
+            destroy_persisted(
+                ctx,
+                &scenario,
+                &record.challenge_id,
+                &record.identity,
+                &state,
+            )
+            .await?;
+            crate::stacks::delete_record(ctx, record, guard).await?;
+            Err(HandlerError::Domain(e))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Claims a ready pooled instance for the source, if the pool has one: a
@@ -225,7 +243,10 @@ async fn claim_from_pool(
     req: &CreateInstanceRequest,
     now: SystemTime,
 ) -> Result<Option<InstanceRecord>, HandlerError> {
-    if challenge.min <= 0 && challenge.max <= 0 {
+    if challenge.min <= 0
+        && challenge.max <= 0
+        && challenge.pool == cm_core::pool_demand::PoolMode::Static
+    {
         return Ok(None);
     }
     for pooled in ctx.store.list_pooled(&req.challenge_id).await? {
@@ -294,9 +315,17 @@ async fn apply_additional(
 ) -> Result<(), HandlerError> {
     let scenario = ctx.scenario(&challenge.scenario).await?;
     let additional = merged_additional(challenge, record);
-    let previous = stack_state(ctx, &record.challenge_id, &record.identity).await?;
+    let previous = crate::stacks::load(ctx, &record.challenge_id, &record.identity).await?;
     let deployment = up_persisted(ctx, &scenario, record, &additional, previous.as_ref()).await?;
-    store_deployment(ctx, record, deployment, Expect::Revision(revision), None).await?;
+    store_deployment(
+        ctx,
+        challenge,
+        record,
+        deployment,
+        Expect::Revision(revision),
+        None,
+    )
+    .await?;
     Ok(())
 }
 
@@ -331,7 +360,7 @@ async fn enforce_quota(
         held.sort_by_key(|r| (r.since.seconds, r.since.nanos));
         let oldest = held.remove(0);
         tracing::info!(challenge = %oldest.challenge_id, identity = %oldest.identity, "evicting the source's oldest instance");
-        crate::failpoint::pause("instance-create-before-evict").await;
+        failpoint::pause("instance-create-before-evict", "", Waits::First).await;
         Box::pin(evict(ctx, fence, &oldest)).await?;
     }
     Ok(())
@@ -356,10 +385,8 @@ async fn evict(
     // victim is busy, this create gives its locks back and is retried.
     let locks = match super::lock_claimed_within(ctx, cid, sid, EVICT_WAIT).await {
         Ok(locks) => locks,
-        Err(HandlerError::Retry(why)) => {
-            return Err(HandlerError::Retry(format!(
-                "the instance to evict is busy ({why}); retrying the create"
-            )));
+        Err(HandlerError::Transient(why)) => {
+            return Err(Transient::EvictionBusy(Box::new(why)).into());
         }
         Err(e) => return Err(e),
     };
@@ -369,10 +396,12 @@ async fn evict(
         };
         let locked = ctx.locked(&fence.clone().and(&locks.fence()));
         let Some(challenge) = ctx.store.get_challenge(cid).await? else {
-            locked
-                .store
-                .delete_instance_if(&current.value, Expect::Revision(current.mod_revision))
-                .await?;
+            crate::stacks::delete_record(
+                &locked,
+                &current.value,
+                Expect::Revision(current.mod_revision),
+            )
+            .await?;
             return Ok(());
         };
         let scenario = ctx.scenario(&challenge.value.scenario).await?;

@@ -8,10 +8,9 @@
 //! janitor looked), do nothing; 3. otherwise destroy it and delete its records.
 //! Undo: none; a failed destroy is retried with the records intact.
 
-use cm_core::ids;
 use cm_schemas::v1::{Deleted, ExpireInstance, command_result::Outcome};
 
-use super::{HandlerError, destroy_instance, lock_claimed};
+use super::{HandlerError, destroy_instance, on_claimed};
 use crate::context::{Ctx, Locked};
 
 #[tracing::instrument(name = "instance.expire", skip_all, fields(challenge = %req.challenge_id, source = %req.source_id))]
@@ -20,13 +19,13 @@ pub async fn handle(
     _command_id: &str,
     req: &ExpireInstance,
 ) -> Result<Outcome, HandlerError> {
-    ids::validate("challenge id", &req.challenge_id)?;
-    ids::validate("source id", &req.source_id)?;
-    let locks = lock_claimed(ctx, &req.challenge_id, &req.source_id).await?;
-    let locked = ctx.locked(&locks.fence());
-    let result = expire(&locked, locks.record.as_ref(), req).await;
-    locks.release();
-    result
+    on_claimed(
+        ctx,
+        &req.challenge_id,
+        &req.source_id,
+        async |locked, record| expire(locked, record.as_ref(), req).await,
+    )
+    .await
 }
 
 async fn expire(

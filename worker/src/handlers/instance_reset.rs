@@ -3,20 +3,23 @@
 //!
 //! Parameters: challenge id, source id.
 //! Steps: 1. read-lock the challenge and lock the slot, then the identity the
-//! slot holds (fenced writes); 2. deploy a new stack
-//! under a new identity; 3. write the record with the new identity and state;
-//! 4. destroy the old stack and delete its state.
+//! slot holds (fenced writes); 2. lock a new identity and deploy it, its
+//! checkpoints stored as they come (`fresh::deploy`); 3. write the record
+//! with the new identity and state, guarded by the revision read in 1, the
+//! old stack's state left in place; 4. destroy the old stack and delete its
+//! state (`fresh::retire`).
 //! Undo: if 2 fails, destroy what it left; the old instance is untouched.
-//! A crash between 3 and 4 leaves the old stack's state in the store (under
-//! its identity) for a later destroy; nothing is lost.
+//! A crash (or a failed destroy) anywhere leaves a stack no record names,
+//! with its state: the janitor's orphan sweep has it reclaimed. A
+//! redelivery after 3 answers the switched record.
 
-use cm_core::{DomainError, Identity, ids, store::Expect};
+use cm_core::{DomainError, store::Expect};
 use cm_schemas::v1::{ResetInstanceRequest, command_result::Outcome};
 
-use super::{HandlerError, lock_claimed, merged_additional, stack_state, store_deployment};
+use super::{HandlerError, fresh, merged_additional, on_claimed, store_deployment};
 use crate::{
     context::{Ctx, Locked},
-    pulumi::DriverError,
+    failpoint::{self, Waits},
 };
 
 #[tracing::instrument(name = "instance.reset", skip_all, fields(challenge = %req.challenge_id, source = %req.source_id))]
@@ -25,13 +28,13 @@ pub async fn handle(
     command_id: &str,
     req: &ResetInstanceRequest,
 ) -> Result<Outcome, HandlerError> {
-    ids::validate("challenge id", &req.challenge_id)?;
-    ids::validate("source id", &req.source_id)?;
-    let locks = lock_claimed(ctx, &req.challenge_id, &req.source_id).await?;
-    let locked = ctx.locked(&locks.fence());
-    let result = reset(&locked, locks.record.clone(), command_id, req).await;
-    locks.release();
-    result
+    on_claimed(
+        ctx,
+        &req.challenge_id,
+        &req.source_id,
+        async |locked, record| reset(locked, record, command_id, req).await,
+    )
+    .await
 }
 
 async fn reset(
@@ -52,39 +55,21 @@ async fn reset(
     let scenario = ctx.scenario(&challenge.scenario).await?;
     let additional = merged_additional(&challenge, &previous);
 
-    let identity = Identity::random();
-    let deployment = match ctx.driver.up(&scenario, &identity, &additional, None).await {
-        Ok(d) => d,
-        Err(DriverError::ProgramFailed { message, state }) => {
-            if let Some(state) = state.filter(|s| s.resource_count() > 0) {
-                let _ = ctx.driver.destroy(&scenario, &state).await;
-            }
-            return Err(DriverError::ProgramFailed {
-                message,
-                state: None,
-            }
-            .into());
-        }
-        Err(other) => return Err(other.into()),
-    };
-    let mut record = previous.clone();
-    record.identity = identity;
-    record.command_id = command_id.to_owned();
-    store_deployment(
-        ctx,
+    let mut record = fresh::under_new_identity(&previous, command_id);
+    let fresh = fresh::deploy(ctx, &scenario, &record, &additional).await?;
+    let switched = store_deployment(
+        &ctx.also(&fresh.lock),
+        &challenge,
         &mut record,
-        deployment,
+        fresh.deployment,
         Expect::Revision(revision),
         Some(&previous),
     )
-    .await?;
-
-    if let Some(old) = stack_state(ctx, cid, &previous.identity).await?
-        && let Err(e) = ctx.driver.destroy(&scenario, &old).await
-    {
-        tracing::error!(error = %e, identity = %previous.identity, "old stack not destroyed; its state is kept");
-        return Ok(Outcome::Instance(record.to_api()));
-    }
-    ctx.store.delete_stack(cid, &previous.identity).await?;
+    .await;
+    fresh.lock.release();
+    switched?;
+    failpoint::pause("instance-reset-before-retire", "", Waits::First).await;
+    let old = crate::stacks::load(ctx, cid, &previous.identity).await?;
+    fresh::retire(ctx, &scenario, &previous, old.as_ref()).await?;
     Ok(Outcome::Instance(record.to_api()))
 }

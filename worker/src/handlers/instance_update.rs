@@ -8,8 +8,9 @@
 //! (pooled or claimed) under the lock; 2. by strategy:
 //! - `update_in_place`: `pulumi up` of the new program on the same stack;
 //! - `recreate`: destroy, then deploy a fresh stack under the same identity;
-//! - `blue_green`: deploy a new identity, switch the record (the source keeps
-//!   its claim), then destroy the old stack;
+//! - `blue_green`: deploy a new identity (`fresh::deploy`), switch the
+//!   record (the source keeps its claim), then destroy the old stack
+//!   (`fresh::retire`);
 //!
 //! 3. write the record, guarded by the revision read in step 1 and fenced
 //!    by the locks. A claimed record may have been renewed meanwhile (renew
@@ -18,7 +19,9 @@
 //!
 //! Undo: when the new deploy fails, the record keeps the previous state
 //! (blue_green destroys the half-made green stack; recreate reports the
-//! instance lost its stack, which a reset or delete then handles).
+//! instance lost its stack, which a reset or delete then handles). A
+//! blue/green whose worker dies, or whose blue destroy fails, leaves a stack
+//! no record names: the janitor's orphan sweep has it reclaimed.
 
 use cm_core::{
     DomainError, Identity,
@@ -27,11 +30,11 @@ use cm_core::{
 use cm_schemas::v1::{UpdateInstance, UpdateStrategy, command_result::Outcome};
 
 use super::{
-    HandlerError, destroy_persisted, encode_state, merged_additional, stack_state, up_persisted,
+    HandlerError, deployed_from, destroy_persisted, fresh, merged_additional, up_persisted,
 };
 use crate::{
     context::{Ctx, Locked},
-    pulumi::DriverError,
+    failpoint::{self, Waits},
 };
 
 #[tracing::instrument(name = "instance.update", skip_all, fields(challenge = %req.challenge_id, identity = %req.identity, strategy))]
@@ -81,71 +84,83 @@ async fn update(
         return Err(DomainError::not_found(format!("instance {} is gone", req.identity)).into());
     };
     let (previous, revision) = (found.value, found.mod_revision);
+    if previous.deployed_from.as_deref() == Some(deployed_from(&challenge, &previous).as_str()) {
+        // Updated already (by an earlier copy of this update, published by
+        // another delivery of the challenge update): nothing to run.
+        return Ok(Outcome::Instance(previous.to_api()));
+    }
     let scenario = ctx.scenario(&challenge.scenario).await?;
     let additional = merged_additional(&challenge, &previous);
-    let old_state = stack_state(ctx, cid, &previous.identity).await?;
+    let old_state = crate::stacks::load(ctx, cid, &previous.identity).await?;
 
     let mut record = previous.clone();
     record.command_id = command_id.to_owned();
+    // Blue/green: the green identity's lock, held until the record names it.
+    let mut green_lock = None;
     let deployment = match strategy {
         UpdateStrategy::UpdateInPlace => {
             up_persisted(ctx, &scenario, &record, &additional, old_state.as_ref()).await?
         }
         UpdateStrategy::Recreate => {
             let emptied = match &old_state {
-                Some(state) => Some(destroy_persisted(ctx, &scenario, &record, state).await?),
+                Some(state) => {
+                    Some(destroy_persisted(ctx, &scenario, cid, &record.identity, state).await?)
+                }
                 None => None,
             };
             up_persisted(ctx, &scenario, &record, &additional, emptied.as_ref()).await?
         }
         UpdateStrategy::BlueGreen => {
-            let green = Identity::random();
-            match ctx.driver.up(&scenario, &green, &additional, None).await {
-                Ok(d) => {
-                    record.identity = green;
-                    d
-                }
-                Err(DriverError::ProgramFailed { message, state }) => {
-                    if let Some(state) = state {
-                        let _ = ctx.driver.destroy(&scenario, &state).await;
-                    }
-                    return Err(DriverError::ProgramFailed {
-                        message,
-                        state: None,
-                    }
-                    .into());
-                }
-                Err(e) => return Err(e.into()),
-            }
+            record = fresh::under_new_identity(&previous, command_id);
+            let green = fresh::deploy(ctx, &scenario, &record, &additional).await?;
+            green_lock = Some(green.lock);
+            green.deployment
         }
     };
-    crate::failpoint::pause("instance-update-before-write").await;
+    failpoint::pause("instance-update-before-write", "", Waits::First).await;
     record.connection_info = deployment.outputs.connection_info;
     record.flags = deployment.outputs.flags;
-    let stack = encode_state(&deployment.state)?;
-    if record.identity != previous.identity && previous.source_id.is_none() {
-        // A pooled instance's record is keyed by identity: replace it. The
-        // old entry cannot have been claimed (a claim needs its lock free).
-        ctx.store
-            .delete_instance_if(&previous, Expect::Revision(revision))
-            .await?;
-        ctx.store
-            .put_instance(&record, Some(&stack), Expect::Absent, None)
-            .await?;
-    } else {
-        write_over(ctx, &mut record, &stack, &previous, revision).await?;
+    record.deployed_from = Some(deployed_from(&challenge, &record));
+    let state = &deployment.state;
+    let written = match &green_lock {
+        Some(lock) => write_update(&ctx.also(lock), &mut record, state, &previous, revision).await,
+        None => write_update(ctx, &mut record, state, &previous, revision).await,
+    };
+    if let Some(lock) = green_lock {
+        lock.release();
     }
+    written?;
     if record.identity != previous.identity {
         // Blue/green: the green stack serves; the blue one goes.
-        if let Some(state) = &old_state
-            && let Err(e) = ctx.driver.destroy(&scenario, state).await
-        {
-            tracing::error!(error = %e, identity = %previous.identity, "old stack not destroyed; its state is kept");
-            return Ok(Outcome::Instance(record.to_api()));
-        }
-        ctx.store.delete_stack(cid, &previous.identity).await?;
+        fresh::retire(ctx, &scenario, &previous, old_state.as_ref()).await?;
     }
     Ok(Outcome::Instance(record.to_api()))
+}
+
+/// Writes the updated `record` (its new stack `state`) over `previous`,
+/// read at `revision`. A pooled instance's record is keyed by identity: a
+/// new one replaces the old in one transaction that leaves the old stack's
+/// state for the blue one's destroy.
+async fn write_update(
+    ctx: &Locked<'_>,
+    record: &mut cm_core::model::InstanceRecord,
+    state: &crate::pulumi::StackState,
+    previous: &cm_core::model::InstanceRecord,
+    revision: i64,
+) -> Result<(), HandlerError> {
+    let staged = crate::stacks::stage(ctx, &record.challenge_id, &record.identity, state).await?;
+    let written = if record.identity != previous.identity && previous.source_id.is_none() {
+        ctx.store
+            .replace_pooled(previous, revision, record, staged.pointer())
+            .await
+            .map_err(HandlerError::from)
+    } else {
+        write_over(ctx, record, staged.pointer(), previous, revision).await
+    };
+    staged
+        .settle(ctx, crate::stacks::Committed::of_step(&written))
+        .await;
+    written
 }
 
 /// Writes the updated record over `previous` (read at `revision`). When a
@@ -155,7 +170,7 @@ async fn update(
 async fn write_over(
     ctx: &Locked<'_>,
     record: &mut cm_core::model::InstanceRecord,
-    stack: &[u8],
+    stack: &cm_core::stack_store::StatePointer,
     previous: &cm_core::model::InstanceRecord,
     revision: i64,
 ) -> Result<(), HandlerError> {
@@ -171,19 +186,17 @@ async fn write_over(
             Err(e) => return Err(e.into()),
         }
         let Some(sid) = &previous.source_id else {
-            return Err(HandlerError::Retry("the pooled record changed".into()));
+            return Err(HandlerError::changed("the pooled record changed"));
         };
         let Some(now) = ctx.store.get_instance(&previous.challenge_id, sid).await? else {
-            return Err(HandlerError::Retry("the claimed record vanished".into()));
+            return Err(HandlerError::changed("the claimed record vanished"));
         };
         if now.value.identity != previous.identity {
-            return Err(HandlerError::Retry(
-                "the claimed record changed identity".into(),
-            ));
+            return Err(HandlerError::changed("the claimed record changed identity"));
         }
         record.last_renew = now.value.last_renew;
         record.until = now.value.until;
         (base, rev) = (now.value, now.mod_revision);
     }
-    Err(HandlerError::Retry("the record kept changing".into()))
+    Err(HandlerError::changed("the record kept changing"))
 }

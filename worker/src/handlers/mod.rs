@@ -15,6 +15,7 @@
 mod challenge_create;
 mod challenge_delete;
 mod challenge_update;
+mod fresh;
 mod instance_create;
 mod instance_delete;
 mod instance_expire;
@@ -22,79 +23,21 @@ mod instance_renew;
 mod instance_reset;
 mod instance_update;
 mod pool_refill;
+mod stack_reclaim;
 
 use cm_core::{
     DomainError,
-    lock::{LockError, LockGuard, LockSet},
+    lock::{LockGuard, LockSet},
     model::InstanceRecord,
-    store::{Expect, Fence, StoreError, Versioned},
+    store::{Expect, Fence, Versioned},
 };
 use cm_schemas::v1::{Command, command::Request, command_result::Outcome};
 
+pub use crate::error::{HandlerError, Transient};
 use crate::{
     context::{Ctx, Locked},
     pulumi::DriverError,
 };
-
-/// How a handler failed.
-#[derive(Debug, thiserror::Error)]
-pub enum HandlerError {
-    /// The command's final answer is this error.
-    #[error(transparent)]
-    Domain(#[from] DomainError),
-    /// Transient: retry the command later.
-    #[error("retryable: {0}")]
-    Retry(String),
-}
-
-impl From<StoreError> for HandlerError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Corrupt { .. } => {
-                tracing::error!(error = %e, "corrupt record");
-                Self::Domain(DomainError::internal("internal error"))
-            }
-            other => Self::Retry(other.to_string()),
-        }
-    }
-}
-
-impl From<LockError> for HandlerError {
-    fn from(e: LockError) -> Self {
-        match e {
-            LockError::Store(s) => s.into(),
-            other @ (LockError::Timeout(_) | LockError::Lost(_) | LockError::LeaseGone(_)) => {
-                Self::Retry(other.to_string())
-            }
-        }
-    }
-}
-
-impl From<DriverError> for HandlerError {
-    fn from(e: DriverError) -> Self {
-        match e {
-            DriverError::ScenarioInvalid { reason } => Self::Domain(
-                DomainError::invalid(format!("invalid scenario: {reason}")).with_reason(
-                    cm_core::error::reasons::SCENARIO_NON_MATCHING_SPECIFICATION,
-                    None,
-                ),
-            ),
-            DriverError::ProgramFailed { message, .. } => {
-                tracing::warn!(%message, "scenario failed");
-                Self::Domain(DomainError::internal(
-                    "the scenario failed to deploy; its error is in the worker's log",
-                ))
-            }
-            DriverError::StateCorrupt { reason } => {
-                tracing::error!(%reason, "stack state corrupt");
-                Self::Domain(DomainError::internal("internal error"))
-            }
-            retry @ (DriverError::EngineUnavailable { .. }
-            | DriverError::Interrupted { .. }
-            | DriverError::Io { .. }) => Self::Retry(retry.to_string()),
-        }
-    }
-}
 
 /// Runs the handler of `command`, stopped (its future dropped, which kills
 /// a Pulumi child: `kill_on_drop`) as soon as the lease its locks hang on is
@@ -105,7 +48,7 @@ pub async fn handle(ctx: &Ctx, command: &Command) -> Result<Outcome, HandlerErro
         biased;
         () = lost.cancelled() => {
             tracing::error!("the worker's lease was lost: this handler is stopped, its locks are gone");
-            Err(HandlerError::Retry("the worker's lease was lost mid-command".into()))
+            Err(Transient::LeaseLost.into())
         }
         // Boxed: handler futures are large, and the select would hold one
         // inline on a worker thread's stack (it overflowed in debug builds).
@@ -124,26 +67,12 @@ async fn dispatch(ctx: &Ctx, command: &Command) -> Result<Outcome, HandlerError>
         Request::ChallengeDelete(r) => challenge_delete::handle(ctx, id, r).await,
         Request::InstanceCreate(r) => instance_create::handle(ctx, id, r).await,
         Request::InstanceRenew(r) => instance_renew::handle(ctx, id, r).await,
-        Request::InstanceDelete(r) => instance_delete::handle(ctx, id, r).await,
+        Request::InstanceDelete(r) => instance_delete::handle(ctx, command, r).await,
         Request::InstanceExpire(r) => instance_expire::handle(ctx, id, r).await,
         Request::PoolRefill(r) => pool_refill::handle(ctx, id, r).await,
+        Request::StackReclaim(r) => stack_reclaim::handle(ctx, id, r).await,
         Request::InstanceReset(r) => instance_reset::handle(ctx, id, r).await,
         Request::InstanceUpdate(r) => instance_update::handle(ctx, id, r).await,
-    }
-}
-
-/// The stored stack state of an instance, parsed.
-pub(crate) async fn stack_state(
-    ctx: &Ctx,
-    cid: &str,
-    identity: &cm_core::Identity,
-) -> Result<Option<crate::pulumi::StackState>, HandlerError> {
-    match ctx.store.get_stack(cid, identity).await? {
-        None => Ok(None),
-        Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            tracing::error!(error = %e, "stored stack state does not parse");
-            HandlerError::Domain(DomainError::internal("internal error"))
-        }),
     }
 }
 
@@ -157,7 +86,8 @@ pub(crate) async fn up_persisted(
     additional: &std::collections::BTreeMap<String, String>,
     previous: Option<&crate::pulumi::StackState>,
 ) -> Result<crate::pulumi::Deployment, DriverError> {
-    let (sink, writer) = persist_checkpoints(ctx, record);
+    let (sink, writer) =
+        crate::stacks::persist_checkpoints(ctx, &record.challenge_id, &record.identity);
     // Boxed (here and below): the driver's futures are large, and nested
     // inline in a handler's they overflowed a worker thread's stack.
     let result = Box::pin(ctx.driver.up_with(
@@ -173,45 +103,54 @@ pub(crate) async fn up_persisted(
     result
 }
 
-/// `destroy` of an instance's stack, checkpoints stored as they come.
+/// `destroy` of the stack of `identity`, checkpoints stored as they come.
 pub(crate) async fn destroy_persisted(
     ctx: &Locked<'_>,
     scenario: &crate::pulumi::PreparedScenario,
-    record: &cm_core::model::InstanceRecord,
+    cid: &str,
+    identity: &cm_core::Identity,
     state: &crate::pulumi::StackState,
 ) -> Result<crate::pulumi::StackState, DriverError> {
-    let (sink, writer) = persist_checkpoints(ctx, record);
+    let (sink, writer) = crate::stacks::persist_checkpoints(ctx, cid, identity);
     let result = Box::pin(ctx.driver.destroy_with(scenario, state, Some(&sink))).await;
     drop(sink);
     let _ = writer.await;
     result
 }
 
-/// A sink whose checkpoints a background task writes to the instance's
-/// stack key, latest first, through the fenced store (a stale run's
-/// checkpoints are refused); the task ends once the sink is dropped and the
-/// last checkpoint is written.
-fn persist_checkpoints(
+/// The one undo of a deploy that failed part-way: destroys what the run
+/// left (`state`, when it holds resources), the destroy's checkpoints
+/// stored under `record`'s identity as they come. `Err` hands back the
+/// failure and the state still deployed, for the caller to keep.
+pub(crate) async fn undo_failed_deploy(
     ctx: &Locked<'_>,
+    scenario: &crate::pulumi::PreparedScenario,
     record: &cm_core::model::InstanceRecord,
-) -> (crate::pulumi::CheckpointSink, tokio::task::JoinHandle<()>) {
-    let (sink, mut rx) = crate::pulumi::CheckpointSink::channel();
-    let store = ctx.store.clone();
-    let (cid, identity) = (record.challenge_id.clone(), record.identity.clone());
-    let writer = tokio::spawn(async move {
-        while rx.changed().await.is_ok() {
-            let Some(state) = rx.borrow_and_update().clone() else {
-                continue;
-            };
-            let Ok(bytes) = serde_json::to_vec(&state) else {
-                continue;
-            };
-            if let Err(e) = store.put_stack(&cid, &identity, bytes).await {
-                tracing::warn!(error = %e, "checkpoint not stored; the final state still will be");
-            }
+    state: Option<Box<crate::pulumi::StackState>>,
+) -> Result<(), (DriverError, crate::pulumi::StackState)> {
+    let Some(state) = state.filter(|s| s.resource_count() > 0) else {
+        return Ok(());
+    };
+    match destroy_persisted(
+        ctx,
+        scenario,
+        &record.challenge_id,
+        &record.identity,
+        &state,
+    )
+    .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                stack = %state.stack,
+                orphaned = ?state.resource_urns(),
+                "cleanup of a failed deploy failed"
+            );
+            Err((e, *state))
         }
-    });
-    (sink, writer)
+    }
 }
 
 /// Destroys an instance's stack (when it has state) and deletes its records,
@@ -222,21 +161,30 @@ pub(crate) async fn destroy_instance(
     versioned: &Versioned<InstanceRecord>,
 ) -> Result<(), HandlerError> {
     let rec = &versioned.value;
-    if let Some(state) = stack_state(ctx, &rec.challenge_id, &rec.identity).await? {
-        destroy_persisted(ctx, scenario, rec, &state)
-            .await
-            .map_err(|e| match e {
-                // A stack that cannot be destroyed now is retried, not forgotten.
-                DriverError::ProgramFailed { message, .. } => {
-                    HandlerError::Retry(format!("destroy failed: {message}"))
-                }
-                other => other.into(),
-            })?;
+    if let Some(state) = crate::stacks::load(ctx, &rec.challenge_id, &rec.identity).await? {
+        destroy_or_retry(ctx, scenario, &rec.challenge_id, &rec.identity, &state).await?;
     }
-    ctx.store
-        .delete_instance_if(rec, Expect::Revision(versioned.mod_revision))
-        .await?;
-    Ok(())
+    crate::stacks::delete_record(ctx, rec, Expect::Revision(versioned.mod_revision)).await
+}
+
+/// [`destroy_persisted`], a failed program being retried later (the state
+/// kept), not forgotten.
+pub(crate) async fn destroy_or_retry(
+    ctx: &Locked<'_>,
+    scenario: &crate::pulumi::PreparedScenario,
+    cid: &str,
+    identity: &cm_core::Identity,
+    state: &crate::pulumi::StackState,
+) -> Result<(), HandlerError> {
+    destroy_persisted(ctx, scenario, cid, identity, state)
+        .await
+        .map(drop)
+        .map_err(|e| match e {
+            DriverError::ProgramFailed { message, .. } => {
+                HandlerError::Transient(Transient::Destroy(message))
+            }
+            other => other.into(),
+        })
 }
 
 /// The configuration an instance's program sees: the challenge's
@@ -250,10 +198,23 @@ pub(crate) fn merged_additional(
     additional
 }
 
-/// Copies a deployment's outputs onto `record` and writes the record with
-/// the new stack state; returns the record's new revision.
+/// What `record`'s stack is deployed from under `challenge` (see
+/// [`cm_core::model::deployment_fingerprint`]).
+pub(crate) fn deployed_from(
+    challenge: &cm_core::model::ChallengeRecord,
+    record: &InstanceRecord,
+) -> String {
+    cm_core::model::deployment_fingerprint(
+        &challenge.scenario,
+        &merged_additional(challenge, record),
+    )
+}
+
+/// Copies a deployment (of `challenge`'s scenario) onto `record` and writes
+/// the record with the new stack state; returns the record's new revision.
 pub(crate) async fn store_deployment(
     ctx: &Locked<'_>,
+    challenge: &cm_core::model::ChallengeRecord,
     record: &mut cm_core::model::InstanceRecord,
     deployment: crate::pulumi::Deployment,
     expect: cm_core::store::Expect,
@@ -261,11 +222,8 @@ pub(crate) async fn store_deployment(
 ) -> Result<i64, HandlerError> {
     record.connection_info = deployment.outputs.connection_info;
     record.flags = deployment.outputs.flags;
-    let stack = encode_state(&deployment.state)?;
-    Ok(ctx
-        .store
-        .put_instance_rev(record, Some(&stack), expect, previous)
-        .await?)
+    record.deployed_from = Some(deployed_from(challenge, record));
+    crate::stacks::write_record(ctx, record, Some(&deployment.state), expect, previous).await
 }
 
 /// The locks of a command addressed to a source's claimed instance
@@ -293,6 +251,26 @@ impl ClaimLocks {
         drop(self.identity);
         self.slot.release();
     }
+}
+
+/// The prologue and epilogue of every command addressed to a source's
+/// claimed instance (delete, reset, expiry): the ids checked, its locks
+/// taken ([`lock_claimed`]) and its record read under them, `body` run with
+/// the view fenced by those locks, and the locks released whatever `body`
+/// returned.
+pub(crate) async fn on_claimed<T>(
+    ctx: &Ctx,
+    cid: &str,
+    sid: &str,
+    body: impl AsyncFnOnce(&Locked<'_>, Option<Versioned<InstanceRecord>>) -> Result<T, HandlerError>,
+) -> Result<T, HandlerError> {
+    cm_core::ids::validate("challenge id", cid)?;
+    cm_core::ids::validate("source id", sid)?;
+    let locks = lock_claimed(ctx, cid, sid).await?;
+    let locked = ctx.locked(&locks.fence());
+    let result = body(&locked, locks.record.clone()).await;
+    locks.release();
+    result
 }
 
 /// Takes the locks of a source's claimed instance. The identity is known
@@ -345,13 +323,7 @@ pub(crate) async fn lock_claimed_within(
             Some(_) => guard.release_now().await,
         }
     }
-    Err(HandlerError::Retry(format!(
-        "the instance of {cid} for {sid} kept changing identity"
-    )))
-}
-
-/// Serialises stack state for the store.
-pub(crate) fn encode_state(state: &crate::pulumi::StackState) -> Result<Vec<u8>, HandlerError> {
-    serde_json::to_vec(state)
-        .map_err(|e| HandlerError::Domain(DomainError::internal(format!("internal error: {e}"))))
+    Err(HandlerError::changed(
+        "the claimed instance kept changing identity",
+    ))
 }

@@ -1,31 +1,41 @@
-//! `pool.refill`: bring a challenge's pool of unclaimed instances to `min`,
-//! without the total (pooled + claimed) exceeding `max` when `max > 0`, and
-//! destroy the surplus when `min` went down.
+//! `pool.refill`: bring a challenge's pool of unclaimed instances to its
+//! target, without the total (pooled + claimed) exceeding `max` when
+//! `max > 0`, and destroy the surplus above what it keeps.
+//!
+//! The target and what is kept come from the pool's mode: `static`, both are
+//! `min`; `adaptive`, they follow the demand estimate (claim rate x deploy
+//! time, see `cm_core::pool_demand`), within `min` and `max`.
 //!
 //! Parameters: the challenge id.
 //! Steps, in rounds, each under the challenge's read lock and the pool's write
 //! lock (one refill at a time; taken per round so a challenge writer waits
-//! for one deploy, not the whole pool): 1. re-read the challenge; 2. count
-//! pooled and claimed instances; 3. deploy one pooled instance (under its
-//! fresh identity's lock: a `deploying` reservation, then `pulumi up`, then
-//! ready), or 4. destroy the newest surplus pooled instances, each under its identity's lock and only if it is still
-//! pooled once that lock is held (a claim may have taken it: claims need the
-//! lock free, so after the lock no claim can), or 5. stop when the pool is
-//! at its size. Every write is fenced.
+//! for one round of deploys, not the whole pool): 1. re-read the challenge
+//! and, for an adaptive pool, its demand; 2. count pooled and claimed
+//! instances; 3. below the target, take free refill slots of the cluster
+//! (waiting for one at least) and deploy that many pooled instances at once
+//! (a static pool: one), each under its fresh identity's lock: a
+//! `deploying` reservation, then `pulumi up`, then ready; or 4. above what
+//! is kept, destroy the newest surplus pooled instances, each under its
+//! identity's lock and only if it is still pooled once that lock is held (a
+//! claim may have taken it: claims need the lock free, so after the lock no
+//! claim can); or 5. stop. Every write is fenced.
 //! Undo: a failed deploy drops its own reservation (see `deploy_reserved`);
-//! the next refill tries again.
+//! the next refill tries again. A refill slot hangs on the worker's lease:
+//! a worker that dies gives its slots back with it.
 
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use cm_core::{
     Identity, ids,
-    model::{InstanceRecord, InstanceStatus, to_timestamp},
+    model::{ChallengeRecord, InstanceRecord, InstanceStatus, to_timestamp},
+    pool_demand::{Plan, PoolMode, Want},
     store::Expect,
 };
 use cm_schemas::v1::{RefillPool, command_result::Outcome};
 
-use super::{HandlerError, destroy_instance, instance_create::deploy_reserved};
+use super::{HandlerError, Transient, destroy_instance, instance_create::deploy_reserved};
 use crate::context::Ctx;
+use crate::failpoint::{self, Waits};
 
 type Fence = cm_core::store::Fence;
 
@@ -37,7 +47,7 @@ const BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// What one round of a refill did.
 enum Round {
-    Deployed,
+    Deployed(i64),
     Destroyed(i64),
     /// The pool is at its size: the refill is over.
     Done(cm_core::model::ChallengeRecord),
@@ -71,7 +81,7 @@ pub async fn handle(
         let round = Box::pin(round(ctx, &locks.fence(), command_id, cid)).await;
         locks.release();
         match round? {
-            Round::Deployed => deployed += 1,
+            Round::Deployed(n) => deployed += n,
             Round::Destroyed(n) => destroyed += n,
             Round::Done(challenge) => {
                 let span = tracing::Span::current();
@@ -80,12 +90,12 @@ pub async fn handle(
                 return Ok(Outcome::Challenge(challenge.to_api(Vec::new())));
             }
         }
-        crate::failpoint::pause("pool-refill-between-rounds").await;
+        failpoint::pause("pool-refill-between-rounds", "", Waits::First).await;
     }
 }
 
-/// One round under the challenge's read lock and the pool's lock: deploy one
-/// pooled instance, or destroy the surplus, or say the pool is at its size.
+/// One round under the challenge's read lock and the pool's lock: deploy
+/// pooled instances, or destroy the surplus, or say the pool is at its size.
 async fn round(
     ctx: &Ctx,
     fence: &Fence,
@@ -97,34 +107,44 @@ async fn round(
     let instances = ctx.store.list_instances(cid).await?;
     let pooled = instances.iter().filter(|r| r.source_id.is_none()).count() as i64;
     let total = instances.len() as i64;
-    if pooled < challenge.min && (challenge.max <= 0 || total < challenge.max) {
-        let now = SystemTime::now();
-        let identity = Identity::random();
-        let guard = ctx.lock_identity(cid, &identity).await?;
-        let locked = ctx.locked(&fence.clone().and(&guard.fence()));
-        let mut record = InstanceRecord {
-            challenge_id: cid.to_owned(),
-            identity,
-            source_id: None,
-            status: InstanceStatus::Deploying,
-            since: to_timestamp(now),
-            last_renew: to_timestamp(now),
-            until: None,
-            connection_info: String::new(),
-            flags: Vec::new(),
-            additional: Default::default(),
-            command_id: command_id.to_owned(),
+    let plan = plan(ctx, &challenge, total - pooled).await?;
+    let room = if challenge.max > 0 {
+        challenge.max - total
+    } else {
+        i64::MAX
+    };
+    let deficit = (plan.target - pooled).min(room);
+    if deficit > 0 {
+        let batch = match challenge.pool {
+            PoolMode::Static => 1,
+            PoolMode::Adaptive => ctx.pools.refill_batch,
         };
-        let revision = locked
-            .store
-            .put_instance_rev(&record, None, Expect::Absent, None)
-            .await?;
-        let result = Box::pin(deploy_reserved(&locked, &challenge, &mut record, revision)).await;
-        guard.release();
-        result?;
-        return Ok(Round::Deployed);
+        let slots = refill_slots(ctx, batch.min(deficit as usize)).await?;
+        let deploys = futures::future::join_all(
+            slots
+                .iter()
+                .map(|_| deploy_one(ctx, fence, command_id, &challenge)),
+        )
+        .await;
+        if let Err(e) = ctx.store.release_refill_slots(&slots).await {
+            // Their lease frees them when this worker goes; until then the
+            // cluster runs fewer refills.
+            tracing::warn!(error = %e, "refill slots not given back");
+        }
+        let mut deployed = 0;
+        let mut failure = None;
+        for d in deploys {
+            match d {
+                Ok(()) => deployed += 1,
+                Err(e) => failure = failure.or(Some(e)),
+            }
+        }
+        return match failure {
+            Some(e) => Err(e),
+            None => Ok(Round::Deployed(deployed)),
+        };
     }
-    if pooled > challenge.min {
+    if pooled > plan.keep {
         let mut surplus: Vec<InstanceRecord> = instances
             .into_iter()
             .filter(|r| r.source_id.is_none())
@@ -132,13 +152,13 @@ async fn round(
         surplus.sort_by_key(|r| (r.since.seconds, r.since.nanos));
         let scenario = ctx.scenario(&challenge.scenario).await?;
         let mut destroyed = 0;
-        for rec in surplus.iter().rev().take((pooled - challenge.min) as usize) {
+        for rec in surplus.iter().rev().take((pooled - plan.keep) as usize) {
             let guard = ctx.lock_identity(cid, &rec.identity).await?;
             let locked = ctx.locked(&fence.clone().and(&guard.fence()));
             // Under the lock: still pooled (not claimed meanwhile)?
             let result = match ctx.store.find_identity(cid, &rec.identity).await {
                 Ok(Some(now)) if now.value.source_id.is_none() => {
-                    crate::failpoint::pause("pool-refill-before-destroy").await;
+                    failpoint::pause("pool-refill-before-destroy", "", Waits::First).await;
                     destroy_instance(&locked, &scenario, &now).await.map(|()| 1)
                 }
                 Ok(_) => Ok(0),
@@ -150,4 +170,89 @@ async fn round(
         return Ok(Round::Destroyed(destroyed));
     }
     Ok(Round::Done(challenge))
+}
+
+/// What this round aims at: `min` for a static pool; from the demand for an
+/// adaptive one.
+async fn plan(ctx: &Ctx, challenge: &ChallengeRecord, claimed: i64) -> Result<Plan, HandlerError> {
+    let want = match challenge.pool {
+        PoolMode::Static => Want::NONE,
+        PoolMode::Adaptive => {
+            let demand = ctx.store.get_demand(&challenge.id).await?;
+            demand.want(cm_core::pool_demand::unix_now(), &ctx.pools.tuning)
+        }
+    };
+    Ok(Plan::of(
+        challenge.pool,
+        challenge.min,
+        challenge.max,
+        claimed,
+        want,
+    ))
+}
+
+/// Between 1 and `want` of the cluster's refill slots, waiting up to the
+/// lock timeout for the first.
+async fn refill_slots(ctx: &Ctx, want: usize) -> Result<Vec<String>, HandlerError> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let slots = ctx
+            .store
+            .take_refill_slots(ctx.session.lease(), ctx.pools.refill_slots, want)
+            .await?;
+        if !slots.is_empty() {
+            return Ok(slots);
+        }
+        if started.elapsed() >= ctx.lock_timeout {
+            return Err(Transient::NoRefillSlot(ctx.lock_timeout).into());
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Deploys one pooled instance under a fresh identity's lock: a `deploying`
+/// reservation, `pulumi up`, ready. Its deploy time feeds an adaptive
+/// pool's estimate.
+async fn deploy_one(
+    ctx: &Ctx,
+    fence: &Fence,
+    command_id: &str,
+    challenge: &ChallengeRecord,
+) -> Result<(), HandlerError> {
+    let cid = &challenge.id;
+    let now = SystemTime::now();
+    let identity = Identity::random();
+    let guard = ctx.lock_identity(cid, &identity).await?;
+    let locked = ctx.locked(&fence.clone().and(&guard.fence()));
+    let mut record = InstanceRecord {
+        challenge_id: cid.to_owned(),
+        identity,
+        source_id: None,
+        status: InstanceStatus::Deploying,
+        since: to_timestamp(now),
+        last_renew: to_timestamp(now),
+        until: None,
+        connection_info: String::new(),
+        flags: Vec::new(),
+        additional: Default::default(),
+        command_id: command_id.to_owned(),
+        deployed_from: None,
+    };
+    let started = Instant::now();
+    let result = match locked
+        .store
+        .put_instance_rev(&record, None, Expect::Absent, None)
+        .await
+    {
+        Ok(revision) => Box::pin(deploy_reserved(&locked, challenge, &mut record, revision)).await,
+        Err(e) => Err(e.into()),
+    };
+    guard.release();
+    result?;
+    if challenge.pool == PoolMode::Adaptive {
+        ctx.note_deploy(cid, started.elapsed()).await;
+    }
+    Ok(())
 }

@@ -22,24 +22,31 @@ use super::{StackState, workspace::Workspace};
 /// How often the checkpoint file is looked at while the CLI runs.
 const POLL: Duration = Duration::from_millis(150);
 
-/// Receives each checkpoint an operation writes; the latest one wins.
+/// Receives the checkpoints an operation writes, at most one per interval;
+/// the latest one wins.
 #[derive(Debug)]
-pub struct CheckpointSink(watch::Sender<Option<StackState>>);
+pub struct CheckpointSink {
+    tx: watch::Sender<Option<StackState>>,
+    interval: Duration,
+}
 
 impl CheckpointSink {
-    /// A sink and the receiver its owner drains (see `watch::Receiver::changed`;
-    /// the receiver sees the last state even after the sink is dropped).
-    pub fn channel() -> (Self, watch::Receiver<Option<StackState>>) {
+    /// A sink taking at most one checkpoint per `interval` (each read parses
+    /// the whole state, and its owner stores it whole), and the receiver its
+    /// owner drains (see `watch::Receiver::changed`; the receiver sees the
+    /// last state even after the sink is dropped).
+    pub fn channel(interval: Duration) -> (Self, watch::Receiver<Option<StackState>>) {
         let (tx, rx) = watch::channel(None);
-        (Self(tx), rx)
+        (Self { tx, interval }, rx)
     }
 
     pub(crate) fn send(&self, state: StackState) {
-        self.0.send_replace(Some(state));
+        self.tx.send_replace(Some(state));
     }
 }
 
-/// Polls the workspace's checkpoint until `done`, sending each change.
+/// Polls the workspace's checkpoint until `done`, sending a change once
+/// the sink's interval has passed since the last one sent.
 pub(crate) async fn watch(
     ws: &Workspace,
     salt: &str,
@@ -48,16 +55,21 @@ pub(crate) async fn watch(
 ) {
     let path = ws.state_path();
     let mut last = stamp(&path).await;
+    let mut sent_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = done.cancelled() => return,
             _ = tokio::time::sleep(POLL) => {}
+        }
+        if sent_at.is_some_and(|t| t.elapsed() < sink.interval) {
+            continue;
         }
         let now = stamp(&path).await;
         if now == last {
             continue;
         }
         last = now;
+        sent_at = Some(tokio::time::Instant::now());
         // The backend replaces the file in one rename, so a read sees a whole
         // checkpoint; one that does not parse is skipped until the next.
         if let Ok(Some(state)) = ws.read_state(salt).await {

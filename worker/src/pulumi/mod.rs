@@ -84,6 +84,20 @@ impl StackState {
             .and_then(Value::as_array)
             .map_or(0, Vec::len)
     }
+
+    /// The URNs of the resources the stack holds (what an operator must
+    /// clean up by hand when the stack cannot be destroyed).
+    pub fn resource_urns(&self) -> Vec<String> {
+        self.checkpoint
+            .pointer("/checkpoint/latest/resources")
+            .and_then(Value::as_array)
+            .map(|rs| {
+                rs.iter()
+                    .filter_map(|r| r.get("urn").and_then(Value::as_str).map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// The result of a successful `up`.
@@ -107,6 +121,8 @@ pub struct Driver {
     scratch_dir: PathBuf,
     crypter: Crypter,
     compiling: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Pulumi runs (`up`, `destroy`) at once in this process, when bounded.
+    runs: Option<tokio::sync::Semaphore>,
 }
 
 impl Driver {
@@ -145,7 +161,25 @@ impl Driver {
             scratch_dir: config.cache_dir.join("scratch"),
             crypter: Crypter::new(config.passphrase),
             compiling: Mutex::new(HashMap::new()),
+            runs: None,
         })
+    }
+
+    /// This driver running at most `n` Pulumi operations at once (the
+    /// others wait their turn): a worker admits more commands than it runs
+    /// Pulumi for, so that commands without Pulumi (a pool claim, a renewal)
+    /// never wait behind deploys.
+    pub fn limit_runs(mut self, n: usize) -> Self {
+        self.runs = Some(tokio::sync::Semaphore::new(n.max(1)));
+        self
+    }
+
+    /// A turn to run Pulumi (none needed when runs are not bounded).
+    async fn turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        match &self.runs {
+            Some(runs) => runs.acquire().await.ok(),
+            None => None,
+        }
     }
 
     /// Validates the scenario in `dir` and compiles it once per digest.
@@ -261,6 +295,7 @@ impl Driver {
         previous: Option<&StackState>,
         sink: Option<&CheckpointSink>,
     ) -> Result<Deployment, DriverError> {
+        let _turn = self.turn().await;
         let started = std::time::Instant::now();
         let result = self
             .run_up(scenario, identity, additional, previous, sink)
@@ -357,6 +392,7 @@ impl Driver {
         state: &StackState,
         sink: Option<&CheckpointSink>,
     ) -> Result<StackState, DriverError> {
+        let _turn = self.turn().await;
         let started = std::time::Instant::now();
         let result = self.run_destroy(scenario, state, sink).await;
         observe("destroy", started, &result);

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod oncall;
+
 use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -19,13 +21,9 @@ pub const PASSPHRASE: &str = "e2e-test-passphrase";
 /// The configuration of an in-process worker against these servers.
 pub fn worker_config(nats: &str, etcd: &str, cache: PathBuf) -> cm_worker::WorkerConfig {
     cm_worker::WorkerConfig {
-        nats_url: nats.to_owned(),
-        nats: Default::default(),
-        etcd_endpoints: vec![etcd.to_owned()],
-        etcd_root: "/cm".into(),
-        store: StoreOptions::default(),
-        queue: Default::default(),
+        connection: cm_core::config::Connection::plain(nats, &[etcd.to_owned()]),
         concurrency: 4,
+        pulumi_runs: 0,
         scenarios_dir: cm_testkit::workspace_root().join("examples"),
         oci: Default::default(),
         driver: cm_worker::pulumi::DriverConfig {
@@ -37,8 +35,10 @@ pub fn worker_config(nats: &str, etcd: &str, cache: PathBuf) -> cm_worker::Worke
         lock_timeout: Duration::from_secs(60),
         quota: Default::default(),
         lease_ttl: 10,
+        checkpoint_interval: std::time::Duration::ZERO,
         shutdown_grace: Duration::from_secs(5),
         metrics_listen: None,
+        pools: Default::default(),
     }
 }
 
@@ -66,15 +66,32 @@ pub fn worker_command(nats_url: &str, etcd_endpoints: &str) -> Command {
     command
 }
 
+/// An in-process janitor's configuration against this stack: expiry ticks
+/// every `interval`, no sweeps, no pool reviews (set them on the result).
+pub fn janitor_config(stack: &Stack, interval: Duration) -> cm_janitor::JanitorConfig {
+    cm_janitor::JanitorConfig {
+        connection: cm_core::config::Connection {
+            nats_url: stack.nats.url.clone(),
+            nats: Default::default(),
+            etcd_endpoints: vec![stack.etcd.url.clone()],
+            etcd_root: "/cm".into(),
+            store: StoreOptions::default(),
+            queue: Default::default(),
+        },
+        interval,
+        once: false,
+        batch: 1000,
+        metrics_listen: None,
+        state_sweep: None,
+        orphan_sweep: None,
+        pool_review: None,
+    }
+}
+
 /// The configuration of an in-process API against these servers.
 pub fn api_config(nats: &str, etcd: &str) -> cm_api::ApiConfig {
     cm_api::ApiConfig {
-        nats_url: nats.to_owned(),
-        nats: Default::default(),
-        etcd_endpoints: vec![etcd.to_owned()],
-        etcd_root: "/cm".into(),
-        store: StoreOptions::default(),
-        queue: Default::default(),
+        connection: cm_core::config::Connection::plain(nats, &[etcd.to_owned()]),
         result_timeout: Duration::from_secs(120),
         nats_service: true,
         oci: Default::default(),
@@ -216,6 +233,28 @@ impl Stack {
     /// Whether worker `n` has exited, and how (`None` while it runs).
     pub fn worker_exit(&mut self, n: usize) -> Option<std::process::ExitStatus> {
         self.workers[n].try_wait().ok().flatten()
+    }
+
+    /// The stored Pulumi state of a stack, read through its pointer.
+    pub async fn stack_state_bytes(
+        &self,
+        cid: &str,
+        identity: &cm_core::Identity,
+    ) -> Option<Vec<u8>> {
+        let stored = self.store.get_stack(cid, identity).await.expect("store")?;
+        match stored {
+            cm_core::store::StoredStack::Inline(bytes) => Some(bytes),
+            cm_core::store::StoredStack::Pointer(p) => {
+                let nats = async_nats::connect(self.nats.url.as_str())
+                    .await
+                    .expect("nats");
+                let js = async_nats::jetstream::new(nats);
+                let states = cm_core::stack_store::StackStore::open(&js, self.store.root())
+                    .await
+                    .expect("state bucket");
+                Some(states.get(&p).await.expect("state object"))
+            }
+        }
     }
 
     /// The workers' logs, for failure messages.

@@ -1,0 +1,336 @@
+//! Replacements of an instance's stack (a reset) killed at their two crash
+//! windows: during the fresh identity's deploy, and after the switch but
+//! before the replaced stack's destroy. Either way a stack is left that no
+//! record names; its state is in the store (checkpoints are stored as
+//! Pulumi writes them), the janitor's orphan sweep finds it once no lock
+//! holds it, and a worker destroys it: the end state is one instance, one
+//! stack state, nothing deployed that nothing answers for.
+
+mod support;
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use cm_core::{Identity, store::StoreOptions};
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::Stack;
+
+/// The killed worker's lease: its locks are freed this long after it died.
+const SHORT_LEASE: (&str, &str) = ("CM_LEASE_TTL", "3");
+
+async fn janitor(stack: &Stack) -> cm_janitor::Janitor {
+    let js = async_nats::jetstream::new(
+        async_nats::connect(stack.nats.url.as_str())
+            .await
+            .expect("nats"),
+    );
+    let store = cm_core::store::Store::connect(
+        std::slice::from_ref(&stack.etcd.url),
+        "/cm",
+        &StoreOptions::default(),
+    )
+    .await
+    .expect("store");
+    cm_janitor::Janitor::new(store, js, 1000)
+}
+
+async fn create_ready(stack: &Stack, cid: &str, sid: &str, additional: Value) -> Identity {
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": cid, "scenario": "steps", "additional": additional})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": cid, "sourceId": sid})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    claimed_identity(stack, cid, sid).await
+}
+
+async fn claimed_identity(stack: &Stack, cid: &str, sid: &str) -> Identity {
+    stack
+        .store
+        .get_instance(cid, sid)
+        .await
+        .expect("store")
+        .expect("the instance exists")
+        .value
+        .identity
+}
+
+/// Queues a reset without waiting; returns its operation id.
+async fn queue_reset(stack: &Stack, cid: &str, sid: &str) -> String {
+    let (status, body) = stack
+        .call_with(
+            Method::POST,
+            &format!("/api/v1/instance/{cid}/{sid}/reset"),
+            None,
+            &[("Prefer", "respond-async")],
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    body["operationId"]
+        .as_str()
+        .expect("operation id")
+        .to_owned()
+}
+
+/// The identities that have a stack state under `cid`.
+async fn stacks(stack: &Stack, cid: &str) -> Vec<Identity> {
+    let prefix = format!("/cm/stack/{cid}/");
+    let resp = stack
+        .store
+        .client()
+        .get(
+            prefix.as_str(),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .expect("etcd");
+    resp.kvs()
+        .iter()
+        .filter_map(|kv| {
+            String::from_utf8_lossy(kv.key())
+                .strip_prefix(prefix.as_str())?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn step_count(state: &[u8]) -> usize {
+    let state: Value = serde_json::from_slice(state).expect("state is JSON");
+    state
+        .pointer("/checkpoint/checkpoint/latest/resources")
+        .and_then(Value::as_array)
+        .map_or(0, |rs| {
+            rs.iter().filter(|r| r["type"] == "cm:example:Step").count()
+        })
+}
+
+/// Runs orphan sweeps until `cid` has exactly the stack of `keep` left
+/// (the orphans destroyed by a worker, then their states deleted).
+async fn sweep_until_only(
+    stack: &Stack,
+    janitor: &cm_janitor::Janitor,
+    cid: &str,
+    keep: &Identity,
+) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = stacks(stack, cid).await;
+        if left == [keep.clone()] {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stacks left besides {keep}: {left:?}\n{}",
+            stack.worker_logs()
+        );
+        janitor.sweep_orphans().await.expect("sweep");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_killed_mid_deploy_leaves_an_orphan_the_janitor_reclaims() {
+    let mut stack = Stack::start(0).await;
+    stack.spawn_worker_with(&[SHORT_LEASE]);
+    let old = create_ready(
+        &stack,
+        "rs",
+        "team-a",
+        json!({"steps": "6", "step_ms": "600"}),
+    )
+    .await;
+    let op = queue_reset(&stack, "rs", "team-a").await;
+
+    // The fresh identity's deploy is half way: its checkpoints are stored
+    // under its own identity, which no record names yet.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let fresh = loop {
+        let mut found = None;
+        for identity in stacks(&stack, "rs").await {
+            if identity != old
+                && let Some(state) = stack.stack_state_bytes("rs", &identity).await
+                && step_count(&state) >= 2
+            {
+                found = Some(identity);
+            }
+        }
+        if let Some(identity) = found {
+            break identity;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint of the fresh identity stored while Pulumi ran\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let janitor = janitor(&stack).await;
+    assert!(
+        !stack
+            .store
+            .orphan_stacks()
+            .await
+            .expect("orphans")
+            .iter()
+            .any(|(_, i)| *i == fresh),
+        "a stack being deployed (its identity locked) is no orphan"
+    );
+    stack.kill_worker(0);
+
+    // Another worker answers the redelivered reset (with another fresh
+    // identity); the dead run's stack is an orphan once its lease is gone.
+    stack.spawn_worker();
+    let done = stack.wait_operation(&op, Duration::from_secs(120)).await;
+    assert_eq!(
+        done["state"],
+        "SUCCEEDED",
+        "{done}\n{}",
+        stack.worker_logs()
+    );
+    let now = claimed_identity(&stack, "rs", "team-a").await;
+    assert!(now != old && now != fresh, "reset to a third identity");
+    sweep_until_only(&stack, &janitor, "rs", &now).await;
+    assert!(
+        stack
+            .store
+            .orphan_stacks()
+            .await
+            .expect("orphans")
+            .is_empty(),
+        "nothing orphaned"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_killed_after_its_switch_leaves_the_old_stack_to_the_janitor() {
+    const PAUSE: &str = "instance-reset-before-retire";
+    let pauses = tempfile::tempdir().expect("tempdir");
+    let dir = pauses.path().to_str().expect("utf-8").to_owned();
+    let armed = format!("pause:{PAUSE}");
+    let mut stack = Stack::start(0).await;
+    stack.spawn_worker_with(&[
+        SHORT_LEASE,
+        ("CM_FAILPOINT", &armed),
+        ("CM_FAILPOINT_DIR", &dir),
+    ]);
+    let old = create_ready(&stack, "rt", "team-a", json!({"steps": "2"})).await;
+    let op = queue_reset(&stack, "rt", "team-a").await;
+    wait_paused(&stack, pauses.path(), PAUSE).await;
+    let switched = claimed_identity(&stack, "rt", "team-a").await;
+    assert_ne!(switched, old, "the record names the fresh identity");
+    let old_state = stack
+        .stack_state_bytes("rt", &old)
+        .await
+        .expect("old state kept");
+    assert_eq!(step_count(&old_state), 2, "the old stack is still deployed");
+    stack.kill_worker(0);
+
+    // The redelivered reset answers the switched record; the old stack,
+    // which no record names, is the janitor's to find.
+    stack.spawn_worker();
+    let done = stack.wait_operation(&op, Duration::from_secs(120)).await;
+    assert_eq!(
+        done["state"],
+        "SUCCEEDED",
+        "{done}\n{}",
+        stack.worker_logs()
+    );
+    assert_eq!(claimed_identity(&stack, "rt", "team-a").await, switched);
+    let janitor = janitor(&stack).await;
+    sweep_until_only(&stack, &janitor, "rt", &switched).await;
+    let logs = stack.worker_logs();
+    assert!(
+        logs.contains("orphaned stack destroyed"),
+        "a worker destroyed the old stack\n{logs}"
+    );
+}
+
+async fn wait_paused(stack: &Stack, dir: &Path, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !dir.join(format!("{name}.paused")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the pause {name} was never reached\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A pool refill whose worker dies mid-deploy leaves a reservation
+/// `Deploying` that the redelivered refill counts as pooled and nobody can
+/// claim: the pool stays one short for good. The orphan sweep hands it to a
+/// worker, which destroys what it holds and asks for a refill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refill_killed_mid_deploy_leaves_a_reservation_the_janitor_reclaims() {
+    let mut stack = Stack::start(0).await;
+    stack.spawn_worker_with(&[SHORT_LEASE]);
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({
+                "id": "pl", "scenario": "steps", "min": 1, "max": 0,
+                "additional": {"steps": "6", "step_ms": "600"}
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reserved = loop {
+        let pooled = stack.store.list_pooled("pl").await.expect("store");
+        if let Some(r) = pooled.first()
+            && let Some(state) = stack.stack_state_bytes("pl", &r.value.identity).await
+            && step_count(&state) >= 2
+        {
+            assert_eq!(r.value.status, cm_core::model::InstanceStatus::Deploying);
+            break r.value.identity.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no half-deployed pool reservation\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stack.kill_worker(0);
+    stack.spawn_worker();
+    let janitor = janitor(&stack).await;
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let ready = loop {
+        let pooled = stack.store.list_pooled("pl").await.expect("store");
+        if let [only] = pooled.as_slice()
+            && only.value.identity != reserved
+            && only.value.status == cm_core::model::InstanceStatus::Ready
+        {
+            break only.value.identity.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool never got a ready instance in place of the abandoned reservation: {pooled:?}\n{}",
+            stack.worker_logs()
+        );
+        janitor.sweep_orphans().await.expect("sweep");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    sweep_until_only(&stack, &janitor, "pl", &ready).await;
+}

@@ -23,8 +23,12 @@ use base64::Engine as _;
 use futures::TryStreamExt;
 use sha2::{Digest, Sha256};
 
-/// How many times a read starts over when the object is rewritten under it.
-const REWRITES_FOLLOWED: usize = 10;
+/// How long a read keeps starting over while the object is rewritten
+/// under it. A run rewrites its checkpoint at most once per checkpoint
+/// interval (2 s by default), so a read normally starts over once at most;
+/// a count would fail a read that is merely slower than a burst of
+/// rewrites (a loaded machine), a deadline only one that never catches up.
+const REWRITES_FOLLOWED_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Why an object could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +98,9 @@ pub async fn read<I>(
     limit: u64,
 ) -> Result<Option<ReadObject>, ObjectReadError> {
     let subject = meta_subject(bucket, name);
-    for _ in 0..REWRITES_FOLLOWED {
+    let deadline = tokio::time::Instant::now() + REWRITES_FOLLOWED_FOR;
+    let mut rewrites = 0;
+    while rewrites == 0 || tokio::time::Instant::now() < deadline {
         let Some(info) = last_info(stream, &subject).await? else {
             return Ok(None);
         };
@@ -112,11 +118,13 @@ pub async fn read<I>(
                         chunks: info.chunks,
                     });
                 }
+                rewrites += 1;
             }
         }
     }
     Err(ObjectReadError::Unavailable(format!(
-        "rewritten {REWRITES_FOLLOWED} times while being read"
+        "rewritten {rewrites} times in {} s while being read",
+        REWRITES_FOLLOWED_FOR.as_secs()
     )))
 }
 

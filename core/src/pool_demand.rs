@@ -7,10 +7,16 @@
 //! half ready for the claims that arrive meanwhile). The admin's `min` and
 //! `max` stay hard bounds.
 //!
-//! The claim rate is two exponentially decayed averages of the claims seen:
-//! a fast one (seconds: a burst moves it within a few claims) and a slow one
-//! (minutes). The pool follows the larger of the two, so it grows as soon as
-//! a burst starts and shrinks only once the slow average has come down too.
+//! The claim rate is three exponentially decayed averages of the claims
+//! seen: an onset one (a few seconds), a fast one (seconds) and a slow one
+//! (minutes). The pool follows the largest, so it grows as soon as a burst
+//! starts and shrinks only once the slow average has come down too. The
+//! onset average is what a burst's first claims move: with a time constant
+//! of a few seconds it reaches the burst's rate within a few claims, where
+//! the fast one takes its whole time constant. It leaves out the latest
+//! claim (it is the rate seen just before it), so a lone claim after a quiet
+//! spell, which says nothing of a rate, deploys no more than the fast
+//! average asks for.
 //! It grows below `target` and shrinks above `keep` (down to `keep`, not to
 //! `target`), and not at all while claims keep coming (one within the fast
 //! average's time constant): a steady rate, however noisy its estimate or
@@ -57,6 +63,8 @@ impl PoolMode {
 /// The estimator's settings (worker flags).
 #[derive(Debug, Clone, Copy)]
 pub struct Tuning {
+    /// Time constant of the onset claim-rate average.
+    pub onset: Duration,
     /// Time constant of the fast claim-rate average.
     pub fast: Duration,
     /// Time constant of the slow claim-rate average.
@@ -70,6 +78,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Self {
+            onset: Duration::from_secs(3),
             fast: Duration::from_secs(15),
             slow: Duration::from_secs(120),
             headroom: 2.0,
@@ -91,6 +100,11 @@ const DEPLOY_WEIGHT: f64 = 0.3;
 /// One challenge's demand, as stored (JSON) beside its records.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Demand {
+    /// Claims per second, onset average, as of `at` (the latest claim
+    /// counted in; [`Demand::rate_at`] leaves it out). Absent from
+    /// estimates stored before it existed: zero, filled by the next claims.
+    #[serde(default)]
+    pub onset_rate: f64,
     /// Claims per second, fast average, as of `at`.
     pub fast_rate: f64,
     /// Claims per second, slow average, as of `at`.
@@ -108,14 +122,18 @@ fn decay(rate: f64, elapsed: f64, tau: Duration) -> f64 {
     rate * (-elapsed.max(0.0) / tau).exp()
 }
 
+/// What one claim adds to an average of time constant `tau`.
+fn one_claim(tau: Duration) -> f64 {
+    1.0 / tau.as_secs_f64().max(1e-3)
+}
+
 impl Demand {
     /// A claim (served or not) at unix time `now`.
     pub fn claimed(&mut self, now: f64, tuning: &Tuning) {
         let elapsed = now - self.at;
-        self.fast_rate =
-            decay(self.fast_rate, elapsed, tuning.fast) + 1.0 / tuning.fast.as_secs_f64().max(1e-3);
-        self.slow_rate =
-            decay(self.slow_rate, elapsed, tuning.slow) + 1.0 / tuning.slow.as_secs_f64().max(1e-3);
+        self.onset_rate = decay(self.onset_rate, elapsed, tuning.onset) + one_claim(tuning.onset);
+        self.fast_rate = decay(self.fast_rate, elapsed, tuning.fast) + one_claim(tuning.fast);
+        self.slow_rate = decay(self.slow_rate, elapsed, tuning.slow) + one_claim(tuning.slow);
         self.at = self.at.max(now);
         self.claims += 1;
     }
@@ -133,10 +151,14 @@ impl Demand {
     }
 
     /// The claim rate the pool follows at unix time `now`, per second: the
-    /// larger of the two averages.
+    /// largest of the three averages (the onset one without the latest
+    /// claim).
     pub fn rate_at(&self, now: f64, tuning: &Tuning) -> f64 {
         let elapsed = now - self.at;
-        decay(self.fast_rate, elapsed, tuning.fast).max(decay(self.slow_rate, elapsed, tuning.slow))
+        let onset = (self.onset_rate - one_claim(tuning.onset)).max(0.0);
+        decay(onset, elapsed, tuning.onset)
+            .max(decay(self.fast_rate, elapsed, tuning.fast))
+            .max(decay(self.slow_rate, elapsed, tuning.slow))
     }
 
     /// The deploy time used: measured, else the assumed first one.
@@ -241,6 +263,7 @@ mod tests {
 
     fn tuning() -> Tuning {
         Tuning {
+            onset: Duration::from_secs(3),
             fast: Duration::from_secs(10),
             slow: Duration::from_secs(60),
             headroom: 2.0,
@@ -291,6 +314,44 @@ mod tests {
             after_fast > 0 && after_fast < during,
             "{during} {after_fast}"
         );
+    }
+
+    #[test]
+    fn the_first_claims_of_a_burst_grow_the_pool() {
+        let t = tuning();
+        let onset_off = Tuning { onset: t.fast, ..t };
+        let (mut with, mut without) = (Demand::default(), Demand::default());
+        with.deployed(3.0);
+        without.deployed(3.0);
+        // A burst of one claim a second, which needs 1/s x 3 s x 2 = 6:
+        // after its fourth claim the onset average asks for 4 (0.53/s), the
+        // fast one alone for 3 (0.35/s).
+        for i in 0..4 {
+            with.claimed(100.0 + f64::from(i), &t);
+            without.claimed(100.0 + f64::from(i), &onset_off);
+        }
+        let (early, late) = (with.wanted(103.0, &t), without.wanted(103.0, &onset_off));
+        assert!(early >= 4, "with the onset average: {early}");
+        assert!(early > late, "fast alone {late}, onset {early}");
+    }
+
+    #[test]
+    fn a_lone_claim_asks_no_more_than_the_fast_average_does() {
+        let t = tuning();
+        let mut d = Demand::default();
+        d.deployed(3.0);
+        d.claimed(1000.0, &t);
+        // The fast average alone: 1/10 per second x 3 s x 2 = 0.6, one.
+        assert_eq!(d.wanted(1000.0, &t), 1);
+    }
+
+    #[test]
+    fn an_estimate_stored_without_the_onset_average_still_reads() {
+        let stored =
+            r#"{"fast_rate":0.5,"slow_rate":0.1,"at":10.0,"deploy_seconds":2.0,"claims":7}"#;
+        let d: Demand = serde_json::from_str(stored).expect("an older estimate");
+        assert_eq!(d.onset_rate, 0.0);
+        assert!((d.rate_at(10.0, &tuning()) - 0.5).abs() < 1e-9);
     }
 
     #[test]

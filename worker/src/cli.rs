@@ -209,8 +209,14 @@ pub struct PoolArgs {
     #[arg(long, env = "CM_REFILL_BATCH", default_value_t = 4)]
     refill_batch: usize,
 
+    /// Time constant of the onset claim-rate average: how quickly an
+    /// adaptive pool sees a burst's first claims (kept between 100 ms and
+    /// the fast one's).
+    #[arg(long, env = "CM_POOL_RATE_ONSET", default_value = "3s", value_parser = humantime::parse_duration)]
+    pool_rate_onset: Duration,
+
     /// Time constant of the fast claim-rate average: how quickly an
-    /// adaptive pool sees a burst.
+    /// adaptive pool sees a sustained rate.
     #[arg(long, env = "CM_POOL_RATE_FAST", default_value = "15s", value_parser = humantime::parse_duration)]
     pool_rate_fast: Duration,
 
@@ -232,6 +238,10 @@ impl PoolArgs {
     fn settings(&self) -> crate::context::PoolSettings {
         crate::context::PoolSettings {
             tuning: cm_core::pool_demand::Tuning {
+                onset: self.pool_rate_onset.clamp(
+                    Duration::from_millis(100),
+                    self.pool_rate_fast.max(Duration::from_millis(100)),
+                ),
                 fast: self.pool_rate_fast.max(Duration::from_millis(100)),
                 slow: self.pool_rate_slow.max(self.pool_rate_fast),
                 headroom: if self.pool_headroom.is_finite() {

@@ -22,31 +22,24 @@ use support::Stack;
 const SHORT_LEASE: (&str, &str) = ("CM_LEASE_TTL", "3");
 
 async fn create_challenge(stack: &Stack, id: &str, additional: Value) {
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::POST,
             "/api/v1/challenge",
             Some(json!({"id": id, "scenario": "steps", "additional": additional})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
 }
 
 /// Queues an instance create without waiting; returns its operation id.
 async fn queue_instance(stack: &Stack, cid: &str, sid: &str) -> String {
-    let (status, body) = stack
-        .call_with(
+    stack
+        .submit_async(
             Method::POST,
             "/api/v1/instance",
             Some(json!({"challengeId": cid, "sourceId": sid})),
-            &[("Prefer", "respond-async")],
         )
-        .await;
-    assert_eq!(status, 202, "{body}");
-    body["operationId"]
-        .as_str()
-        .expect("operation id")
-        .to_owned()
+        .await
 }
 
 async fn record(stack: &Stack, cid: &str, sid: &str) -> Option<InstanceRecord> {
@@ -338,15 +331,13 @@ async fn die_at_failpoint(cid: &str, steps: u32, sid: &str, failpoint: &str) -> 
     stack.kill_worker(0);
     stack.spawn_worker_with(&[SHORT_LEASE, ("CM_FAILPOINT", failpoint)]);
     let op = queue_instance(&stack, cid, sid).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stack.worker_exit(1).is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the failpoint {failpoint} never fired\n{}",
-            stack.worker_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    stack
+        .wait_worker_exit(
+            1,
+            Duration::from_secs(60),
+            &format!("the failpoint {failpoint} never fired"),
+        )
+        .await;
     (stack, op)
 }
 
@@ -461,28 +452,12 @@ async fn worker_killed_right_after_a_delete_answers_deleted_on_redelivery() {
     );
     stack.kill_worker(0);
     stack.spawn_worker_with(&[SHORT_LEASE, ("CM_FAILPOINT", "instance-delete-after-write")]);
-    let (status, body) = stack
-        .call_with(
-            Method::DELETE,
-            "/api/v1/instance/gone/team-d",
-            None,
-            &[("Prefer", "respond-async")],
-        )
+    let op = stack
+        .submit_async(Method::DELETE, "/api/v1/instance/gone/team-d", None)
         .await;
-    assert_eq!(status, 202, "{body}");
-    let op = body["operationId"]
-        .as_str()
-        .expect("operation id")
-        .to_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stack.worker_exit(1).is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the failpoint never fired\n{}",
-            stack.worker_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    stack
+        .wait_worker_exit(1, Duration::from_secs(60), "the failpoint never fired")
+        .await;
     assert!(record(&stack, "gone", "team-d").await.is_none(), "deleted");
 
     stack.spawn_worker();
@@ -547,14 +522,13 @@ async fn failed_create_leaves_nothing_and_the_next_create_works() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::POST,
             "/api/v1/instance",
             Some(json!({"challengeId": "flaky", "sourceId": "team-d"})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
     assert_one_whole_instance(&stack, "flaky", "team-d", 4).await;
 }
 
@@ -596,14 +570,13 @@ async fn an_instance_stuck_in_a_failed_state_can_be_force_deleted() {
         "and keeps the records"
     );
 
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::DELETE,
             "/api/v1/instance/stuck/team-e?force=true",
             None,
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
     assert!(record(&stack, "stuck", "team-e").await.is_none());
     assert_eq!(count_keys(&stack, "/cm/stack/stuck/").await, 0);
     assert!(

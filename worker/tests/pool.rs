@@ -44,16 +44,7 @@ async fn wait_for(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_prefills_claims_without_pulumi_refills_within_max_and_drains() {
     let stack = Stack::start(2).await;
-    let (status, body) = stack
-        .call(
-            Method::POST,
-            "/api/v1/challenge",
-            Some(json!({
-                "id": "pooled", "scenario": "identity", "timeout": "600s", "min": 2, "max": "3"
-            })),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    stack.call_ok(Method::POST, "/api/v1/challenge", Some(json!({ "id": "pooled", "scenario": "identity", "timeout": "600s", "min": 2, "max": "3" }))).await;
     wait_for(&stack, "pooled", 3, |(ready, _, _)| ready == 2).await;
 
     let before = stack.store.list_instances("pooled").await.expect("store");
@@ -131,14 +122,13 @@ async fn pool_prefills_claims_without_pulumi_refills_within_max_and_drains() {
     .await;
 
     // min = 0 drains the pool; claimed instances stay.
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::PATCH,
             "/api/v1/challenge/pooled",
             Some(json!({"min": 0})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
     wait_for(&stack, "pooled", 3, |(_, pooled, total)| {
         pooled == 0 && total == 2
     })

@@ -28,22 +28,6 @@ use serde_json::{Value, json};
 use support::Stack;
 
 /// Waits until the pause `name` was reached by a worker.
-async fn wait_paused(stack: &Stack, dir: &Path, name: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !dir.join(format!("{name}.paused")).exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the pause {name} was never reached\n{}",
-            stack.worker_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn resume(dir: &Path, name: &str) {
-    std::fs::write(dir.join(format!("{name}.resume")), b"go").expect("resume file");
-}
-
 /// Watches every change under a challenge's instance records from the
 /// first revision on, and after each revision checks I1: no identity both
 /// pooled and claimed, no identity claimed by two sources.
@@ -190,17 +174,7 @@ async fn a_claim_racing_an_update_of_the_pooled_instance_never_shares_it() {
     let armed = format!("pause:{PAUSE}");
     let stack = Stack::start_with(2, &[("CM_FAILPOINT", &armed), ("CM_FAILPOINT_DIR", &dir)]).await;
     let mut checker = IdentityChecker::start(&stack, "race1").await;
-    let (status, body) = stack
-        .call(
-            Method::POST,
-            "/api/v1/challenge",
-            Some(json!({
-                "id": "race1", "scenario": "steps", "min": 1, "max": "1",
-                "additional": {"steps": "2"}
-            })),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    stack.call_ok(Method::POST, "/api/v1/challenge", Some(json!({ "id": "race1", "scenario": "steps", "min": 1, "max": "1", "additional": {"steps": "2"} }))).await;
     let deadline = Instant::now() + Duration::from_secs(90);
     let pooled = loop {
         let all = instances(&stack, "race1").await;
@@ -232,7 +206,7 @@ async fn a_claim_racing_an_update_of_the_pooled_instance_never_shares_it() {
         let status = resp.status().as_u16();
         (status, resp.text().await.unwrap_or_default())
     });
-    wait_paused(&stack, pauses.path(), PAUSE).await;
+    stack.wait_paused(pauses.path(), PAUSE).await;
 
     let (status, first) = stack
         .call(
@@ -248,7 +222,7 @@ async fn a_claim_racing_an_update_of_the_pooled_instance_never_shares_it() {
         "p1 claimed the pooled instance while its update was running (two transitions of one identity at once)"
     );
 
-    resume(pauses.path(), PAUSE);
+    support::resume(pauses.path(), PAUSE);
     let (status, body) = update.await.expect("update task");
     assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
 
@@ -292,25 +266,21 @@ async fn a_handler_whose_lease_was_lost_cannot_resurrect_a_deleted_instance() {
     let dir = pauses.path().to_str().expect("utf-8").to_owned();
     let armed = format!("pause:{PAUSE}");
     let stack = Stack::start_with(1, &[("CM_FAILPOINT", &armed), ("CM_FAILPOINT_DIR", &dir)]).await;
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::POST,
             "/api/v1/challenge",
             Some(json!({"id": "fence", "scenario": "steps", "additional": {"steps": "2"}})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
-    let (status, body) = stack
-        .call_with(
+    let op = stack
+        .submit_async(
             Method::POST,
             "/api/v1/instance",
             Some(json!({"challengeId": "fence", "sourceId": "p1"})),
-            &[("Prefer", "respond-async")],
         )
         .await;
-    assert_eq!(status, 202, "{body}");
-    let op = body["operationId"].as_str().expect("operation").to_owned();
-    wait_paused(&stack, pauses.path(), PAUSE).await;
+    stack.wait_paused(pauses.path(), PAUSE).await;
     let stale = claimed(&stack, "fence", "p1").await;
     assert_eq!(stale.status, InstanceStatus::Deploying);
 
@@ -338,7 +308,7 @@ async fn a_handler_whose_lease_was_lost_cannot_resurrect_a_deleted_instance() {
     );
 
     // The stale create resumes (if it still runs): its writes must fail.
-    resume(pauses.path(), PAUSE);
+    support::resume(pauses.path(), PAUSE);
     let done: Value = stack.wait_operation(&op, Duration::from_secs(120)).await;
     assert!(
         support::wait_drained(
@@ -598,17 +568,16 @@ async fn an_eviction_does_not_deadlock_with_a_create_on_the_victims_challenge() 
             .await;
         assert_eq!(status, 200, "{body}");
     }
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::POST,
             "/api/v1/instance",
             Some(json!({"challengeId": "a", "sourceId": "s"})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
 
     let evicting = queue_create(&stack, "b", "s").await;
-    wait_paused(&stack, pauses.path(), PAUSE).await;
+    stack.wait_paused(pauses.path(), PAUSE).await;
     let competing = queue_create(&stack, "a", "s").await;
     // The competing create has written its keys (source, challenge, slot)
     // and waits behind the evicting create's source lock.
@@ -632,7 +601,7 @@ async fn an_eviction_does_not_deadlock_with_a_create_on_the_victims_challenge() 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let started = Instant::now();
-    resume(pauses.path(), PAUSE);
+    support::resume(pauses.path(), PAUSE);
     for op in [&evicting, &competing] {
         stack.wait_operation(op, Duration::from_secs(60)).await;
     }
@@ -648,16 +617,13 @@ async fn an_eviction_does_not_deadlock_with_a_create_on_the_victims_challenge() 
 
 /// Queues an instance create (`Prefer: respond-async`); its operation id.
 async fn queue_create(stack: &Stack, cid: &str, sid: &str) -> String {
-    let (status, body) = stack
-        .call_with(
+    stack
+        .submit_async(
             Method::POST,
             "/api/v1/instance",
             Some(json!({"challengeId": cid, "sourceId": sid})),
-            &[("Prefer", "respond-async")],
         )
-        .await;
-    assert_eq!(status, 202, "{body}");
-    body["operationId"].as_str().expect("operation").to_owned()
+        .await
 }
 
 /// A refill deploys its pool one instance at a time; between two deploys it
@@ -687,7 +653,7 @@ async fn a_challenge_update_is_not_held_back_by_a_whole_refill() {
         .await;
     assert_eq!(status, 200, "{body}");
     // The refill deployed its first instance and is between two deploys.
-    wait_paused(&stack, pauses.path(), PAUSE).await;
+    stack.wait_paused(pauses.path(), PAUSE).await;
 
     let api = stack.api.clone();
     let http = stack.http.clone();
@@ -701,7 +667,7 @@ async fn a_challenge_update_is_not_held_back_by_a_whole_refill() {
         resp.status().as_u16()
     });
     let answered = tokio::time::timeout(Duration::from_secs(20), update).await;
-    resume(pauses.path(), PAUSE);
+    support::resume(pauses.path(), PAUSE);
     let status = answered
         .unwrap_or_else(|_| {
             panic!(
@@ -777,17 +743,16 @@ async fn a_claim_racing_a_refills_surplus_destroy_gets_a_whole_instance() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    wait_paused(&stack, pauses.path(), PAUSE).await;
+    stack.wait_paused(pauses.path(), PAUSE).await;
 
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::POST,
             "/api/v1/instance",
             Some(json!({"challengeId": "shrink", "sourceId": "p1"})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
-    resume(pauses.path(), PAUSE);
+    support::resume(pauses.path(), PAUSE);
     assert!(
         support::wait_drained(
             &stack.nats.url,
@@ -928,30 +893,21 @@ async fn a_lost_lease_stops_the_handler_and_kills_its_pulumi_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_renewal_never_writes_while_the_slot_or_the_challenge_is_locked() {
     let stack = Stack::start(1).await;
-    let (status, body) = stack
-        .call(
-            Method::POST,
-            "/api/v1/challenge",
-            Some(json!({"id": "rn", "scenario": "steps", "timeout": "600s", "additional": {"steps": "1"}})),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
-    let (status, body) = stack
-        .call(
+    stack.call_ok(Method::POST, "/api/v1/challenge", Some(json!({"id": "rn", "scenario": "steps", "timeout": "600s", "additional": {"steps": "1"}}))).await;
+    stack
+        .call_ok(
             Method::POST,
             "/api/v1/instance",
             Some(json!({"challengeId": "rn", "sourceId": "p1"})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
 
     // Uncontended: renewed at once.
     let before = until(&stack).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let (status, body) = stack
-        .call(Method::PATCH, "/api/v1/instance/rn/p1", None)
+    stack
+        .call_ok(Method::PATCH, "/api/v1/instance/rn/p1", None)
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
     let renewed = until(&stack).await;
     assert!(renewed > before, "renewed: {before:?} -> {renewed:?}");
 
@@ -963,19 +919,9 @@ async fn a_renewal_never_writes_while_the_slot_or_the_challenge_is_locked() {
         etcd.put(held, "", None).await.expect("put a lock key");
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let before = until(&stack).await;
-        let (status, body) = stack
-            .call_with(
-                Method::PATCH,
-                "/api/v1/instance/rn/p1",
-                None,
-                &[("Prefer", "respond-async")],
-            )
+        let op = stack
+            .submit_async(Method::PATCH, "/api/v1/instance/rn/p1", None)
             .await;
-        assert_eq!(status, 202, "{body}");
-        let op = body["operationId"]
-            .as_str()
-            .expect("operation id")
-            .to_owned();
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(
             until(&stack).await,

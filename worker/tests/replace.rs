@@ -8,10 +8,7 @@
 
 mod support;
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use cm_core::{Identity, store::StoreOptions};
 use reqwest::Method;
@@ -38,22 +35,20 @@ async fn janitor(stack: &Stack) -> cm_janitor::Janitor {
 }
 
 async fn create_ready(stack: &Stack, cid: &str, sid: &str, additional: Value) -> Identity {
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::POST,
             "/api/v1/challenge",
             Some(json!({"id": cid, "scenario": "steps", "additional": additional})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::POST,
             "/api/v1/instance",
             Some(json!({"challengeId": cid, "sourceId": sid})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
     claimed_identity(stack, cid, sid).await
 }
 
@@ -70,19 +65,13 @@ async fn claimed_identity(stack: &Stack, cid: &str, sid: &str) -> Identity {
 
 /// Queues a reset without waiting; returns its operation id.
 async fn queue_reset(stack: &Stack, cid: &str, sid: &str) -> String {
-    let (status, body) = stack
-        .call_with(
+    stack
+        .submit_async(
             Method::POST,
             &format!("/api/v1/instance/{cid}/{sid}/reset"),
             None,
-            &[("Prefer", "respond-async")],
         )
-        .await;
-    assert_eq!(status, 202, "{body}");
-    body["operationId"]
-        .as_str()
-        .expect("operation id")
-        .to_owned()
+        .await
 }
 
 /// The identities that have a stack state under `cid`.
@@ -233,7 +222,7 @@ async fn a_reset_killed_after_its_switch_leaves_the_old_stack_to_the_janitor() {
     ]);
     let old = create_ready(&stack, "rt", "team-a", json!({"steps": "2"})).await;
     let op = queue_reset(&stack, "rt", "team-a").await;
-    wait_paused(&stack, pauses.path(), PAUSE).await;
+    stack.wait_paused(pauses.path(), PAUSE).await;
     let switched = claimed_identity(&stack, "rt", "team-a").await;
     assert_ne!(switched, old, "the record names the fresh identity");
     let old_state = stack
@@ -263,18 +252,6 @@ async fn a_reset_killed_after_its_switch_leaves_the_old_stack_to_the_janitor() {
     );
 }
 
-async fn wait_paused(stack: &Stack, dir: &Path, name: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !dir.join(format!("{name}.paused")).exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the pause {name} was never reached\n{}",
-            stack.worker_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A pool refill whose worker dies mid-deploy leaves a reservation
 /// `Deploying` that the redelivered refill counts as pooled and nobody can
 /// claim: the pool stays one short for good. The orphan sweep hands it to a
@@ -283,17 +260,7 @@ async fn wait_paused(stack: &Stack, dir: &Path, name: &str) {
 async fn a_refill_killed_mid_deploy_leaves_a_reservation_the_janitor_reclaims() {
     let mut stack = Stack::start(0).await;
     stack.spawn_worker_with(&[SHORT_LEASE]);
-    let (status, body) = stack
-        .call(
-            Method::POST,
-            "/api/v1/challenge",
-            Some(json!({
-                "id": "pl", "scenario": "steps", "min": 1, "max": 0,
-                "additional": {"steps": "6", "step_ms": "600"}
-            })),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    stack.call_ok(Method::POST, "/api/v1/challenge", Some(json!({ "id": "pl", "scenario": "steps", "min": 1, "max": 0, "additional": {"steps": "6", "step_ms": "600"} }))).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let reserved = loop {
         let pooled = stack.store.list_pooled("pl").await.expect("store");

@@ -374,37 +374,27 @@ async fn the_apis_pending_record_never_replaces_a_recorded_result() {
 async fn a_command_whose_last_delivery_is_lost_is_dead_lettered_and_its_reservation_undone() {
     let mut stack = Stack::start_with(0, &[("CM_MAX_DELIVER", "1"), ("CM_ACK_WAIT", "2s")]).await;
     stack.spawn_worker();
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::POST,
             "/api/v1/challenge",
             Some(json!({"id": "lost", "scenario": "identity"})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
     stack.kill_worker(0);
     // The only delivery allowed dies after Pulumi deployed, before the
     // record says ready: a `deploying` reservation with a stack behind it.
     stack.spawn_worker_with(&[("CM_LEASE_TTL", "3"), ("CM_FAILPOINT", "after-up")]);
-    let (status, body) = stack
-        .call_with(
+    let op_id = stack
+        .submit_async(
             Method::POST,
             "/api/v1/instance",
             Some(json!({"challengeId": "lost", "sourceId": "team-l"})),
-            &[("Prefer", "respond-async")],
         )
         .await;
-    assert_eq!(status, 202, "{body}");
-    let op_id = body["operationId"].as_str().expect("operation").to_owned();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while stack.worker_exit(1).is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "after-up never fired\n{}",
-            stack.worker_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    stack
+        .wait_worker_exit(1, Duration::from_secs(120), "after-up never fired")
+        .await;
     let reservation = stack
         .store
         .get_instance("lost", "team-l")
@@ -462,14 +452,13 @@ async fn a_command_whose_last_delivery_is_lost_is_dead_lettered_and_its_reservat
         "nothing left in the command stream"
     );
     // The source can deploy again.
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::POST,
             "/api/v1/instance",
             Some(json!({"challengeId": "lost", "sourceId": "team-l"})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -526,14 +515,13 @@ async fn a_worker_brings_the_consumer_to_its_flags() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_retry_with_the_same_idempotency_key_has_one_effect_and_the_same_answer() {
     let stack = Stack::start(1).await;
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::POST,
             "/api/v1/challenge",
             Some(json!({"id": "idem", "scenario": "identity"})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
     let create = json!({"challengeId": "idem", "sourceId": "team-i"});
     let key = [("Idempotency-Key", "create-team-i-1")];
 
@@ -630,22 +618,20 @@ async fn a_retry_with_the_same_idempotency_key_has_one_effect_and_the_same_answe
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_challenge_update_on_a_single_permit_worker_finishes() {
     let stack = Stack::start_with(1, &[("CM_WORKER_CONCURRENCY", "1")]).await;
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::POST,
             "/api/v1/challenge",
             Some(json!({"id": "solo", "scenario": "echo-additional", "additional": {"v": "1"}})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::POST,
             "/api/v1/instance",
             Some(json!({"challengeId": "solo", "sourceId": "team-s"})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
     // The update waits for its instance's update, which needs the only
     // permit: the waiting update must not hold it.
     let update = stack.call(

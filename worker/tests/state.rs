@@ -23,14 +23,13 @@ use support::Stack;
 const ETCD_REQUEST_LIMIT: u64 = 1_572_864;
 
 async fn create_challenge(stack: &Stack, id: &str, additional: Value) {
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::POST,
             "/api/v1/challenge",
             Some(json!({"id": id, "scenario": "steps", "additional": additional})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
 }
 
 async fn states(stack: &Stack) -> StackStore {
@@ -74,14 +73,13 @@ async fn a_state_larger_than_etcd_accepts_is_deployed_stored_and_destroyed() {
     create_challenge(&stack, "big", json!({"steps": "12", "payload_kb": "256"})).await;
     let before = stack.store.space().await.expect("etcd status");
 
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::POST,
             "/api/v1/instance",
             Some(json!({"challengeId": "big", "sourceId": "team-a"})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
     let rec = stack
         .store
         .get_instance("big", "team-a")
@@ -143,10 +141,9 @@ async fn a_state_larger_than_etcd_accepts_is_deployed_stored_and_destroyed() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let (status, body) = stack
-        .call(Method::DELETE, "/api/v1/instance/big/team-a", None)
+    stack
+        .call_ok(Method::DELETE, "/api/v1/instance/big/team-a", None)
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
     assert!(
         stack
             .store

@@ -47,14 +47,13 @@ async fn run_strategy(strategy: &str) {
     let root = dir.path().to_str().expect("utf-8").to_owned();
     let stack = Stack::start_with(2, &[("CM_SCENARIOS_DIR", &root)]).await;
     let cid = format!("hot-{strategy}");
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::POST,
             "/api/v1/challenge",
             Some(json!({"id": cid, "scenario": "v1", "min": 1, "max": 0})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
     for source in ["a", "b"] {
         let (status, _) = stack
             .call(
@@ -87,14 +86,13 @@ async fn run_strategy(strategy: &str) {
         .map(|r| (r.source_id, r.identity))
         .collect();
 
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::PATCH,
             &format!("/api/v1/challenge/{cid}"),
             Some(json!({"scenario": "v2", "updateStrategy": strategy})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
 
     let after = instances(&stack, &cid).await;
     assert_eq!(after.len(), 3, "{after:?}");
@@ -176,46 +174,36 @@ async fn a_challenge_update_that_dies_before_its_fan_out_still_updates_every_ins
         ("CM_LEASE_TTL", "3"),
         ("CM_FAILPOINT", "challenge-update-before-fan-out"),
     ]);
-    let (status, body) = stack
-        .call(
+    stack
+        .call_ok(
             Method::POST,
             "/api/v1/challenge",
             Some(json!({"id": "fan", "scenario": "v1"})),
         )
         .await;
-    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
     for source in ["a", "b"] {
-        let (status, body) = stack
-            .call(
+        stack
+            .call_ok(
                 Method::POST,
                 "/api/v1/instance",
                 Some(json!({"challengeId": "fan", "sourceId": source})),
             )
             .await;
-        assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
     }
-    let (status, body) = stack
-        .call_with(
+    let op = stack
+        .submit_async(
             Method::PATCH,
             "/api/v1/challenge/fan",
             Some(json!({"scenario": "v2", "updateStrategy": "update_in_place"})),
-            &[("Prefer", "respond-async")],
         )
         .await;
-    assert_eq!(status, 202, "{body}");
-    let op = body["operationId"]
-        .as_str()
-        .expect("operation id")
-        .to_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stack.worker_exit(0).is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the worker never reached the failpoint\n{}",
-            stack.worker_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    stack
+        .wait_worker_exit(
+            0,
+            Duration::from_secs(60),
+            "the worker never reached the failpoint",
+        )
+        .await;
     let written = stack
         .store
         .get_challenge("fan")

@@ -302,6 +302,14 @@ impl Stack {
         (status, value)
     }
 
+    /// A call that must answer 200 OK: its body (the workers' logs on
+    /// failure).
+    pub async fn call_ok(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let (status, body) = self.call(method, path, body).await;
+        assert_eq!(status, 200, "{body}\n{}", self.worker_logs());
+        body
+    }
+
     /// A raw body (for malformed-input tests).
     pub async fn call_raw(
         &self,
@@ -318,6 +326,52 @@ impl Stack {
             .await
             .expect("request");
         (resp.status().as_u16(), resp.text().await.expect("body"))
+    }
+
+    /// Sends a command with `Prefer: respond-async`: its operation id (the
+    /// answer must be 202 Accepted).
+    pub async fn submit_async(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> String {
+        let (status, body) = self
+            .call_with(method, path, body, &[("Prefer", "respond-async")])
+            .await;
+        assert_eq!(status, 202, "{body}");
+        body["operationId"]
+            .as_str()
+            .expect("operation id")
+            .to_owned()
+    }
+
+    /// Waits until worker `n` has exited (a failpoint fired); fails after
+    /// `limit` with `what` and the workers' logs.
+    pub async fn wait_worker_exit(&mut self, n: usize, limit: Duration, what: &str) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.worker_exit(n).is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}\n{}",
+                self.worker_logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until a worker has stopped at the pause `name`
+    /// (`CM_PAUSE_DIR=dir`): the file `<name>.paused` appears.
+    pub async fn wait_paused(&self, dir: &std::path::Path, name: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while !dir.join(format!("{name}.paused")).exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the pause {name} was never reached\n{}",
+                self.worker_logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Polls `GET /api/v1/operation/{id}` until the operation has ended
@@ -365,4 +419,9 @@ impl Drop for Stack {
             let _ = tx.send(());
         }
     }
+}
+
+/// Lets a worker stopped at the pause `name` go on.
+pub fn resume(dir: &std::path::Path, name: &str) {
+    std::fs::write(dir.join(format!("{name}.resume")), b"go").expect("resume file");
 }

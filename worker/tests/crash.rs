@@ -120,15 +120,10 @@ async fn wait_locks_free(stack: &Stack) {
 /// Pulumi processes still running for `identity` (its stack name is on
 /// their command line).
 fn pulumi_processes(identity: &Identity) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|cmd| {
-            let text = String::from_utf8_lossy(cmd);
+    support::processes()
+        .iter()
+        .filter(|(_, args)| {
+            let text = args.join(" ");
             text.contains("pulumi") && text.contains(identity.as_str())
         })
         .count()

@@ -6,107 +6,23 @@
 
 mod support;
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration, time::Instant};
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use cm_core::{Identity, Secret};
 use cm_worker::pulumi::{Driver, DriverConfig, StackState};
 use reqwest::Method;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use support::Stack;
-use tokio::{io::AsyncReadExt, net::TcpStream};
-
-/// argv[0] of every server the provider starts.
-const SERVER_BINARY: &str = "pulumi-resource-localservice";
+use support::{
+    Stack,
+    services::{Reaper, kill, port_of, read_answer, server_pids, wait_refused},
+};
+use tokio::net::TcpStream;
 
 /// The flag the tcp-flag example derives, computed independently here.
 fn expected_flag(identity: &Identity) -> String {
     let digest = Sha256::digest(format!("tcp-flag:{identity}"));
     format!("CTF{{{}}}", &hex::encode(digest)[..16])
-}
-
-/// The port of `nc 127.0.0.1 <port>`.
-fn port_of(connection_info: &str) -> u16 {
-    let parts: Vec<&str> = connection_info.split_whitespace().collect();
-    assert_eq!(
-        parts.first().zip(parts.get(1)),
-        Some((&"nc", &"127.0.0.1")),
-        "connection info {connection_info:?}"
-    );
-    parts
-        .get(2)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {connection_info:?}"))
-}
-
-/// Live server processes for `port`, found by their command line
-/// (`pulumi-resource-localservice serve --port <port>`) in /proc.
-fn server_pids(port: u16) -> Vec<u32> {
-    let want = ["serve", "--port", &port.to_string()].map(str::to_owned);
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if args.len() == 4 && args[0].ends_with(SERVER_BINARY) && args[1..] == want {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-fn kill(pid: u32) {
-    let status = std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill -KILL {pid}");
-}
-
-/// Kills, when the test ends (also on a failure), any server still
-/// listening on the ports it saw, so that a failed run leaves no process.
-#[derive(Default)]
-struct Reaper(Vec<u16>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for port in &self.0 {
-            for pid in server_pids(*port) {
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
-            }
-        }
-    }
-}
-
-/// The line the service on `port` answers with.
-async fn read_answer(port: u16) -> std::io::Result<String> {
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut buf))
-        .await
-        .map_err(|_| std::io::Error::other("no answer within 5 s"))??;
-    Ok(String::from_utf8_lossy(&buf).into_owned())
-}
-
-/// Waits until `port` refuses connections.
-async fn wait_refused(port: u16) -> bool {
-    for _ in 0..100 {
-        match TcpStream::connect(("127.0.0.1", port)).await {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,7 +53,7 @@ async fn tcp_flag_instances_serve_their_flag_and_are_gone_after_delete() {
         assert_eq!(status, 200, "{created}\n{}", stack.worker_logs());
         let info = created["connectionInfo"].as_str().expect("connectionInfo");
         let port = port_of(info);
-        reaper.0.push(port);
+        reaper.watch(port);
         eprintln!("create {source} (through the API): {elapsed:?}");
 
         let flag = created["flags"][0].as_str().expect("flags[0]").to_owned();
@@ -246,7 +162,7 @@ async fn a_dead_server_is_replaced_by_up_and_destroy_does_not_mind() {
         .expect("up");
     eprintln!("driver up (new stack): {:?}", started.elapsed());
     let port = port_of(&first.outputs.connection_info);
-    reaper.0.push(port);
+    reaper.watch(port);
     assert_eq!(first.outputs.flags, vec![flag.clone()]);
     assert_eq!(
         read_answer(port).await.expect("answer"),
@@ -271,7 +187,7 @@ async fn a_dead_server_is_replaced_by_up_and_destroy_does_not_mind() {
         started.elapsed()
     );
     let new_port = port_of(&second.outputs.connection_info);
-    reaper.0.push(new_port);
+    reaper.watch(new_port);
     assert_eq!(
         read_answer(new_port).await.expect("answer"),
         format!("{flag}\n")

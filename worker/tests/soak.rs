@@ -3,7 +3,8 @@
 //! Topology: a 3-node nats-server cluster (streams at replicas 3), a
 //! 3-member etcd cluster, two APIs and two janitors (in-process), three
 //! worker processes and the queue-lag exporter. Clients create, read, renew,
-//! reset and delete instances on three challenges (one plain, one pooled
+//! reset and delete instances on three challenges (one plain, whose
+//! scenario, `tcp-flag`, runs a real TCP service per instance, one pooled
 //! whose scenario an admin keeps updating, in place, by recreation or blue/
 //! green at random, and whose pool it resizes, one
 //! whose short timeout it changes and that the janitors expire), over REST
@@ -27,6 +28,9 @@
 //! - I3: every record has its stack state, and that state reads back
 //!   whole (its object and every chunk of it are there); no stack state is
 //!   left that no record names (the janitor's orphan sweep reclaims them);
+//!   every `plain` instance's service answers on its recorded port with its
+//!   flag, and no service started during the run is left that no record
+//!   names (a leaked server process, a port nothing answers for);
 //! - I4: the last answer a client saw stands (an instance created or reset,
 //!   and not deleted or expired since, is still there with the same
 //!   connection info; one deleted is gone), unless a later request's outcome
@@ -218,27 +222,11 @@ fn child_of_our_workers(pid: u32, ports: &[u16]) -> bool {
 /// The `pulumi` runs of this soak's workers alive now: (stack, pid) of every
 /// process whose program is `pulumi` and whose arguments name a `--stack`.
 fn pulumi_runs(ports: &[u16]) -> Vec<(String, u32)> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
     let mut runs = Vec::new();
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let is_pulumi = args.first().is_some_and(|a| {
-            std::path::Path::new(a)
-                .file_name()
-                .is_some_and(|f| f == "pulumi")
-        });
+    for (pid, args) in support::processes() {
+        let is_pulumi = std::path::Path::new(&args[0])
+            .file_name()
+            .is_some_and(|f| f == "pulumi");
         if !is_pulumi {
             continue;
         }
@@ -435,6 +423,9 @@ async fn soak_with_random_faults_keeps_the_invariants() {
     let limit = duration();
     eprintln!("soak: seed {seed} (CM_SOAK_SEED={seed} replays it), faults for {limit:?}");
     let mut rng = StdRng::seed_from_u64(seed);
+    cm_testkit::provider_plugin("localservice");
+    // The services deployed during the run, killed when it ends.
+    let services = support::services::NewServers::since_now();
 
     let mut nats = NatsCluster::start(3).await;
     let mut etcd = EtcdCluster::start(3);
@@ -528,7 +519,7 @@ async fn soak_with_random_faults_keeps_the_invariants() {
 
     // The challenges.
     let challenges = [
-        json!({"id": "plain", "scenario": "identity"}),
+        json!({"id": "plain", "scenario": "tcp-flag"}),
         json!({"id": "pooled", "scenario": "steps", "min": "1", "max": "3",
                "additional": {"steps": "2", "step_ms": "200"}}),
         json!({"id": "short", "scenario": "identity", "timeout": "8s"}),
@@ -940,6 +931,41 @@ async fn soak_with_random_faults_keeps_the_invariants() {
             }
         }
     }
+    // I3 on the live side: every `plain` instance's service answers its
+    // flag on the recorded port; no service is running that no record names.
+    let mut served_ports = BTreeSet::new();
+    for r in store.list_instances("plain").await.expect("instances") {
+        let who = r.source_id.clone().unwrap_or_else(|| "pool".into());
+        let Some(port) = support::services::try_port_of(&r.connection_info) else {
+            violations.push(format!(
+                "I3: plain/{} ({who}) has no service address: {:?}",
+                r.identity, r.connection_info
+            ));
+            continue;
+        };
+        served_ports.insert(port);
+        match support::services::read_answer(port).await {
+            Ok(answer) if r.flags.iter().any(|f| answer == format!("{f}\n")) => {}
+            // The answer may be another instance's flag: print its length only.
+            Ok(answer) => violations.push(format!(
+                "I3: plain/{} ({who}): the service on port {port} answers another text ({} bytes)",
+                r.identity,
+                answer.len()
+            )),
+            Err(e) => violations.push(format!(
+                "I3: plain/{} ({who}): no service on its port {port}: {e}",
+                r.identity
+            )),
+        }
+    }
+    for (pid, port) in services.started() {
+        if !served_ports.contains(&port) {
+            violations.push(format!(
+                "I3: a service (pid {pid}, port {port}) is running that no record names"
+            ));
+        }
+    }
+    let (services_recorded, services_running) = (served_ports.len(), services.started().len());
     for (identity, who) in &owners {
         if who.len() > 1 {
             violations.push(format!("I1: {identity} is held by {who:?}"));
@@ -1054,6 +1080,9 @@ async fn soak_with_random_faults_keeps_the_invariants() {
          (group_interval 2m); the pager received {paged:?}"
     );
     eprintln!("  I2 sampler: {samples_with_runs} samples (100 ms apart) saw pulumi runs");
+    eprintln!(
+        "  I3 services: {services_recorded} recorded by plain instances, {services_running} running"
+    );
     eprintln!("  violations: {}", violations.len());
     for v in &violations {
         eprintln!("    {v}");

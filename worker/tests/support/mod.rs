@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod oncall;
+pub mod services;
 
 use std::{
     path::PathBuf,
@@ -424,4 +425,30 @@ impl Drop for Stack {
 /// Lets a worker stopped at the pause `name` go on.
 pub fn resume(dir: &std::path::Path, name: &str) {
     std::fs::write(dir.join(format!("{name}.resume")), b"go").expect("resume file");
+}
+
+/// Every process alive now: its pid and its arguments (`/proc/<pid>/cmdline`;
+/// zombies, which have none, are left out).
+pub fn processes() -> Vec<(u32, Vec<String>)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !args.is_empty() {
+            found.push((pid, args));
+        }
+    }
+    found
 }

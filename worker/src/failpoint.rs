@@ -37,6 +37,10 @@
 //!   is done, its record not written yet;
 //! - `instance-reset-before-retire` (first): a reset switched the record to
 //!   its fresh identity and is about to destroy the old stack.
+//!
+//! `CM_FAILPOINT=lose-answer:<point>` loses the answer of the first write
+//! at that point in this process and applies the write late ([`answer_lost`]):
+//! - `instance-write`: an instance record written with a new stack state.
 
 use std::{path::PathBuf, sync::OnceLock, time::Duration};
 
@@ -73,6 +77,16 @@ pub fn hit(name: &str) {
         tracing::error!(failpoint = name, "failpoint reached: aborting");
         std::process::abort();
     }
+}
+
+/// Whether the write at `name` is to lose its answer and apply late
+/// (`lose-answer:<name>` armed): true for the first write to reach it in
+/// this process, as when etcd's leader dies holding the request and the next
+/// one applies it after the writer gave up waiting.
+pub fn answer_lost(name: &str) -> bool {
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let wanted = format!("lose-answer:{name}");
+    armed().contains(&wanted) && !TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst)
 }
 
 /// Which arrivals at a pause point wait for its resume.

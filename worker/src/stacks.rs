@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use crate::{
     context::{Ctx, Locked},
     error::HandlerError,
+    failpoint,
     pulumi::{CheckpointSink, StackState},
 };
 
@@ -73,8 +74,15 @@ impl Committed {
     pub(crate) fn of<T>(written: &Result<T, StoreError>) -> Self {
         match written {
             Ok(_) => Self::Yes,
-            Err(StoreError::Unavailable(_) | StoreError::Connect { .. }) => Self::Unknown,
-            Err(_) => Self::No,
+            Err(e) => Self::of_error(e),
+        }
+    }
+
+    /// Of a store write that failed with `e`.
+    fn of_error(e: &StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) | StoreError::Connect { .. } => Self::Unknown,
+            _ => Self::No,
         }
     }
 
@@ -82,16 +90,14 @@ impl Committed {
     pub(crate) fn of_step<T>(written: &Result<T, HandlerError>) -> Self {
         match written {
             Ok(_) => Self::Yes,
-            Err(HandlerError::Transient(crate::error::Transient::Store(
-                StoreError::Unavailable(_) | StoreError::Connect { .. },
-            ))) => Self::Unknown,
+            Err(HandlerError::Transient(crate::error::Transient::Store(e))) => Self::of_error(e),
             Err(_) => Self::No,
         }
     }
 }
 
 /// A state stored in the object store whose pointer is not written yet.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Staged {
     cid: String,
     identity: Identity,
@@ -112,20 +118,26 @@ impl Staged {
     /// any more, and the command's answer need not wait for it.
     ///
     /// A transaction that failed for want of etcd (the request or its
-    /// answer lost) may have committed all the same: the pointer is read
-    /// back, and the object is kept while that cannot be known (the sweep
-    /// collects it if no pointer names it).
+    /// answer lost) may have committed, or may still commit: a request
+    /// etcd's leader took before it died is applied by the next leader,
+    /// after any read that says it was not. So a read back that finds the
+    /// pointer proves the commit, and one that does not proves nothing:
+    /// both objects are kept then (the state sweep collects whichever no
+    /// pointer names). The soak found the other way round: a pointer
+    /// committed after its object was removed, a stack no one could
+    /// destroy.
     pub(crate) async fn settle(self, ctx: &Ctx, committed: Committed) {
         let committed = match committed {
             Committed::Yes => true,
             Committed::No => false,
             Committed::Unknown => {
-                match names(&ctx.store, &self.cid, &self.identity, &self.pointer.object).await {
-                    Some(named) => named,
-                    None => {
-                        tracing::warn!(object = %self.pointer.object, "whether the state was recorded is unknown; its object is kept");
-                        return;
-                    }
+                if names(&ctx.store, &self.cid, &self.identity, &self.pointer.object).await
+                    == Some(true)
+                {
+                    true
+                } else {
+                    tracing::warn!(object = %self.pointer.object, "whether the state was recorded is unknown; its object and the one it replaces are kept");
+                    return;
                 }
             }
         };
@@ -178,6 +190,12 @@ pub(crate) async fn write_record(
         Some(s) => Some(stage(ctx, &record.challenge_id, &record.identity, s).await?),
         None => None,
     };
+    if let Some(staged) = staged
+        .as_ref()
+        .filter(|_| failpoint::answer_lost("instance-write"))
+    {
+        return write_late(ctx, record, staged, expect, previous).await;
+    }
     let written = ctx
         .store
         .put_instance_rev(
@@ -191,6 +209,35 @@ pub(crate) async fn write_record(
         staged.settle(ctx, Committed::of(&written)).await;
     }
     Ok(written?)
+}
+
+/// The `lose-answer:instance-write` failpoint: the write's answer is lost,
+/// the staged state settled as unknown (its read back finds no pointer
+/// yet), and then the write applies, as etcd may apply a request after its
+/// sender gave up on it. The handler sees etcd unavailable.
+async fn write_late(
+    ctx: &Locked<'_>,
+    record: &InstanceRecord,
+    staged: &Staged,
+    expect: Expect,
+    previous: Option<&InstanceRecord>,
+) -> Result<i64, HandlerError> {
+    staged.clone().settle(ctx, Committed::Unknown).await;
+    let late = ctx
+        .store
+        .put_instance_rev(record, Some(&staged.pointer), expect, previous)
+        .await;
+    tracing::warn!(
+        applied = late.is_ok(),
+        "failpoint: a record write's answer was lost and the write applied late"
+    );
+    Err(StoreError::Connect {
+        endpoints: "(failpoint)".into(),
+        detail: "the answer to the record write was lost".into(),
+        hint: "",
+        permanent: false,
+    }
+    .into())
 }
 
 /// Deletes an instance's records, guarded by `expect`, and its state.
@@ -290,6 +337,8 @@ pub(crate) fn persist_checkpoints(
         let mut replaced = stored_object(&store, &cid, &identity).await.ok().flatten();
         let live = objects.checkpoint_object(&cid, &identity);
         let (mut written, mut pointed) = (false, false);
+        // A pointer write etcd did not answer may still be applied later.
+        let mut maybe_pointed = false;
         let mut last_digest = None;
         let (mut stored, mut total) = (0u64, 0u64);
         while rx.changed().await.is_ok() {
@@ -323,6 +372,7 @@ pub(crate) fn persist_checkpoints(
                         break;
                     }
                     Err(e) => {
+                        maybe_pointed |= Committed::of_error(&e) == Committed::Unknown;
                         tracing::warn!(error = %e, "checkpoint pointer not stored; the next checkpoint tries again");
                         continue;
                     }
@@ -331,10 +381,10 @@ pub(crate) fn persist_checkpoints(
             last_digest = Some(digest);
             (stored, total) = (stored + 1, total + bytes.len() as u64);
         }
-        // Never pointed to, as far as this task knows; an answer lost on
-        // the way may have hidden a pointer write that went through.
-        if written && !pointed && names(&store, &cid, &identity, &live.object).await == Some(false)
-        {
+        // Never pointed to, as far as this task knows. A pointer write
+        // whose answer was lost may go through later (see
+        // `Staged::settle`): then the object is kept for the sweep.
+        if written && !pointed && !maybe_pointed {
             remove_object(&objects, &live.object).await;
         }
         if stored > 0 {

@@ -642,3 +642,68 @@ async fn a_command_published_twice_with_one_id_has_one_effect() {
     assert_eq!(done["state"], "SUCCEEDED", "{done}");
     assert_one_whole_instance(&stack, "twice", "team-f", 1).await;
 }
+
+/// A record write whose answer is lost may still be applied afterwards:
+/// etcd applies a request its dead leader held once the next leader is
+/// elected, possibly after the writer read back and found nothing. The
+/// writer must keep the state object such a late write names. Before the
+/// fix its read back said "not written" and the object was removed; the
+/// late write then left a record whose stack state was missing for good,
+/// a stack no delete or reclaim could destroy (the 30-minute soak, seed
+/// `1796178929612929049`, left 13 of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_write_applied_after_its_answer_was_lost_keeps_its_state() {
+    let stack = Stack::start_with(1, &[("CM_FAILPOINT", "lose-answer:instance-write")]).await;
+    stack
+        .call_ok(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "late", "scenario": "identity"})),
+        )
+        .await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "late", "sourceId": "team-l"})),
+        )
+        .await;
+    assert!(
+        stack
+            .worker_logs()
+            .contains("a record write's answer was lost and the write applied late"),
+        "the failpoint fired\n{}",
+        stack.worker_logs()
+    );
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    let rec = record(&stack, "late", "team-l")
+        .await
+        .expect("the instance exists");
+    let stored = stack
+        .store
+        .get_stack("late", &rec.identity)
+        .await
+        .expect("store")
+        .expect("a stack pointer");
+    let cm_core::store::StoredStack::Pointer(pointer) = stored else {
+        panic!("a pointer, not an inline state");
+    };
+    let js = async_nats::jetstream::new(
+        async_nats::connect(stack.nats.url.as_str())
+            .await
+            .expect("nats"),
+    );
+    let states = cm_core::stack_store::StackStore::open(&js, stack.store.root())
+        .await
+        .expect("state bucket");
+    if let Err(e) = states.get(&pointer).await {
+        panic!(
+            "the recorded stack state does not read back: {e}\n{}",
+            stack.worker_logs()
+        );
+    }
+    stack
+        .call_ok(Method::DELETE, "/api/v1/instance/late/team-l", None)
+        .await;
+    assert!(record(&stack, "late", "team-l").await.is_none(), "deleted");
+}

@@ -197,17 +197,18 @@ impl Drop for Workers {
     }
 }
 
+/// The parent process of `pid`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1.to_owned();
+    after.split_whitespace().nth(1)?.parse::<u32>().ok()
+}
+
 /// Whether `pid`'s parent is one of this soak's workers (known by the
 /// `/metrics` port in its environment): other tests' runs on the machine
 /// are not this soak's business.
 fn child_of_our_workers(pid: u32, ports: &[u16]) -> bool {
-    let Some(ppid) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let after = stat.rsplit_once(')')?.1.to_owned();
-            after.split_whitespace().nth(1)?.parse::<u32>().ok()
-        })
-    else {
+    let Some(ppid) = parent_of(pid) else {
         return false;
     };
     let Ok(environ) = std::fs::read(format!("/proc/{ppid}/environ")) else {
@@ -240,14 +241,43 @@ fn pulumi_runs(ports: &[u16]) -> Vec<(String, u32)> {
     runs
 }
 
+/// A sample in which one stack had two `pulumi` runs at once (I2).
+#[derive(Debug, Default)]
+struct Overlap {
+    stack: String,
+    /// ms since the soak's start.
+    at_ms: u128,
+    /// The runs' pids and their workers' pids.
+    runs: Vec<(u32, Option<u32>)>,
+}
+
+/// A worker the nemesis stopped (SIGSTOP): its pid, from when, until when
+/// (ms since the soak's start; `None` while stopped).
+type Frozen = Arc<Mutex<Vec<(u32, u128, Option<u128>)>>>;
+
+/// The known I2 gap (docs/invariants.md, "Not done here"): a worker frozen
+/// past its lease leaves its `pulumi` child running while the next holder
+/// starts its own, until the frozen worker resumes and kills it. An overlap
+/// one of whose runs belongs to a worker frozen then (or resumed less than
+/// 2 s before) is that gap; any other is a violation.
+fn frozen_holder(overlap: &Overlap, frozen: &[(u32, u128, Option<u128>)]) -> bool {
+    overlap.runs.iter().any(|(_, worker)| {
+        frozen.iter().any(|(pid, from, to)| {
+            Some(*pid) == *worker
+                && *from <= overlap.at_ms
+                && to.is_none_or(|to| overlap.at_ms <= to + 2000)
+        })
+    })
+}
+
 /// Samples the `pulumi` runs every 100 ms until `stop`; returns each time
-/// one stack had two runs at once (I2), with when (ms since `start`), and
-/// how many samples saw a run at all (a check that saw none proved nothing).
+/// one stack had two runs at once (I2), and how many samples saw a run at
+/// all (a check that saw none proved nothing).
 async fn watch_pulumi_runs(
     start: Instant,
     ports: Vec<u16>,
     stop: tokio_util::sync::CancellationToken,
-) -> (Vec<String>, usize) {
+) -> (Vec<Overlap>, usize) {
     let mut seen = Vec::new();
     let mut busy = 0;
     while !stop.is_cancelled() {
@@ -258,11 +288,11 @@ async fn watch_pulumi_runs(
         busy += usize::from(!by_stack.is_empty());
         for (stack, pids) in by_stack {
             if pids.len() > 1 {
-                seen.push(format!(
-                    "I2: stack {stack} had {} pulumi runs at once at {} ms (pids {pids:?})",
-                    pids.len(),
-                    start.elapsed().as_millis()
-                ));
+                seen.push(Overlap {
+                    stack,
+                    at_ms: start.elapsed().as_millis(),
+                    runs: pids.iter().map(|p| (*p, parent_of(*p))).collect(),
+                });
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -667,6 +697,7 @@ async fn soak_with_random_faults_keeps_the_invariants() {
     }
 
     // I2, watched while anything runs.
+    let frozen: Frozen = Arc::default();
     let stop_watch = tokio_util::sync::CancellationToken::new();
     let run_watch = tokio::spawn(watch_pulumi_runs(
         start,
@@ -733,6 +764,8 @@ async fn soak_with_random_faults_keeps_the_invariants() {
             }
             _ => {
                 let i = rng.gen_range(0..WORKERS);
+                let pid = workers.children[i].as_ref().map(Child::id);
+                let from = start.elapsed().as_millis();
                 workers.signal(i, "-STOP");
                 *faults
                     .counts
@@ -740,6 +773,13 @@ async fn soak_with_random_faults_keeps_the_invariants() {
                     .or_default() += 1;
                 tokio::time::sleep(Duration::from_secs(LEASE_TTL + 2)).await;
                 workers.signal(i, "-CONT");
+                if let Some(pid) = pid {
+                    frozen.lock().expect("frozen").push((
+                        pid,
+                        from,
+                        Some(start.elapsed().as_millis()),
+                    ));
+                }
             }
         }
     }
@@ -860,7 +900,23 @@ async fn soak_with_random_faults_keeps_the_invariants() {
     // The checker.
     stop_watch.cancel();
     let history = history.lock().expect("history").clone();
-    let (mut violations, samples_with_runs) = run_watch.await.unwrap_or_default();
+    let (overlaps, samples_with_runs) = run_watch.await.unwrap_or_default();
+    let frozen = frozen.lock().expect("frozen").clone();
+    let (known_overlaps, overlaps): (Vec<Overlap>, Vec<Overlap>) = overlaps
+        .into_iter()
+        .partition(|o| frozen_holder(o, &frozen));
+    let mut violations: Vec<String> = overlaps
+        .iter()
+        .map(|o| {
+            format!(
+                "I2: stack {} had {} pulumi runs at once at {} ms (pid, worker pid: {:?})",
+                o.stack,
+                o.runs.len(),
+                o.at_ms,
+                o.runs
+            )
+        })
+        .collect();
     if samples_with_runs == 0 {
         violations.push("I2: the sampler never saw a pulumi run of these workers".into());
     }
@@ -1080,6 +1136,15 @@ async fn soak_with_random_faults_keeps_the_invariants() {
          (group_interval 2m); the pager received {paged:?}"
     );
     eprintln!("  I2 sampler: {samples_with_runs} samples (100 ms apart) saw pulumi runs");
+    eprintln!(
+        "  I2 known gap (a frozen worker's run overlapping the next holder's, issue 15, not counted): {} samples on {} stacks",
+        known_overlaps.len(),
+        known_overlaps
+            .iter()
+            .map(|o| o.stack.as_str())
+            .collect::<BTreeSet<_>>()
+            .len()
+    );
     eprintln!(
         "  I3 services: {services_recorded} recorded by plain instances, {services_running} running"
     );

@@ -85,8 +85,10 @@ pub fn hit(name: &str) {
 /// one applies it after the writer gave up waiting.
 pub fn answer_lost(name: &str) -> bool {
     static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let wanted = format!("lose-answer:{name}");
-    armed().contains(&wanted) && !TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst)
+    armed()
+        .iter()
+        .any(|n| n.strip_prefix("lose-answer:") == Some(name))
+        && !TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst)
 }
 
 /// Which arrivals at a pause point wait for its resume.

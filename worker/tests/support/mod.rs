@@ -242,9 +242,21 @@ impl Stack {
         cid: &str,
         identity: &cm_core::Identity,
     ) -> Option<Vec<u8>> {
+        self.read_stack_state(cid, identity)
+            .await
+            .map(|read| read.expect("state object"))
+    }
+
+    /// The stored Pulumi state of a stack (`None`: no stack key), or why the
+    /// object its pointer names does not read back.
+    pub async fn read_stack_state(
+        &self,
+        cid: &str,
+        identity: &cm_core::Identity,
+    ) -> Option<Result<Vec<u8>, cm_core::stack_store::StackStoreError>> {
         let stored = self.store.get_stack(cid, identity).await.expect("store")?;
         match stored {
-            cm_core::store::StoredStack::Inline(bytes) => Some(bytes),
+            cm_core::store::StoredStack::Inline(bytes) => Some(Ok(bytes)),
             cm_core::store::StoredStack::Pointer(p) => {
                 let nats = async_nats::connect(self.nats.url.as_str())
                     .await
@@ -253,7 +265,7 @@ impl Stack {
                 let states = cm_core::stack_store::StackStore::open(&js, self.store.root())
                     .await
                     .expect("state bucket");
-                Some(states.get(&p).await.expect("state object"))
+                Some(states.get(&p).await)
             }
         }
     }

@@ -145,10 +145,13 @@ impl Staged {
             metrics().state_written("etcd", pointer_size(&self.pointer));
             if let Some(old) = self.replaces.filter(|o| *o != self.pointer.object) {
                 let objects = ctx.stacks.clone();
-                tokio::spawn(async move { remove_object(&objects, &old).await });
+                let by = self.pointer.object.clone();
+                tokio::spawn(async move {
+                    remove_object(&objects, &old, Why::Replaced { by: &by }).await
+                });
             }
         } else {
-            remove(ctx, &self.pointer.object).await;
+            remove_object(&ctx.stacks, &self.pointer.object, Why::NotRecorded).await;
         }
     }
 }
@@ -266,7 +269,7 @@ pub(crate) async fn delete_record_answering(
         .delete_instance_answering(record, expect, answer)
         .await?;
     if let Some(object) = object {
-        remove(ctx, &object).await;
+        remove_object(&ctx.stacks, &object, Why::RecordDeleted).await;
     }
     Ok(())
 }
@@ -281,7 +284,7 @@ pub(crate) async fn delete(
     let object = stored_object(&ctx.store, cid, identity).await?;
     ctx.store.delete_stack(cid, identity).await?;
     if let Some(object) = object {
-        remove(ctx, &object).await;
+        remove_object(&ctx.stacks, &object, Why::StackDeleted).await;
     }
     Ok(())
 }
@@ -309,13 +312,38 @@ async fn stored_object(
         .and_then(|s| s.object().map(str::to_owned)))
 }
 
-async fn remove(ctx: &Ctx, object: &str) {
-    remove_object(&ctx.stacks, object).await;
+/// Why a state object is removed: every removal is logged with it, so an
+/// operator (or the soak's checker) finding a pointer to a missing object
+/// can tell which step removed it.
+#[derive(Debug, Clone, Copy)]
+enum Why<'a> {
+    /// A newer object the stack's pointer now names replaced it.
+    Replaced { by: &'a str },
+    /// Its pointer's write failed: nothing names it.
+    NotRecorded,
+    /// The record naming it was deleted.
+    RecordDeleted,
+    /// The stack's pointer was deleted (its stack destroyed).
+    StackDeleted,
 }
 
-async fn remove_object(objects: &cm_core::stack_store::StackStore, object: &str) {
-    if let Err(e) = objects.remove(object).await {
-        tracing::warn!(error = %e, object, "stack state object not removed; the sweep will");
+impl std::fmt::Display for Why<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Replaced { by } => write!(f, "replaced by {by}"),
+            Self::NotRecorded => f.write_str("its pointer was not recorded"),
+            Self::RecordDeleted => f.write_str("its record was deleted"),
+            Self::StackDeleted => f.write_str("its stack pointer was deleted"),
+        }
+    }
+}
+
+async fn remove_object(objects: &cm_core::stack_store::StackStore, object: &str, why: Why<'_>) {
+    match objects.remove(object).await {
+        Ok(()) => tracing::info!(object, %why, "stack state object removed"),
+        Err(e) => {
+            tracing::warn!(error = %e, object, %why, "stack state object not removed; the sweep will")
+        }
     }
 }
 
@@ -364,7 +392,8 @@ pub(crate) fn persist_checkpoints(
                         pointed = true;
                         metrics().state_written("etcd", pointer_size(&live));
                         if let Some(old) = replaced.take() {
-                            remove_object(&objects, &old).await;
+                            remove_object(&objects, &old, Why::Replaced { by: &live.object })
+                                .await;
                         }
                     }
                     Err(e @ StoreError::Fenced { .. }) => {
@@ -385,7 +414,7 @@ pub(crate) fn persist_checkpoints(
         // whose answer was lost may go through later (see
         // `Staged::settle`): then the object is kept for the sweep.
         if written && !pointed && !maybe_pointed {
-            remove_object(&objects, &live.object).await;
+            remove_object(&objects, &live.object, Why::NotRecorded).await;
         }
         if stored > 0 {
             tracing::info!(

@@ -241,6 +241,27 @@ fn pulumi_runs(ports: &[u16]) -> Vec<(String, u32)> {
     runs
 }
 
+/// Up to `max` lines of this soak's logs that name `needle`, each prefixed
+/// with its file's name, in file order (the last lines when there are more).
+fn log_lines_naming(logs: &std::path::Path, needle: &str, max: usize) -> Vec<String> {
+    let mut files: Vec<_> = std::fs::read_dir(logs)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    let mut found = Vec::new();
+    for path in files.iter().filter(|p| p.extension().is_some_and(|e| e == "log")) {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        found.extend(
+            text.lines()
+                .filter(|l| l.contains(needle))
+                .map(|l| format!("{name}: {l}")),
+        );
+    }
+    let skip = found.len().saturating_sub(max);
+    found.split_off(skip)
+}
+
 /// A sample in which one stack had two `pulumi` runs at once (I2).
 #[derive(Debug, Default)]
 struct Overlap {
@@ -929,7 +950,11 @@ async fn soak_with_random_faults_keeps_the_invariants() {
     if !locks.is_empty() {
         violations.push(format!("I5: lock keys left: {locks:?}"));
     }
+    // Identities an I3 violation names: their log lines are printed with
+    // the report (which step removed a state, which run wrote it).
+    let mut trail: BTreeSet<String> = BTreeSet::new();
     if !orphans.is_empty() {
+        trail.extend(orphans.iter().map(|(_, i)| i.to_string()));
         violations.push(format!(
             "I3: stacks no record names were never reclaimed: {orphans:?}"
         ));
@@ -970,6 +995,7 @@ async fn soak_with_random_faults_keeps_the_invariants() {
             match store.get_stack(cid, &r.identity).await {
                 Ok(Some(StoredStack::Pointer(p))) => {
                     if let Err(e) = states.get(&p).await {
+                        trail.insert(r.identity.to_string());
                         violations.push(format!(
                             "I3: the stack state of {cid}/{} ({who}) does not read back: {e}",
                             r.identity
@@ -1151,6 +1177,12 @@ async fn soak_with_random_faults_keeps_the_invariants() {
     eprintln!("  violations: {}", violations.len());
     for v in &violations {
         eprintln!("    {v}");
+    }
+    for identity in &trail {
+        eprintln!("  log lines naming {identity}:");
+        for line in log_lines_naming(&logs, identity, 60) {
+            eprintln!("    {line}");
+        }
     }
     eprintln!(
         "  history: {}, logs: {}",

@@ -21,7 +21,7 @@
 
 use std::{
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use etcd_client::{
@@ -80,6 +80,7 @@ pub struct Session {
     client: Client,
     lease: Arc<Mutex<Generation>>,
     stop: CancellationToken,
+    valid_until: tokio::sync::watch::Receiver<Option<SystemTime>>,
 }
 
 /// One lease and the token cancelled when it is known (or presumed) lost.
@@ -108,18 +109,41 @@ impl std::fmt::Debug for LockGuard {
 impl Session {
     /// Grants a lease of `ttl` seconds and keeps it alive every `ttl / 3`.
     pub async fn start(client: Client, ttl: i64) -> Result<Self, StoreError> {
+        let asked = tokio::time::Instant::now();
         let granted = client.clone().lease_grant(ttl, None).await?.id();
         let lease = Arc::new(Mutex::new(Generation {
             id: granted,
             lost: CancellationToken::new(),
         }));
         let stop = CancellationToken::new();
-        tokio::spawn(keep_alive(client.clone(), ttl, lease.clone(), stop.clone()));
+        let deadline = asked + Duration::from_secs(ttl.max(1) as u64);
+        let (valid, valid_until) = tokio::sync::watch::channel(Some(wall_clock(deadline)));
+        tokio::spawn(keep_alive(
+            client.clone(),
+            ttl,
+            Renewal {
+                lease: lease.clone(),
+                deadline,
+                valid,
+            },
+            stop.clone(),
+        ));
         Ok(Self {
             client,
             lease,
             stop,
+            valid_until,
         })
+    }
+
+    /// Until when the current lease, and so every lock held under it, is
+    /// known to live: the time of the last renewal etcd confirmed plus the
+    /// TTL it gave then (`None` once the lease is known or presumed lost,
+    /// until a new one is granted). It only moves while this process runs:
+    /// a process paused or wedged leaves it in the past, which is what a
+    /// guard outside the process watches (see the worker's Pulumi guard).
+    pub fn valid_until(&self) -> tokio::sync::watch::Receiver<Option<SystemTime>> {
+        self.valid_until.clone()
     }
 
     fn current(&self) -> Generation {
@@ -160,23 +184,40 @@ impl Session {
     }
 }
 
+/// What the keep-alive updates: the current lease, the time it is known to
+/// live until, and that time published as [`Session::valid_until`].
+struct Renewal {
+    lease: Arc<Mutex<Generation>>,
+    deadline: tokio::time::Instant,
+    valid: tokio::sync::watch::Sender<Option<SystemTime>>,
+}
+
+/// `at` on the wall clock (which processes other than this one can read).
+fn wall_clock(at: tokio::time::Instant) -> SystemTime {
+    let now = tokio::time::Instant::now();
+    if at >= now {
+        SystemTime::now() + (at - now)
+    } else {
+        SystemTime::now() - (now - at)
+    }
+}
+
 /// Keeps `lease` alive until `stop`, re-opening the stream after errors and
 /// granting a new lease when the old one is lost: etcd answered that it
 /// expired, or no keep-alive was confirmed before its deadline (the time of
 /// the last confirmed request plus the TTL etcd gave then; a process paused
 /// past it wakes up here). A lost lease's token is cancelled first, so the
 /// handlers whose locks hung on it stop.
-async fn keep_alive(
-    client: Client,
-    ttl: i64,
-    lease: Arc<Mutex<Generation>>,
-    stop: CancellationToken,
-) {
+async fn keep_alive(client: Client, ttl: i64, renewal: Renewal, stop: CancellationToken) {
     use tokio::time::{Instant, timeout_at};
+    let Renewal {
+        lease,
+        mut deadline,
+        valid,
+    } = renewal;
     let period = Duration::from_secs((ttl / 3).max(1) as u64);
     let full = Duration::from_secs(ttl.max(1) as u64);
     let mut retry = Duration::from_millis(200);
-    let mut deadline = Instant::now() + full;
     loop {
         let (id, reported) = match lease.lock() {
             Ok(g) => (g.id, g.lost.clone()),
@@ -225,6 +266,7 @@ async fn keep_alive(
                     Ok(Ok(Some(r))) if r.ttl() > 0 => {
                         retry = Duration::from_millis(200);
                         deadline = sent + Duration::from_secs(r.ttl() as u64);
+                        valid.send_replace(Some(wall_clock(deadline)));
                     }
                     Ok(Ok(Some(_))) => break 'renew true,
                     Ok(Ok(None) | Err(_)) => {
@@ -248,6 +290,7 @@ async fn keep_alive(
             lease = id,
             "lease lost (expired, revoked, or not renewed within its TTL): locks held under it are gone, their handlers are stopped; granting a new one"
         );
+        valid.send_replace(None);
         if let Ok(g) = lease.lock() {
             g.lost.cancel();
         }
@@ -257,9 +300,11 @@ async fn keep_alive(
             let _ = revoker.lease_revoke(id).await;
         });
         loop {
+            let asked = Instant::now();
             match client.clone().lease_grant(ttl, None).await {
                 Ok(r) => {
-                    deadline = Instant::now() + full;
+                    deadline = asked + full;
+                    valid.send_replace(Some(wall_clock(deadline)));
                     if let Ok(mut g) = lease.lock() {
                         *g = Generation {
                             id: r.id(),

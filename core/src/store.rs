@@ -76,6 +76,24 @@ impl StoredStack {
     }
 }
 
+/// A stack pointer to write, and the stack key's mod revision its writer
+/// read (`over`; 0: the key was absent). The write applies only if the key
+/// is still at that revision: a write etcd applies late (its answer lost
+/// while a member still held the request) fails instead of landing over a
+/// newer pointer, whose writer may already have removed the object the
+/// late one names (see `stack_store`).
+#[derive(Debug, Clone, Copy)]
+pub struct PointerWrite<'a> {
+    pub pointer: &'a StatePointer,
+    pub over: i64,
+}
+
+impl PointerWrite<'_> {
+    fn compare(&self, stack_key: &str) -> Compare {
+        Compare::mod_revision(stack_key, CompareOp::Equal, self.over)
+    }
+}
+
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -798,7 +816,7 @@ impl Store {
     pub async fn put_instance(
         &self,
         rec: &InstanceRecord,
-        stack: Option<&StatePointer>,
+        stack: Option<PointerWrite<'_>>,
         expect: Expect,
         previous: Option<&InstanceRecord>,
     ) -> Result<(), StoreError> {
@@ -812,13 +830,15 @@ impl Store {
     pub async fn put_instance_rev(
         &self,
         rec: &InstanceRecord,
-        stack: Option<&StatePointer>,
+        stack: Option<PointerWrite<'_>>,
         expect: Expect,
         previous: Option<&InstanceRecord>,
     ) -> Result<i64, StoreError> {
         let key = self.instance_key(rec);
-        let ops = self.instance_ops(rec, stack, previous)?;
-        self.guarded(&key, expect, ops).await
+        let ops = self.instance_ops(rec, stack.map(|w| w.pointer), previous)?;
+        let stack_key = self.stack_key(&rec.challenge_id, &rec.identity);
+        let also = stack.map(|w| w.compare(&stack_key)).into_iter().collect();
+        self.guarded_with(&key, expect, also, ops).await
     }
 
     /// The writes of [`Store::put_instance_rev`]: the record, its source
@@ -910,18 +930,19 @@ impl Store {
         old: &InstanceRecord,
         revision: i64,
         new: &InstanceRecord,
-        pointer: &StatePointer,
+        stack: PointerWrite<'_>,
     ) -> Result<(), StoreError> {
         let (old_key, new_key) = (self.instance_key(old), self.instance_key(new));
         let stack_key = self.stack_key(&new.challenge_id, &new.identity);
         let ops = vec![
             TxnOp::delete(old_key.clone(), None),
             TxnOp::put(new_key.clone(), to_json(&new_key, new)?, None),
-            TxnOp::put(stack_key.clone(), to_json(&stack_key, pointer)?, None),
+            TxnOp::put(stack_key.clone(), to_json(&stack_key, stack.pointer)?, None),
         ];
         let compare = vec![
             Compare::mod_revision(old_key.as_str(), CompareOp::Equal, revision),
             Compare::version(new_key.as_str(), CompareOp::Equal, 0),
+            stack.compare(&stack_key),
         ];
         self.txn(&old_key, compare, ops).await?;
         Ok(())
@@ -1171,17 +1192,22 @@ impl Store {
     /// [`crate::stack_store`]): a worker that dies mid-run leaves the state
     /// of what it already deployed for the next one to resume from. Fenced
     /// like every write of a lock holder.
+    /// Guarded by the revision the writer read (see [`PointerWrite`]);
+    /// returns the key's new revision.
     pub async fn put_stack(
         &self,
         cid: &str,
         identity: &Identity,
-        pointer: &StatePointer,
-    ) -> Result<(), StoreError> {
+        stack: PointerWrite<'_>,
+    ) -> Result<i64, StoreError> {
         let key = self.stack_key(cid, identity);
-        let value = to_json(&key, pointer)?;
-        self.txn(&key, Vec::new(), vec![TxnOp::put(key.clone(), value, None)])
-            .await?;
-        Ok(())
+        let value = to_json(&key, stack.pointer)?;
+        self.txn(
+            &key,
+            vec![stack.compare(&key)],
+            vec![TxnOp::put(key.clone(), value, None)],
+        )
+        .await
     }
 
     /// Deletes a stack's pointer (after its stack was destroyed).
@@ -1190,6 +1216,24 @@ impl Store {
         self.txn(&key, Vec::new(), vec![TxnOp::delete(key.clone(), None)])
             .await?;
         Ok(())
+    }
+
+    /// What the stack key of an instance holds, and its mod revision (0:
+    /// absent), the guard of the next pointer write (see [`PointerWrite`]).
+    pub async fn get_stack_at(
+        &self,
+        cid: &str,
+        identity: &Identity,
+    ) -> Result<(Option<StoredStack>, i64), StoreError> {
+        let key = self.stack_key(cid, identity);
+        let resp = self.client.clone().get(key.as_str(), None).await?;
+        match resp.kvs().first() {
+            None => Ok((None, 0)),
+            Some(kv) => Ok((
+                Some(StoredStack::parse(&key, kv.value())?),
+                kv.mod_revision(),
+            )),
+        }
     }
 
     /// What the stack key of an instance holds.
@@ -1447,11 +1491,23 @@ impl Store {
     /// Runs `ops` when `expect` holds on `key`; returns the transaction's
     /// revision (that of every key it wrote).
     async fn guarded(&self, key: &str, expect: Expect, ops: Vec<TxnOp>) -> Result<i64, StoreError> {
-        let compare = match expect {
+        self.guarded_with(key, expect, Vec::new(), ops).await
+    }
+
+    /// [`Self::guarded`], `also` compared too.
+    async fn guarded_with(
+        &self,
+        key: &str,
+        expect: Expect,
+        also: Vec<Compare>,
+        ops: Vec<TxnOp>,
+    ) -> Result<i64, StoreError> {
+        let mut compare = match expect {
             Expect::Absent => vec![Compare::version(key, CompareOp::Equal, 0)],
             Expect::Revision(rev) => vec![Compare::mod_revision(key, CompareOp::Equal, rev)],
             Expect::Any => Vec::new(),
         };
+        compare.extend(also);
         self.txn(key, compare, ops).await
     }
 

@@ -122,7 +122,12 @@ pub fn install(service: &'static str, provider: Option<SdkTracerProvider>) -> Te
     let logs: Box<dyn Layer<Registry> + Send + Sync> = if json {
         fmt::layer().json().with_writer(std::io::stderr).boxed()
     } else {
-        fmt::layer().with_writer(std::io::stderr).boxed()
+        // Colours only on a terminal: a log file or a journal gets plain
+        // `key=value` text that grep and log shippers read as it is.
+        fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .boxed()
     };
     let otel = provider.as_ref().map(|p| {
         opentelemetry::global::set_tracer_provider(p.clone());

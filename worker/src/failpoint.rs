@@ -40,7 +40,9 @@
 //!
 //! `CM_FAILPOINT=lose-answer:<point>` loses the answer of the first write
 //! at that point in this process and applies the write late ([`answer_lost`]):
-//! - `instance-write`: an instance record written with a new stack state.
+//! - `instance-write`: an instance record written with a new stack state;
+//! - `checkpoint-pointer`: a run's checkpoint pointer, applied once the
+//!   stack's pointer has moved on to a later state (the run's final one).
 
 use std::{path::PathBuf, sync::OnceLock, time::Duration};
 

@@ -149,7 +149,7 @@ pub async fn run(
         0 => config.concurrency,
         n => n,
     };
-    let driver = Arc::new(Driver::new(config.driver.clone())?.limit_runs(runs));
+    let driver = Driver::new(config.driver.clone())?.limit_runs(runs);
     let nats = config.connection.nats("cm-worker").await?;
     let js = async_nats::jetstream::new(nats.clone());
     protocol::ensure_streams(&js, &config.connection.queue)
@@ -157,6 +157,9 @@ pub async fn run(
         .map_err(WorkerError::Streams)?;
     let store = config.connection.store().await?;
     let session = Session::start(store.client(), config.lease_ttl).await?;
+    // No Pulumi run outlives the lease its locks hang on, even when this
+    // process is paused.
+    let driver = Arc::new(driver.guarded(session.valid_until())?);
     let stacks = cm_core::stack_store::StackStore::open(&js, &config.connection.etcd_root).await?;
     let retention = Arc::new(retention_lease(store.client()));
     let ctx = Arc::new(Ctx {

@@ -21,7 +21,7 @@ use cm_core::{
     metrics::metrics,
     model::InstanceRecord,
     stack_store::StatePointer,
-    store::{Expect, StoreError, StoredStack},
+    store::{Expect, PointerWrite, StoreError, StoredStack},
 };
 use sha2::{Digest, Sha256};
 
@@ -104,12 +104,17 @@ pub(crate) struct Staged {
     pointer: StatePointer,
     /// The object the stack's pointer named when this was staged.
     replaces: Option<String>,
+    /// The stack key's revision then: the pointer is written only over it.
+    over: i64,
 }
 
 impl Staged {
-    /// The pointer to write with the record.
-    pub(crate) fn pointer(&self) -> &StatePointer {
-        &self.pointer
+    /// The pointer to write with the record, guarded by the revision read.
+    pub(crate) fn write(&self) -> PointerWrite<'_> {
+        PointerWrite {
+            pointer: &self.pointer,
+            over: self.over,
+        }
     }
 
     /// After the transaction that was to write the pointer: removes the
@@ -120,26 +125,25 @@ impl Staged {
     /// A transaction that failed for want of etcd (the request or its
     /// answer lost) may have committed, or may still commit: a request
     /// etcd's leader took before it died is applied by the next leader,
-    /// after any read that says it was not. So a read back that finds the
-    /// pointer proves the commit, and one that does not proves nothing:
-    /// both objects are kept then (the state sweep collects whichever no
-    /// pointer names). The soak found the other way round: a pointer
-    /// committed after its object was removed, a stack no one could
-    /// destroy.
+    /// after any read that says it was not. The pointer is written only
+    /// over the revision read when staging, so a read back settles it
+    /// when it finds the pointer (committed) or the key moved on to
+    /// another (it never can commit now); a key still at that revision
+    /// proves nothing, and both objects are kept (the state sweep collects
+    /// whichever no pointer names). The soak found the other way round: a
+    /// pointer committed after its object was removed, a stack no one
+    /// could destroy.
     pub(crate) async fn settle(self, ctx: &Ctx, committed: Committed) {
         let committed = match committed {
             Committed::Yes => true,
             Committed::No => false,
-            Committed::Unknown => {
-                if names(&ctx.store, &self.cid, &self.identity, &self.pointer.object).await
-                    == Some(true)
-                {
-                    true
-                } else {
+            Committed::Unknown => match read_back(&ctx.store, &self).await {
+                Some(settled) => settled,
+                None => {
                     tracing::warn!(object = %self.pointer.object, "whether the state was recorded is unknown; its object and the one it replaces are kept");
                     return;
                 }
-            }
+            },
         };
         if committed {
             metrics().state_written("etcd", pointer_size(&self.pointer));
@@ -169,7 +173,7 @@ pub(crate) async fn stage(
     state: &StackState,
 ) -> Result<Staged, HandlerError> {
     let bytes = encode(state)?;
-    let replaces = stored_object(&ctx.store, cid, identity).await?;
+    let (replaces, over) = stored_object_at(&ctx.store, cid, identity).await?;
     let pointer = ctx.stacks.put(cid, identity, &bytes).await?;
     metrics().state_written("object", pointer.size);
     Ok(Staged {
@@ -177,6 +181,7 @@ pub(crate) async fn stage(
         identity: identity.clone(),
         pointer,
         replaces,
+        over,
     })
 }
 
@@ -201,16 +206,12 @@ pub(crate) async fn write_record(
     }
     let written = ctx
         .store
-        .put_instance_rev(
-            record,
-            staged.as_ref().map(Staged::pointer),
-            expect,
-            previous,
-        )
+        .put_instance_rev(record, staged.as_ref().map(Staged::write), expect, previous)
         .await;
     if let Some(staged) = staged {
         staged.settle(ctx, Committed::of(&written)).await;
     }
+    apply_held_pointers(ctx, &record.challenge_id, &record.identity).await;
     Ok(written?)
 }
 
@@ -228,7 +229,7 @@ async fn write_late(
     staged.clone().settle(ctx, Committed::Unknown).await;
     let late = ctx
         .store
-        .put_instance_rev(record, Some(&staged.pointer), expect, previous)
+        .put_instance_rev(record, Some(staged.write()), expect, previous)
         .await;
     tracing::warn!(
         applied = late.is_ok(),
@@ -241,6 +242,51 @@ async fn write_late(
         permanent: false,
     }
     .into())
+}
+
+/// Checkpoint pointer writes the `lose-answer:checkpoint-pointer` failpoint
+/// held back: (challenge, identity, pointer, revision it was sent over).
+type HeldPointer = (String, Identity, StatePointer, i64);
+
+fn held_pointers() -> &'static std::sync::Mutex<Vec<HeldPointer>> {
+    static HELD: std::sync::OnceLock<std::sync::Mutex<Vec<HeldPointer>>> =
+        std::sync::OnceLock::new();
+    HELD.get_or_init(Default::default)
+}
+
+/// The `lose-answer:checkpoint-pointer` failpoint, second half: a run's
+/// checkpoint pointer write whose answer was lost (the run wrote it again
+/// at its next checkpoint) is applied by etcd right after the record's
+/// final write, its locks still held. Guarded by the revision it was sent
+/// over, it must fail.
+async fn apply_held_pointers(ctx: &Locked<'_>, cid: &str, identity: &Identity) {
+    let held: Vec<HeldPointer> = match held_pointers().lock() {
+        Ok(mut all) => {
+            let (mine, others) = all
+                .drain(..)
+                .partition(|(c, i, _, _)| c == cid && i == identity);
+            *all = others;
+            mine
+        }
+        Err(_) => return,
+    };
+    for (_, _, pointer, over) in held {
+        let late = ctx
+            .store
+            .put_stack(
+                cid,
+                identity,
+                PointerWrite {
+                    pointer: &pointer,
+                    over,
+                },
+            )
+            .await;
+        tracing::warn!(
+            applied = late.is_ok(),
+            "failpoint: a checkpoint pointer write whose answer was lost applied late"
+        );
+    }
 }
 
 /// Deletes an instance's records, guarded by `expect`, and its state.
@@ -289,15 +335,22 @@ pub(crate) async fn delete(
     Ok(())
 }
 
-/// Whether the stack's pointer names `object` now (`None`: etcd did not say).
-async fn names(
-    store: &cm_core::store::Store,
-    cid: &str,
-    identity: &Identity,
-    object: &str,
-) -> Option<bool> {
-    let stored = stored_object(store, cid, identity).await.ok()?;
-    Some(stored.as_deref() == Some(object))
+/// Whether `staged`'s pointer write committed, read back: `Some(true)` when
+/// the stack's pointer names its object, `Some(false)` when the key moved
+/// past the revision the write was guarded by to another pointer (the
+/// write can never apply), `None` when etcd did not say or the key is
+/// still at that revision (the write may yet apply).
+async fn read_back(store: &cm_core::store::Store, staged: &Staged) -> Option<bool> {
+    let (object, at) = stored_object_at(store, &staged.cid, &staged.identity)
+        .await
+        .ok()?;
+    if object.as_deref() == Some(staged.pointer.object.as_str()) {
+        Some(true)
+    } else if at != staged.over {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 /// The object the stack's pointer names now, if any.
@@ -306,10 +359,17 @@ async fn stored_object(
     cid: &str,
     identity: &Identity,
 ) -> Result<Option<String>, StoreError> {
-    Ok(store
-        .get_stack(cid, identity)
-        .await?
-        .and_then(|s| s.object().map(str::to_owned)))
+    Ok(stored_object_at(store, cid, identity).await?.0)
+}
+
+/// [`stored_object`], and the stack key's revision (0: absent).
+async fn stored_object_at(
+    store: &cm_core::store::Store,
+    cid: &str,
+    identity: &Identity,
+) -> Result<(Option<String>, i64), StoreError> {
+    let (stored, at) = store.get_stack_at(cid, identity).await?;
+    Ok((stored.and_then(|s| s.object().map(str::to_owned)), at))
 }
 
 /// Why a state object is removed: every removal is logged with it, so an
@@ -362,7 +422,10 @@ pub(crate) fn persist_checkpoints(
     let (store, objects) = (ctx.store.clone(), ctx.stacks.clone());
     let (cid, identity) = (cid.to_owned(), identity.clone());
     let writer = tokio::spawn(async move {
-        let mut replaced = stored_object(&store, &cid, &identity).await.ok().flatten();
+        // The pointer the run's first checkpoint replaces, and the stack
+        // key's revision the write is guarded by (read again if etcd did
+        // not answer now).
+        let mut base = stored_object_at(&store, &cid, &identity).await.ok();
         let live = objects.checkpoint_object(&cid, &identity);
         let (mut written, mut pointed) = (false, false);
         // A pointer write etcd did not answer may still be applied later.
@@ -387,24 +450,57 @@ pub(crate) fn persist_checkpoints(
             written = true;
             metrics().state_written("object", bytes.len() as u64);
             if !pointed {
-                match store.put_stack(&cid, &identity, &live).await {
-                    Ok(()) => {
-                        pointed = true;
-                        metrics().state_written("etcd", pointer_size(&live));
-                        if let Some(old) = replaced.take() {
-                            remove_object(&objects, &old, Why::Replaced { by: &live.object })
-                                .await;
+                let (old, over) = match base.clone() {
+                    Some(read) => read,
+                    None => match stored_object_at(&store, &cid, &identity).await {
+                        Ok(read) => base.insert(read).clone(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "stack pointer not read; the next checkpoint tries again");
+                            continue;
                         }
+                    },
+                };
+                let write = PointerWrite {
+                    pointer: &live,
+                    over,
+                };
+                if failpoint::answer_lost("checkpoint-pointer") {
+                    if let Ok(mut held) = held_pointers().lock() {
+                        held.push((cid.clone(), identity.clone(), live.clone(), over));
                     }
+                    maybe_pointed = true;
+                    continue;
+                }
+                match store.put_stack(&cid, &identity, write).await {
+                    Ok(_) => {}
                     Err(e @ StoreError::Fenced { .. }) => {
                         tracing::warn!(error = %e, "this run lost its lock: its checkpoints are not kept");
                         break;
+                    }
+                    // An earlier write of this pointer, its answer lost,
+                    // may have applied: then the key names this run's object.
+                    Err(StoreError::Conflict { .. }) => {
+                        match stored_object_at(&store, &cid, &identity).await {
+                            Ok((now, _)) if now.as_deref() == Some(live.object.as_str()) => {}
+                            Ok(_) => {
+                                tracing::warn!(
+                                    "the stack's pointer changed under this run: its checkpoints are not kept"
+                                );
+                                break;
+                            }
+                            Err(_) => continue,
+                        }
                     }
                     Err(e) => {
                         maybe_pointed |= Committed::of_error(&e) == Committed::Unknown;
                         tracing::warn!(error = %e, "checkpoint pointer not stored; the next checkpoint tries again");
                         continue;
                     }
+                }
+                pointed = true;
+                metrics().state_written("etcd", pointer_size(&live));
+                if let Some(old) = old {
+                    remove_object(&objects, &old, Why::Replaced { by: &live.object }).await;
                 }
             }
             last_digest = Some(digest);

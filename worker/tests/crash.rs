@@ -546,11 +546,19 @@ async fn an_instance_stuck_in_a_failed_state_can_be_force_deleted() {
         .put_stack(
             "stuck",
             &rec.identity,
-            &cm_core::stack_store::StatePointer {
-                object: "gone".into(),
-                sha256: "00".into(),
-                size: 1,
-                live: false,
+            cm_core::store::PointerWrite {
+                pointer: &cm_core::stack_store::StatePointer {
+                    object: "gone".into(),
+                    sha256: "00".into(),
+                    size: 1,
+                    live: false,
+                },
+                over: stack
+                    .store
+                    .get_stack_at("stuck", &rec.identity)
+                    .await
+                    .expect("etcd")
+                    .1,
             },
         )
         .await
@@ -698,4 +706,82 @@ async fn a_record_write_applied_after_its_answer_was_lost_keeps_its_state() {
         .call_ok(Method::DELETE, "/api/v1/instance/late/team-l", None)
         .await;
     assert!(record(&stack, "late", "team-l").await.is_none(), "deleted");
+}
+
+/// A run's first checkpoint pointer write loses its answer (the run writes
+/// it again at its next checkpoint, then its final state replaces it and
+/// removes the run's object); etcd applies the lost write after that final
+/// write. Guarded by the revision it was sent over, it must fail: applied,
+/// it would point the stack back at the run's removed object (a state no
+/// delete could read, as the soak found) or at an older state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_pointer_applied_after_the_final_state_is_refused() {
+    let stack = Stack::start_with(
+        1,
+        &[
+            ("CM_FAILPOINT", "lose-answer:checkpoint-pointer"),
+            ("CM_CHECKPOINT_INTERVAL", "1s"),
+        ],
+    )
+    .await;
+    stack
+        .call_ok(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({
+                "id": "latecp", "scenario": "steps",
+                "additional": {"steps": "4", "step_ms": "1200"}
+            })),
+        )
+        .await;
+    stack
+        .call_ok(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "latecp", "sourceId": "team-c"})),
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let logs = loop {
+        let logs = stack.worker_logs();
+        if logs.contains("a checkpoint pointer write whose answer was lost applied late") {
+            break logs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the late checkpoint pointer write never came\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let rec = record(&stack, "latecp", "team-c")
+        .await
+        .expect("the instance exists");
+    match stack.store.get_stack("latecp", &rec.identity).await {
+        Ok(Some(cm_core::store::StoredStack::Pointer(p))) => {
+            assert!(
+                !p.live,
+                "the pointer names a run's checkpoint, not the final state: {p:?}"
+            )
+        }
+        other => panic!("no pointer for the instance: {other:?}"),
+    }
+    match stack.read_stack_state("latecp", &rec.identity).await {
+        Some(Ok(_)) => {}
+        Some(Err(e)) => panic!(
+            "the recorded stack state does not read back: {e}\n{}",
+            stack.worker_logs()
+        ),
+        None => panic!("no stack key for the instance"),
+    }
+    assert!(
+        logs.contains("applied=false"),
+        "the late write went through\n{logs}"
+    );
+    stack
+        .call_ok(Method::DELETE, "/api/v1/instance/latecp/team-c", None)
+        .await;
+    assert!(
+        record(&stack, "latecp", "team-c").await.is_none(),
+        "deleted"
+    );
 }

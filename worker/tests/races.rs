@@ -366,7 +366,7 @@ async fn a_handler_whose_lease_was_lost_cannot_resurrect_a_deleted_instance() {
 async fn a_fenced_write_fails_once_its_lock_is_lost() {
     use cm_core::{
         lock::{self, LockMode, Session},
-        store::{Store, StoreError},
+        store::{PointerWrite, Store, StoreError},
     };
     let etcd = cm_testkit::server::etcd();
     let store = Store::connect(std::slice::from_ref(&etcd.url), "/cm", &Default::default())
@@ -391,11 +391,14 @@ async fn a_fenced_write_fails_once_its_lock_is_lost() {
         .put_stack(
             "c",
             &identity,
-            &StatePointer {
-                object: "first".into(),
-                sha256: "00".into(),
-                size: 1,
-                live: false,
+            PointerWrite {
+                pointer: &StatePointer {
+                    object: "first".into(),
+                    sha256: "00".into(),
+                    size: 1,
+                    live: false,
+                },
+                over: 0,
             },
         )
         .await
@@ -413,16 +416,22 @@ async fn a_fenced_write_fails_once_its_lock_is_lost() {
     )
     .await
     .expect("the lock is free again");
+    // Both writes below are guarded by the revision they read: only the
+    // fence tells them apart.
+    let (_, at) = store.get_stack_at("c", &identity).await.expect("get");
     store
         .fenced(&next.fence())
         .put_stack(
             "c",
             &identity,
-            &StatePointer {
-                object: "new".into(),
-                sha256: "00".into(),
-                size: 1,
-                live: false,
+            PointerWrite {
+                pointer: &StatePointer {
+                    object: "new".into(),
+                    sha256: "00".into(),
+                    size: 1,
+                    live: false,
+                },
+                over: at,
             },
         )
         .await
@@ -431,17 +440,41 @@ async fn a_fenced_write_fails_once_its_lock_is_lost() {
         .put_stack(
             "c",
             &identity,
-            &StatePointer {
-                object: "stale".into(),
-                sha256: "00".into(),
-                size: 1,
-                live: false,
+            PointerWrite {
+                pointer: &StatePointer {
+                    object: "stale".into(),
+                    sha256: "00".into(),
+                    size: 1,
+                    live: false,
+                },
+                over: at,
             },
         )
         .await
     {
         Err(StoreError::Fenced { key }) => assert!(key.starts_with(&prefix), "{key}"),
         other => panic!("the stale holder's write was not refused: {other:?}"),
+    }
+    match stale
+        .put_stack(
+            "c",
+            &identity,
+            PointerWrite {
+                pointer: &StatePointer {
+                    object: "stale".into(),
+                    sha256: "00".into(),
+                    size: 1,
+                    live: false,
+                },
+                over: store.get_stack_at("c", &identity).await.expect("get").1,
+            },
+        )
+        .await
+    {
+        Err(StoreError::Fenced { key }) => assert!(key.starts_with(&prefix), "{key}"),
+        other => {
+            panic!("the stale holder's write over the latest revision was not refused: {other:?}")
+        }
     }
     assert_eq!(
         store.get_stack("c", &identity).await.expect("get"),
@@ -792,25 +825,55 @@ async fn a_claim_racing_a_refills_surplus_destroy_gets_a_whole_instance() {
     assert!(violations.is_empty(), "I1 broken: {violations:#?}");
 }
 
-/// The direct children of process `pid` whose command name is `name`.
+/// The descendants of process `pid` whose command name is `name` (a run's
+/// `pulumi` is the worker's grandchild, under its guard).
 fn children_named(pid: u32, name: &str) -> Vec<u32> {
     let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for task in tasks.flatten() {
-        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        for child in children
-            .split_whitespace()
-            .filter_map(|c| c.parse::<u32>().ok())
-        {
-            let comm = std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
-            if comm.trim() == name {
-                out.push(child);
+    let mut parents = vec![pid];
+    while let Some(parent) = parents.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+            {
+                let comm =
+                    std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
+                if comm.trim() == name {
+                    out.push(child);
+                }
+                parents.push(child);
             }
         }
     }
     out
+}
+
+/// Waits until worker `n` runs a `pulumi` process; returns their pids.
+async fn pulumi_runs_of(stack: &Stack, n: usize) -> Vec<u32> {
+    let worker = stack.worker_pid(n);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let found = children_named(worker, "pulumi");
+        if !found.is_empty() {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pulumi run started\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn alive(pids: &[u32]) -> bool {
+    pids.iter()
+        .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// A handler whose lease is lost is stopped, and its Pulumi run with it: a
@@ -832,20 +895,7 @@ async fn a_lost_lease_stops_the_handler_and_kills_its_pulumi_run() {
         .await;
     assert_eq!(status, 200, "{body}");
     let op = queue_create(&stack, "slow", "p1").await;
-    let worker = stack.worker_pid(0);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let running = loop {
-        let found = children_named(worker, "pulumi");
-        if !found.is_empty() {
-            break found;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no pulumi run started\n{}",
-            stack.worker_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let running = pulumi_runs_of(&stack, 0).await;
     // The run is under way (its first step's checkpoint may or may not be
     // stored yet); the 6 steps take 18 s in all. Revoke the lease.
     let mut client = stack.store.client();
@@ -860,10 +910,7 @@ async fn a_lost_lease_stops_the_handler_and_kills_its_pulumi_run() {
         client.lease_revoke(lease).await.expect("revoke");
     }
     let deadline = revoked + Duration::from_secs(8);
-    while running
-        .iter()
-        .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
-    {
+    while alive(&running) {
         assert!(
             Instant::now() < deadline,
             "the stale handler's pulumi run is still running {:?} after its lease was revoked\n{}",
@@ -881,6 +928,85 @@ async fn a_lost_lease_stops_the_handler_and_kills_its_pulumi_run() {
         stack.worker_logs()
     );
     let rec = claimed(&stack, "slow", "p1").await;
+    assert_eq!(rec.status, InstanceStatus::Ready);
+    assert!(rec.connection_info.ends_with("x6"), "{rec:?}");
+}
+
+/// A paused worker cannot renew its lease, nor stop its Pulumi run: the
+/// guard around the run (outside the worker) must kill it before the lease
+/// can expire, so the worker taking the lock over never runs Pulumi on the
+/// stack at the same time. The worker is stopped (SIGSTOP) mid-run; the
+/// `pulumi` process must be gone while the paused worker's lock keys are
+/// still there, and the command, once the worker resumes, ends with one
+/// whole instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_workers_pulumi_run_is_killed_before_its_lease_can_expire() {
+    let stack = Stack::start_with(1, &[("CM_LEASE_TTL", "3")]).await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({
+                "id": "paused", "scenario": "steps",
+                "additional": {"steps": "6", "step_ms": "3000"}
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let op = queue_create(&stack, "paused", "p1").await;
+    let running = pulumi_runs_of(&stack, 0).await;
+    let worker = stack.worker_pid(0).to_string();
+    let signal = |sig: &str| {
+        let done = std::process::Command::new("kill")
+            .args([sig, worker.as_str()])
+            .status()
+            .expect("kill");
+        assert!(done.success(), "kill {sig} {worker}");
+    };
+    signal("-STOP");
+    let stopped = Instant::now();
+    let mut client = stack.store.client();
+    let mut killed_at = None;
+    // The 6 steps take 18 s: sample until the lease has expired.
+    loop {
+        let locks = client
+            .get("/cm/lock/", Some(GetOptions::new().with_prefix()))
+            .await
+            .expect("locks");
+        let running_now = alive(&running);
+        if !running_now && killed_at.is_none() {
+            killed_at = Some(stopped.elapsed());
+        }
+        if locks.kvs().is_empty() {
+            assert!(
+                !running_now,
+                "the paused worker's lease expired ({:?} after SIGSTOP) while its pulumi run went on",
+                stopped.elapsed()
+            );
+            break;
+        }
+        if stopped.elapsed() > Duration::from_secs(15) {
+            signal("-CONT");
+            panic!(
+                "the paused worker's locks outlived its 3 s lease by far (pulumi killed after {killed_at:?})"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let killed_at = killed_at.expect("checked above");
+    assert!(
+        killed_at < Duration::from_secs(3),
+        "the run was killed {killed_at:?} after SIGSTOP; the lease lives 3 s"
+    );
+    signal("-CONT");
+    let body = stack.wait_operation(&op, Duration::from_secs(120)).await;
+    assert_eq!(
+        body["state"],
+        "SUCCEEDED",
+        "{body}\n{}",
+        stack.worker_logs()
+    );
+    let rec = claimed(&stack, "paused", "p1").await;
     assert_eq!(rec.status, InstanceStatus::Ready);
     assert!(rec.connection_info.ends_with("x6"), "{rec:?}");
 }

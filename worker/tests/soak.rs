@@ -249,7 +249,10 @@ fn log_lines_naming(logs: &std::path::Path, needle: &str, max: usize) -> Vec<Str
         .unwrap_or_default();
     files.sort();
     let mut found = Vec::new();
-    for path in files.iter().filter(|p| p.extension().is_some_and(|e| e == "log")) {
+    for path in files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+    {
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         let text = std::fs::read_to_string(path).unwrap_or_default();
         found.extend(
@@ -583,7 +586,38 @@ async fn soak_with_random_faults_keeps_the_invariants() {
             Some(c.clone()),
         )
         .await;
-        assert_eq!(status, 200, "registering {c}: {body:?}");
+        // A first compile of the scenario on a cold cache may outlast the
+        // API's wait (504, the operation still running): poll it then.
+        let operation = body
+            .as_ref()
+            .and_then(|b| b["message"].as_str())
+            .and_then(|m| m.rsplit_once("/api/v1/operation/"))
+            .map(|(_, id)| id.to_owned());
+        match (status, operation) {
+            (200, _) => {}
+            (504, Some(id)) => {
+                let deadline = Instant::now() + Duration::from_secs(600);
+                loop {
+                    let (_, op) = request(
+                        &http,
+                        reqwest::Method::GET,
+                        format!("{}/api/v1/operation/{id}", apis[0]),
+                        None,
+                    )
+                    .await;
+                    let state = op.as_ref().and_then(|o| o["state"].as_str()).unwrap_or("");
+                    if state == "SUCCEEDED" {
+                        break;
+                    }
+                    assert!(
+                        !state.ends_with("FAILED") && Instant::now() < deadline,
+                        "registering {c}: {op:?}"
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            _ => panic!("registering {c}: {status} {body:?}"),
+        }
     }
 
     // Clients.

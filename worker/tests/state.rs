@@ -359,7 +359,14 @@ async fn the_sweep_removes_only_old_objects_no_pointer_names() {
         .await
         .expect("put");
     store
-        .put_stack("c", &identity, &kept)
+        .put_stack(
+            "c",
+            &identity,
+            cm_core::store::PointerWrite {
+                pointer: &kept,
+                over: 0,
+            },
+        )
         .await
         .expect("pointer");
     let orphan = objects

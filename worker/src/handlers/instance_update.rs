@@ -151,11 +151,11 @@ async fn write_update(
     let staged = crate::stacks::stage(ctx, &record.challenge_id, &record.identity, state).await?;
     let written = if record.identity != previous.identity && previous.source_id.is_none() {
         ctx.store
-            .replace_pooled(previous, revision, record, staged.pointer())
+            .replace_pooled(previous, revision, record, staged.write())
             .await
             .map_err(HandlerError::from)
     } else {
-        write_over(ctx, record, staged.pointer(), previous, revision).await
+        write_over(ctx, record, staged.write(), previous, revision).await
     };
     staged
         .settle(ctx, crate::stacks::Committed::of_step(&written))
@@ -170,7 +170,7 @@ async fn write_update(
 async fn write_over(
     ctx: &Locked<'_>,
     record: &mut cm_core::model::InstanceRecord,
-    stack: &cm_core::stack_store::StatePointer,
+    stack: cm_core::store::PointerWrite<'_>,
     previous: &cm_core::model::InstanceRecord,
     revision: i64,
 ) -> Result<(), HandlerError> {

@@ -20,7 +20,7 @@ use std::{
 
 use tokio::process::Command;
 
-use super::{DriverError, secrets::Crypter};
+use super::{DriverError, guard::Guard, secrets::Crypter};
 
 /// System directories kept on the scenario's `PATH` besides Pulumi's and Go's.
 const SYSTEM_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -38,6 +38,9 @@ pub(crate) struct Cli {
     setpriv: Option<PathBuf>,
     path: OsString,
     pulumi_home: PathBuf,
+    /// The dead man's switch every run goes through, when the driver
+    /// runs under a lease (see `guard`).
+    guard: Option<Guard>,
 }
 
 /// What a finished CLI run printed.
@@ -58,24 +61,31 @@ unset PULUMI_CONFIG_PASSPHRASE PULUMI_CONFIG_PASSPHRASE_FILE
 exec @HOST@ \"$@\"
 ";
 
-/// Writes the wrapper of `host` as `<dir>/pulumi-language-go`, atomically
-/// (workers sharing a cache may do it at once), unless it is there already.
+/// Writes the wrapper of `host` as `<dir>/pulumi-language-go`.
 fn write_wrapper(dir: &Path, host: &Path) -> Result<(), DriverError> {
-    use std::os::unix::fs::PermissionsExt;
     let quoted = format!("'{}'", host.to_string_lossy().replace('\'', r"'\''"));
-    let script = LANGUAGE_HOST_WRAPPER.replace("@HOST@", &quoted);
-    let target = dir.join("pulumi-language-go");
-    if std::fs::read_to_string(&target).is_ok_and(|current| current == script) {
+    install_script(
+        &dir.join("pulumi-language-go"),
+        &LANGUAGE_HOST_WRAPPER.replace("@HOST@", &quoted),
+    )
+}
+
+/// Writes the executable `script` at `target`, atomically (workers sharing
+/// a cache may do it at once), unless it is there already.
+pub(super) fn install_script(target: &Path, script: &str) -> Result<(), DriverError> {
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::read_to_string(target).is_ok_and(|current| current == script) {
         return Ok(());
     }
+    let dir = target.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(DriverError::io("creating", dir))?;
     let tmp = tempfile::NamedTempFile::new_in(dir).map_err(DriverError::io("writing in", dir))?;
-    std::fs::write(tmp.path(), &script).map_err(DriverError::io("writing", tmp.path()))?;
+    std::fs::write(tmp.path(), script).map_err(DriverError::io("writing", tmp.path()))?;
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
         .map_err(DriverError::io("setting permissions of", tmp.path()))?;
-    tmp.persist(&target)
+    tmp.persist(target)
         .map_err(|e| e.error)
-        .map_err(DriverError::io("installing", &target))?;
+        .map_err(DriverError::io("installing", target))?;
     Ok(())
 }
 
@@ -114,7 +124,16 @@ impl Cli {
             setpriv,
             path,
             pulumi_home,
+            guard: None,
         })
+    }
+
+    /// Every run of this CLI through `guard`.
+    pub(crate) fn guarded(self, guard: Guard) -> Self {
+        Self {
+            guard: Some(guard),
+            ..self
+        }
     }
 
     /// Runs `pulumi <args>` in `workspace` against its file backend.
@@ -128,15 +147,20 @@ impl Cli {
         let started = Instant::now();
         let mut backend = OsString::from("file://");
         backend.push(workspace);
-        let mut command = match &self.setpriv {
-            Some(setpriv) => {
-                let mut c = Command::new(setpriv);
-                c.args(["--pdeathsig", "KILL", "--"]).arg(&self.pulumi);
-                c
-            }
-            None => Command::new(&self.pulumi),
-        };
-        let output = command
+        // [guard] [setpriv --pdeathsig KILL --] pulumi: the kernel kills
+        // the CLI when its parent (the guard, or the worker) dies.
+        let mut argv: Vec<&std::ffi::OsStr> = Vec::new();
+        if let Some(guard) = &self.guard {
+            argv.push(guard.script().as_os_str());
+        }
+        if let Some(setpriv) = &self.setpriv {
+            argv.push(setpriv.as_os_str());
+            argv.extend(["--pdeathsig", "KILL", "--"].map(std::ffi::OsStr::new));
+        }
+        argv.push(self.pulumi.as_os_str());
+        let mut command = Command::new(argv[0]);
+        command.args(&argv[1..]);
+        command
             .args(args)
             .args(["--non-interactive", "--color", "never"])
             .current_dir(workspace)
@@ -153,16 +177,30 @@ impl Cli {
             .env("PULUMI_DIY_BACKEND_DISABLE_CHECKPOINT_BACKUPS", "true")
             .env("CM_PROJECT", project)
             .env("CM_PULUMI_GO_BINARY", "./main")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|e| DriverError::EngineUnavailable {
-                reason: format!(
-                    "cannot run {}: {e}; run `scripts/dev.sh install` to build it",
-                    self.pulumi.display()
-                ),
-            })?;
+            .stdin(if self.guard.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let unavailable = |e: std::io::Error| DriverError::EngineUnavailable {
+            reason: format!(
+                "cannot run {}: {e}; run `scripts/dev.sh install` to build it",
+                self.pulumi.display()
+            ),
+        };
+        let mut child = command.spawn().map_err(unavailable)?;
+        let stdin = child.stdin.take();
+        let output = match (&self.guard, stdin) {
+            (Some(guard), Some(stdin)) => tokio::select! {
+                output = child.wait_with_output() => output,
+                never = guard.feed(stdin) => match never {},
+            },
+            _ => child.wait_with_output().await,
+        }
+        .map_err(unavailable)?;
         let out = CliOutput {
             success: output.status.success(),
             killed_by: std::os::unix::process::ExitStatusExt::signal(&output.status),

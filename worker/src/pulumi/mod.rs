@@ -14,6 +14,7 @@
 mod checkpoint;
 mod cli;
 mod error;
+mod guard;
 mod outputs;
 mod scenario;
 mod secrets;
@@ -123,6 +124,9 @@ pub struct Driver {
     compiling: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Pulumi runs (`up`, `destroy`) at once in this process, when bounded.
     runs: Option<tokio::sync::Semaphore>,
+    /// Where the scripts the driver writes live (language-host wrapper,
+    /// run guard).
+    bin_dir: PathBuf,
 }
 
 impl Driver {
@@ -149,13 +153,10 @@ impl Driver {
             }
         }
         let pulumi_home = config.cache_dir.join("pulumi-home");
+        let bin_dir = config.cache_dir.join("bin");
         Ok(Self {
-            cli: Cli::new(
-                config.pulumi,
-                &config.go,
-                pulumi_home,
-                &config.cache_dir.join("bin"),
-            )?,
+            cli: Cli::new(config.pulumi, &config.go, pulumi_home, &bin_dir)?,
+            bin_dir,
             go: config.go,
             scenarios_dir: config.cache_dir.join("scenarios"),
             scratch_dir: config.cache_dir.join("scratch"),
@@ -172,6 +173,21 @@ impl Driver {
     pub fn limit_runs(mut self, n: usize) -> Self {
         self.runs = Some(tokio::sync::Semaphore::new(n.max(1)));
         self
+    }
+
+    /// This driver's runs held to a lease: each run is killed once
+    /// `valid_until` (the lease's known end, see
+    /// `cm_core::lock::Session::valid_until`) passes without being moved
+    /// on, by a guard process that outlives a paused worker (see `guard`).
+    pub fn guarded(
+        self,
+        valid_until: tokio::sync::watch::Receiver<Option<std::time::SystemTime>>,
+    ) -> Result<Self, DriverError> {
+        let guard = guard::Guard::install(&self.bin_dir, valid_until)?;
+        Ok(Self {
+            cli: self.cli.guarded(guard),
+            ..self
+        })
     }
 
     /// A turn to run Pulumi (none needed when runs are not bounded).

@@ -5,6 +5,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/pulumi/pulumi/sdk/v3/go/common/resource"
+	pulumirpc "github.com/pulumi/pulumi/sdk/v3/proto/go"
 )
 
 // TestMain lets startServer re-execute the test binary as a server.
@@ -41,7 +43,7 @@ func readLine(t *testing.T, port int) (string, error) {
 }
 
 func TestServerAnswersEveryConnectionThenStops(t *testing.T) {
-	s, err := startServer("127.0.0.1", "CTF{unit}")
+	s, err := startServer("127.0.0.1", "CTF{unit}", "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,5 +126,58 @@ func TestSchemaIsJSON(t *testing.T) {
 	}
 	if _, ok := v["resources"].(map[string]any)[tcpServiceType]; !ok {
 		t.Fatalf("schema lacks %s", tcpServiceType)
+	}
+}
+
+// A run that died after its Create started a server, before the engine
+// recorded the resource, leaves that server running; the next run's Create
+// of the same resource (the pending create cleared) must stop it rather
+// than leave a service no state names. Another resource's server stays.
+func TestCreateStopsTheServerAnInterruptedRunLeftForTheSameResource(t *testing.T) {
+	const urn = "urn:pulumi:s1::p::localservice:index:TcpService::svc"
+	const other = "urn:pulumi:s2::p::localservice:index:TcpService::svc"
+	stray, err := startServer("127.0.0.1", "CTF{stray}", urn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = stopServer(stray) })
+	kept, err := startServer("127.0.0.1", "CTF{other}", other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = stopServer(kept) })
+
+	props, err := marshal(resource.PropertyMap{
+		keyMessage: resource.NewStringProperty("CTF{new}"),
+		keyHost:    resource.NewStringProperty("127.0.0.1"),
+	}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := newTCPServiceProvider().Create(context.Background(), &pulumirpc.CreateRequest{Urn: urn, Properties: props})
+	if err != nil {
+		t.Fatal(err)
+	}
+	outs, err := unmarshal(resp.GetProperties(), "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	created, err := readServer(outs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = stopServer(created) })
+
+	if isRunning(stray) {
+		t.Fatalf("the interrupted run's server %+v still runs", stray)
+	}
+	if !isRunning(kept) {
+		t.Fatalf("another resource's server %+v was stopped", kept)
+	}
+	if line, err := readLine(t, created.port); err != nil || line != "CTF{new}\n" {
+		t.Fatalf("the new server answers %q, %v", line, err)
+	}
+	if servers := serversOf(urn); len(servers) != 1 || servers[0] != created {
+		t.Fatalf("servers of %s: %+v, want only %+v", urn, servers, created)
 	}
 }

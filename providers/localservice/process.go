@@ -39,8 +39,9 @@ type server struct {
 
 // startServer binds a free port on host, then starts a detached server
 // process that inherits the socket and answers every connection with
-// message. It returns once the server has read its message.
-func startServer(host, message string) (server, error) {
+// message, marked on its command line as the server of owner (the
+// resource's URN). It returns once the server has read its message.
+func startServer(host, message, owner string) (server, error) {
 	exe, err := os.Executable()
 	if err != nil {
 		return server{}, fmt.Errorf("finding this executable: %w", err)
@@ -72,7 +73,7 @@ func startServer(host, message string) (server, error) {
 
 	cmd := &exec.Cmd{
 		Path:        exe,
-		Args:        serverArgs(port),
+		Args:        serverArgs(port, owner),
 		Env:         []string{},
 		Dir:         "/",
 		ExtraFiles:  []*os.File{listenerFile, messageR, readyW},
@@ -112,9 +113,45 @@ func startServer(host, message string) (server, error) {
 	return server{pid: cmd.Process.Pid, port: port}, nil
 }
 
-// serverArgs is the command line of the server listening on port.
-func serverArgs(port int) []string {
-	return []string{binaryName, serveCommand, "--port", strconv.Itoa(port)}
+// serverArgs is the command line of the server listening on port for
+// owner (none: the form servers started before owners were recorded have).
+func serverArgs(port int, owner string) []string {
+	args := []string{binaryName, serveCommand, "--port", strconv.Itoa(port)}
+	if owner != "" {
+		args = append(args, "--owner", owner)
+	}
+	return args
+}
+
+// commandLine is the arguments of pid, or nil when it is gone.
+func commandLine(pid int) []string {
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || len(cmdline) == 0 {
+		return nil
+	}
+	return strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00")
+}
+
+// serverOf reads a server's command line: its port and owner, and whether
+// args is one at all.
+func serverOf(args []string) (port int, owner string, ok bool) {
+	if len(args) != 4 && len(args) != 6 {
+		return 0, "", false
+	}
+	if filepath.Base(args[0]) != binaryName || args[1] != serveCommand || args[2] != "--port" {
+		return 0, "", false
+	}
+	port, err := strconv.Atoi(args[3])
+	if err != nil {
+		return 0, "", false
+	}
+	if len(args) == 6 {
+		if args[4] != "--owner" {
+			return 0, "", false
+		}
+		owner = args[5]
+	}
+	return port, owner, true
 }
 
 // isRunning tells whether pid is a live (not zombie) server of ours
@@ -124,21 +161,28 @@ func isRunning(s server) bool {
 	if s.pid <= 0 {
 		return false
 	}
-	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", s.pid))
+	port, _, ok := serverOf(commandLine(s.pid))
+	return ok && port == s.port && !isZombie(s.pid)
+}
+
+// serversOf lists the live servers whose command line names owner.
+func serversOf(owner string) []server {
+	entries, err := os.ReadDir("/proc")
 	if err != nil {
-		return false
+		return nil
 	}
-	args := strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00")
-	want := serverArgs(s.port)
-	if len(args) != len(want) || filepath.Base(args[0]) != want[0] {
-		return false
-	}
-	for i := 1; i < len(want); i++ {
-		if args[i] != want[i] {
-			return false
+	var found []server
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		port, o, ok := serverOf(commandLine(pid))
+		if ok && o == owner && !isZombie(pid) {
+			found = append(found, server{pid: pid, port: port})
 		}
 	}
-	return !isZombie(s.pid)
+	return found
 }
 
 // isZombie tells whether pid has exited but is not reaped yet (a zombie's

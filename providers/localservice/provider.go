@@ -164,10 +164,13 @@ func (p *tcpServiceProvider) Diff(_ context.Context, req *pulumirpc.DiffRequest)
 	if len(replaces) == 0 {
 		return &pulumirpc.DiffResponse{Changes: pulumirpc.DiffResponse_DIFF_NONE}, nil
 	}
+	// Delete before replace: the new server's Create must find no other
+	// server of this resource alive (see Create).
 	return &pulumirpc.DiffResponse{
-		Changes:  pulumirpc.DiffResponse_DIFF_SOME,
-		Diffs:    replaces,
-		Replaces: replaces,
+		Changes:             pulumirpc.DiffResponse_DIFF_SOME,
+		Diffs:               replaces,
+		Replaces:            replaces,
+		DeleteBeforeReplace: true,
 	}, nil
 }
 
@@ -193,7 +196,17 @@ func (p *tcpServiceProvider) Create(_ context.Context, req *pulumirpc.CreateRequ
 	if !in.known {
 		return nil, status.Error(codes.InvalidArgument, "create: message and host must be known")
 	}
-	s, err := startServer(in.host, in.message)
+	// A server already running for this resource was started by a run that
+	// died before recording it (its create left pending, cleared by the
+	// next run): nothing else can ever stop it. Replacements delete the old
+	// server first (Diff), so no live resource's server is taken for one.
+	for _, stray := range serversOf(req.GetUrn()) {
+		logging.V(5).Infof("%s: stopping server pid %d port %d an interrupted run left for %s", binaryName, stray.pid, stray.port, req.GetUrn())
+		if err := stopServer(stray); err != nil {
+			return nil, status.Errorf(codes.Unavailable, "create: %v", err)
+		}
+	}
+	s, err := startServer(in.host, in.message, req.GetUrn())
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "create: %v", err)
 	}

@@ -38,6 +38,7 @@ const (
 func serve(args []string) error {
 	flags := flag.NewFlagSet(serveCommand, flag.ContinueOnError)
 	port := flags.Int("port", 0, "the port of the inherited listening socket (a marker for process lookups)")
+	_ = flags.String("owner", "", "the URN of the resource this server is (a marker for process lookups)")
 	if err := flags.Parse(args); err != nil {
 		return err
 	}

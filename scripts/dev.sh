@@ -43,13 +43,16 @@ JetStream and a single-node etcd. Data, logs and pid files live in \$CM_DEV_DIR.
 
 Commands:
   install       Install what is missing, quietly when everything is present:
-                the Debian packages nats-server, etcd-server (/usr/bin/etcd) and
+                the Debian packages etcd-server (/usr/bin/etcd) and
                 protobuf-compiler (protoc), prometheus and prometheus-alertmanager
                 (used by the monitoring tests), netcat-openbsd (nc, to talk to
                 the demo's TCP service), docker-registry (the OCI registry the
                 scenario-source tests push to; its systemd service is not
                 used) with apt-get (apt-get update first only
-                when something is missing), then the Pulumi CLI and its Go
+                when something is missing), then nats-server (the pinned
+                release, built from its Go module via scripts/install-nats.sh,
+                cached: Debian's 2.9 loses acknowledged JetStream messages when
+                cluster nodes restart), then the Pulumi CLI and its Go
                 language host via scripts/install-pulumi.sh (cached; the first
                 build takes minutes), then the project's provider plugins
                 (providers/*, e.g. pulumi-resource-localservice) into the same
@@ -114,6 +117,18 @@ find_bin() {
   return 1
 }
 
+# The nats-server to run: the pinned build scripts/install-nats.sh caches
+# (Debian's 2.9 loses acknowledged JetStream messages under node restarts,
+# see that script), else one on the PATH.
+find_nats() {
+  local dir
+  if dir="$("$SCRIPT_DIR/install-nats.sh" --cached 2>/dev/null)"; then
+    echo "$dir/nats-server"
+  else
+    find_bin nats-server
+  fi
+}
+
 as_root() {
   if [[ "$(id -u)" -eq 0 ]]; then
     "$@"
@@ -134,7 +149,7 @@ as_root() {
 
 PARTS=(
   "protoc|protobuf-compiler libprotobuf-dev|compiles a .proto importing the well-known types (google/protobuf/*.proto)|apt-get install protobuf-compiler libprotobuf-dev"
-  "nats-server|nats-server|starts with JetStream on a free loopback port|apt-get install nats-server"
+  "nats-server||the pinned release starts with JetStream on a free loopback port|scripts/install-nats.sh (built from its Go module, cached)"
   "etcd|etcd-server|starts on free loopback ports and answers /health|apt-get install etcd-server"
   "promtool|prometheus|answers --version (alert rule tests)|apt-get install prometheus"
   "amtool|prometheus-alertmanager|answers --version (Alertmanager config tests)|apt-get install prometheus-alertmanager"
@@ -235,7 +250,8 @@ PROTO
       "$bin" --version
       ;;
     nats-server)
-      bin="$(find_bin nats-server)" || { echo "nats-server not found"; return 1; }
+      bin="$("$SCRIPT_DIR/install-nats.sh" --cached 2>/dev/null)/nats-server" ||
+        { echo "the pinned nats-server is not built (scripts/install-nats.sh)"; return 1; }
       port="$(free_port)"
       port2="$(free_port)"
       tmp="$(check_tmp)/nats"
@@ -391,6 +407,7 @@ cmd_install() {
   fi
   [[ -z "${1:-}" ]] || die "install: unknown argument '$1' (only --check)"
   install_packages
+  "$SCRIPT_DIR/install-nats.sh" >/dev/null || die "scripts/install-nats.sh failed"
   install_pulumi
   if ((${CM_DEV_SKIP_PULUMI:-0} == 1)); then
     PARTS=("${PARTS[@]:0:${#PARTS[@]}-3}")
@@ -485,7 +502,7 @@ service_where() {
 set_service_cmd() {
   case "$1" in
     nats)
-      CMD=("$(find_bin nats-server || echo nats-server)" -js -a "$HOST"
+      CMD=("$(find_nats || echo nats-server)" -js -a "$HOST"
         -p "$NATS_PORT" -m "$NATS_MONITOR_PORT" -sd "$DATA_DIR/nats")
       ;;
     etcd)

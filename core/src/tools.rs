@@ -1,4 +1,5 @@
-//! Finding the external programs the system drives (`pulumi`, `go`).
+//! Finding the external programs the system drives (`pulumi`, `go`) and the
+//! servers its tests and benchmarks start (`nats-server`).
 //!
 //! Order: an explicit path, then `PATH`, then the cache that
 //! `scripts/install-pulumi.sh` fills (`$CM_CACHE_DIR`, else
@@ -7,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 /// The setup command to name when a tool is missing.
-pub const SETUP_HINT: &str = "run `scripts/dev.sh install` (it installs nats-server, etcd, protoc and docker-registry, and builds Pulumi)";
+pub const SETUP_HINT: &str = "run `scripts/dev.sh install` (it installs etcd, protoc and docker-registry, and builds nats-server and Pulumi)";
 
 /// A required program that could not be found.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +74,40 @@ pub fn find_pulumi(explicit: Option<&Path>) -> Result<PathBuf, ToolNotFound> {
     looked.push(cache.display().to_string());
     Err(ToolNotFound {
         tool: "pulumi",
+        looked: looked.join(", "),
+    })
+}
+
+/// Finds `nats-server`: `$CM_NATS_SERVER`, then the build
+/// `scripts/install-nats.sh` caches (the pinned release, newest first),
+/// then `PATH` (a distribution's may be too old: see that script).
+pub fn find_nats_server() -> Result<PathBuf, ToolNotFound> {
+    let mut looked = Vec::new();
+    if let Some(p) = std::env::var_os("CM_NATS_SERVER").map(PathBuf::from) {
+        if is_executable(&p) {
+            return Ok(p);
+        }
+        looked.push(p.display().to_string());
+    }
+    let cache = cache_root().join("nats-server");
+    if let Ok(entries) = std::fs::read_dir(&cache) {
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("bin/nats-server"))
+            .filter(|p| is_executable(p))
+            .collect();
+        found.sort();
+        if let Some(p) = found.pop() {
+            return Ok(p);
+        }
+    }
+    looked.push(cache.display().to_string());
+    if let Some(p) = on_path("nats-server") {
+        return Ok(p);
+    }
+    looked.push("PATH".into());
+    Err(ToolNotFound {
+        tool: "nats-server",
         looked: looked.join(", "),
     })
 }

@@ -13,7 +13,7 @@ use std::{
 
 use async_nats::jetstream::{ErrorCode, context::GetStreamErrorKind};
 
-use crate::server::{require, tempdir, wait_for_line};
+use crate::server::{nats_server, require, tempdir, wait_for_line};
 
 /// A loopback port below the kernel's ephemeral range (32768 and up on
 /// Linux), free when picked. Cluster members are started again on the same
@@ -151,7 +151,7 @@ impl NatsCluster {
     pub fn start_member(&mut self, i: usize) {
         let member = &mut self.members[i];
         member.kill();
-        let mut child = Command::new(require("nats-server"))
+        let mut child = Command::new(nats_server())
             .args(&member.args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

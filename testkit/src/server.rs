@@ -96,6 +96,12 @@ pub fn require(name: &'static str) -> std::path::PathBuf {
         .unwrap_or_else(|| panic!("this test needs {name} on PATH; {}", tools::SETUP_HINT))
 }
 
+/// The `nats-server` the tests run (see `cm_core::tools::find_nats_server`);
+/// panics with the setup command when missing.
+pub fn nats_server() -> std::path::PathBuf {
+    tools::find_nats_server().unwrap_or_else(|e| panic!("this test needs nats-server: {e}"))
+}
+
 /// A loopback port the OS just handed out (for servers that cannot bind port 0).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -128,7 +134,7 @@ pub fn nats_configured(config: &str, tls: bool) -> Server {
 
 /// Runs nats-server with `<dir>/nats.conf` and its store in `dir`.
 fn launch_nats(dir: &std::path::Path, port: &str) -> (Child, u16) {
-    let bin = require("nats-server");
+    let bin = nats_server();
     let mut child = Command::new(bin)
         .arg("-c")
         .arg(dir.join("nats.conf"))

@@ -10,13 +10,16 @@ use tokio::{io::AsyncReadExt, net::TcpStream};
 pub const SERVER_BINARY: &str = "pulumi-resource-localservice";
 
 /// Every live server: (pid, port), from its command line
-/// (`pulumi-resource-localservice serve --port <port>`).
+/// (`pulumi-resource-localservice serve --port <port> [--owner <urn>]`).
 pub fn servers() -> Vec<(u32, u16)> {
     super::processes()
         .into_iter()
         .filter_map(|(pid, args)| match &args[..] {
-            [program, serve, flag, port]
-                if program.ends_with(SERVER_BINARY) && serve == "serve" && flag == "--port" =>
+            [program, serve, flag, port, rest @ ..]
+                if program.ends_with(SERVER_BINARY)
+                    && serve == "serve"
+                    && flag == "--port"
+                    && matches!(rest, [] | [_, _]) =>
             {
                 port.parse().ok().map(|port| (pid, port))
             }

@@ -81,6 +81,7 @@ pub struct Session {
     lease: Arc<Mutex<Generation>>,
     stop: CancellationToken,
     valid_until: tokio::sync::watch::Receiver<Option<SystemTime>>,
+    ttl: i64,
 }
 
 /// One lease and the token cancelled when it is known (or presumed) lost.
@@ -133,6 +134,7 @@ impl Session {
             lease,
             stop,
             valid_until,
+            ttl,
         })
     }
 
@@ -151,6 +153,11 @@ impl Session {
             Ok(g) => g.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    /// The TTL of its leases, in seconds.
+    pub fn ttl(&self) -> i64 {
+        self.ttl
     }
 
     /// The lease id (it changes when etcd lost the previous one).

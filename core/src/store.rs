@@ -8,6 +8,7 @@
 //! <root>/instance/<cid>/pool/<identity>     InstanceRecord of a pooled instance
 //! <root>/source/<sid>/<cid>                 copy of the claimed record (query by source: one read)
 //! <root>/stack/<cid>/<identity>             Pulumi stack state (JSON, kept apart: reads stay light)
+//! <root>/run/<cid>/<identity>               RunMarker: the lease a Pulumi run on the stack holds
 //! <root>/operation/<command id>             OperationRecord (see `protocol::operation`)
 //! <root>/expiry/<until>/<cid>/<sid>         identity of a claimed instance that expires at
 //!                                           <until> (`<secs:020>.<nanos:09>`, so keys sort by
@@ -74,6 +75,16 @@ impl StoredStack {
             Self::Inline(_) => None,
         }
     }
+}
+
+/// Who runs (or last ran, without ending cleanly) Pulumi on a stack: the
+/// lease its locks hang on and that lease's TTL. A holder that finds
+/// another lease's marker waits until that lease's holder must have
+/// stopped its run (see the worker's `run_marker`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunMarker {
+    pub lease: i64,
+    pub ttl_secs: u64,
 }
 
 /// A stack pointer to write, and the stack key's mod revision its writer
@@ -494,6 +505,9 @@ impl Store {
     }
     fn stack_key(&self, cid: &str, identity: &Identity) -> String {
         format!("{}/stack/{}/{identity}", self.root, ids::encode(cid))
+    }
+    fn run_key(&self, cid: &str, identity: &Identity) -> String {
+        format!("{}/run/{}/{identity}", self.root, ids::encode(cid))
     }
     fn expiry_prefix(&self) -> String {
         format!("{}/expiry/", self.root)
@@ -975,6 +989,7 @@ impl Store {
         let mut ops = vec![
             TxnOp::delete(self.instance_key(rec), None),
             TxnOp::delete(self.stack_key(&rec.challenge_id, &rec.identity), None),
+            TxnOp::delete(self.run_key(&rec.challenge_id, &rec.identity), None),
         ];
         if let Some(sid) = &rec.source_id {
             ops.push(TxnOp::delete(self.source_key(sid, &rec.challenge_id), None));
@@ -1213,9 +1228,71 @@ impl Store {
     /// Deletes a stack's pointer (after its stack was destroyed).
     pub async fn delete_stack(&self, cid: &str, identity: &Identity) -> Result<(), StoreError> {
         let key = self.stack_key(cid, identity);
-        self.txn(&key, Vec::new(), vec![TxnOp::delete(key.clone(), None)])
+        let ops = vec![
+            TxnOp::delete(key.clone(), None),
+            TxnOp::delete(self.run_key(cid, identity), None),
+        ];
+        self.txn(&key, Vec::new(), ops).await?;
+        Ok(())
+    }
+
+    /// The marker of the last Pulumi run on a stack that did not end
+    /// cleanly (or of the one running now), if any.
+    pub async fn get_run_marker(
+        &self,
+        cid: &str,
+        identity: &Identity,
+    ) -> Result<Option<RunMarker>, StoreError> {
+        Ok(self
+            .get_json(&self.run_key(cid, identity))
+            .await?
+            .map(|v| v.value))
+    }
+
+    /// Marks a Pulumi run on a stack as this holder's (fenced: a holder
+    /// whose lock is gone cannot start a run).
+    pub async fn put_run_marker(
+        &self,
+        cid: &str,
+        identity: &Identity,
+        marker: &RunMarker,
+    ) -> Result<(), StoreError> {
+        let key = self.run_key(cid, identity);
+        let value = to_json(&key, marker)?;
+        self.txn(&key, Vec::new(), vec![TxnOp::put(key.clone(), value, None)])
             .await?;
         Ok(())
+    }
+
+    /// Removes `marker` once its run has ended (only if it is still the
+    /// marker there).
+    pub async fn delete_run_marker(
+        &self,
+        cid: &str,
+        identity: &Identity,
+        marker: &RunMarker,
+    ) -> Result<(), StoreError> {
+        let key = self.run_key(cid, identity);
+        let value = to_json(&key, marker)?;
+        self.txn(
+            &key,
+            vec![Compare::value(key.as_str(), CompareOp::Equal, value)],
+            vec![TxnOp::delete(key.clone(), None)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Whether etcd still holds `lease` (neither expired nor revoked).
+    pub async fn lease_alive(&self, lease: i64) -> Result<bool, StoreError> {
+        let ttl = self.client.clone().lease_time_to_live(lease, None).await;
+        match ttl {
+            // A lease etcd no longer holds has TTL -1 (older servers
+            // answer "requested lease not found" instead).
+            Ok(r) => Ok(r.ttl() > 0),
+            Err(e) if e.to_string().contains("lease not found") => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// What the stack key of an instance holds, and its mod revision (0:

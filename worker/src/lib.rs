@@ -18,6 +18,9 @@
 //!   pause on purpose (one pause mechanism).
 //! - [`passphrase`]: where the Pulumi passphrase comes from (required
 //!   outside `--dev`).
+//! - `run_marker`: one Pulumi run per stack across a lock handover (a
+//!   revoked lease's run stops before the next holder's starts).
+//! - `stacks`: where stack states are kept between runs.
 //! - [`sources`]: scenario references to local directories (scenario root,
 //!   OCI registries, uploads in the object store), cached per digest.
 
@@ -31,6 +34,7 @@ pub mod observer;
 pub mod passphrase;
 pub mod permit;
 pub mod pulumi;
+mod run_marker;
 pub mod scenario;
 pub mod sources;
 mod stacks;

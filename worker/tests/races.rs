@@ -1011,6 +1011,122 @@ async fn a_paused_workers_pulumi_run_is_killed_before_its_lease_can_expire() {
     assert!(rec.connection_info.ends_with("x6"), "{rec:?}");
 }
 
+/// A revoked lease frees its locks at once, but its worker learns of it
+/// only at its next keep-alive (a third of the TTL later) and only then
+/// stops its Pulumi run. The next holder must not run Pulumi on the stack
+/// before that: a slow create holds the instance (lease 30 s, keep-alives
+/// 10 s apart), a delete waits for it on a second worker, the creating
+/// worker's lease is revoked. The delete's destroy may start only once the
+/// create's `pulumi` process is gone, and the delete ends well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_holders_run_ends_before_the_next_holder_runs_on_the_stack() {
+    let mut stack = Stack::start_with(
+        1,
+        &[
+            ("CM_LEASE_TTL", "30"),
+            ("CM_WORKER_CONCURRENCY", "1"),
+            ("CM_CHECKPOINT_INTERVAL", "1s"),
+        ],
+    )
+    .await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({
+                "id": "handover", "scenario": "steps",
+                "additional": {"steps": "8", "step_ms": "3000"}
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    queue_create(&stack, "handover", "p1").await;
+    let first = pulumi_runs_of(&stack, 0).await;
+    // A checkpoint names what the create deployed: the delete destroys it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stacks = stack
+            .store
+            .client()
+            .get("/cm/stack/handover/", Some(GetOptions::new().with_prefix()))
+            .await
+            .expect("stacks");
+        if !stacks.kvs().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the create stored no checkpoint\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The creating worker has no free permit: the delete goes to this one.
+    stack.spawn_worker();
+    let delete = stack
+        .submit_async(Method::DELETE, "/api/v1/instance/handover/p1", None)
+        .await;
+    let mut client = stack.store.client();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let creator = loop {
+        let locks = client
+            .get("/cm/lock/", Some(GetOptions::new().with_prefix()))
+            .await
+            .expect("locks");
+        // The oldest lock keys are the create's; once the delete waits, a
+        // second lease holds keys too.
+        let mut kvs: Vec<_> = locks.kvs().iter().collect();
+        kvs.sort_by_key(|kv| kv.create_revision());
+        let leases: BTreeSet<i64> = kvs.iter().map(|kv| kv.lease()).collect();
+        if leases.len() > 1 {
+            break kvs[0].lease();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the delete never waited for the create's locks\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let second = stack.worker_pid(1);
+    client.lease_revoke(creator).await.expect("revoke");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (first, stop) = (first.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut seen_second = false;
+            while !stop.load(Ordering::SeqCst) {
+                let theirs = !children_named(second, "pulumi").is_empty();
+                seen_second |= theirs;
+                if theirs && alive(&first) {
+                    return Err("the delete's pulumi ran while the revoked create's still did");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(seen_second)
+        })
+    };
+    let body = stack
+        .wait_operation(&delete, Duration::from_secs(120))
+        .await;
+    stop.store(true, Ordering::SeqCst);
+    let sampled = sampler.await.expect("sampler");
+    assert_eq!(
+        body["state"],
+        "SUCCEEDED",
+        "{body}\n{}",
+        stack.worker_logs()
+    );
+    match sampled {
+        Ok(true) => {}
+        Ok(false) => panic!(
+            "the delete never ran pulumi: nothing was checked\n{}",
+            stack.worker_logs()
+        ),
+        Err(what) => panic!("{what}\n{}", stack.worker_logs()),
+    }
+}
+
 /// A renewal takes no lock when nobody else is at work on the instance; it
 /// must then never write while someone is: a key under the slot's lock (a
 /// delete, an expiry, a reset in progress) or a writer's key under the

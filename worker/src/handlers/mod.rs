@@ -86,6 +86,7 @@ pub(crate) async fn up_persisted(
     additional: &std::collections::BTreeMap<String, String>,
     previous: Option<&crate::pulumi::StackState>,
 ) -> Result<crate::pulumi::Deployment, DriverError> {
+    let marked = mark_run(ctx, &record.challenge_id, &record.identity).await?;
     let (sink, writer) =
         crate::stacks::persist_checkpoints(ctx, &record.challenge_id, &record.identity);
     // Boxed (here and below): the driver's futures are large, and nested
@@ -100,7 +101,22 @@ pub(crate) async fn up_persisted(
     .await;
     drop(sink);
     let _ = writer.await;
+    marked.end(ctx).await;
     result
+}
+
+/// [`crate::run_marker::begin`], a failure telling why the run did not
+/// start (retried as a driver that could not run).
+async fn mark_run(
+    ctx: &Locked<'_>,
+    cid: &str,
+    identity: &cm_core::Identity,
+) -> Result<crate::run_marker::Marked, DriverError> {
+    crate::run_marker::begin(ctx, cid, identity)
+        .await
+        .map_err(|e| DriverError::EngineUnavailable {
+            reason: format!("the run was not started, its marker not written: {e}"),
+        })
 }
 
 /// `destroy` of the stack of `identity`, checkpoints stored as they come.
@@ -111,10 +127,12 @@ pub(crate) async fn destroy_persisted(
     identity: &cm_core::Identity,
     state: &crate::pulumi::StackState,
 ) -> Result<crate::pulumi::StackState, DriverError> {
+    let marked = mark_run(ctx, cid, identity).await?;
     let (sink, writer) = crate::stacks::persist_checkpoints(ctx, cid, identity);
     let result = Box::pin(ctx.driver.destroy_with(scenario, state, Some(&sink))).await;
     drop(sink);
     let _ = writer.await;
+    marked.end(ctx).await;
     result
 }
 

@@ -10,8 +10,12 @@
 //! one line per change, the time until which its lease is known to live
 //! minus [`MARGIN`]; the script kills the run once that time passes
 //! without a newer line (the worker stopped renewing) or once its stdin
-//! closes (the worker died). The script polls every 200 ms and spawns
-//! nothing while it waits.
+//! closes (the worker died). The script waits for the run itself (its end
+//! is seen at once: a run costs a few milliseconds more, not a poll
+//! period), while a watcher subshell beside it reads the deadlines every
+//! 200 ms, spawning nothing. Job control is on in the script: a background
+//! job of a plain script ignores SIGINT, which Pulumi sends its plugins to
+//! stop them, and each run then waited seconds for their shutdown timeout.
 //!
 //! Owns: the script, the deadline line format, and feeding it to one run.
 //! Must not know: how the lease is renewed (`cm_core::lock::Session`).
@@ -37,31 +41,40 @@ pub(crate) const GUARD_SCRIPT: &str = r#"#!/bin/bash
 # Written by cm-worker (worker/src/pulumi/guard.rs): a dead man's switch around
 # one Pulumi run. Stdin carries, one line each, the Unix time in ms until which
 # the worker's locks are known to be held; the run is killed when that time
-# passes without a newer line, or when stdin ends (the worker died).
-read -r until_ms || exit 70
+# passes without a newer line, or when stdin ends (the worker died). The run
+# is waited for directly (its end is seen at once); a watcher beside it reads
+# the deadlines. Job control on: the run does not inherit the SIGINT and
+# SIGQUIT a background job otherwise ignores (Pulumi stops its plugins with
+# SIGINT), and it leads its own process group.
+set -m
+exec 3<&0 0</dev/null
+read -r -u 3 until_ms || exit 70
 [[ $until_ms =~ ^[0-9]+$ ]] || exit 70
-"$@" </dev/null &
+"$@" &
 run=$!
-why=
-while kill -0 "$run" 2>/dev/null; do
-  if read -r -t 0.2 line; then
-    [[ $line =~ ^[0-9]+$ ]] && until_ms=$line
-  elif (( $? <= 128 )); then
-    why="the worker is gone"
-    break
-  fi
-  now=${EPOCHREALTIME/[.,]/}
-  if (( ${now:0:-3} >= until_ms )); then
-    why="the worker's lease was not renewed in time"
-    break
-  fi
-done
-if [[ -n $why ]]; then
+(
+  why=
+  while :; do
+    if read -r -t 0.2 -u 3 line; then
+      [[ $line =~ ^[0-9]+$ ]] && until_ms=$line
+    elif (( $? <= 128 )); then
+      why="the worker is gone"
+      break
+    fi
+    now=${EPOCHREALTIME/[.,]/}
+    if (( ${now:0:-3} >= until_ms )); then
+      why="the worker's lease was not renewed in time"
+      break
+    fi
+  done
   echo "cm-worker pulumi guard: run stopped: $why" >&2
-  kill -KILL "$run" 2>/dev/null
-fi
+  kill -KILL -- "-$run" 2>/dev/null || kill -KILL "$run" 2>/dev/null
+) &
+watcher=$!
 wait "$run" 2>/dev/null
 status=$?
+kill -KILL "$watcher" 2>/dev/null
+wait "$watcher" 2>/dev/null
 if (( status > 128 && status < 128 + 65 )); then
   kill -n $((status - 128)) $$
 fi

@@ -28,6 +28,21 @@ pub fn servers() -> Vec<(u32, u16)> {
         .collect()
 }
 
+/// The stack (instance identity) a server was started for: the stack name
+/// in the resource URN of its `--owner` argument, when it has one.
+pub fn owner_stack(pid: u32) -> Option<String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let i = args.iter().position(|a| a == "--owner")?;
+    let urn = args.get(i + 1)?;
+    // urn:pulumi:<stack>::<project>::<type>::<name>
+    let stack = urn.strip_prefix("urn:pulumi:")?.split("::").next()?;
+    Some(stack.to_owned())
+}
+
 /// Live server processes for `port`.
 pub fn server_pids(port: u16) -> Vec<u32> {
     servers()

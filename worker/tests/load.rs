@@ -173,7 +173,22 @@ async fn five_hundred_requests_fifty_clients_two_workers() {
     for n in 0..CHALLENGES {
         let cid = challenge_id(n);
         for rec in stack.store.list_instances(&cid).await.expect("list") {
-            assert_eq!(rec.status, InstanceStatus::Ready, "{cid} {}", rec.identity);
+            assert_eq!(
+                rec.status,
+                InstanceStatus::Ready,
+                "{cid} {}: the workers' log lines about it:\n{}",
+                rec.identity,
+                stack
+                    .worker_logs()
+                    .lines()
+                    .filter(|l| {
+                        l.contains(rec.identity.as_str())
+                            || (l.contains(&format!("challenge={cid}"))
+                                && (l.contains("WARN") || l.contains("ERROR")))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
             assert!(
                 identities.insert(rec.identity.to_string()),
                 "identity {} twice",

@@ -687,14 +687,7 @@ async fn a_record_write_applied_after_its_answer_was_lost_keeps_its_state() {
     let rec = record(&stack, "late", "team-l")
         .await
         .expect("the instance exists");
-    match stack.read_stack_state("late", &rec.identity).await {
-        Some(Ok(_)) => {}
-        Some(Err(e)) => panic!(
-            "the recorded stack state does not read back: {e}\n{}",
-            stack.worker_logs()
-        ),
-        None => panic!("no stack key for the instance"),
-    }
+    assert_state_reads_back(&stack, "late", &rec.identity).await;
     assert!(
         matches!(
             stack.store.get_stack("late", &rec.identity).await,
@@ -765,14 +758,7 @@ async fn a_checkpoint_pointer_applied_after_the_final_state_is_refused() {
         }
         other => panic!("no pointer for the instance: {other:?}"),
     }
-    match stack.read_stack_state("latecp", &rec.identity).await {
-        Some(Ok(_)) => {}
-        Some(Err(e)) => panic!(
-            "the recorded stack state does not read back: {e}\n{}",
-            stack.worker_logs()
-        ),
-        None => panic!("no stack key for the instance"),
-    }
+    assert_state_reads_back(&stack, "latecp", &rec.identity).await;
     assert!(
         logs.contains("applied=false"),
         "the late write went through\n{logs}"
@@ -784,4 +770,16 @@ async fn a_checkpoint_pointer_applied_after_the_final_state_is_refused() {
         record(&stack, "latecp", "team-c").await.is_none(),
         "deleted"
     );
+}
+
+/// The stack state the instance's pointer names reads back whole.
+async fn assert_state_reads_back(stack: &Stack, cid: &str, identity: &cm_core::Identity) {
+    match stack.read_stack_state(cid, identity).await {
+        Some(Ok(_)) => {}
+        Some(Err(e)) => panic!(
+            "the recorded stack state does not read back: {e}\n{}",
+            stack.worker_logs()
+        ),
+        None => panic!("no stack key for the instance"),
+    }
 }

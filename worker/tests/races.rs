@@ -920,14 +920,20 @@ async fn a_lost_lease_stops_the_handler_and_kills_its_pulumi_run() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Retried under a new lease, the command ends with one whole instance.
-    let body = stack.wait_operation(&op, Duration::from_secs(120)).await;
+    ends_with_one_whole_instance(&stack, &op, "slow").await;
+}
+
+/// The create `op` of a 6-step instance for `p1` on `cid` succeeded, and
+/// the instance is ready with all six steps.
+async fn ends_with_one_whole_instance(stack: &Stack, op: &str, cid: &str) {
+    let body = stack.wait_operation(op, Duration::from_secs(120)).await;
     assert_eq!(
         body["state"],
         "SUCCEEDED",
         "{body}\n{}",
         stack.worker_logs()
     );
-    let rec = claimed(&stack, "slow", "p1").await;
+    let rec = claimed(stack, cid, "p1").await;
     assert_eq!(rec.status, InstanceStatus::Ready);
     assert!(rec.connection_info.ends_with("x6"), "{rec:?}");
 }
@@ -999,16 +1005,7 @@ async fn a_paused_workers_pulumi_run_is_killed_before_its_lease_can_expire() {
         "the run was killed {killed_at:?} after SIGSTOP; the lease lives 3 s"
     );
     signal("-CONT");
-    let body = stack.wait_operation(&op, Duration::from_secs(120)).await;
-    assert_eq!(
-        body["state"],
-        "SUCCEEDED",
-        "{body}\n{}",
-        stack.worker_logs()
-    );
-    let rec = claimed(&stack, "paused", "p1").await;
-    assert_eq!(rec.status, InstanceStatus::Ready);
-    assert!(rec.connection_info.ends_with("x6"), "{rec:?}");
+    ends_with_one_whole_instance(&stack, &op, "paused").await;
 }
 
 /// A revoked lease frees its locks at once, but its worker learns of it

@@ -1347,8 +1347,8 @@ impl Store {
     /// state no instance record names (left by a replacement, a reset or a
     /// blue/green update, that died before or after its switch or failed to
     /// destroy the stack it replaced), and a pool reservation still
-    /// `Deploying` (its refill died; no refill resumes it, and it counts
-    /// as pooled while no one can claim it). As (challenge, identity).
+    /// `Deploying` (its refill died, and no refill of that pool has run
+    /// since to resume it: it counts as pooled while no one can claim it). As (challenge, identity).
     /// Whoever acts on one checks again under the identity's lock.
     pub async fn orphan_stacks(&self) -> Result<Vec<(String, Identity)>, StoreError> {
         let prefix = format!("{}/stack/", self.root);

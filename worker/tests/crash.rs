@@ -364,6 +364,85 @@ async fn worker_killed_between_pulumi_and_the_store_write() {
     wait_locks_free(&stack).await;
 }
 
+/// A refill's worker dies after Pulumi deployed a pooled instance, before
+/// the reservation says ready: the redelivered refill resumes that
+/// reservation (same identity, what was deployed kept), with no janitor to
+/// reclaim it. Before, the reservation counted as pooled, the refill saw the
+/// pool full, and it stayed `Deploying` (unclaimable) until a janitor swept it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pool_reservation_left_by_a_dead_refill_is_resumed_by_the_next_refill() {
+    let mut stack = Stack::start(1).await;
+    stack.kill_worker(0);
+    stack.spawn_worker_with(&[SHORT_LEASE, ("CM_FAILPOINT", "after-up")]);
+    stack
+        .call_ok(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "refill-cut", "scenario": "steps",
+                        "additional": {"steps": "2"}, "min": 1, "max": 1})),
+        )
+        .await;
+    stack
+        .wait_worker_exit(
+            1,
+            Duration::from_secs(60),
+            "the refill's worker never reached after-up",
+        )
+        .await;
+    let left = stack
+        .store
+        .list_instances("refill-cut")
+        .await
+        .expect("store");
+    let [reservation] = &left[..] else {
+        panic!("one reservation expected: {left:?}");
+    };
+    assert_eq!(reservation.status, InstanceStatus::Deploying);
+    assert_eq!(reservation.source_id, None);
+    let deployed = stack_state(&stack, "refill-cut", &reservation.identity)
+        .await
+        .expect("the finished run's state was stored");
+    assert_eq!(steps_of(&deployed).len(), 2);
+
+    stack.spawn_worker();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let ready = loop {
+        let now = stack
+            .store
+            .list_instances("refill-cut")
+            .await
+            .expect("store");
+        if let [one] = &now[..]
+            && one.status == InstanceStatus::Ready
+        {
+            break one.clone();
+        }
+        assert!(
+            now.len() <= 1,
+            "the pool (max 1) holds {}: {now:?}",
+            now.len()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the reservation was never resumed: {now:?}\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(ready.identity, reservation.identity, "the same reservation");
+    assert_eq!(ready.source_id, None, "still pooled");
+    let end = stack_state(&stack, "refill-cut", &ready.identity)
+        .await
+        .expect("state");
+    assert_eq!(pending_operations(&end), 0, "no pending operation left");
+    assert_eq!(
+        steps_of(&end),
+        steps_of(&deployed),
+        "the resumed run changed nothing the dead one had deployed"
+    );
+    wait_locks_free(&stack).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn worker_killed_between_the_store_write_and_the_ack() {
     let (mut stack, op) = die_at_failpoint("late", 1, "team-c", "before-ack").await;

@@ -15,7 +15,9 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use support::{
     Stack,
-    services::{Reaper, kill, port_of, read_answer, server_pids, wait_refused},
+    services::{
+        Reaper, kill, owner_stack, port_of, read_answer, server_pids, servers, wait_refused,
+    },
 };
 use tokio::net::TcpStream;
 
@@ -120,6 +122,19 @@ async fn tcp_flag_instances_serve_their_flag_and_are_gone_after_delete() {
     }
 }
 
+/// A driver on the suite's shared cache.
+fn driver() -> Arc<Driver> {
+    Arc::new(
+        Driver::new(DriverConfig {
+            pulumi: cm_testkit::pulumi(),
+            go: cm_testkit::go(),
+            cache_dir: support::shared_cache(),
+            passphrase: Secret::new("localservice-test-passphrase".to_owned()),
+        })
+        .expect("driver"),
+    )
+}
+
 /// The `pid` output of the stack's TcpService.
 fn server_pid(state: &StackState) -> u32 {
     state
@@ -138,15 +153,7 @@ fn server_pid(state: &StackState) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_server_is_replaced_by_up_and_destroy_does_not_mind() {
     cm_testkit::provider_plugin("localservice");
-    let driver = Arc::new(
-        Driver::new(DriverConfig {
-            pulumi: cm_testkit::pulumi(),
-            go: cm_testkit::go(),
-            cache_dir: support::shared_cache(),
-            passphrase: Secret::new("localservice-test-passphrase".to_owned()),
-        })
-        .expect("driver"),
-    );
+    let driver = driver();
     let mut reaper = Reaper::default();
     let scenario = driver
         .prepare(&cm_testkit::example("tcp-flag"))
@@ -210,4 +217,70 @@ async fn a_dead_server_is_replaced_by_up_and_destroy_does_not_mind() {
     );
     assert_eq!(after.resource_count(), 0, "destroy leaves no resource");
     assert_eq!(server_pids(new_port), Vec::<u32>::new());
+}
+
+/// A run killed after the provider started a server, before Pulumi recorded
+/// it, leaves the TcpService as a pending create: in no state, with no id.
+/// When the next run on that stack is a destroy (a delete, an expiry, the
+/// orphan sweep's reclaim), that server must still be stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destroy_after_an_interrupted_create_stops_what_that_create_started() {
+    cm_testkit::provider_plugin("localservice");
+    let driver = driver();
+    let mut reaper = Reaper::default();
+    let scenario = driver
+        .prepare(&cm_testkit::example("tcp-flag"))
+        .await
+        .expect("prepare");
+    let identity = Identity::random();
+    let made = driver
+        .up(&scenario, &identity, &BTreeMap::new(), None)
+        .await
+        .expect("up");
+    let port = port_of(&made.outputs.connection_info);
+    reaper.watch(port);
+    let pid = server_pid(&made.state);
+    assert_eq!(owner_stack(pid).as_deref(), Some(identity.as_str()));
+
+    // The state such a run leaves: the service only as a pending create
+    // (its inputs, no id, no outputs), its server running.
+    let mut interrupted = made.state.clone();
+    let latest = interrupted
+        .checkpoint
+        .pointer_mut("/checkpoint/latest")
+        .expect("latest");
+    let resources = latest["resources"].as_array_mut().expect("resources");
+    let at = resources
+        .iter()
+        .position(|r| r["type"] == "localservice:index:TcpService")
+        .expect("a TcpService");
+    let mut half_made = resources.remove(at);
+    if let Some(fields) = half_made.as_object_mut() {
+        fields.retain(|k, _| !matches!(k.as_str(), "id" | "outputs"));
+    }
+    latest["pending_operations"] = json!([{"type": "creating", "resource": half_made}]);
+    assert!(
+        !interrupted.config.is_empty(),
+        "a stored state keeps the configuration of the run that wrote it"
+    );
+
+    let started = Instant::now();
+    let after = driver
+        .destroy(&scenario, &interrupted)
+        .await
+        .expect("destroy after an interrupted create");
+    eprintln!(
+        "driver destroy (after an interrupted create): {:?}",
+        started.elapsed()
+    );
+    assert_eq!(after.resource_count(), 0, "destroy leaves no resource");
+    assert!(
+        wait_refused(port).await,
+        "port {port}: the server the interrupted create started still answers"
+    );
+    let left: Vec<(u32, u16)> = servers()
+        .into_iter()
+        .filter(|(pid, _)| owner_stack(*pid).as_deref() == Some(identity.as_str()))
+        .collect();
+    assert_eq!(left, [], "no server of the destroyed stack is left");
 }

@@ -20,7 +20,9 @@
 //! claim may have taken it: claims need the lock free, so after the lock no
 //! claim can); or 5. stop. Every write is fenced.
 //! Undo: a failed deploy drops its own reservation (see `deploy_reserved`);
-//! the next refill tries again. A refill slot hangs on the worker's lease:
+//! the next refill tries again. A reservation left `Deploying` (its refill
+//! died, or failed before Pulumi could say) is resumed by the next round,
+//! before any new deploy. A refill slot hangs on the worker's lease:
 //! a worker that dies gives its slots back with it.
 
 use std::time::{Duration, Instant, SystemTime};
@@ -107,6 +109,9 @@ async fn round(
     let instances = ctx.store.list_instances(cid).await?;
     let pooled = instances.iter().filter(|r| r.source_id.is_none()).count() as i64;
     let total = instances.len() as i64;
+    if let Some(resumed) = resume_abandoned(ctx, fence, &challenge, &instances).await? {
+        return Ok(resumed);
+    }
     let plan = plan(ctx, &challenge, total - pooled).await?;
     let room = if challenge.max > 0 {
         challenge.max - total
@@ -170,6 +175,71 @@ async fn round(
         return Ok(Round::Destroyed(destroyed));
     }
     Ok(Round::Done(challenge))
+}
+
+/// A reservation left `Deploying` by a refill that died or failed
+/// transiently (the worker's lease lost, Pulumi killed, etcd away) counts as
+/// pooled and no one can claim it: the round deploys it before anything
+/// else, under its identity's lock, resuming from the state its last run
+/// stored. `None` when there is none whose lock is free (a reclaim or the
+/// refill that made it holds it).
+async fn resume_abandoned(
+    ctx: &Ctx,
+    fence: &Fence,
+    challenge: &ChallengeRecord,
+    instances: &[InstanceRecord],
+) -> Result<Option<Round>, HandlerError> {
+    let abandoned: Vec<&Identity> = instances
+        .iter()
+        .filter(|r| r.source_id.is_none() && r.status == InstanceStatus::Deploying)
+        .map(|r| &r.identity)
+        .collect();
+    if abandoned.is_empty() {
+        return Ok(None);
+    }
+    let cid = &challenge.id;
+    let slots = refill_slots(ctx, 1).await?;
+    let mut result = Ok(None);
+    for identity in abandoned {
+        let guard = match ctx.lock_identity_within(cid, identity, BUSY_WAIT).await {
+            Ok(guard) => guard,
+            Err(cm_core::lock::LockError::Timeout(_)) => continue,
+            Err(e) => {
+                result = Err(e.into());
+                break;
+            }
+        };
+        let locked = ctx.locked(&fence.clone().and(&guard.fence()));
+        // Under the lock: still an unclaimed reservation?
+        let resumed = match ctx.store.find_identity(cid, identity).await {
+            Ok(Some(now))
+                if now.value.source_id.is_none()
+                    && now.value.status == InstanceStatus::Deploying =>
+            {
+                tracing::warn!(%identity, "resuming a pool reservation a refill left deploying");
+                let mut record = now.value;
+                Box::pin(deploy_reserved(
+                    &locked,
+                    challenge,
+                    &mut record,
+                    now.mod_revision,
+                ))
+                .await
+                .map(|()| Some(Round::Deployed(1)))
+            }
+            Ok(_) => Ok(None),
+            Err(e) => Err(e.into()),
+        };
+        guard.release();
+        result = resumed;
+        if !matches!(result, Ok(None)) {
+            break;
+        }
+    }
+    if let Err(e) = ctx.store.release_refill_slots(&slots).await {
+        tracing::warn!(error = %e, "refill slots not given back");
+    }
+    result
 }
 
 /// What this round aims at: `min` for a static pool; from the demand for an

@@ -83,6 +83,24 @@ async fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
+/// The URNs of the resources a dead run left pending creation in
+/// `checkpoint`: they may exist, and no state gives their id.
+pub(crate) fn pending_creates(checkpoint: &Value) -> Vec<String> {
+    checkpoint
+        .pointer("/checkpoint/latest/pending_operations")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|op| op.get("type").and_then(Value::as_str) == Some("creating"))
+        .map(|op| {
+            op.pointer("/resource/urn")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown resource")
+                .to_owned()
+        })
+        .collect()
+}
+
 /// Removes the pending operations a dead run left in `checkpoint`, returning
 /// a description of each (`type urn`) for the log. Empty when there were none.
 pub(crate) fn clear_pending(checkpoint: &mut Value) -> Vec<String> {
@@ -120,7 +138,9 @@ mod tests {
                 {"type": "deleting", "resource": {"urn": "urn:pulumi:s::p::x:y:Z::b"}}
             ]
         }}});
+        assert_eq!(pending_creates(&cp), ["urn:pulumi:s::p::x:y:Z::a"]);
         let cleared = clear_pending(&mut cp);
+        assert!(pending_creates(&cp).is_empty());
         assert_eq!(
             cleared,
             [

@@ -66,6 +66,13 @@ pub struct StackState {
     pub encryption_salt: String,
     /// The file backend's checkpoint, as the CLI wrote it.
     pub checkpoint: Value,
+    /// The program configuration (`identity`, `additional`, without the
+    /// project prefix) of the run that wrote this state: what a destroy
+    /// re-runs the program with when an interrupted create left something
+    /// Pulumi does not know of (see [`Driver::destroy_with`]). Empty in
+    /// states stored before it was kept.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for StackState {
@@ -340,37 +347,56 @@ impl Driver {
         ]);
         // A new stack is an empty checkpoint written directly: no
         // `pulumi stack init` run (~0.35 s) is needed.
-        let mut checkpoint = match previous {
+        let checkpoint = match previous {
             Some(p) => p.checkpoint.clone(),
             None => serde_json::json!({"version": 3, "checkpoint": {
                 "stack": format!("organization/{}/{identity}", scenario.project),
                 "latest": null,
             }}),
         };
-        let refresh = recover_interrupted(&mut checkpoint, identity.as_str());
+        let state = self
+            .run_up_state(
+                scenario,
+                identity.as_str(),
+                &salt,
+                &config,
+                checkpoint,
+                sink,
+            )
+            .await?;
+        let outputs = outputs::read_outputs(&state.checkpoint, &salt, &self.crypter).await?;
+        Ok(Deployment { outputs, state })
+    }
+
+    /// One `up` of `stack` from `checkpoint` with the program configuration
+    /// `config`, returning the state it left.
+    async fn run_up_state(
+        &self,
+        scenario: &PreparedScenario,
+        stack: &str,
+        salt: &str,
+        config: &BTreeMap<String, String>,
+        mut checkpoint: Value,
+        sink: Option<&CheckpointSink>,
+    ) -> Result<StackState, DriverError> {
+        let refresh = recover_interrupted(&mut checkpoint, stack);
         let ws = Workspace::create(
             &self.scratch_dir,
             scenario,
-            identity.as_str(),
-            &salt,
-            &config,
+            stack,
+            salt,
+            config,
             Some(&checkpoint),
         )
         .await?;
-        let mut args = vec![
-            "up",
-            "--yes",
-            "--skip-preview",
-            "--stack",
-            identity.as_str(),
-        ];
+        let mut args = vec!["up", "--yes", "--skip-preview", "--stack", stack];
         if refresh {
             args.push("--refresh");
         }
         let out = self
-            .run_watched(&ws, &scenario.project, &salt, &args, sink)
+            .run_watched(&ws, &scenario.project, salt, &args, sink)
             .await?;
-        let state = ws.read_state(&salt).await?;
+        let state = ws.read_state(salt).await?;
         if let (Some(sink), Some(state)) = (sink, &state) {
             sink.send(state.clone());
         }
@@ -383,11 +409,9 @@ impl Driver {
                 state: state.map(Box::new),
             });
         }
-        let state = state.ok_or_else(|| DriverError::StateCorrupt {
+        state.ok_or_else(|| DriverError::StateCorrupt {
             reason: "pulumi up succeeded but left no stack state".into(),
-        })?;
-        let outputs = outputs::read_outputs(&state.checkpoint, &salt, &self.crypter).await?;
-        Ok(Deployment { outputs, state })
+        })
     }
 
     /// Destroys every resource of the stack whose state is `state`, returning
@@ -421,6 +445,14 @@ impl Driver {
         state: &StackState,
         sink: Option<&CheckpointSink>,
     ) -> Result<StackState, DriverError> {
+        let converged;
+        let state = match self.converge_pending_creates(scenario, state, sink).await? {
+            Some(after) => {
+                converged = after;
+                &converged
+            }
+            None => state,
+        };
         let mut checkpoint = state.checkpoint.clone();
         let refresh = recover_interrupted(&mut checkpoint, &state.stack);
         let ws = Workspace::create(
@@ -428,7 +460,7 @@ impl Driver {
             scenario,
             &state.stack,
             &state.encryption_salt,
-            &BTreeMap::new(),
+            &state.config,
             Some(&checkpoint),
         )
         .await?;
@@ -462,6 +494,71 @@ impl Driver {
         after.ok_or_else(|| DriverError::StateCorrupt {
             reason: "pulumi destroy succeeded but left no stack state".into(),
         })
+    }
+
+    /// Before a destroy: when an interrupted run left a pending *create*, the
+    /// resource it asked for may exist, and no state names it (a pending
+    /// create has no id), so `destroy` alone would leave it running. An `up`
+    /// with the configuration of the run that left it makes the resource
+    /// again under the same URN, which lets the provider take over what
+    /// the dead run left (the `localservice` provider stops the server of
+    /// that URN first) and puts it in the state the destroy then empties.
+    /// Returns the state to destroy instead, `None` when nothing was pending
+    /// or the state does not say how its program was configured.
+    async fn converge_pending_creates(
+        &self,
+        scenario: &PreparedScenario,
+        state: &StackState,
+        sink: Option<&CheckpointSink>,
+    ) -> Result<Option<StackState>, DriverError> {
+        let creates = checkpoint::pending_creates(&state.checkpoint);
+        if creates.is_empty() {
+            return Ok(None);
+        }
+        if state.config.is_empty() {
+            tracing::warn!(
+                stack = %state.stack,
+                pending = ?creates,
+                "a pending create cannot be converged before the destroy (the state predates its \
+                 program configuration being kept): what it made may outlive the stack"
+            );
+            return Ok(None);
+        }
+        tracing::warn!(
+            stack = %state.stack,
+            pending = ?creates,
+            "destroying a stack whose last run was interrupted while creating: running `up` first \
+             so what that run made is known to Pulumi and destroyed"
+        );
+        let started = std::time::Instant::now();
+        let result = self
+            .run_up_state(
+                scenario,
+                &state.stack,
+                &state.encryption_salt,
+                &state.config,
+                state.checkpoint.clone(),
+                sink,
+            )
+            .await;
+        observe("converge", started, &result);
+        match result {
+            Ok(after) => Ok(Some(after)),
+            // The program failed part-way: destroy what it left, which
+            // holds the pending resource if the provider took it over.
+            Err(DriverError::ProgramFailed {
+                message,
+                state: after,
+            }) => {
+                tracing::warn!(
+                    stack = %state.stack,
+                    error = %message,
+                    "the converging `up` before a destroy failed; destroying what it left"
+                );
+                Ok(after.map(|s| *s))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Runs the CLI in `ws`, watching its checkpoint for `sink` meanwhile.

@@ -26,6 +26,8 @@ pub(crate) struct Workspace {
     dir: tempfile::TempDir,
     project: String,
     stack: String,
+    /// The program configuration written into the stack file.
+    config: BTreeMap<String, String>,
 }
 
 impl Workspace {
@@ -50,6 +52,7 @@ impl Workspace {
             dir,
             project: scenario.project.clone(),
             stack: stack.to_owned(),
+            config: config.clone(),
         };
         let root = ws.path().to_owned();
 
@@ -113,6 +116,7 @@ impl Workspace {
             stack: self.stack.clone(),
             encryption_salt: salt_state.to_owned(),
             checkpoint,
+            config: self.config.clone(),
         }))
     }
 }

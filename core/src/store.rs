@@ -775,6 +775,45 @@ impl Store {
         .await
     }
 
+    /// [`Store::claim_pooled`] by a create that holds no lock at all (the
+    /// common case: no per-source quota, nothing else at work on the slot).
+    /// The transaction also proves what the create's locks would have: no
+    /// key under the slot's lock (a create, delete, expiry or reset of that
+    /// slot), nor under the source's (a create counting the source's
+    /// instances, an eviction), nor a writer's under the challenge's (an
+    /// update or a delete), and the challenge record unchanged since
+    /// `challenge_revision`. `Conflict` when any of it fails: the caller
+    /// takes its locks and decides again.
+    pub async fn claim_unlocked(
+        &self,
+        pooled: &Versioned<InstanceRecord>,
+        claimed: &InstanceRecord,
+        challenge_revision: i64,
+    ) -> Result<i64, StoreError> {
+        let cid = &claimed.challenge_id;
+        let Some(sid) = &claimed.source_id else {
+            return Err(StoreError::Conflict {
+                key: self.instance_key(claimed),
+            });
+        };
+        let identity_lock = crate::lock_keys::identity_lock(&self.root, cid, &claimed.identity);
+        let slot_lock = crate::lock_keys::instance_lock(&self.root, cid, sid);
+        let source_lock = crate::lock_keys::source_lock(&self.root, sid);
+        let writers = format!("{}w-", crate::lock_keys::challenge_lock(&self.root, cid));
+        let guards = vec![
+            Compare::version(identity_lock, CompareOp::Equal, 0).with_prefix(),
+            Compare::version(slot_lock, CompareOp::Equal, 0).with_prefix(),
+            Compare::version(source_lock, CompareOp::Equal, 0).with_prefix(),
+            Compare::version(writers, CompareOp::Equal, 0).with_prefix(),
+            Compare::mod_revision(
+                self.challenge_key(cid),
+                CompareOp::Equal,
+                challenge_revision,
+            ),
+        ];
+        self.claim_pooled_with(pooled, claimed, guards).await
+    }
+
     /// [`Store::claim_pooled`] by a caller that holds the identity's lock
     /// itself (its fence proves it): no check that the lock is free.
     pub async fn claim_pooled_locked(
@@ -1223,6 +1262,40 @@ impl Store {
             vec![TxnOp::put(key.clone(), value, None)],
         )
         .await
+    }
+
+    /// [`Store::put_stack`] by a run whose lock is gone, without the fence:
+    /// applied only while `marker` (the run's own) is still the stack's run
+    /// marker. A new holder replaces the marker before it runs, and reads
+    /// the stack again after waiting out this run (see the worker's
+    /// `run_marker`), so what this write records is either seen by the next
+    /// run or refused. It exists so that what a dying run deployed is never
+    /// left without a state naming it.
+    pub async fn put_stack_under_marker(
+        &self,
+        cid: &str,
+        identity: &Identity,
+        stack: PointerWrite<'_>,
+        marker: &RunMarker,
+    ) -> Result<i64, StoreError> {
+        let key = self.stack_key(cid, identity);
+        let run_key = self.run_key(cid, identity);
+        let value = to_json(&key, stack.pointer)?;
+        let when = vec![
+            stack.compare(&key),
+            Compare::value(
+                run_key.as_str(),
+                CompareOp::Equal,
+                to_json(&run_key, marker)?,
+            ),
+        ];
+        let unfenced = Self {
+            fence: Fence::default(),
+            ..self.clone()
+        };
+        unfenced
+            .txn(&key, when, vec![TxnOp::put(key.clone(), value, None)])
+            .await
     }
 
     /// Deletes a stack's pointer (after its stack was destroyed).

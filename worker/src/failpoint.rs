@@ -36,7 +36,10 @@
 //! - `instance-update-before-write` (first): an instance update's Pulumi run
 //!   is done, its record not written yet;
 //! - `instance-reset-before-retire` (first): a reset switched the record to
-//!   its fresh identity and is about to destroy the old stack.
+//!   its fresh identity and is about to destroy the old stack;
+//! - `checkpoint-pointer-first` (first): a run's checkpoint writer is about
+//!   to write the stack's pointer to the run's first checkpoint (the run
+//!   itself goes on).
 //!
 //! `CM_FAILPOINT=lose-answer:<point>` loses the answer of the first write
 //! at that point in this process and applies the write late ([`answer_lost`]):

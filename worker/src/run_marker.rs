@@ -13,19 +13,55 @@
 //! (the longest its worker can take to stop the run) before running.
 //! A marker whose lease is alive is a run that ended, its removal lost.
 //!
+//! A run whose lock is lost keeps recording what it deploys for as long as
+//! its marker stands (`Store::put_stack_under_marker`), so that what it
+//! made is never left without a state naming it. Every read of a stack's
+//! state under a lock goes through [`settle`] first: it waits such a run
+//! out and removes its marker, so the read sees all the run recorded and
+//! the run can record nothing after it.
+//!
 //! Must not know: what the run does.
 
 use std::time::Duration;
 
 use cm_core::{Identity, store::RunMarker};
 
-use crate::{context::Locked, error::HandlerError};
+use crate::{
+    context::{Ctx, Locked},
+    error::HandlerError,
+};
 
 /// A run's marker, written; [`Marked::end`] removes it.
 pub(crate) struct Marked {
     cid: String,
     identity: Identity,
     marker: RunMarker,
+}
+
+/// Before reading a stack's state under its lock: waits out the run named
+/// by a marker whose lease etcd no longer holds (its TTL plus a second, as
+/// [`begin`] does), then removes that marker. After this, that run's late
+/// checkpoint writes are refused (they need its marker), and what it
+/// recorded before is there to be read.
+pub(crate) async fn settle(ctx: &Ctx, cid: &str, identity: &Identity) -> Result<(), HandlerError> {
+    let Some(found) = ctx.store.get_run_marker(cid, identity).await? else {
+        return Ok(());
+    };
+    if found.lease == ctx.session.lease() || ctx.store.lease_alive(found.lease).await? {
+        return Ok(());
+    }
+    let wait = Duration::from_secs(found.ttl_secs) + Duration::from_secs(1);
+    tracing::warn!(
+        lease = found.lease,
+        ?wait,
+        "the stack's last run held a lease that is gone: waiting it out before reading the stack"
+    );
+    tokio::time::sleep(wait).await;
+    match ctx.store.delete_run_marker(cid, identity, &found).await {
+        // Another reader removed it first: as good.
+        Ok(()) | Err(cm_core::store::StoreError::Conflict { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Waits until no other run can be going on on the stack, then marks the
@@ -60,6 +96,11 @@ pub(crate) async fn begin(
 }
 
 impl Marked {
+    /// This run's marker (what its late checkpoint writes are guarded by).
+    pub(crate) fn marker(&self) -> &RunMarker {
+        &self.marker
+    }
+
     /// The run has ended: removes its marker (best effort: a marker left
     /// behind costs the next holder one lease check).
     pub(crate) async fn end(self, ctx: &Locked<'_>) {

@@ -21,7 +21,7 @@ use cm_core::{
     metrics::metrics,
     model::InstanceRecord,
     stack_store::StatePointer,
-    store::{Expect, PointerWrite, StoreError, StoredStack},
+    store::{Expect, PointerWrite, RunMarker, StoreError, StoredStack},
 };
 use sha2::{Digest, Sha256};
 
@@ -47,12 +47,14 @@ fn decode(bytes: &[u8]) -> Result<StackState, HandlerError> {
     })
 }
 
-/// The stored state of a stack, if it has one.
+/// The stored state of a stack, if it has one, once a run that lost its
+/// lock can add nothing more to it (see `run_marker::settle`).
 pub(crate) async fn load(
     ctx: &Ctx,
     cid: &str,
     identity: &Identity,
 ) -> Result<Option<StackState>, HandlerError> {
+    crate::run_marker::settle(ctx, cid, identity).await?;
     match ctx.store.get_stack(cid, identity).await? {
         None => Ok(None),
         Some(StoredStack::Inline(bytes)) => decode(&bytes).map(Some),
@@ -419,7 +421,9 @@ pub(crate) fn persist_checkpoints(
     ctx: &Locked<'_>,
     cid: &str,
     identity: &Identity,
+    marker: &RunMarker,
 ) -> (CheckpointSink, tokio::task::JoinHandle<()>) {
+    let marker = marker.clone();
     let (sink, mut rx) = CheckpointSink::channel(ctx.checkpoint_interval);
     let (store, objects) = (ctx.store.clone(), ctx.stacks.clone());
     let (cid, identity) = (cid.to_owned(), identity.clone());
@@ -473,11 +477,25 @@ pub(crate) fn persist_checkpoints(
                     maybe_pointed = true;
                     continue;
                 }
+                failpoint::pause("checkpoint-pointer-first", "", failpoint::Waits::First).await;
                 match store.put_stack(&cid, &identity, write).await {
                     Ok(_) => {}
+                    // The lock is gone, the run not yet stopped: what it
+                    // deployed is recorded while its marker still stands
+                    // (no later holder has begun a run on the stack).
                     Err(e @ StoreError::Fenced { .. }) => {
-                        tracing::warn!(error = %e, "this run lost its lock: its checkpoints are not kept");
-                        break;
+                        match store
+                            .put_stack_under_marker(&cid, &identity, write, &marker)
+                            .await
+                        {
+                            Ok(_) => {
+                                tracing::warn!(error = %e, "this run lost its lock; its checkpoints are kept under its run marker");
+                            }
+                            Err(late) => {
+                                tracing::warn!(error = %e, refused = %late, "this run lost its lock and another run began: its checkpoints are not kept");
+                                break;
+                            }
+                        }
                     }
                     // An earlier write of this pointer, its answer lost,
                     // may have applied: then the key names this run's object.

@@ -1187,3 +1187,86 @@ async fn until(stack: &Stack) -> std::time::SystemTime {
     let until = claimed(stack, "rn", "p1").await.until.expect("an until");
     cm_core::model::to_system_time(&until)
 }
+
+/// A claim from the pool takes no lock when nobody else is at work on the
+/// slot; it must then never claim while someone is: a key under the slot's
+/// lock (a create, delete, expiry or reset of that slot), under the
+/// source's (a create counting the source's instances, an eviction), or a
+/// writer's under the challenge's (an update, a delete). Each sends the
+/// claim to the locked path, where it waits its turn. The keys are put by
+/// hand, as a holder's are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_without_locks_never_claims_while_the_slot_the_source_or_the_challenge_is_locked() {
+    let stack = Stack::start(1).await;
+    stack.call_ok(Method::POST, "/api/v1/challenge", Some(json!({"id": "cl", "scenario": "steps", "timeout": "600s", "min": 4, "additional": {"steps": "1"}}))).await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let ready_pool = |all: &[InstanceRecord]| -> BTreeSet<String> {
+        all.iter()
+            .filter(|r| r.source_id.is_none() && r.status == InstanceStatus::Ready)
+            .map(|r| r.identity.to_string())
+            .collect()
+    };
+    while ready_pool(&instances(&stack, "cl").await).len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "pool never filled\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Uncontended: claimed without a lock.
+    let pool = ready_pool(&instances(&stack, "cl").await);
+    stack
+        .call_ok(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "cl", "sourceId": "p0"})),
+        )
+        .await;
+    let p0 = claimed(&stack, "cl", "p0").await;
+    assert!(
+        pool.contains(p0.identity.as_str()),
+        "p0 got a pooled instance"
+    );
+    assert!(
+        stack
+            .worker_logs()
+            .contains("claimed a pooled instance (no lock)"),
+        "the uncontended claim took the path without locks\n{}",
+        stack.worker_logs()
+    );
+
+    for (source, held) in [
+        ("p1", "/cm/lock/instance/cl/p1/w-test"),
+        ("p2", "/cm/lock/source/p2/w-test"),
+        ("p3", "/cm/lock/challenge/cl/w-test"),
+    ] {
+        let mut etcd = stack.store.client();
+        etcd.put(held, "", None).await.expect("put a lock key");
+        let op = stack
+            .submit_async(
+                Method::POST,
+                "/api/v1/instance",
+                Some(json!({"challengeId": "cl", "sourceId": source})),
+            )
+            .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let early = stack.store.get_instance("cl", source).await.expect("store");
+        assert!(
+            early.is_none(),
+            "{source} got an instance while {held} was held: {early:?}\n{}",
+            stack.worker_logs()
+        );
+        etcd.delete(held, None).await.expect("release");
+        let done = stack.wait_operation(&op, Duration::from_secs(90)).await;
+        assert_eq!(
+            done["state"],
+            "SUCCEEDED",
+            "{done}\n{}",
+            stack.worker_logs()
+        );
+        let got = claimed(&stack, "cl", source).await;
+        assert_eq!(got.status, InstanceStatus::Ready);
+    }
+}

@@ -257,7 +257,7 @@ async fn a_reset_killed_after_its_switch_leaves_the_old_stack_to_the_janitor() {
 /// claim: the pool stays one short for good. The orphan sweep hands it to a
 /// worker, which destroys what it holds and asks for a refill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_refill_killed_mid_deploy_leaves_a_reservation_the_janitor_reclaims() {
+async fn a_refill_killed_mid_deploy_leaves_a_reservation_resumed_or_reclaimed() {
     let mut stack = Stack::start(0).await;
     stack.spawn_worker_with(&[SHORT_LEASE]);
     stack.call_ok(Method::POST, "/api/v1/challenge", Some(json!({ "id": "pl", "scenario": "steps", "min": 1, "max": 0, "additional": {"steps": "6", "step_ms": "600"} }))).await;
@@ -279,25 +279,169 @@ async fn a_refill_killed_mid_deploy_leaves_a_reservation_the_janitor_reclaims() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     stack.kill_worker(0);
-    stack.spawn_worker();
+    // Once the dead worker's lease has expired nothing holds the
+    // reservation: the orphan sweep lists it (the path for a pool no refill
+    // visits again).
     let janitor = janitor(&stack).await;
-
+    let abandoned = ("pl".to_owned(), reserved.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stack
+        .store
+        .orphan_stacks()
+        .await
+        .expect("store")
+        .contains(&abandoned)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned reservation was never listed for reclaim"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Whichever comes first, the redelivered refill (it resumes the
+    // reservation) or the sweep's reclaim (it destroys it and asks for a
+    // refill), the pool ends with one ready instance and no other stack.
+    stack.spawn_worker();
     let deadline = Instant::now() + Duration::from_secs(120);
     let ready = loop {
         let pooled = stack.store.list_pooled("pl").await.expect("store");
         if let [only] = pooled.as_slice()
-            && only.value.identity != reserved
             && only.value.status == cm_core::model::InstanceStatus::Ready
         {
             break only.value.identity.clone();
         }
         assert!(
             Instant::now() < deadline,
-            "the pool never got a ready instance in place of the abandoned reservation: {pooled:?}\n{}",
+            "the pool never got a ready instance for the abandoned reservation: {pooled:?}\n{}",
             stack.worker_logs()
         );
         janitor.sweep_orphans().await.expect("sweep");
         tokio::time::sleep(Duration::from_secs(2)).await;
     };
+    let state = stack
+        .stack_state_bytes("pl", &ready)
+        .await
+        .expect("the ready instance's state");
+    assert_eq!(
+        step_count(&state),
+        6,
+        "a whole stack (resumed: {})",
+        ready == reserved
+    );
     sweep_until_only(&stack, &janitor, "pl", &ready).await;
+}
+
+/// A run whose lease is lost before its first checkpoint is recorded (the
+/// lease revoked while the checkpoint writer waits at
+/// `checkpoint-pointer-first`) has already started what it deploys: here a
+/// reset's fresh identity, whose `tcp-flag` service is up. That run must
+/// still record its state (under its run marker, its lock gone), so the
+/// fresh stack is an orphan the sweep can destroy, not a service nobody
+/// knows of. Before, the checkpoints of a run that lost its lock were
+/// dropped, and the service ran for good (the fault soak found three, seed
+/// `1796209723941220641`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_that_lost_its_lease_still_records_what_it_deployed() {
+    const PAUSE: &str = "checkpoint-pointer-first";
+    cm_testkit::provider_plugin("localservice");
+    let servers = support::services::NewServers::since_now();
+    let pauses = tempfile::tempdir().expect("tempdir");
+    let dir = pauses.path().to_str().expect("utf-8").to_owned();
+    let armed = format!("pause:{PAUSE}");
+    let mut stack = Stack::start(0).await;
+    stack.spawn_worker_with(&[SHORT_LEASE]);
+    stack
+        .call_ok(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "lost", "scenario": "tcp-flag", "timeout": "600s"})),
+        )
+        .await;
+    stack
+        .call_ok(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "lost", "sourceId": "p1"})),
+        )
+        .await;
+    let first = claimed_identity(&stack, "lost", "p1").await;
+    let owner = |pid: u32| support::services::owner_stack(pid).unwrap_or_default();
+
+    // The next worker holds its runs' first pointer write.
+    stack.kill_worker(0);
+    stack.spawn_worker_with(&[
+        SHORT_LEASE,
+        ("CM_FAILPOINT", &armed),
+        ("CM_FAILPOINT_DIR", &dir),
+    ]);
+    let op = queue_reset(&stack, "lost", "p1").await;
+    stack.wait_paused(pauses.path(), PAUSE).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let fresh = loop {
+        if let Some((pid, _)) = servers
+            .started()
+            .into_iter()
+            .find(|(pid, _)| owner(*pid) != first.as_str())
+        {
+            break owner(pid);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reset's fresh service never started\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // The run's locks hang on the worker's lease: revoke it.
+    let mut client = stack.store.client();
+    let locks = client
+        .get(
+            "/cm/lock/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .expect("locks");
+    let leases: std::collections::BTreeSet<i64> = locks.kvs().iter().map(|kv| kv.lease()).collect();
+    assert!(!leases.is_empty(), "the reset holds locks");
+    for lease in leases {
+        client.lease_revoke(lease).await.expect("revoke");
+    }
+    support::resume(pauses.path(), PAUSE);
+
+    // The reset is retried under a new lease and switches to another
+    // identity; the sweep destroys every stack the record does not name.
+    let done = stack.wait_operation(&op, Duration::from_secs(120)).await;
+    assert_eq!(
+        done["state"],
+        "SUCCEEDED",
+        "{done}\n{}",
+        stack.worker_logs()
+    );
+    let kept = claimed_identity(&stack, "lost", "p1").await;
+    assert_ne!(
+        kept.as_str(),
+        fresh,
+        "the retried reset deploys its own identity"
+    );
+    let janitor = janitor(&stack).await;
+    sweep_until_only(&stack, &janitor, "lost", &kept).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let strays: Vec<(u32, u16, String)> = servers
+            .started()
+            .into_iter()
+            .filter(|(pid, _)| owner(*pid) != kept.as_str())
+            .map(|(pid, port)| (pid, port, owner(pid)))
+            .collect();
+        if strays.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "services running that no record names (the lost run's {fresh} among them?): {strays:?}\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -2,7 +2,12 @@
 //!
 //! Parameters: challenge id, source id, the request's `additional` (merged
 //! over the challenge's).
-//! Steps: 1. read-lock the challenge and lock the (challenge, source) slot together;
+//! Steps: 0. without any lock, when the request has no `additional` and no
+//! per-source quota applies: read the challenge, the slot and the pool at
+//! once and claim a ready pooled instance in one transaction that also
+//! proves no lock the steps below would take is held and the challenge is
+//! unchanged (`Store::claim_unlocked`); done when it succeeds, else 1.
+//! read-lock the challenge and lock the (challenge, source) slot together;
 //! 2. check the challenge exists and has not expired; 3. claim a ready pooled
 //! instance if there is one (one transaction, guarded by the pooled record's
 //! revision and by the absence of any lock on its identity), else lock a
@@ -45,7 +50,7 @@ const EVICT_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 #[tracing::instrument(
     name = "instance.create",
     skip_all,
-    fields(challenge = %req.challenge_id, source = %req.source_id, identity)
+    fields(challenge = %req.challenge_id, source = %req.source_id, identity, locked)
 )]
 pub async fn handle(
     ctx: &Ctx,
@@ -54,6 +59,12 @@ pub async fn handle(
 ) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.challenge_id)?;
     ids::validate("source id", &req.source_id)?;
+    // A claim from the pool with nobody else at work (the common case at a
+    // CTF's start): no lock, one transaction that proves it.
+    if let Some(claimed) = claim_unlocked(ctx, command_id, req).await? {
+        return Ok(Outcome::Instance(claimed.to_api()));
+    }
+    tracing::Span::current().record("locked", true);
     let locks = ctx
         .lock_for_create(&req.challenge_id, &req.source_id)
         .await?;
@@ -243,23 +254,14 @@ async fn claim_from_pool(
     req: &CreateInstanceRequest,
     now: SystemTime,
 ) -> Result<Option<InstanceRecord>, HandlerError> {
-    if challenge.min <= 0
-        && challenge.max <= 0
-        && challenge.pool == cm_core::pool_demand::PoolMode::Static
-    {
+    if !has_pool(challenge) {
         return Ok(None);
     }
     for pooled in ctx.store.list_pooled(&req.challenge_id).await? {
         if pooled.value.status != InstanceStatus::Ready {
             continue;
         }
-        let mut claimed = pooled.value.clone();
-        claimed.source_id = Some(req.source_id.clone());
-        claimed.since = to_timestamp(now);
-        claimed.last_renew = to_timestamp(now);
-        claimed.until = challenge.instance_until(now);
-        claimed.additional = req.additional.clone().into_iter().collect();
-        claimed.command_id = command_id.to_owned();
+        let mut claimed = claimed_from(&pooled.value, challenge, command_id, req, now);
         if claimed.additional.is_empty() {
             match ctx
                 .store
@@ -305,6 +307,101 @@ async fn claim_from_pool(
     Ok(None)
 }
 
+/// How many ready pooled instances a claim without locks tries before it
+/// leaves the rest to the locked path (each try is one transaction; a
+/// failed one means another claim got there first, or someone holds a lock
+/// the claim must wait for).
+const UNLOCKED_TRIES: usize = 3;
+
+/// A claim from the pool that takes no lock: the challenge, the source's
+/// slot and the pool read at once, then the first ready pooled instance
+/// claimed in one transaction that also proves no lock the create would
+/// take is held and the challenge is unchanged (`Store::claim_unlocked`).
+/// `None` leaves the create to the locked path, which decides again: the
+/// slot is taken (a redelivery answers there), a per-source quota applies,
+/// the request has `additional` (Pulumi runs), the pool is empty, the
+/// challenge is missing or expired, or the tries failed.
+async fn claim_unlocked(
+    ctx: &Ctx,
+    command_id: &str,
+    req: &CreateInstanceRequest,
+) -> Result<Option<InstanceRecord>, HandlerError> {
+    if !req.additional.is_empty() {
+        return Ok(None);
+    }
+    let (cid, sid) = (&req.challenge_id, &req.source_id);
+    let (challenge, slot, pool) = tokio::try_join!(
+        ctx.store.get_challenge(cid),
+        ctx.store.get_instance(cid, sid),
+        ctx.store.list_pooled(cid),
+    )?;
+    let Some(challenge) = challenge else {
+        return Ok(None);
+    };
+    let now = SystemTime::now();
+    if slot.is_some()
+        || !has_pool(&challenge.value)
+        || challenge.value.is_expired(now)
+        || source_cap(ctx, &challenge.value) > 0
+    {
+        return Ok(None);
+    }
+    let ready = pool
+        .iter()
+        .filter(|p| p.value.status == InstanceStatus::Ready);
+    for pooled in ready.take(UNLOCKED_TRIES) {
+        let claimed = claimed_from(&pooled.value, &challenge.value, command_id, req, now);
+        match ctx
+            .store
+            .claim_unlocked(pooled, &claimed, challenge.mod_revision)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(identity = %claimed.identity, "claimed a pooled instance (no lock)");
+                ctx.note_claim(&challenge.value, true);
+                return Ok(Some(claimed));
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
+}
+
+/// Whether `challenge` keeps a pool at all.
+fn has_pool(challenge: &ChallengeRecord) -> bool {
+    challenge.min > 0
+        || challenge.max > 0
+        || challenge.pool != cm_core::pool_demand::PoolMode::Static
+}
+
+/// `pooled` as claimed by the request's source at `now`.
+fn claimed_from(
+    pooled: &InstanceRecord,
+    challenge: &ChallengeRecord,
+    command_id: &str,
+    req: &CreateInstanceRequest,
+    now: SystemTime,
+) -> InstanceRecord {
+    let mut claimed = pooled.clone();
+    claimed.source_id = Some(req.source_id.clone());
+    claimed.since = to_timestamp(now);
+    claimed.last_renew = to_timestamp(now);
+    claimed.until = challenge.instance_until(now);
+    claimed.additional = req.additional.clone().into_iter().collect();
+    claimed.command_id = command_id.to_owned();
+    claimed
+}
+
+/// How many instances a source may hold at once (0: no cap): the
+/// challenge's own cap, else the worker's.
+fn source_cap(ctx: &Ctx, challenge: &ChallengeRecord) -> i64 {
+    challenge
+        .max_per_source
+        .filter(|c| *c > 0)
+        .unwrap_or(ctx.quota.max_per_source)
+}
+
 /// Updates a claimed instance in place with its request's `additional`
 /// (the caller holds its identity's lock; `revision` is the claim's).
 async fn apply_additional(
@@ -338,10 +435,7 @@ async fn enforce_quota(
     challenge: &ChallengeRecord,
     sid: &str,
 ) -> Result<(), HandlerError> {
-    let cap = challenge
-        .max_per_source
-        .filter(|c| *c > 0)
-        .unwrap_or(ctx.quota.max_per_source);
+    let cap = source_cap(ctx, challenge);
     if cap <= 0 {
         return Ok(());
     }

@@ -87,8 +87,12 @@ pub(crate) async fn up_persisted(
     previous: Option<&crate::pulumi::StackState>,
 ) -> Result<crate::pulumi::Deployment, DriverError> {
     let marked = mark_run(ctx, &record.challenge_id, &record.identity).await?;
-    let (sink, writer) =
-        crate::stacks::persist_checkpoints(ctx, &record.challenge_id, &record.identity);
+    let (sink, writer) = crate::stacks::persist_checkpoints(
+        ctx,
+        &record.challenge_id,
+        &record.identity,
+        marked.marker(),
+    );
     // Boxed (here and below): the driver's futures are large, and nested
     // inline in a handler's they overflowed a worker thread's stack.
     let result = Box::pin(ctx.driver.up_with(
@@ -128,7 +132,7 @@ pub(crate) async fn destroy_persisted(
     state: &crate::pulumi::StackState,
 ) -> Result<crate::pulumi::StackState, DriverError> {
     let marked = mark_run(ctx, cid, identity).await?;
-    let (sink, writer) = crate::stacks::persist_checkpoints(ctx, cid, identity);
+    let (sink, writer) = crate::stacks::persist_checkpoints(ctx, cid, identity, marked.marker());
     let result = Box::pin(ctx.driver.destroy_with(scenario, state, Some(&sink))).await;
     drop(sink);
     let _ = writer.await;

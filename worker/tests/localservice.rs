@@ -284,3 +284,52 @@ async fn a_destroy_after_an_interrupted_create_stops_what_that_create_started() 
         .collect();
     assert_eq!(left, [], "no server of the destroyed stack is left");
 }
+
+/// A worker killed outright in the middle of an `up` leaves, at best, the
+/// last checkpoint stored before the kill (at most one per checkpoint
+/// interval): what the run made after it is in no state. Such a state is
+/// marked as taken mid-`up`; a destroy of it (a delete of the half-made
+/// instance, the orphan sweep) must still stop what the run made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destroy_of_a_checkpoint_taken_mid_up_stops_what_the_run_made_after_it() {
+    cm_testkit::provider_plugin("localservice");
+    let driver = driver();
+    let mut reaper = Reaper::default();
+    let scenario = driver
+        .prepare(&cm_testkit::example("tcp-flag"))
+        .await
+        .expect("prepare");
+    let identity = Identity::random();
+    let made = driver
+        .up(&scenario, &identity, &BTreeMap::new(), None)
+        .await
+        .expect("up");
+    let port = port_of(&made.outputs.connection_info);
+    reaper.watch(port);
+    assert!(!made.state.mid_up, "the state an `up` left when it ended");
+
+    // The checkpoint stored before the run made its service.
+    let mut taken = made.state.clone();
+    let resources = taken
+        .checkpoint
+        .pointer_mut("/checkpoint/latest/resources")
+        .and_then(Value::as_array_mut)
+        .expect("resources");
+    resources.retain(|r| r["type"] != "localservice:index:TcpService");
+    taken.mid_up = true;
+
+    let after = driver
+        .destroy(&scenario, &taken)
+        .await
+        .expect("destroy of a mid-up checkpoint");
+    assert_eq!(after.resource_count(), 0, "destroy leaves no resource");
+    assert!(
+        wait_refused(port).await,
+        "port {port}: the service the run made after its checkpoint still answers"
+    );
+    let left: Vec<(u32, u16)> = servers()
+        .into_iter()
+        .filter(|(pid, _)| owner_stack(*pid).as_deref() == Some(identity.as_str()))
+        .collect();
+    assert_eq!(left, [], "no server of the destroyed stack is left");
+}

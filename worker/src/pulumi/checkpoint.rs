@@ -46,12 +46,14 @@ impl CheckpointSink {
 }
 
 /// Polls the workspace's checkpoint until `done`, sending a change once
-/// the sink's interval has passed since the last one sent.
+/// the sink's interval has passed since the last one sent (marked as taken
+/// in the middle of an `up` when `mid_up`).
 pub(crate) async fn watch(
     ws: &Workspace,
     salt: &str,
     sink: &CheckpointSink,
     done: &CancellationToken,
+    mid_up: bool,
 ) {
     let path = ws.state_path();
     let mut last = stamp(&path).await;
@@ -72,7 +74,8 @@ pub(crate) async fn watch(
         sent_at = Some(tokio::time::Instant::now());
         // The backend replaces the file in one rename, so a read sees a whole
         // checkpoint; one that does not parse is skipped until the next.
-        if let Ok(Some(state)) = ws.read_state(salt).await {
+        if let Ok(Some(mut state)) = ws.read_state(salt).await {
+            state.mid_up = mid_up;
             sink.send(state);
         }
     }

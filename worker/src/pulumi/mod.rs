@@ -73,6 +73,12 @@ pub struct StackState {
     /// states stored before it was kept.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub config: BTreeMap<String, String>,
+    /// A checkpoint of an `up` that had not ended (taken while it ran, or
+    /// left by a run that was killed): what that run made after it is in
+    /// no state, so a destroy of it runs `up` first (see
+    /// [`Driver::destroy_with`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mid_up: bool,
 }
 
 impl fmt::Debug for StackState {
@@ -394,9 +400,12 @@ impl Driver {
             args.push("--refresh");
         }
         let out = self
-            .run_watched(&ws, &scenario.project, salt, &args, sink)
+            .run_watched(&ws, &scenario.project, salt, &args, sink, true)
             .await?;
-        let state = ws.read_state(salt).await?;
+        let mut state = ws.read_state(salt).await?;
+        if let Some(state) = state.as_mut() {
+            state.mid_up = out.killed_by.is_some();
+        }
         if let (Some(sink), Some(state)) = (sink, &state) {
             sink.send(state.clone());
         }
@@ -475,7 +484,14 @@ impl Driver {
             args.push("--refresh");
         }
         let out = self
-            .run_watched(&ws, &scenario.project, &state.encryption_salt, &args, sink)
+            .run_watched(
+                &ws,
+                &scenario.project,
+                &state.encryption_salt,
+                &args,
+                sink,
+                false,
+            )
             .await?;
         if let (Some(sink), Ok(Some(after))) = (sink, ws.read_state(&state.encryption_salt).await) {
             sink.send(after);
@@ -498,7 +514,9 @@ impl Driver {
 
     /// Before a destroy: when an interrupted run left a pending *create*, the
     /// resource it asked for may exist, and no state names it (a pending
-    /// create has no id), so `destroy` alone would leave it running. An `up`
+    /// create has no id), so `destroy` alone would leave it running. The
+    /// same holds for a checkpoint taken in the middle of an `up`
+    /// ([`StackState::mid_up`]: the run may have made more after it). An `up`
     /// with the configuration of the run that left it makes the resource
     /// again under the same URN, which lets the provider take over what
     /// the dead run left (the `localservice` provider stops the server of
@@ -512,7 +530,7 @@ impl Driver {
         sink: Option<&CheckpointSink>,
     ) -> Result<Option<StackState>, DriverError> {
         let creates = checkpoint::pending_creates(&state.checkpoint);
-        if creates.is_empty() {
+        if creates.is_empty() && !state.mid_up {
             return Ok(None);
         }
         if state.config.is_empty() {
@@ -527,6 +545,7 @@ impl Driver {
         tracing::warn!(
             stack = %state.stack,
             pending = ?creates,
+            mid_up = state.mid_up,
             "destroying a stack whose last run was interrupted while creating: running `up` first \
              so what that run made is known to Pulumi and destroyed"
         );
@@ -561,7 +580,8 @@ impl Driver {
         }
     }
 
-    /// Runs the CLI in `ws`, watching its checkpoint for `sink` meanwhile.
+    /// Runs the CLI in `ws`, watching its checkpoint for `sink` meanwhile
+    /// (each marked [`StackState::mid_up`] when the run is an `up`).
     async fn run_watched(
         &self,
         ws: &Workspace,
@@ -569,6 +589,7 @@ impl Driver {
         salt: &str,
         args: &[&str],
         sink: Option<&CheckpointSink>,
+        mid_up: bool,
     ) -> Result<CliOutput, DriverError> {
         let run = self.cli.run(ws.path(), project, &self.crypter, args);
         let Some(sink) = sink else {
@@ -580,7 +601,7 @@ impl Driver {
             done.cancel();
             out
         };
-        let (out, ()) = tokio::join!(run, checkpoint::watch(ws, salt, sink, &done));
+        let (out, ()) = tokio::join!(run, checkpoint::watch(ws, salt, sink, &done, mid_up));
         out
     }
 

@@ -117,6 +117,7 @@ impl Workspace {
             encryption_salt: salt_state.to_owned(),
             checkpoint,
             config: self.config.clone(),
+            mid_up: false,
         }))
     }
 }

@@ -39,24 +39,14 @@ pub(crate) struct Marked {
 }
 
 /// Before reading a stack's state under its lock: waits out the run named
-/// by a marker whose lease etcd no longer holds (its TTL plus a second, as
-/// [`begin`] does), then removes that marker. After this, that run's late
-/// checkpoint writes are refused (they need its marker), and what it
-/// recorded before is there to be read.
+/// by a marker whose lease etcd no longer holds (see [`wait_out_dead`]),
+/// then removes that marker. After this, that run's late checkpoint writes
+/// are refused (they need its marker), and what it recorded before is
+/// there to be read.
 pub(crate) async fn settle(ctx: &Ctx, cid: &str, identity: &Identity) -> Result<(), HandlerError> {
-    let Some(found) = ctx.store.get_run_marker(cid, identity).await? else {
+    let Some(found) = wait_out_dead(ctx, cid, identity).await? else {
         return Ok(());
     };
-    if found.lease == ctx.session.lease() || ctx.store.lease_alive(found.lease).await? {
-        return Ok(());
-    }
-    let wait = Duration::from_secs(found.ttl_secs) + Duration::from_secs(1);
-    tracing::warn!(
-        lease = found.lease,
-        ?wait,
-        "the stack's last run held a lease that is gone: waiting it out before reading the stack"
-    );
-    tokio::time::sleep(wait).await;
     match ctx.store.delete_run_marker(cid, identity, &found).await {
         // Another reader removed it first: as good.
         Ok(()) | Err(cm_core::store::StoreError::Conflict { .. }) => Ok(()),
@@ -75,24 +65,37 @@ pub(crate) async fn begin(
         lease: ctx.session.lease(),
         ttl_secs: ctx.session.ttl().max(1) as u64,
     };
-    if let Some(found) = ctx.store.get_run_marker(cid, identity).await?
-        && found.lease != mine.lease
-        && !ctx.store.lease_alive(found.lease).await?
-    {
-        let wait = Duration::from_secs(found.ttl_secs) + Duration::from_secs(1);
-        tracing::warn!(
-            lease = found.lease,
-            ?wait,
-            "the stack's last run held a lease that is gone: waiting until its worker must have stopped it"
-        );
-        tokio::time::sleep(wait).await;
-    }
+    wait_out_dead(ctx, cid, identity).await?;
     ctx.store.put_run_marker(cid, identity, &mine).await?;
     Ok(Marked {
         cid: cid.to_owned(),
         identity: identity.clone(),
         marker: mine,
     })
+}
+
+/// When the stack's marker names another lease that etcd no longer holds,
+/// waits that lease's TTL plus a second (the longest its worker can take
+/// to stop the run) and returns the marker; `None` at once otherwise.
+async fn wait_out_dead(
+    ctx: &Ctx,
+    cid: &str,
+    identity: &Identity,
+) -> Result<Option<RunMarker>, HandlerError> {
+    let Some(found) = ctx.store.get_run_marker(cid, identity).await? else {
+        return Ok(None);
+    };
+    if found.lease == ctx.session.lease() || ctx.store.lease_alive(found.lease).await? {
+        return Ok(None);
+    }
+    let wait = Duration::from_secs(found.ttl_secs) + Duration::from_secs(1);
+    tracing::warn!(
+        lease = found.lease,
+        ?wait,
+        "the stack's last run held a lease that is gone: waiting until its worker must have stopped it"
+    );
+    tokio::time::sleep(wait).await;
+    Ok(Some(found))
 }
 
 impl Marked {

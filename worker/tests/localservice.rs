@@ -9,7 +9,7 @@ mod support;
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use cm_core::{Identity, Secret};
-use cm_worker::pulumi::{Driver, DriverConfig, StackState};
+use cm_worker::pulumi::{Deployment, Driver, DriverConfig, PreparedScenario, StackState};
 use reqwest::Method;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -219,28 +219,57 @@ async fn a_dead_server_is_replaced_by_up_and_destroy_does_not_mind() {
     assert_eq!(server_pids(new_port), Vec::<u32>::new());
 }
 
+/// A `tcp-flag` stack deployed by the driver directly (its server killed
+/// when the reaper is dropped).
+async fn deployed_tcp_flag() -> (Arc<Driver>, PreparedScenario, Deployment, Reaper) {
+    cm_testkit::provider_plugin("localservice");
+    let driver = driver();
+    let scenario = driver
+        .prepare(&cm_testkit::example("tcp-flag"))
+        .await
+        .expect("prepare");
+    let made = driver
+        .up(&scenario, &Identity::random(), &BTreeMap::new(), None)
+        .await
+        .expect("up");
+    let mut reaper = Reaper::default();
+    reaper.watch(port_of(&made.outputs.connection_info));
+    (driver, scenario, made, reaper)
+}
+
+/// Destroys `state`: it must end empty, the service on `port` must be
+/// gone, and no server of that stack may be left.
+async fn assert_destroy_leaves_nothing(
+    driver: &Driver,
+    scenario: &PreparedScenario,
+    state: &StackState,
+    port: u16,
+) {
+    let started = Instant::now();
+    let after = driver.destroy(scenario, state).await.expect("destroy");
+    eprintln!("driver destroy: {:?}", started.elapsed());
+    assert_eq!(after.resource_count(), 0, "destroy leaves no resource");
+    assert!(
+        wait_refused(port).await,
+        "port {port}: a service the stack's last run made still answers"
+    );
+    let left: Vec<(u32, u16)> = servers()
+        .into_iter()
+        .filter(|(pid, _)| owner_stack(*pid).as_deref() == Some(state.stack.as_str()))
+        .collect();
+    assert_eq!(left, [], "no server of the destroyed stack is left");
+}
+
 /// A run killed after the provider started a server, before Pulumi recorded
 /// it, leaves the TcpService as a pending create: in no state, with no id.
 /// When the next run on that stack is a destroy (a delete, an expiry, the
 /// orphan sweep's reclaim), that server must still be stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destroy_after_an_interrupted_create_stops_what_that_create_started() {
-    cm_testkit::provider_plugin("localservice");
-    let driver = driver();
-    let mut reaper = Reaper::default();
-    let scenario = driver
-        .prepare(&cm_testkit::example("tcp-flag"))
-        .await
-        .expect("prepare");
-    let identity = Identity::random();
-    let made = driver
-        .up(&scenario, &identity, &BTreeMap::new(), None)
-        .await
-        .expect("up");
+    let (driver, scenario, made, _reaper) = deployed_tcp_flag().await;
     let port = port_of(&made.outputs.connection_info);
-    reaper.watch(port);
     let pid = server_pid(&made.state);
-    assert_eq!(owner_stack(pid).as_deref(), Some(identity.as_str()));
+    assert_eq!(owner_stack(pid), Some(made.state.stack.clone()));
 
     // The state such a run leaves: the service only as a pending create
     // (its inputs, no id, no outputs), its server running.
@@ -264,25 +293,7 @@ async fn a_destroy_after_an_interrupted_create_stops_what_that_create_started() 
         "a stored state keeps the configuration of the run that wrote it"
     );
 
-    let started = Instant::now();
-    let after = driver
-        .destroy(&scenario, &interrupted)
-        .await
-        .expect("destroy after an interrupted create");
-    eprintln!(
-        "driver destroy (after an interrupted create): {:?}",
-        started.elapsed()
-    );
-    assert_eq!(after.resource_count(), 0, "destroy leaves no resource");
-    assert!(
-        wait_refused(port).await,
-        "port {port}: the server the interrupted create started still answers"
-    );
-    let left: Vec<(u32, u16)> = servers()
-        .into_iter()
-        .filter(|(pid, _)| owner_stack(*pid).as_deref() == Some(identity.as_str()))
-        .collect();
-    assert_eq!(left, [], "no server of the destroyed stack is left");
+    assert_destroy_leaves_nothing(&driver, &scenario, &interrupted, port).await;
 }
 
 /// A worker killed outright in the middle of an `up` leaves, at best, the
@@ -292,20 +303,8 @@ async fn a_destroy_after_an_interrupted_create_stops_what_that_create_started() 
 /// instance, the orphan sweep) must still stop what the run made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destroy_of_a_checkpoint_taken_mid_up_stops_what_the_run_made_after_it() {
-    cm_testkit::provider_plugin("localservice");
-    let driver = driver();
-    let mut reaper = Reaper::default();
-    let scenario = driver
-        .prepare(&cm_testkit::example("tcp-flag"))
-        .await
-        .expect("prepare");
-    let identity = Identity::random();
-    let made = driver
-        .up(&scenario, &identity, &BTreeMap::new(), None)
-        .await
-        .expect("up");
+    let (driver, scenario, made, _reaper) = deployed_tcp_flag().await;
     let port = port_of(&made.outputs.connection_info);
-    reaper.watch(port);
     assert!(!made.state.mid_up, "the state an `up` left when it ended");
 
     // The checkpoint stored before the run made its service.
@@ -318,18 +317,5 @@ async fn a_destroy_of_a_checkpoint_taken_mid_up_stops_what_the_run_made_after_it
     resources.retain(|r| r["type"] != "localservice:index:TcpService");
     taken.mid_up = true;
 
-    let after = driver
-        .destroy(&scenario, &taken)
-        .await
-        .expect("destroy of a mid-up checkpoint");
-    assert_eq!(after.resource_count(), 0, "destroy leaves no resource");
-    assert!(
-        wait_refused(port).await,
-        "port {port}: the service the run made after its checkpoint still answers"
-    );
-    let left: Vec<(u32, u16)> = servers()
-        .into_iter()
-        .filter(|(pid, _)| owner_stack(*pid).as_deref() == Some(identity.as_str()))
-        .collect();
-    assert_eq!(left, [], "no server of the destroyed stack is left");
+    assert_destroy_leaves_nothing(&driver, &scenario, &taken, port).await;
 }

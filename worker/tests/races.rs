@@ -286,16 +286,7 @@ async fn a_handler_whose_lease_was_lost_cannot_resurrect_a_deleted_instance() {
 
     // The create's locks are bound to the worker's lease: revoke it, as etcd
     // does when a worker is paused past its TTL.
-    let mut client = stack.store.client();
-    let locks = client
-        .get("/cm/lock/", Some(GetOptions::new().with_prefix()))
-        .await
-        .expect("locks");
-    let leases: BTreeSet<i64> = locks.kvs().iter().map(|kv| kv.lease()).collect();
-    assert!(!leases.is_empty(), "the paused create holds locks");
-    for lease in leases {
-        client.lease_revoke(lease).await.expect("revoke");
-    }
+    stack.revoke_lock_leases().await;
 
     // Another holder deletes the instance under fresh locks.
     let (status, body) = stack
@@ -1259,13 +1250,7 @@ async fn a_claim_without_locks_never_claims_while_the_slot_the_source_or_the_cha
             stack.worker_logs()
         );
         etcd.delete(held, None).await.expect("release");
-        let done = stack.wait_operation(&op, Duration::from_secs(90)).await;
-        assert_eq!(
-            done["state"],
-            "SUCCEEDED",
-            "{done}\n{}",
-            stack.worker_logs()
-        );
+        stack.wait_succeeded(&op, Duration::from_secs(90)).await;
         let got = claimed(&stack, "cl", source).await;
         assert_eq!(got.status, InstanceStatus::Ready);
     }

@@ -394,30 +394,12 @@ async fn a_run_that_lost_its_lease_still_records_what_it_deployed() {
     };
 
     // The run's locks hang on the worker's lease: revoke it.
-    let mut client = stack.store.client();
-    let locks = client
-        .get(
-            "/cm/lock/",
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .expect("locks");
-    let leases: std::collections::BTreeSet<i64> = locks.kvs().iter().map(|kv| kv.lease()).collect();
-    assert!(!leases.is_empty(), "the reset holds locks");
-    for lease in leases {
-        client.lease_revoke(lease).await.expect("revoke");
-    }
+    stack.revoke_lock_leases().await;
     support::resume(pauses.path(), PAUSE);
 
     // The reset is retried under a new lease and switches to another
     // identity; the sweep destroys every stack the record does not name.
-    let done = stack.wait_operation(&op, Duration::from_secs(120)).await;
-    assert_eq!(
-        done["state"],
-        "SUCCEEDED",
-        "{done}\n{}",
-        stack.worker_logs()
-    );
+    stack.wait_succeeded(&op, Duration::from_secs(120)).await;
     let kept = claimed_identity(&stack, "lost", "p1").await;
     assert_ne!(
         kept.as_str(),

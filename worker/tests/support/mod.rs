@@ -412,6 +412,33 @@ impl Stack {
         }
     }
 
+    /// [`Stack::wait_operation`], the operation required to have succeeded.
+    pub async fn wait_succeeded(&self, id: &str, limit: Duration) -> Value {
+        let done = self.wait_operation(id, limit).await;
+        assert_eq!(done["state"], "SUCCEEDED", "{done}\n{}", self.worker_logs());
+        done
+    }
+
+    /// Revokes the lease of every lock key held now (as etcd does to a
+    /// worker paused past its TTL), at least one; returns how many leases.
+    pub async fn revoke_lock_leases(&self) -> usize {
+        let mut client = self.store.client();
+        let locks = client
+            .get(
+                "/cm/lock/",
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .expect("locks");
+        let leases: std::collections::BTreeSet<i64> =
+            locks.kvs().iter().map(|kv| kv.lease()).collect();
+        assert!(!leases.is_empty(), "no lock is held");
+        for lease in &leases {
+            client.lease_revoke(*lease).await.expect("revoke");
+        }
+        leases.len()
+    }
+
     pub async fn stop_api(&mut self) {
         if let Some(tx) = self.api_stop.take() {
             let _ = tx.send(());

@@ -187,6 +187,21 @@ pub(crate) async fn stage(
     })
 }
 
+/// Records `state` as the first state of a stack that has none (its pointer
+/// written only while the stack key is absent, fenced by the caller's locks).
+pub(crate) async fn record_new(
+    ctx: &Locked<'_>,
+    cid: &str,
+    identity: &Identity,
+    state: &StackState,
+) -> Result<(), HandlerError> {
+    let staged = stage(ctx, cid, identity, state).await?;
+    let written = ctx.store.put_stack(cid, identity, staged.write()).await;
+    staged.settle(ctx, Committed::of(&written)).await;
+    written?;
+    Ok(())
+}
+
 /// Writes `record` and, when given, its stack `state` in one guarded
 /// transaction; returns the record's new revision.
 pub(crate) async fn write_record(

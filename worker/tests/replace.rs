@@ -331,6 +331,15 @@ async fn a_refill_killed_mid_deploy_leaves_a_reservation_resumed_or_reclaimed() 
     sweep_until_only(&stack, &janitor, "pl", &ready).await;
 }
 
+/// How the reset's run on its fresh identity is lost.
+#[derive(Clone, Copy, PartialEq)]
+enum LostRun {
+    /// Its worker's lease is revoked (the worker lives on).
+    LeaseRevoked,
+    /// Its worker is `kill -9`ed.
+    WorkerKilled,
+}
+
 /// A run whose lease is lost before its first checkpoint is recorded (the
 /// lease revoked while the checkpoint writer waits at
 /// `checkpoint-pointer-first`) has already started what it deploys: here a
@@ -342,6 +351,25 @@ async fn a_refill_killed_mid_deploy_leaves_a_reservation_resumed_or_reclaimed() 
 /// `1796209723941220641`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_run_that_lost_its_lease_still_records_what_it_deployed() {
+    lost_fresh_run(LostRun::LeaseRevoked).await;
+}
+
+/// The same run, its worker `kill -9`ed before the first checkpoint is
+/// stored: the new stack's state was recorded before the run started
+/// (empty, marked mid-`up`), so the sweep's destroy runs `up` first and
+/// stops the service. Before, nothing named the stack (the soak found one,
+/// seed `1796212575220296798`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_killed_before_its_first_checkpoint_leaves_a_stack_the_sweep_destroys() {
+    lost_fresh_run(LostRun::WorkerKilled).await;
+}
+
+/// The `tcp-flag` tests of this binary, one at a time: each tells its
+/// services from others' by the servers started since it began.
+static SERVICES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn lost_fresh_run(how: LostRun) {
+    let _alone = SERVICES.lock().await;
     const PAUSE: &str = "checkpoint-pointer-first";
     cm_testkit::provider_plugin("localservice");
     let servers = support::services::NewServers::since_now();
@@ -393,12 +421,46 @@ async fn a_run_that_lost_its_lease_still_records_what_it_deployed() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
 
-    // The run's locks hang on the worker's lease: revoke it.
-    stack.revoke_lock_leases().await;
-    support::resume(pauses.path(), PAUSE);
+    match how {
+        LostRun::LeaseRevoked => {
+            // The run's locks hang on the worker's lease: revoke it. The
+            // run's checkpoint, let go, is recorded all the same (its
+            // first: the service may or may not be in it yet; the state
+            // says its `up` had not ended).
+            stack.revoke_lock_leases().await;
+            support::resume(pauses.path(), PAUSE);
+            let fresh: Identity = fresh.parse().expect("identity");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let state = stack
+                    .read_stack_state("lost", &fresh)
+                    .await
+                    .and_then(Result::ok);
+                // Past the empty state recorded before the run: a
+                // checkpoint Pulumi wrote (it names the root resource).
+                let by_pulumi = state
+                    .as_deref()
+                    .is_some_and(|b| String::from_utf8_lossy(b).contains("pulumi:pulumi:Stack"));
+                if by_pulumi {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the lost run's checkpoint was never recorded\n{}",
+                    stack.worker_logs()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        LostRun::WorkerKilled => {
+            stack.kill_worker(1);
+            stack.spawn_worker_with(&[SHORT_LEASE]);
+        }
+    }
 
-    // The reset is retried under a new lease and switches to another
-    // identity; the sweep destroys every stack the record does not name.
+    // The reset is retried (under a new lease, or by the new worker after
+    // the ack deadline) and switches to another identity; the sweep
+    // destroys every stack the record does not name.
     stack.wait_succeeded(&op, Duration::from_secs(120)).await;
     let kept = claimed_identity(&stack, "lost", "p1").await;
     assert_ne!(

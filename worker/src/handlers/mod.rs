@@ -86,6 +86,24 @@ pub(crate) async fn up_persisted(
     additional: &std::collections::BTreeMap<String, String>,
     previous: Option<&crate::pulumi::StackState>,
 ) -> Result<crate::pulumi::Deployment, DriverError> {
+    // A new stack is recorded before its first run: whatever kills that
+    // run, a state names the stack (and says the run had not ended).
+    let fresh;
+    let previous = match previous {
+        Some(p) => Some(p),
+        None => {
+            fresh = ctx
+                .driver
+                .new_stack(scenario, &record.identity, additional)
+                .await?;
+            crate::stacks::record_new(ctx, &record.challenge_id, &record.identity, &fresh)
+                .await
+                .map_err(|e| DriverError::EngineUnavailable {
+                    reason: format!("the run was not started, its new stack not recorded: {e}"),
+                })?;
+            Some(&fresh)
+        }
+    };
     let marked = mark_run(ctx, &record.challenge_id, &record.identity).await?;
     let (sink, writer) = crate::stacks::persist_checkpoints(
         ctx,
@@ -150,7 +168,7 @@ pub(crate) async fn undo_failed_deploy(
     record: &cm_core::model::InstanceRecord,
     state: Option<Box<crate::pulumi::StackState>>,
 ) -> Result<(), (DriverError, crate::pulumi::StackState)> {
-    let Some(state) = state.filter(|s| s.resource_count() > 0) else {
+    let Some(state) = state.filter(|s| s.may_hold_resources()) else {
         return Ok(());
     };
     match destroy_persisted(

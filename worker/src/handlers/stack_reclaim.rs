@@ -64,7 +64,7 @@ async fn reclaim(
     };
     let challenge = ctx.challenge(cid).await?;
     let scenario = ctx.scenario(&challenge.scenario).await?;
-    if state.resource_count() > 0 {
+    if state.may_hold_resources() {
         destroy_or_retry(ctx, &scenario, cid, identity, &state).await?;
     }
     crate::stacks::delete(ctx, cid, identity).await?;

@@ -99,6 +99,13 @@ impl StackState {
             .map_or(0, Vec::len)
     }
 
+    /// Whether a destroy of this state has anything to do: it names
+    /// resources, or it was taken before an `up` ended (that run may have
+    /// made what it does not name yet).
+    pub fn may_hold_resources(&self) -> bool {
+        self.resource_count() > 0 || self.mid_up
+    }
+
     /// The URNs of the resources the stack holds (what an operator must
     /// clean up by hand when the stack cannot be destroyed).
     pub fn resource_urns(&self) -> Vec<String> {
@@ -341,37 +348,53 @@ impl Driver {
         previous: Option<&StackState>,
         sink: Option<&CheckpointSink>,
     ) -> Result<Deployment, DriverError> {
-        let salt = match previous {
-            Some(p) => p.encryption_salt.clone(),
-            None => self.crypter.salt_state().await?,
+        let fresh;
+        let previous = match previous {
+            Some(p) => p,
+            None => {
+                fresh = self.new_stack(scenario, identity, additional).await?;
+                &fresh
+            }
         };
-        let additional_json = serde_json::to_string(additional)
-            .map_err(|e| DriverError::invalid(format!("additional cannot be encoded: {e}")))?;
-        let config = BTreeMap::from([
-            ("identity".to_owned(), identity.to_string()),
-            ("additional".to_owned(), additional_json),
-        ]);
-        // A new stack is an empty checkpoint written directly: no
-        // `pulumi stack init` run (~0.35 s) is needed.
-        let checkpoint = match previous {
-            Some(p) => p.checkpoint.clone(),
-            None => serde_json::json!({"version": 3, "checkpoint": {
-                "stack": format!("organization/{}/{identity}", scenario.project),
-                "latest": null,
-            }}),
-        };
+        let salt = &previous.encryption_salt;
+        let config = program_config(identity, additional)?;
         let state = self
             .run_up_state(
                 scenario,
                 identity.as_str(),
-                &salt,
+                salt,
                 &config,
-                checkpoint,
+                previous.checkpoint.clone(),
                 sink,
             )
             .await?;
-        let outputs = outputs::read_outputs(&state.checkpoint, &salt, &self.crypter).await?;
+        let outputs = outputs::read_outputs(&state.checkpoint, salt, &self.crypter).await?;
         Ok(Deployment { outputs, state })
+    }
+
+    /// The state of a stack no run has touched yet: an empty checkpoint
+    /// (written directly: no `pulumi stack init` run, ~0.35 s, is needed),
+    /// a new salt, and the configuration its first `up` will run with. It
+    /// is marked [`StackState::mid_up`]: stored before that `up` starts, it
+    /// lets a destroy find what a run killed before its first checkpoint
+    /// made.
+    pub async fn new_stack(
+        &self,
+        scenario: &PreparedScenario,
+        identity: &Identity,
+        additional: &BTreeMap<String, String>,
+    ) -> Result<StackState, DriverError> {
+        Ok(StackState {
+            project: scenario.project.clone(),
+            stack: identity.to_string(),
+            encryption_salt: self.crypter.salt_state().await?,
+            checkpoint: serde_json::json!({"version": 3, "checkpoint": {
+                "stack": format!("organization/{}/{identity}", scenario.project),
+                "latest": null,
+            }}),
+            config: program_config(identity, additional)?,
+            mid_up: true,
+        })
     }
 
     /// One `up` of `stack` from `checkpoint` with the program configuration
@@ -611,6 +634,20 @@ impl Driver {
             Err(_) => Arc::new(tokio::sync::Mutex::new(())),
         }
     }
+}
+
+/// The configuration a scenario's program sees (without the project
+/// prefix): its identity and its `additional`, as one JSON object.
+fn program_config(
+    identity: &Identity,
+    additional: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, DriverError> {
+    let additional_json = serde_json::to_string(additional)
+        .map_err(|e| DriverError::invalid(format!("additional cannot be encoded: {e}")))?;
+    Ok(BTreeMap::from([
+        ("identity".to_owned(), identity.to_string()),
+        ("additional".to_owned(), additional_json),
+    ]))
 }
 
 /// Prepares a stored checkpoint for a new run: drops the pending operations

@@ -54,7 +54,7 @@ pub(crate) async fn load(
     cid: &str,
     identity: &Identity,
 ) -> Result<Option<StackState>, HandlerError> {
-    crate::run_marker::settle(ctx, cid, identity).await?;
+    Box::pin(crate::run_marker::settle(ctx, cid, identity)).await?;
     match ctx.store.get_stack(cid, identity).await? {
         None => Ok(None),
         Some(StoredStack::Inline(bytes)) => decode(&bytes).map(Some),

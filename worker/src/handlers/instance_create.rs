@@ -61,14 +61,15 @@ pub async fn handle(
     ids::validate("source id", &req.source_id)?;
     // A claim from the pool with nobody else at work (the common case at a
     // CTF's start): no lock, one transaction that proves it.
-    if let Some(claimed) = claim_unlocked(ctx, command_id, req).await? {
+    // Boxed: handler futures are large (see `handlers::handle`).
+    if let Some(claimed) = Box::pin(claim_unlocked(ctx, command_id, req)).await? {
         return Ok(Outcome::Instance(claimed.to_api()));
     }
     tracing::Span::current().record("locked", true);
     let locks = ctx
         .lock_for_create(&req.challenge_id, &req.source_id)
         .await?;
-    let result = create(ctx, &locks.fence(), command_id, req).await;
+    let result = Box::pin(create(ctx, &locks.fence(), command_id, req)).await;
     locks.release();
     result
 }

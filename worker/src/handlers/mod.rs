@@ -92,15 +92,17 @@ pub(crate) async fn up_persisted(
     let previous = match previous {
         Some(p) => Some(p),
         None => {
-            fresh = ctx
-                .driver
-                .new_stack(scenario, &record.identity, additional)
-                .await?;
-            crate::stacks::record_new(ctx, &record.challenge_id, &record.identity, &fresh)
-                .await
-                .map_err(|e| DriverError::EngineUnavailable {
-                    reason: format!("the run was not started, its new stack not recorded: {e}"),
-                })?;
+            fresh = Box::pin(ctx.driver.new_stack(scenario, &record.identity, additional)).await?;
+            Box::pin(crate::stacks::record_new(
+                ctx,
+                &record.challenge_id,
+                &record.identity,
+                &fresh,
+            ))
+            .await
+            .map_err(|e| DriverError::EngineUnavailable {
+                reason: format!("the run was not started, its new stack not recorded: {e}"),
+            })?;
             Some(&fresh)
         }
     };

@@ -236,15 +236,30 @@ impl Stack {
         self.workers[n].try_wait().ok().flatten()
     }
 
-    /// The stored Pulumi state of a stack, read through its pointer.
+    /// The stored Pulumi state of a stack, read through its pointer. A
+    /// running deploy replaces the object its pointer names (the empty
+    /// state recorded before its first run, by its first checkpoint): an
+    /// object gone while its pointer moved on is read again through the new
+    /// pointer; one gone under an unchanged pointer fails the test.
     pub async fn stack_state_bytes(
         &self,
         cid: &str,
         identity: &cm_core::Identity,
     ) -> Option<Vec<u8>> {
-        self.read_stack_state(cid, identity)
-            .await
-            .map(|read| read.expect("state object"))
+        loop {
+            let before = self.store.get_stack(cid, identity).await.expect("store");
+            match self.read_stack_state(cid, identity).await? {
+                Ok(bytes) => return Some(bytes),
+                Err(e) => {
+                    let now = self.store.get_stack(cid, identity).await.expect("store");
+                    assert_ne!(
+                        format!("{before:?}"),
+                        format!("{now:?}"),
+                        "state object: {e:?}"
+                    );
+                }
+            }
+        }
     }
 
     /// The stored Pulumi state of a stack (`None`: no stack key), or why the

@@ -172,33 +172,32 @@ async fn assert_one_whole_instance(stack: &Stack, cid: &str, sid: &str, steps: u
 async fn worker_killed_mid_pulumi_run_is_resumed_by_another() {
     let mut stack = Stack::start(0).await;
     stack.spawn_worker_with(&[SHORT_LEASE]);
-    create_challenge(&stack, "slow", json!({"steps": "6", "step_ms": "600"})).await;
+    create_challenge(&stack, "slow", json!({"steps": "6", "step_ms": "900"})).await;
     let op = queue_instance(&stack, "slow", "team-a").await;
 
-    // Wait until the run is half way: some steps are in the stored checkpoint.
+    // Wait until the run is half way: some steps, not all, are in the stored
+    // checkpoint and Pulumi still runs. The stored checkpoint lags the run by
+    // up to the checkpoint interval, so the final one can be stored while
+    // the record is still deploying: that moment is no kill mid-run.
     let deadline = Instant::now() + Duration::from_secs(60);
     let (identity, at_kill) = loop {
         if let Some(rec) = record(&stack, "slow", "team-a").await
             && let Some(state) = stack_state(&stack, "slow", &rec.identity).await
-            && steps_of(&state).len() >= 2
+            && (2..6).contains(&steps_of(&state).len())
+            && pulumi_processes(&rec.identity) > 0
         {
             assert_eq!(rec.status, InstanceStatus::Deploying);
             break (rec.identity, state);
         }
         assert!(
             Instant::now() < deadline,
-            "no checkpoint with 2 steps stored while Pulumi ran\n{}",
+            "no checkpoint with 2 to 5 steps stored while Pulumi ran\n{}",
             stack.worker_logs()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(
-        pulumi_processes(&identity) > 0,
-        "pulumi is running for the instance when the worker is killed"
-    );
     stack.kill_worker(0);
     let steps_at_kill = steps_of(&at_kill);
-    assert!(steps_at_kill.len() < 6, "killed before the run ended");
 
     // The dead worker's Pulumi run dies with it (no run racing the next one).
     let deadline = Instant::now() + Duration::from_secs(5);

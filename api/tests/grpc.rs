@@ -66,6 +66,7 @@ impl Stack {
                     go: cm_testkit::go(),
                     cache_dir: shared_cache(),
                     passphrase: Secret::new("grpc-test-passphrase".into()),
+                    niceness: cm_worker::pulumi::DEFAULT_NICENESS,
                 },
                 lock_timeout: Duration::from_secs(60),
                 quota: Default::default(),

@@ -92,6 +92,16 @@ pub struct PulumiArgs {
     /// (a fixed, public one is used).
     #[arg(long, env = "CM_DEV", global = true)]
     dev: bool,
+
+    /// Niceness of Pulumi runs (the CLI, the language host, the scenario
+    /// program and its providers), -20 to 19. Deploys are batch work: at 10
+    /// they yield the CPU to claims, renewals, etcd and NATS on a busy
+    /// machine. 0 runs them at the worker's own priority (a negative value
+    /// needs the privilege to raise a priority).
+    #[arg(long, env = "CM_PULUMI_NICENESS", global = true,
+          default_value_t = crate::pulumi::DEFAULT_NICENESS,
+          value_parser = clap::value_parser!(i32).range(-20..=19))]
+    pulumi_niceness: i32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -312,6 +322,7 @@ impl PulumiArgs {
                 .clone()
                 .unwrap_or_else(|| tools::cache_root().join("worker")),
             passphrase,
+            niceness: self.pulumi_niceness,
         };
         Ok(config)
     }

@@ -322,12 +322,15 @@ impl Ctx {
         let js = self.js.clone();
         let tuning = self.pools.tuning;
         let cid = challenge.id.clone();
+        let max = challenge.max;
         tokio::spawn(async move {
             if adaptive {
                 let now = cm_core::pool_demand::unix_now();
                 if let Err(e) = store.update_demand(&cid, |d| d.claimed(now, &tuning)).await {
                     tracing::debug!(error = %e, challenge = %cid, "demand estimate not moved");
                 }
+            } else if at_max(&store, &cid, max).await {
+                return;
             }
             publish_refill(&js, &cid).await;
         });
@@ -377,6 +380,26 @@ pub const ISSUER: &str = "worker";
 
 /// Publishes a `pool.refill` of `cid`; a failure is logged (the next claim,
 /// or the janitor's review of adaptive pools, asks again).
+/// Whether a static pool capped at `max` can take no new instance after a
+/// claim, so a refill would find nothing to do: every pooled instance ready
+/// (no reservation a refill would resume) and pooled + claimed at `max`. A
+/// claim moves an instance from pooled to claimed, leaving the total as it
+/// was; at the cap, each claim's refill would only take and release the
+/// pool's locks. Any doubt (`max` 0, a read failing) asks for the refill.
+async fn at_max(store: &Store, cid: &str, max: i64) -> bool {
+    if max <= 0 {
+        return false;
+    }
+    let Ok((pooled, claimed)) = tokio::try_join!(store.list_pooled(cid), store.count_claimed(cid))
+    else {
+        return false;
+    };
+    let all_ready = pooled
+        .iter()
+        .all(|p| p.value.status == cm_core::model::InstanceStatus::Ready);
+    all_ready && pooled.len() as i64 + claimed >= max
+}
+
 async fn publish_refill(js: &jetstream::Context, cid: &str) {
     let request = Request::PoolRefill(RefillPool {
         challenge_id: cid.to_owned(),

@@ -27,6 +27,7 @@ fn driver() -> Arc<Driver> {
                 go: cm_testkit::go(),
                 cache_dir: cache_dir(),
                 passphrase: Secret::new("driver-test-passphrase".to_owned()),
+                niceness: cm_worker::pulumi::DEFAULT_NICENESS,
             };
             Arc::new(Driver::new(config).expect("driver"))
         })
@@ -306,6 +307,86 @@ async fn a_run_interrupted_with_pending_operations_is_recovered() {
         1,
         "step-0 kept, not duplicated"
     );
+}
+
+/// The niceness of process `pid` (field 19 of `/proc/<pid>/stat`).
+fn niceness(pid: &str) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from its ')'.
+    let after = stat.rsplit_once(')')?.1;
+    after.split_whitespace().nth(16)?.parse().ok()
+}
+
+/// The children of process `pid`.
+fn children(pid: &str) -> Vec<String> {
+    let out = Command::new("pgrep")
+        .args(["-P", pid])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulumi_runs_at_the_configured_niceness_with_its_program() {
+    let driver = driver();
+    let scenario = driver
+        .prepare(&cm_testkit::example("steps"))
+        .await
+        .expect("prepare");
+    let identity = Identity::random();
+    let slow = BTreeMap::from([
+        ("steps".to_owned(), "2".to_owned()),
+        ("step_ms".to_owned(), "1500".to_owned()),
+    ]);
+    let run = {
+        let (driver, scenario, identity) = (driver.clone(), scenario.clone(), identity.clone());
+        tokio::spawn(async move { driver.up(&scenario, &identity, &slow, None).await })
+    };
+    // The `pulumi up` of this stack, and its descendants once the language
+    // host has started the program.
+    let (me, stack) = (std::process::id().to_string(), identity.to_string());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let (cli, tree) = loop {
+        let out = Command::new("pgrep")
+            .args(["-P", &me, "-f", &stack])
+            .output()
+            .expect("pgrep");
+        let cli = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !cli.is_empty() {
+            let mut tree = children(&cli);
+            let mut i = 0;
+            while i < tree.len() {
+                let below = children(&tree[i]);
+                tree.extend(below);
+                i += 1;
+            }
+            // The host, and the program it runs.
+            if tree.len() >= 2 {
+                break (cli, tree);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pulumi run with its program seen"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(niceness(&me), Some(0), "the test itself runs at 0");
+    for pid in std::iter::once(&cli).chain(&tree) {
+        let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if let Some(n) = niceness(pid) {
+            assert_eq!(
+                n,
+                cm_worker::pulumi::DEFAULT_NICENESS,
+                "process {pid} ({}) runs niced",
+                cmd.replace('\0', " ")
+            );
+        }
+    }
+    run.await.expect("task").expect("the niced run succeeds");
 }
 
 #[tokio::test]

@@ -34,25 +34,6 @@ async fn janitor(stack: &Stack) -> cm_janitor::Janitor {
     cm_janitor::Janitor::new(store, js, 1000)
 }
 
-/// Subjects and count of the events stored for `subject_filter`.
-async fn events(stack: &Stack, subject_filter: &str) -> usize {
-    let client = async_nats::connect(stack.nats.url.as_str())
-        .await
-        .expect("nats");
-    let js = async_nats::jetstream::new(client);
-    let stream = js
-        .get_stream(cm_core::queue::EVENTS_STREAM)
-        .await
-        .expect("events");
-    let info = stream
-        .info_with_subjects(subject_filter)
-        .await
-        .expect("subjects");
-    use futures::TryStreamExt;
-    let subjects: Vec<(String, usize)> = info.try_collect().await.expect("collect");
-    subjects.iter().map(|(_, n)| *n).sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_janitor_destroys_an_instance_within_one_interval_of_its_expiry() {
     let stack = Stack::start(1).await;
@@ -148,11 +129,11 @@ async fn the_janitor_destroys_an_instance_within_one_interval_of_its_expiry() {
     // The event follows the deletion (after the state object is removed
     // and the command settled): waited for, then counted exactly once.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while events(&stack, "cm.evt.instance.expired.short").await == 0 && Instant::now() < deadline {
+    while stack.events("cm.evt.instance.expired.short").await == 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
-        events(&stack, "cm.evt.instance.expired.short").await,
+        stack.events("cm.evt.instance.expired.short").await,
         1,
         "instance.expired published"
     );
@@ -226,12 +207,12 @@ async fn three_janitors_over_fifty_expiring_instances_delete_each_once() {
         let _ = task.await;
     }
     assert_eq!(
-        events(&stack, "cm.evt.instance.expired.many").await,
+        stack.events("cm.evt.instance.expired.many").await,
         50,
         "exactly 50 deletions"
     );
     assert_eq!(
-        events(&stack, "cm.evt.command.failed.many").await,
+        stack.events("cm.evt.command.failed.many").await,
         0,
         "no error\n{}",
         stack.worker_logs()
@@ -284,7 +265,11 @@ async fn a_renewal_racing_the_janitor_wins() {
     assert_eq!(report.published, 1);
 
     let deadline = Instant::now() + Duration::from_secs(20);
-    while events(&stack, "cm.evt.instance.expiry-skipped.race-renew").await == 0 {
+    while stack
+        .events("cm.evt.instance.expiry-skipped.race-renew")
+        .await
+        == 0
+    {
         assert!(
             Instant::now() < deadline,
             "expiry never processed\n{}",

@@ -130,6 +130,7 @@ fn driver() -> Arc<Driver> {
             go: cm_testkit::go(),
             cache_dir: support::shared_cache(),
             passphrase: Secret::new("localservice-test-passphrase".to_owned()),
+            niceness: cm_worker::pulumi::DEFAULT_NICENESS,
         })
         .expect("driver"),
     )

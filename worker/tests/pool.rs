@@ -59,6 +59,15 @@ async fn pool_prefills_claims_without_pulumi_refills_within_max_and_drains() {
         stacks.insert(rec.identity.clone(), bytes);
     }
 
+    let refilled = "cm.evt.pool.refilled.pooled";
+    let quiet = |stack: &Stack| {
+        let url = stack.nats.url.clone();
+        async move {
+            support::wait_drained(&url, Duration::from_millis(100), Duration::from_secs(60)).await
+        }
+    };
+    assert!(quiet(&stack).await, "the prefill settles");
+    let refills_before = stack.events(refilled).await;
     let started = Instant::now();
     let (status, claimed) = stack
         .call(
@@ -106,7 +115,15 @@ async fn pool_prefills_claims_without_pulumi_refills_within_max_and_drains() {
     })
     .await;
 
-    // A second claim: the pool can only refill up to max (3 in all).
+    assert!(quiet(&stack).await, "the refill settles");
+    let refills_at_max = stack.events(refilled).await;
+    assert!(
+        refills_at_max > refills_before,
+        "a claim below max asks for a refill"
+    );
+
+    // A second claim: the pool can only refill up to max (3 in all), so
+    // the claim asks for no refill (one would only take the pool's locks).
     let (status, _) = stack
         .call(
             Method::POST,
@@ -120,6 +137,12 @@ async fn pool_prefills_claims_without_pulumi_refills_within_max_and_drains() {
         ready == 1 && total == 3
     })
     .await;
+    assert!(quiet(&stack).await, "the claim settles");
+    assert_eq!(
+        stack.events(refilled).await,
+        refills_at_max,
+        "a claim at max asks for no refill"
+    );
 
     // min = 0 drains the pool; claimed instances stay.
     stack

@@ -90,6 +90,7 @@ impl Ctx {
             go: self.env.go.clone(),
             cache_dir,
             passphrase: Secret::new(PASSPHRASE.to_owned()),
+            niceness: cm_worker::pulumi::DEFAULT_NICENESS,
         })
         .context("setting up the Pulumi driver")
     }

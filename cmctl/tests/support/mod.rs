@@ -183,6 +183,7 @@ impl Stack {
                 go: cm_testkit::go(),
                 cache_dir: shared_cache(),
                 passphrase: cm_core::Secret::new(PASSPHRASE.into()),
+                niceness: cm_worker::pulumi::DEFAULT_NICENESS,
             },
             lock_timeout: self.options.lock_timeout,
             quota: Default::default(),

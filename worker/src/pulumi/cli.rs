@@ -30,12 +30,17 @@ const SYSTEM_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// going on that the worker taking its command over would race with.
 const SETPRIV: &str = "/usr/bin/setpriv";
 
+/// coreutils' `nice`, which runs the CLI at a lower priority.
+const NICE: &str = "/usr/bin/nice";
+
 /// Where the CLI, its language host and Go are.
 #[derive(Debug, Clone)]
 pub(crate) struct Cli {
     pulumi: PathBuf,
     /// `setpriv`, when the machine has it.
     setpriv: Option<PathBuf>,
+    /// `nice` and the niceness the CLI runs at, when not 0.
+    nice: Option<(PathBuf, String)>,
     path: OsString,
     pulumi_home: PathBuf,
     /// The dead man's switch every run goes through, when the driver
@@ -122,10 +127,24 @@ impl Cli {
         Ok(Self {
             pulumi,
             setpriv,
+            nice: None,
             path,
             pulumi_home,
             guard: None,
         })
+    }
+
+    /// Every run at `niceness` (0: the worker's own priority). Children
+    /// inherit it: the language host, the program and the providers too.
+    pub(crate) fn niced(self, niceness: i32) -> Self {
+        let nice = (niceness != 0 && Path::new(NICE).is_file())
+            .then(|| (PathBuf::from(NICE), niceness.to_string()));
+        if niceness != 0 && nice.is_none() {
+            tracing::warn!(
+                "{NICE} not found: Pulumi runs at the worker's priority (install coreutils)"
+            );
+        }
+        Self { nice, ..self }
     }
 
     /// Every run of this CLI through `guard`.
@@ -147,11 +166,17 @@ impl Cli {
         let started = Instant::now();
         let mut backend = OsString::from("file://");
         backend.push(workspace);
-        // [guard] [setpriv --pdeathsig KILL --] pulumi: the kernel kills
-        // the CLI when its parent (the guard, or the worker) dies.
+        // [guard] [nice -n N] [setpriv --pdeathsig KILL --] pulumi: the
+        // kernel kills the CLI when its parent (the guard, or the worker)
+        // dies; `nice` and `setpriv` exec what follows in their own process,
+        // so that parent stays the same. The guard keeps the worker's
+        // priority: it must act on time.
         let mut argv: Vec<&std::ffi::OsStr> = Vec::new();
         if let Some(guard) = &self.guard {
             argv.push(guard.script().as_os_str());
+        }
+        if let Some((nice, niceness)) = &self.nice {
+            argv.extend([nice.as_os_str(), "-n".as_ref(), niceness.as_ref()]);
         }
         if let Some(setpriv) = &self.setpriv {
             argv.push(setpriv.as_os_str());

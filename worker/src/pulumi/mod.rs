@@ -53,7 +53,15 @@ pub struct DriverConfig {
     pub cache_dir: PathBuf,
     /// Passphrase of Pulumi's passphrase secrets provider; never empty.
     pub passphrase: Secret<String>,
+    /// The niceness Pulumi runs at (with its language host, program and
+    /// providers): deploys are batch work, so the worker's own tasks and
+    /// whatever shares the machine (claims, renewals, etcd, NATS) keep the
+    /// CPU first. 0 runs them at the worker's priority.
+    pub niceness: i32,
 }
+
+/// Pulumi's default niceness (`DriverConfig::niceness`).
+pub const DEFAULT_NICENESS: i32 = 10;
 
 /// A stack's state as the caller stores it between operations.
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
@@ -175,7 +183,7 @@ impl Driver {
         let pulumi_home = config.cache_dir.join("pulumi-home");
         let bin_dir = config.cache_dir.join("bin");
         Ok(Self {
-            cli: Cli::new(config.pulumi, &config.go, pulumi_home, &bin_dir)?,
+            cli: Cli::new(config.pulumi, &config.go, pulumi_home, &bin_dir)?.niced(config.niceness),
             bin_dir,
             go: config.go,
             scenarios_dir: config.cache_dir.join("scenarios"),

@@ -32,6 +32,7 @@ pub fn worker_config(nats: &str, etcd: &str, cache: PathBuf) -> cm_worker::Worke
             go: cm_testkit::go(),
             cache_dir: cache,
             passphrase: cm_core::Secret::new(PASSPHRASE.into()),
+            niceness: cm_worker::pulumi::DEFAULT_NICENESS,
         },
         lock_timeout: Duration::from_secs(60),
         quota: Default::default(),
@@ -432,6 +433,25 @@ impl Stack {
         let done = self.wait_operation(id, limit).await;
         assert_eq!(done["state"], "SUCCEEDED", "{done}\n{}", self.worker_logs());
         done
+    }
+
+    /// How many events `CM_EVENTS` holds under `subject_filter`.
+    pub async fn events(&self, subject_filter: &str) -> usize {
+        let client = async_nats::connect(self.nats.url.as_str())
+            .await
+            .expect("nats");
+        let js = async_nats::jetstream::new(client);
+        let stream = js
+            .get_stream(cm_core::queue::EVENTS_STREAM)
+            .await
+            .expect("events");
+        let info = stream
+            .info_with_subjects(subject_filter)
+            .await
+            .expect("subjects");
+        use futures::TryStreamExt;
+        let subjects: Vec<(String, usize)> = info.try_collect().await.expect("collect");
+        subjects.iter().map(|(_, n)| *n).sum()
     }
 
     /// Revokes the lease of every lock key held now (as etcd does to a

@@ -117,18 +117,6 @@ async fn wait_locks_free(stack: &Stack) {
     }
 }
 
-/// Pulumi processes still running for `identity` (its stack name is on
-/// their command line).
-fn pulumi_processes(identity: &Identity) -> usize {
-    support::processes()
-        .iter()
-        .filter(|(_, args)| {
-            let text = args.join(" ");
-            text.contains("pulumi") && text.contains(identity.as_str())
-        })
-        .count()
-}
-
 /// The end state every test requires: one ready record, one stack state,
 /// whole (no pending operation) and holding each step exactly once.
 async fn assert_one_whole_instance(stack: &Stack, cid: &str, sid: &str, steps: usize) -> Value {
@@ -184,7 +172,7 @@ async fn worker_killed_mid_pulumi_run_is_resumed_by_another() {
         if let Some(rec) = record(&stack, "slow", "team-a").await
             && let Some(state) = stack_state(&stack, "slow", &rec.identity).await
             && (2..6).contains(&steps_of(&state).len())
-            && pulumi_processes(&rec.identity) > 0
+            && support::pulumi_processes(&rec.identity) > 0
         {
             assert_eq!(rec.status, InstanceStatus::Deploying);
             break (rec.identity, state);
@@ -201,7 +189,7 @@ async fn worker_killed_mid_pulumi_run_is_resumed_by_another() {
 
     // The dead worker's Pulumi run dies with it (no run racing the next one).
     let deadline = Instant::now() + Duration::from_secs(5);
-    while pulumi_processes(&identity) > 0 {
+    while support::pulumi_processes(&identity) > 0 {
         assert!(
             Instant::now() < deadline,
             "the killed worker's pulumi kept running"

@@ -70,14 +70,16 @@ pub async fn handle(
         // delete (a writer, preferred) gets in between two deploys instead
         // of waiting for the whole pool. Each round re-reads the challenge
         // and the pool under its locks.
-        let wait = if first { BUSY_WAIT } else { ctx.lock_timeout };
-        let locks = match ctx.lock_pool_within(cid, wait).await {
-            Ok(locks) => locks,
-            Err(cm_core::lock::LockError::Timeout(_)) if first => {
-                tracing::debug!("another refill of this pool is running; it covers this one");
-                return Ok(Outcome::Deleted(cm_schemas::v1::Deleted {}));
+        let locks = if first {
+            match first_locks(ctx, cid).await? {
+                Some(locks) => locks,
+                None => {
+                    tracing::debug!("another refill of this pool is running; it covers this one");
+                    return Ok(Outcome::Deleted(cm_schemas::v1::Deleted {}));
+                }
             }
-            Err(e) => return Err(HandlerError::from(e)),
+        } else {
+            ctx.lock_pool_within(cid, ctx.lock_timeout).await?
         };
         first = false;
         let round = Box::pin(round(ctx, &locks.fence(), command_id, cid)).await;
@@ -93,6 +95,29 @@ pub async fn handle(
             }
         }
         failpoint::pause("pool-refill-between-rounds", "", Waits::First).await;
+    }
+}
+
+/// The first round's locks, or `None` when another refill keeps them past
+/// [`BUSY_WAIT`]. Taken at once when free; else waited for without this
+/// command's concurrency permit: at a CTF's start every claim asks for a
+/// refill, and refills waiting on the one at work would otherwise fill the
+/// worker's permits while claims queue behind them. A refill that gets the
+/// locks after that wait goes on without a permit (its Pulumi runs are still
+/// bounded by the driver's and the cluster's refill slots); at most one per
+/// pool can, as it holds the pool's lock.
+async fn first_locks(ctx: &Ctx, cid: &str) -> Result<Option<cm_core::lock::LockSet>, HandlerError> {
+    use cm_core::lock::LockError::Timeout;
+    match ctx.lock_pool_within(cid, Duration::ZERO).await {
+        Ok(locks) => return Ok(Some(locks)),
+        Err(Timeout(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    crate::permit::yield_permit();
+    match ctx.lock_pool_within(cid, BUSY_WAIT).await {
+        Ok(locks) => Ok(Some(locks)),
+        Err(Timeout(_)) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -501,6 +501,18 @@ pub fn resume(dir: &std::path::Path, name: &str) {
     std::fs::write(dir.join(format!("{name}.resume")), b"go").expect("resume file");
 }
 
+/// Pulumi processes running for `identity` (its stack name is on their
+/// command line).
+pub fn pulumi_processes(identity: &cm_core::Identity) -> usize {
+    processes()
+        .iter()
+        .filter(|(_, args)| {
+            let text = args.join(" ");
+            text.contains("pulumi") && text.contains(identity.as_str())
+        })
+        .count()
+}
+
 /// Every process alive now: its pid and its arguments (`/proc/<pid>/cmdline`;
 /// zombies, which have none, are left out).
 pub fn processes() -> Vec<(u32, Vec<String>)> {

@@ -309,6 +309,50 @@ async fn a_run_interrupted_with_pending_operations_is_recovered() {
     );
 }
 
+/// A `steps` run of `steps` steps of 1.5 s on a new stack, in the
+/// background: its identity and its task.
+async fn spawn_slow_run(
+    steps: usize,
+) -> (
+    Identity,
+    tokio::task::JoinHandle<Result<cm_worker::pulumi::Deployment, DriverError>>,
+) {
+    let driver = driver();
+    let scenario = driver
+        .prepare(&cm_testkit::example("steps"))
+        .await
+        .expect("prepare");
+    let identity = Identity::random();
+    let slow = BTreeMap::from([
+        ("steps".to_owned(), steps.to_string()),
+        ("step_ms".to_owned(), "1500".to_owned()),
+    ]);
+    let stack = identity.clone();
+    let run = tokio::spawn(async move { driver.up(&scenario, &stack, &slow, None).await });
+    (identity, run)
+}
+
+/// The pids of this test process's children running on the stack
+/// `identity` (its name is on their command line; other tests' runs are
+/// left alone).
+fn runs_on(identity: &Identity) -> Vec<String> {
+    pgrep(&[
+        "-P",
+        &std::process::id().to_string(),
+        "-f",
+        identity.as_str(),
+    ])
+}
+
+/// The pids `pgrep <args>` prints.
+fn pgrep(args: &[&str]) -> Vec<String> {
+    let out = Command::new("pgrep").args(args).output().expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The niceness of process `pid` (field 19 of `/proc/<pid>/stat`).
 fn niceness(pid: &str) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -319,43 +363,18 @@ fn niceness(pid: &str) -> Option<i32> {
 
 /// The children of process `pid`.
 fn children(pid: &str) -> Vec<String> {
-    let out = Command::new("pgrep")
-        .args(["-P", pid])
-        .output()
-        .expect("pgrep");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect()
+    pgrep(&["-P", pid])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pulumi_runs_at_the_configured_niceness_with_its_program() {
-    let driver = driver();
-    let scenario = driver
-        .prepare(&cm_testkit::example("steps"))
-        .await
-        .expect("prepare");
-    let identity = Identity::random();
-    let slow = BTreeMap::from([
-        ("steps".to_owned(), "2".to_owned()),
-        ("step_ms".to_owned(), "1500".to_owned()),
-    ]);
-    let run = {
-        let (driver, scenario, identity) = (driver.clone(), scenario.clone(), identity.clone());
-        tokio::spawn(async move { driver.up(&scenario, &identity, &slow, None).await })
-    };
+    let (identity, run) = spawn_slow_run(2).await;
     // The `pulumi up` of this stack, and its descendants once the language
     // host has started the program.
-    let (me, stack) = (std::process::id().to_string(), identity.to_string());
+    let me = std::process::id().to_string();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let (cli, tree) = loop {
-        let out = Command::new("pgrep")
-            .args(["-P", &me, "-f", &stack])
-            .output()
-            .expect("pgrep");
-        let cli = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        if !cli.is_empty() {
+        if let Some(cli) = runs_on(&identity).pop() {
             let mut tree = children(&cli);
             let mut i = 0;
             while i < tree.len() {
@@ -391,42 +410,17 @@ async fn pulumi_runs_at_the_configured_niceness_with_its_program() {
 
 #[tokio::test]
 async fn a_pulumi_run_killed_by_a_signal_is_retryable() {
-    let driver = driver();
-    let scenario = driver
-        .prepare(&cm_testkit::example("steps"))
-        .await
-        .expect("prepare");
-    let identity = Identity::random();
     // Four steps of 1.5 s: long enough to be killed in the middle.
-    let slow = BTreeMap::from([
-        ("steps".to_owned(), "4".to_owned()),
-        ("step_ms".to_owned(), "1500".to_owned()),
-    ]);
-    let run = {
-        let (driver, scenario, identity, slow) = (
-            driver.clone(),
-            scenario.clone(),
-            identity.clone(),
-            slow.clone(),
-        );
-        tokio::spawn(async move { driver.up(&scenario, &identity, &slow, None).await })
-    };
-    // Kill the `pulumi up` of this stack (a child of this test process whose
-    // command line names the stack; other tests' runs are left alone) once
-    // it runs, as the OOM killer or an operator would.
-    let me = std::process::id().to_string();
-    let stack = identity.to_string();
+    let (identity, run) = spawn_slow_run(4).await;
+    // Kill the `pulumi up` of this stack once it runs, as the OOM killer or
+    // an operator would.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let out = Command::new("pgrep")
-            .args(["-P", &me, "-f", &stack])
-            .output()
-            .expect("pgrep");
-        let pids = String::from_utf8_lossy(&out.stdout).into_owned();
-        if !pids.trim().is_empty() {
+        let pids = runs_on(&identity);
+        if !pids.is_empty() {
             tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
-            for pid in pids.split_whitespace() {
-                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            for pid in pids {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
             }
             break;
         }

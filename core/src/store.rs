@@ -708,7 +708,18 @@ impl Store {
 
     /// How many instances of a challenge are claimed (a count-only read).
     pub async fn count_claimed(&self, cid: &str) -> Result<i64, StoreError> {
-        let prefix = format!("{}claimed/", self.instances_prefix(cid));
+        self.count_under(format!("{}claimed/", self.instances_prefix(cid)))
+            .await
+    }
+
+    /// How many instances of a challenge are pooled, ready or deploying (a
+    /// count-only read).
+    pub async fn count_pooled(&self, cid: &str) -> Result<i64, StoreError> {
+        self.count_under(format!("{}pool/", self.instances_prefix(cid)))
+            .await
+    }
+
+    async fn count_under(&self, prefix: String) -> Result<i64, StoreError> {
         let r = self
             .client
             .clone()

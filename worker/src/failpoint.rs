@@ -31,6 +31,8 @@
 //!   about to evict the source's oldest instance;
 //! - `pool-refill-between-rounds` (first): a refill deployed one instance
 //!   and released its locks before the next round;
+//! - `pool-refill-before-done` (first): a refill's round found the pool at
+//!   its size and holds the pool's locks, about to release them;
 //! - `pool-refill-before-destroy` (first): a refill is about to destroy a
 //!   surplus pooled instance (its identity locked and re-read);
 //! - `instance-update-before-write` (first): an instance update's Pulumi run

@@ -722,6 +722,71 @@ async fn a_challenge_update_is_not_held_back_by_a_whole_refill() {
     }
 }
 
+/// A claim lands after a refill's last read of the pool, while that refill
+/// still holds the pool's locks: the claim's own refill finds them taken and
+/// steps aside, so the refill at work must count the pool again once it
+/// releases them, and deploy the instance the claim took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_behind_a_finishing_refill_is_refilled() {
+    const PAUSE: &str = "pool-refill-before-done";
+    let pauses = tempfile::tempdir().expect("tempdir");
+    let dir = pauses.path().to_str().expect("utf-8").to_owned();
+    let armed = format!("pause:{PAUSE}");
+    let stack = Stack::start_with(1, &[("CM_FAILPOINT", &armed), ("CM_FAILPOINT_DIR", &dir)]).await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "one", "scenario": "identity", "min": 1, "timeout": "600s"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // The prefill deployed the pool's instance, found the pool full and
+    // holds its locks.
+    stack.wait_paused(pauses.path(), PAUSE).await;
+    let refilled = "cm.evt.pool.refilled.one";
+    assert_eq!(stack.events(refilled).await, 0, "the prefill is not over");
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/instance",
+            Some(json!({"challengeId": "one", "sourceId": "p1"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", stack.worker_logs());
+    // The claim's refill steps aside (the locks are the prefill's).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stack.events(refilled).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the claim's refill never settled\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    support::resume(pauses.path(), PAUSE);
+
+    // The prefill sees the claim once it lets go, and fills the pool again.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let all = instances(&stack, "one").await;
+        let pooled = all
+            .iter()
+            .filter(|r| r.source_id.is_none() && r.status == InstanceStatus::Ready)
+            .count();
+        if pooled == 1 && all.len() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool stayed short after the claim: {pooled} pooled of {} \n{}",
+            all.len(),
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// I1/I3 against a refill's surplus destroy: the pool shrinks (`min` 1 to
 /// 0) and the refill is about to destroy the pooled instance when a claim
 /// for `p1` comes: the claim must not get that instance (its stack is being

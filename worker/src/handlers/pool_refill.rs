@@ -18,7 +18,11 @@
 //! is kept, destroy the newest surplus pooled instances, each under its
 //! identity's lock and only if it is still pooled once that lock is held (a
 //! claim may have taken it: claims need the lock free, so after the lock no
-//! claim can); or 5. stop. Every write is fenced.
+//! claim can); or 5. stop, then count the pool again without locks and go
+//! on with another round if it changed (a claim's own refill steps aside
+//! while this one holds the locks: this one covers it). A refill that finds
+//! the locks taken waits for them briefly, without its concurrency permit,
+//! then steps aside. Every write is fenced.
 //! Undo: a failed deploy drops its own reservation (see `deploy_reserved`);
 //! the next refill tries again. A reservation left `Deploying` (its refill
 //! died, or failed before Pulumi could say) is resumed by the next round,
@@ -52,7 +56,23 @@ enum Round {
     Deployed(i64),
     Destroyed(i64),
     /// The pool is at its size: the refill is over.
-    Done(cm_core::model::ChallengeRecord),
+    Done(cm_core::model::ChallengeRecord, Census),
+}
+
+/// How many instances of the pool's challenge are pooled and claimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Census {
+    pooled: i64,
+    claimed: i64,
+}
+
+impl Census {
+    /// Counted now, without locks (two count-only reads).
+    async fn now(ctx: &Ctx, cid: &str) -> Result<Self, HandlerError> {
+        let (pooled, claimed) =
+            tokio::try_join!(ctx.store.count_pooled(cid), ctx.store.count_claimed(cid))?;
+        Ok(Self { pooled, claimed })
+    }
 }
 
 #[tracing::instrument(name = "pool.refill", skip_all, fields(challenge = %req.challenge_id, deployed, destroyed))]
@@ -65,6 +85,17 @@ pub async fn handle(
     let cid = &req.challenge_id;
     let (mut deployed, mut destroyed) = (0, 0);
     let mut first = true;
+    // The challenge as a finished round saw it, when one did.
+    let mut done = None;
+    let finish = |challenge: Option<ChallengeRecord>, deployed: i64, destroyed: i64| {
+        let span = tracing::Span::current();
+        span.record("deployed", deployed);
+        span.record("destroyed", destroyed);
+        match challenge {
+            Some(challenge) => Outcome::Challenge(challenge.to_api(Vec::new())),
+            None => Outcome::Deleted(cm_schemas::v1::Deleted {}),
+        }
+    };
     loop {
         // Locks per round, not for the whole refill: a challenge update or
         // delete (a writer, preferred) gets in between two deploys instead
@@ -75,7 +106,7 @@ pub async fn handle(
                 Some(locks) => locks,
                 None => {
                     tracing::debug!("another refill of this pool is running; it covers this one");
-                    return Ok(Outcome::Deleted(cm_schemas::v1::Deleted {}));
+                    return Ok(finish(done, deployed, destroyed));
                 }
             }
         } else {
@@ -87,11 +118,18 @@ pub async fn handle(
         match round? {
             Round::Deployed(n) => deployed += n,
             Round::Destroyed(n) => destroyed += n,
-            Round::Done(challenge) => {
-                let span = tracing::Span::current();
-                span.record("deployed", deployed);
-                span.record("destroyed", destroyed);
-                return Ok(Outcome::Challenge(challenge.to_api(Vec::new())));
+            Round::Done(challenge, seen) => {
+                // A claim made after this round's read, whose own refill
+                // stepped aside because this one held the locks, is this
+                // one's to cover: counted again once the locks are
+                // released, any change is another round (taken like a first
+                // one: a refill that holds the locks by then covers it).
+                if Census::now(ctx, cid).await.is_ok_and(|now| now == seen) {
+                    return Ok(finish(Some(challenge), deployed, destroyed));
+                }
+                done = Some(challenge);
+                first = true;
+                continue;
             }
         }
         failpoint::pause("pool-refill-between-rounds", "", Waits::First).await;
@@ -199,7 +237,14 @@ async fn round(
         }
         return Ok(Round::Destroyed(destroyed));
     }
-    Ok(Round::Done(challenge))
+    failpoint::pause("pool-refill-before-done", "", Waits::First).await;
+    Ok(Round::Done(
+        challenge,
+        Census {
+            pooled,
+            claimed: total - pooled,
+        },
+    ))
 }
 
 /// A reservation left `Deploying` by a refill that died or failed

@@ -786,6 +786,22 @@ impl Store {
         .await
     }
 
+    /// Whether a refill of `cid`'s pool is at work (or waiting for the one
+    /// at work) with no challenge writer around: some key under the pool's
+    /// lock, none under the challenge's writers. A claim that sees it after
+    /// its own transaction needs no refill of its own: the refill holding
+    /// the pool's lock counts the pool again after releasing it, and one
+    /// waiting for that lock reads the pool once it has it (see the
+    /// worker's `pool_refill`). With a writer there (an update or a delete),
+    /// a waiting refill may step aside behind it: `false`.
+    pub async fn refill_at_work(&self, cid: &str) -> Result<bool, StoreError> {
+        let pool = crate::lock_keys::pool_lock(&self.root, cid);
+        let writers = format!("{}w-", crate::lock_keys::challenge_lock(&self.root, cid));
+        let (refills, writers) =
+            tokio::try_join!(self.count_under(pool), self.count_under(writers))?;
+        Ok(refills > 0 && writers == 0)
+    }
+
     /// [`Store::claim_pooled`] by a create that holds no lock at all (the
     /// common case: no per-source quota, nothing else at work on the slot).
     /// The transaction also proves what the create's locks would have: no

@@ -310,7 +310,9 @@ impl Ctx {
     /// on demand (`from_pool`): counted; for an adaptive pool, one more claim
     /// in its demand estimate. Then the pool's refill is asked for (a static
     /// pool only misses the instance a claim took; an adaptive one may want
-    /// more). In the background: the create goes on at once.
+    /// more), unless a static pool is at its `max` or a refill is at work
+    /// (`Store::refill_at_work`: that one covers this claim). In the
+    /// background: the create goes on at once.
     pub fn note_claim(&self, challenge: &ChallengeRecord, from_pool: bool) {
         let served = if from_pool { "pool" } else { "deploy" };
         cm_core::metrics::metrics().pool_claim(&challenge.id, served);
@@ -330,6 +332,9 @@ impl Ctx {
                     tracing::debug!(error = %e, challenge = %cid, "demand estimate not moved");
                 }
             } else if at_max(&store, &cid, max).await {
+                return;
+            }
+            if store.refill_at_work(&cid).await.unwrap_or(false) {
                 return;
             }
             publish_refill(&js, &cid).await;

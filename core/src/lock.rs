@@ -405,6 +405,28 @@ impl LockSet {
     pub fn release(self) {
         drop(self);
     }
+
+    /// Releases every lock of the set and waits until etcd applied it, for
+    /// a holder whose next read must come after the release (one
+    /// transaction; on failure, retried in the background as [`release`]
+    /// does, and `false`).
+    ///
+    /// [`release`]: LockSet::release
+    pub async fn release_now(mut self) -> bool {
+        let keys = std::mem::take(&mut self.keys);
+        let ops: Vec<TxnOp> = keys
+            .iter()
+            .map(|k| TxnOp::delete(k.as_str(), None))
+            .collect();
+        match self.client.txn(Txn::new().and_then(ops)).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "lock release failed; retrying in the background");
+                release_in_background(self.client.clone(), keys);
+                false
+            }
+        }
+    }
 }
 
 impl Drop for LockSet {

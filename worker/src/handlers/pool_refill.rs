@@ -114,7 +114,9 @@ pub async fn handle(
         };
         first = false;
         let round = Box::pin(round(ctx, &locks.fence(), command_id, cid)).await;
-        locks.release();
+        // Released before the recount below reads: a claim that saw these
+        // locks (and so asked for no refill) is then in that count.
+        let released = locks.release_now().await;
         match round? {
             Round::Deployed(n) => deployed += n,
             Round::Destroyed(n) => destroyed += n,
@@ -124,7 +126,7 @@ pub async fn handle(
                 // one's to cover: counted again once the locks are
                 // released, any change is another round (taken like a first
                 // one: a refill that holds the locks by then covers it).
-                if Census::now(ctx, cid).await.is_ok_and(|now| now == seen) {
+                if released && Census::now(ctx, cid).await.is_ok_and(|now| now == seen) {
                     return Ok(finish(Some(challenge), deployed, destroyed));
                 }
                 done = Some(challenge);

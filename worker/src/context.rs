@@ -334,7 +334,10 @@ impl Ctx {
             } else if at_max(&store, &cid, max).await {
                 return;
             }
-            if store.refill_at_work(&cid).await.unwrap_or(false) {
+            // A claim from the pool changed the pool's counts, which the
+            // refill at work counts again; a create deployed on demand did
+            // not (its reservation may come later), so it still asks.
+            if from_pool && store.refill_at_work(&cid).await.unwrap_or(false) {
                 return;
             }
             publish_refill(&js, &cid).await;

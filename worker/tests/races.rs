@@ -169,10 +169,7 @@ async fn claimed(stack: &Stack, cid: &str, sid: &str) -> InstanceRecord {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_claim_racing_an_update_of_the_pooled_instance_never_shares_it() {
     const PAUSE: &str = "instance-update-before-write";
-    let pauses = tempfile::tempdir().expect("tempdir");
-    let dir = pauses.path().to_str().expect("utf-8").to_owned();
-    let armed = format!("pause:{PAUSE}");
-    let stack = Stack::start_with(2, &[("CM_FAILPOINT", &armed), ("CM_FAILPOINT_DIR", &dir)]).await;
+    let (stack, pauses) = Stack::start_paused(2, PAUSE, &[]).await;
     let mut checker = IdentityChecker::start(&stack, "race1").await;
     stack.call_ok(Method::POST, "/api/v1/challenge", Some(json!({ "id": "race1", "scenario": "steps", "min": 1, "max": "1", "additional": {"steps": "2"} }))).await;
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -262,10 +259,7 @@ async fn a_claim_racing_an_update_of_the_pooled_instance_never_shares_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_handler_whose_lease_was_lost_cannot_resurrect_a_deleted_instance() {
     const PAUSE: &str = "instance-create-before-write";
-    let pauses = tempfile::tempdir().expect("tempdir");
-    let dir = pauses.path().to_str().expect("utf-8").to_owned();
-    let armed = format!("pause:{PAUSE}");
-    let stack = Stack::start_with(1, &[("CM_FAILPOINT", &armed), ("CM_FAILPOINT_DIR", &dir)]).await;
+    let (stack, pauses) = Stack::start_paused(1, PAUSE, &[]).await;
     stack
         .call_ok(
             Method::POST,
@@ -568,14 +562,10 @@ async fn a_lock_waiter_whose_key_expired_does_not_proceed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_eviction_does_not_deadlock_with_a_create_on_the_victims_challenge() {
     const PAUSE: &str = "instance-create-before-evict";
-    let pauses = tempfile::tempdir().expect("tempdir");
-    let dir = pauses.path().to_str().expect("utf-8").to_owned();
-    let armed = format!("pause:{PAUSE}");
-    let stack = Stack::start_with(
+    let (stack, pauses) = Stack::start_paused(
         1,
+        PAUSE,
         &[
-            ("CM_FAILPOINT", &armed),
-            ("CM_FAILPOINT_DIR", &dir),
             ("CM_MAX_INSTANCES_PER_SOURCE", "1"),
             ("CM_EVICT_OLDEST", "true"),
             ("CM_LOCK_TIMEOUT", "45s"),
@@ -656,18 +646,7 @@ async fn queue_create(stack: &Stack, cid: &str, sid: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_challenge_update_is_not_held_back_by_a_whole_refill() {
     const PAUSE: &str = "pool-refill-between-rounds";
-    let pauses = tempfile::tempdir().expect("tempdir");
-    let dir = pauses.path().to_str().expect("utf-8").to_owned();
-    let armed = format!("pause:{PAUSE}");
-    let stack = Stack::start_with(
-        1,
-        &[
-            ("CM_FAILPOINT", &armed),
-            ("CM_FAILPOINT_DIR", &dir),
-            ("CM_LOCK_TIMEOUT", "60s"),
-        ],
-    )
-    .await;
+    let (stack, pauses) = Stack::start_paused(1, PAUSE, &[("CM_LOCK_TIMEOUT", "60s")]).await;
     let (status, body) = stack
         .call(
             Method::POST,
@@ -730,10 +709,7 @@ async fn a_challenge_update_is_not_held_back_by_a_whole_refill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_claim_behind_a_finishing_refill_is_refilled() {
     const PAUSE: &str = "pool-refill-before-done";
-    let pauses = tempfile::tempdir().expect("tempdir");
-    let dir = pauses.path().to_str().expect("utf-8").to_owned();
-    let armed = format!("pause:{PAUSE}");
-    let stack = Stack::start_with(1, &[("CM_FAILPOINT", &armed), ("CM_FAILPOINT_DIR", &dir)]).await;
+    let (stack, pauses) = Stack::start_paused(1, PAUSE, &[]).await;
     let (status, body) = stack
         .call(
             Method::POST,
@@ -794,10 +770,7 @@ async fn a_claim_behind_a_finishing_refill_is_refilled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_claim_racing_a_refills_surplus_destroy_gets_a_whole_instance() {
     const PAUSE: &str = "pool-refill-before-destroy";
-    let pauses = tempfile::tempdir().expect("tempdir");
-    let dir = pauses.path().to_str().expect("utf-8").to_owned();
-    let armed = format!("pause:{PAUSE}");
-    let stack = Stack::start_with(2, &[("CM_FAILPOINT", &armed), ("CM_FAILPOINT_DIR", &dir)]).await;
+    let (stack, pauses) = Stack::start_paused(2, PAUSE, &[]).await;
     let mut checker = IdentityChecker::start(&stack, "shrink").await;
     let (status, body) = stack
         .call(

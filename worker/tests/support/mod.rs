@@ -145,6 +145,26 @@ impl Stack {
     }
 
     /// Same, with extra environment for the workers (`CM_LOCK_TIMEOUT`, ...).
+    /// [`Stack::start_with`] with the failpoint `pause:<pause>` armed in
+    /// its workers; the directory where the pause announces itself and is
+    /// resumed (see [`Stack::wait_paused`] and [`resume`]) lives as long as
+    /// the returned `TempDir`.
+    pub async fn start_paused(
+        workers: usize,
+        pause: &str,
+        worker_env: &[(&str, &str)],
+    ) -> (Self, tempfile::TempDir) {
+        let pauses = tempfile::tempdir().expect("tempdir");
+        let dir = pauses.path().to_str().expect("utf-8").to_owned();
+        let armed = format!("pause:{pause}");
+        let mut env = vec![
+            ("CM_FAILPOINT", armed.as_str()),
+            ("CM_FAILPOINT_DIR", dir.as_str()),
+        ];
+        env.extend_from_slice(worker_env);
+        (Self::start_with(workers, &env).await, pauses)
+    }
+
     pub async fn start_with(workers: usize, worker_env: &[(&str, &str)]) -> Self {
         Self::start_custom(workers, worker_env, |_| {}).await
     }

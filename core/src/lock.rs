@@ -414,11 +414,7 @@ impl LockSet {
     /// [`release`]: LockSet::release
     pub async fn release_now(mut self) -> bool {
         let keys = std::mem::take(&mut self.keys);
-        let ops: Vec<TxnOp> = keys
-            .iter()
-            .map(|k| TxnOp::delete(k.as_str(), None))
-            .collect();
-        match self.client.txn(Txn::new().and_then(ops)).await {
+        match self.client.txn(delete_all(&keys)).await {
             Ok(_) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "lock release failed; retrying in the background");
@@ -439,6 +435,15 @@ impl Drop for LockSet {
     }
 }
 
+/// The transaction deleting every key of `keys` (a set's release).
+fn delete_all(keys: &[String]) -> Txn {
+    Txn::new().and_then(
+        keys.iter()
+            .map(|k| TxnOp::delete(k.as_str(), None))
+            .collect::<Vec<_>>(),
+    )
+}
+
 /// Deletes lock keys in the background (one transaction), retrying with
 /// backoff until etcd takes it: the keys are bound to a lease this process
 /// keeps alive, so a release lost to an etcd outage would otherwise hold the
@@ -450,11 +455,7 @@ fn release_in_background(mut client: Client, keys: Vec<String>) {
     handle.spawn(async move {
         let mut delay = Duration::from_millis(100);
         loop {
-            let ops: Vec<TxnOp> = keys
-                .iter()
-                .map(|k| TxnOp::delete(k.as_str(), None))
-                .collect();
-            match client.txn(Txn::new().and_then(ops)).await {
+            match client.txn(delete_all(&keys)).await {
                 Ok(_) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, ?delay, "lock release failed; retrying");

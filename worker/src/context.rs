@@ -386,8 +386,6 @@ impl Ctx {
 /// How the worker names itself as the issuer of its own commands.
 pub const ISSUER: &str = "worker";
 
-/// Publishes a `pool.refill` of `cid`; a failure is logged (the next claim,
-/// or the janitor's review of adaptive pools, asks again).
 /// Whether a static pool capped at `max` can take no new instance after a
 /// claim, so a refill would find nothing to do: every pooled instance ready
 /// (no reservation a refill would resume) and pooled + claimed at `max`. A
@@ -408,6 +406,8 @@ async fn at_max(store: &Store, cid: &str, max: i64) -> bool {
     all_ready && pooled.len() as i64 + claimed >= max
 }
 
+/// Publishes a `pool.refill` of `cid`; a failure is logged (the next claim,
+/// or the janitor's review of adaptive pools, asks again).
 async fn publish_refill(js: &jetstream::Context, cid: &str) {
     let request = Request::PoolRefill(RefillPool {
         challenge_id: cid.to_owned(),

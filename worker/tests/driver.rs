@@ -432,7 +432,7 @@ async fn a_pulumi_run_killed_by_a_signal_is_retryable() {
         .expect("task")
         .expect_err("a killed run does not succeed");
     assert!(
-        matches!(err, DriverError::Interrupted { signal: 9 }),
+        matches!(err, DriverError::Interrupted { signal: 9, .. }),
         "killed by SIGKILL: {err:?}"
     );
     assert!(err.is_retryable(), "a killed run is worth retrying");

@@ -58,6 +58,21 @@ pub(crate) struct CliOutput {
     pub stderr: String,
 }
 
+impl CliOutput {
+    /// The error of a run a signal ended, with the reason its guard gave
+    /// when the guard killed it (see `guard.rs`); `None` if no signal did.
+    pub(crate) fn interrupted(&self) -> Option<DriverError> {
+        let signal = self.killed_by?;
+        let by = self
+            .stderr
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(super::guard::STOPPED))
+            .map(|why| format!(" (its guard: {})", why.trim()))
+            .unwrap_or_default();
+        Some(DriverError::Interrupted { signal, by })
+    }
+}
+
 /// The language-host wrapper: drops the passphrase, runs the real host.
 const LANGUAGE_HOST_WRAPPER: &str = "#!/bin/sh
 # Written by cm-worker (worker/src/pulumi/cli.rs): the Go language host, and so

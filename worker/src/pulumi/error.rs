@@ -38,10 +38,14 @@ pub enum DriverError {
     /// The `pulumi` process was killed (a signal, e.g. the OOM killer or an
     /// operator) before it finished: nothing is wrong with the scenario, and
     /// the next try resumes the stack from its last checkpoint.
-    #[error("pulumi was killed by signal {signal} before it finished")]
+    #[error("pulumi was killed by signal {signal} before it finished{by}")]
     Interrupted {
         /// The signal that ended it.
         signal: i32,
+        /// Who stopped it and why, when the worker's guard did (empty
+        /// otherwise), e.g. " (its guard: the worker's lease was not
+        /// renewed in time)".
+        by: String,
     },
 
     /// The stored stack state could not be read back or is corrupt.

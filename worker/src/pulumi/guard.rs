@@ -34,6 +34,10 @@ use super::DriverError;
 /// etcd can expire the lease and let another worker take the lock.
 pub(crate) const MARGIN: Duration = Duration::from_secs(1);
 
+/// How the script's one line on stderr begins when it stops a run (the
+/// reason follows).
+pub(crate) const STOPPED: &str = "cm-worker pulumi guard: run stopped:";
+
 /// The switch. Arguments: the command to run. Stdin: deadlines, one per
 /// line, in Unix milliseconds (0: no lease). Exits as the command did (a
 /// command ended by a signal ends the script by the same signal).
@@ -53,11 +57,16 @@ read -r -u 3 until_ms || exit 70
 "$@" &
 run=$!
 (
-  why=
+  why= partial=
   while :; do
     if read -r -t 0.2 -u 3 line; then
+      line=$partial$line partial=
       [[ $line =~ ^[0-9]+$ ]] && until_ms=$line
-    elif (( $? <= 128 )); then
+    elif (( $? > 128 )); then
+      # A timeout in the middle of a line keeps what it read: the rest of
+      # the line comes with the next read (alone, it is another number).
+      partial+=$line
+    else
       why="the worker is gone"
       break
     fi
@@ -149,6 +158,93 @@ fn deadline_line(valid_until: Option<SystemTime>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Stdio;
+    use tokio::process::Command;
+
+    /// The script installed in a fresh directory, running `command` with
+    /// its stdin, stdout and stderr piped.
+    fn spawn(command: &[&str]) -> (tempfile::TempDir, tokio::process::Child) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("cm-pulumi-guard");
+        super::super::cli::install_script(&script, GUARD_SCRIPT).expect("script");
+        let child = Command::new(&script)
+            .args(command)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the guard");
+        (dir, child)
+    }
+
+    fn in_a_minute() -> String {
+        deadline_line(Some(SystemTime::now() + Duration::from_secs(60)))
+    }
+
+    /// A deadline line whose first half the watcher reads just before its
+    /// 200 ms read timeout, and the rest after it, is one deadline: read
+    /// alone, its second half is a small number, long past, and the run
+    /// was killed (a guard killed a long deploy this way under load).
+    #[tokio::test]
+    async fn a_deadline_line_torn_by_a_read_timeout_is_read_whole() {
+        let (_dir, mut child) = spawn(&["sleep", "1.5"]);
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(in_a_minute().as_bytes())
+            .await
+            .expect("write");
+        stdin.flush().await.expect("flush");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let line = in_a_minute();
+        let (head, tail) = line.split_at(7);
+        stdin.write_all(head.as_bytes()).await.expect("write");
+        stdin.flush().await.expect("flush");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stdin.write_all(tail.as_bytes()).await.expect("write");
+        stdin.flush().await.expect("flush");
+        // Stdin stays open meanwhile: closing it would stop the run.
+        let output = child.wait_with_output().await.expect("guard");
+        drop(stdin);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "the run was stopped: {:?} {stderr}",
+            output.status
+        );
+        assert!(!stderr.contains(STOPPED), "{stderr}");
+    }
+
+    /// A run whose deadline passes is killed, and the guard says why in
+    /// the words the driver looks for.
+    #[tokio::test]
+    async fn a_run_past_its_deadline_is_killed_and_the_guard_says_why() {
+        let (_dir, mut child) = spawn(&["sleep", "30"]);
+        let mut stdin = child.stdin.take().expect("stdin");
+        let soon = SystemTime::now() + MARGIN + Duration::from_millis(300);
+        stdin
+            .write_all(deadline_line(Some(soon)).as_bytes())
+            .await
+            .expect("write");
+        stdin.flush().await.expect("flush");
+        let output = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+            .await
+            .expect("the guard stops the run within seconds")
+            .expect("guard");
+        drop(stdin);
+        let out = super::super::cli::CliOutput {
+            success: output.status.success(),
+            killed_by: std::os::unix::process::ExitStatusExt::signal(&output.status),
+            stdout: String::new(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        };
+        let err = out.interrupted().expect("ended by a signal");
+        assert_eq!(
+            err.to_string(),
+            "pulumi was killed by signal 9 before it finished \
+             (its guard: the worker's lease was not renewed in time)"
+        );
+    }
 
     #[test]
     fn a_deadline_is_the_lease_end_less_the_margin_in_unix_ms() {

@@ -440,8 +440,8 @@ impl Driver {
         if let (Some(sink), Some(state)) = (sink, &state) {
             sink.send(state.clone());
         }
-        if let Some(signal) = out.killed_by {
-            return Err(DriverError::Interrupted { signal });
+        if let Some(interrupted) = out.interrupted() {
+            return Err(interrupted);
         }
         if !out.success {
             return Err(DriverError::ProgramFailed {
@@ -527,8 +527,8 @@ impl Driver {
         if let (Some(sink), Ok(Some(after))) = (sink, ws.read_state(&state.encryption_salt).await) {
             sink.send(after);
         }
-        if let Some(signal) = out.killed_by {
-            return Err(DriverError::Interrupted { signal });
+        if let Some(interrupted) = out.interrupted() {
+            return Err(interrupted);
         }
         if !out.success {
             let state = ws.read_state(&state.encryption_salt).await?;

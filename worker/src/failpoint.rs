@@ -29,6 +29,10 @@
 //!   the ready record not written yet;
 //! - `instance-create-before-evict` (first): a create holds its locks and is
 //!   about to evict the source's oldest instance;
+//! - `challenge-update-locked` (first): a challenge update holds the
+//!   challenge's write lock and has read nothing yet;
+//! - `pool-refill-before-locks` (first): a refill is about to take the
+//!   pool's locks for its first round;
 //! - `pool-refill-between-rounds` (first): a refill deployed one instance
 //!   and released its locks before the next round;
 //! - `pool-refill-before-done` (first): a refill's round found the pool at

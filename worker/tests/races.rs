@@ -763,6 +763,75 @@ async fn a_claim_behind_a_finishing_refill_is_refilled() {
     );
 }
 
+/// Liveness of the pool size against a challenge writer: a refill that
+/// finds the challenge's write lock held (a non-resizing update) steps
+/// aside after a brief wait. The update must ask for the pool's refill once
+/// it lets the lock go, or the pool stays short until the next claim. Here
+/// the stepping-aside refill is the prefill (a claim's refill meets the
+/// same lock the same way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refill_that_steps_aside_behind_a_challenge_update_is_made_up_for() {
+    const REFILL: &str = "pool-refill-before-locks";
+    const UPDATE: &str = "challenge-update-locked";
+    let (stack, pauses) = Stack::start_paused_at(1, &[REFILL, UPDATE], &[]).await;
+    let (status, body) = stack
+        .call(
+            Method::POST,
+            "/api/v1/challenge",
+            Some(json!({"id": "one", "scenario": "identity", "min": 1, "timeout": "600s"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    stack.wait_paused(pauses.path(), REFILL).await;
+    // A non-resizing update takes the write lock and holds it.
+    let op = stack
+        .submit_async(
+            Method::PATCH,
+            "/api/v1/challenge/one",
+            Some(json!({"timeout": "900s"})),
+        )
+        .await;
+    stack.wait_paused(pauses.path(), UPDATE).await;
+    // The prefill meets the lock and steps aside: done, nothing deployed.
+    support::resume(pauses.path(), REFILL);
+    let refilled = "cm.evt.pool.refilled.one";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stack.events(refilled).await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the prefill never ended\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        instances(&stack, "one").await.is_empty(),
+        "the prefill was to step aside behind the update's lock\n{}",
+        stack.worker_logs()
+    );
+    support::resume(pauses.path(), UPDATE);
+    stack.wait_succeeded(&op, Duration::from_secs(90)).await;
+
+    // The update made up for it: the pool fills.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let all = instances(&stack, "one").await;
+        let ready = all
+            .iter()
+            .filter(|r| r.source_id.is_none() && r.status == InstanceStatus::Ready)
+            .count();
+        if ready == 1 && all.len() == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool stayed short after the update: {all:?}\n{}",
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// I1/I3 against a refill's surplus destroy: the pool shrinks (`min` 1 to
 /// 0) and the refill is about to destroy the pooled instance when a claim
 /// for `p1` comes: the claim must not get that instance (its stack is being

@@ -6,8 +6,10 @@
 //! (empty: every field the request sets); `update_strategy`.
 //! Steps: 1. under the challenge write lock: prepare the new scenario (a
 //! broken one is refused before anything changes), move instances' `until`,
-//! write the challenge (guarded by its revision); 2. release the lock and
-//! publish one `instance.update` per instance, in parallel across workers;
+//! write the challenge (guarded by its revision); 2. release the lock, ask
+//! for the pool's refill if the challenge has a pool (a claim's refill that
+//! met the lock stepped aside), and publish one `instance.update` per
+//! instance, in parallel across workers;
 //! 3. wait for their results and report how many succeeded and failed.
 //! Which instances step 2 updates comes from the records, not from the
 //! request alone: each record says what its stack was deployed from
@@ -40,11 +42,16 @@ pub async fn handle(
 ) -> Result<Outcome, HandlerError> {
     ids::validate("challenge id", &req.id)?;
     let lock = ctx.lock_challenge(&req.id, LockMode::Write).await?;
+    failpoint::pause("challenge-update-locked", &req.id, failpoint::Waits::First).await;
     let prepared = update_record(&ctx.locked(&lock.fence()), command_id, req).await;
-    lock.release();
+    // Awaited: the refill asked for below must find the lock gone.
+    lock.release_now().await;
     let (next, targets, strategy, resized) = prepared?;
     failpoint::hit("challenge-update-before-fan-out");
-    if resized {
+    // A claim's refill that came while this update held the lock stepped
+    // aside (it waits only briefly, see `pool_refill`): any pool is asked
+    // to refill once the lock is gone, resized or not.
+    if resized || has_pool(&next) {
         ctx.request_refill(&next.id).await;
     }
 
@@ -71,6 +78,12 @@ pub async fn handle(
         .map(InstanceRecord::to_api)
         .collect();
     Ok(Outcome::Challenge(next.to_api(api)))
+}
+
+/// Whether the challenge keeps instances pooled: a static pool of `min`
+/// above 0, or an adaptive one (its demand may want some).
+fn has_pool(challenge: &ChallengeRecord) -> bool {
+    challenge.min > 0 || challenge.pool == cm_core::pool_demand::PoolMode::Adaptive
 }
 
 fn masked(req: &UpdateChallengeRequest, field: &str, set: bool) -> bool {

@@ -148,6 +148,7 @@ pub async fn handle(
 /// pool can, as it holds the pool's lock.
 async fn first_locks(ctx: &Ctx, cid: &str) -> Result<Option<cm_core::lock::LockSet>, HandlerError> {
     use cm_core::lock::LockError::Timeout;
+    failpoint::pause("pool-refill-before-locks", cid, Waits::First).await;
     match ctx.lock_pool_within(cid, Duration::ZERO).await {
         Ok(locks) => return Ok(Some(locks)),
         Err(Timeout(_)) => {}

@@ -154,15 +154,28 @@ impl Stack {
         pause: &str,
         worker_env: &[(&str, &str)],
     ) -> (Self, tempfile::TempDir) {
-        let pauses = tempfile::tempdir().expect("tempdir");
-        let dir = pauses.path().to_str().expect("utf-8").to_owned();
-        let armed = format!("pause:{pause}");
+        Self::start_paused_at(workers, &[pause], worker_env).await
+    }
+
+    /// [`Stack::start_paused`] with several pauses armed at once.
+    pub async fn start_paused_at(
+        workers: usize,
+        pauses: &[&str],
+        worker_env: &[(&str, &str)],
+    ) -> (Self, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_str().expect("utf-8").to_owned();
+        let armed = pauses
+            .iter()
+            .map(|p| format!("pause:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut env = vec![
             ("CM_FAILPOINT", armed.as_str()),
-            ("CM_FAILPOINT_DIR", dir.as_str()),
+            ("CM_FAILPOINT_DIR", path.as_str()),
         ];
         env.extend_from_slice(worker_env);
-        (Self::start_with(workers, &env).await, pauses)
+        (Self::start_with(workers, &env).await, dir)
     }
 
     pub async fn start_with(workers: usize, worker_env: &[(&str, &str)]) -> Self {

@@ -53,38 +53,15 @@ async fn one_size(ctx: &mut Ctx, steps: usize, with_floor: bool) -> anyhow::Resu
     let worker = &stack.workers[0];
     let before_metrics = scrape::fetch(&stack.http, &worker.metrics).await?;
     let before = stack.store.space().await?;
-    let started = Instant::now();
-    let op = stack
-        .ok(
-            reqwest::Method::POST,
-            "/api/v1/instance",
-            Some(&json!({"challengeId": "state", "sourceId": "s"})),
-            &[("Prefer", "respond-async")],
-        )
-        .await?;
-    let op = op["operationId"]
-        .as_str()
-        .context("no operation id")?
-        .to_owned();
     let mut etcd_peak_kib = 0;
-    let done = loop {
-        if let Some(m) = procfs::memory(stack.etcd.pid()) {
-            etcd_peak_kib = etcd_peak_kib.max(m.hwm_kib);
-        }
-        let body = stack
-            .ok(
-                reqwest::Method::GET,
-                &format!("/api/v1/operation/{op}"),
-                None,
-                &[],
-            )
-            .await?;
-        if body["state"] != "PENDING" {
-            break body;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    let create = started.elapsed();
+    let (create, done) = operation(
+        &stack,
+        reqwest::Method::POST,
+        "/api/v1/instance",
+        Some(&json!({"challengeId": "state", "sourceId": "s"})),
+        &mut etcd_peak_kib,
+    )
+    .await?;
     if done["state"] != "SUCCEEDED" {
         bail!("create of {steps} steps: {done}\n{}", stack.logs(30));
     }
@@ -112,16 +89,29 @@ async fn one_size(ctx: &mut Ctx, steps: usize, with_floor: bool) -> anyhow::Resu
         Some(cm_core::store::StoredStack::Pointer(p)) => p.size as f64,
         _ => 0.0,
     };
-    let started = Instant::now();
-    stack
-        .ok(
-            reqwest::Method::DELETE,
-            "/api/v1/instance/state/s",
-            None,
-            &[],
-        )
-        .await?;
-    let delete = started.elapsed();
+    let (delete, gone) = operation(
+        &stack,
+        reqwest::Method::DELETE,
+        "/api/v1/instance/state/s",
+        None,
+        &mut etcd_peak_kib,
+    )
+    .await?;
+    if gone["state"] != "SUCCEEDED" {
+        bail!("delete of {steps} steps: {gone}\n{}", stack.logs(30));
+    }
+    // Destroyed means gone from the store too: no record, no stack state.
+    if stack.store.get_instance("state", "s").await?.is_some() {
+        bail!("delete of {steps} steps succeeded but the instance record is still stored");
+    }
+    if stack
+        .store
+        .get_stack("state", &rec.value.identity)
+        .await?
+        .is_some()
+    {
+        bail!("delete of {steps} steps succeeded but its stack state is still stored");
+    }
     let growth = (after.db_size - before.db_size) as f64;
 
     let id = |what: &str| format!("state.{steps}.{what}");
@@ -192,11 +182,49 @@ async fn one_size(ctx: &mut Ctx, steps: usize, with_floor: bool) -> anyhow::Resu
     );
     ctx.report.push(Row::value(
         &id("etcd_peak_rss"),
-        &format!("state: etcd peak resident memory, {steps}-resource create"),
+        &format!("state: etcd peak resident memory, {steps}-resource create and delete"),
         etcd_peak_kib as f64 / 1024.0,
         "MiB",
     ));
     Ok(())
+}
+
+/// Runs a write under `Prefer: respond-async` and polls its operation until
+/// it ends (a large stack's create or delete outlasts the API's synchronous
+/// wait). Returns the wall time and the operation's final body; samples
+/// etcd's peak resident memory meanwhile.
+async fn operation(
+    stack: &Stack,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&Value>,
+    etcd_peak_kib: &mut u64,
+) -> anyhow::Result<(Duration, Value)> {
+    let started = Instant::now();
+    let accepted = stack
+        .ok(method, path, body, &[("Prefer", "respond-async")])
+        .await?;
+    let op = accepted["operationId"]
+        .as_str()
+        .with_context(|| format!("{path}: no operation id in {accepted}"))?
+        .to_owned();
+    loop {
+        if let Some(m) = procfs::memory(stack.etcd.pid()) {
+            *etcd_peak_kib = (*etcd_peak_kib).max(m.hwm_kib);
+        }
+        let body = stack
+            .ok(
+                reqwest::Method::GET,
+                &format!("/api/v1/operation/{op}"),
+                None,
+                &[],
+            )
+            .await?;
+        if body["state"] != "PENDING" {
+            return Ok((started.elapsed(), body));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Median of raw `pulumi up` runs of the same stack.

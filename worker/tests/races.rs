@@ -151,6 +151,30 @@ async fn instances(stack: &Stack, cid: &str) -> Vec<InstanceRecord> {
     stack.store.list_instances(cid).await.expect("store")
 }
 
+/// Waits (90 s at most) until `cid` holds `ready` ready pooled instances
+/// among `total` (any total when `None`); fails with `what`, the records
+/// and the workers' logs.
+async fn wait_pool(stack: &Stack, cid: &str, ready: usize, total: Option<usize>, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let all = instances(stack, cid).await;
+        let pooled = all
+            .iter()
+            .filter(|r| r.source_id.is_none() && r.status == InstanceStatus::Ready)
+            .count();
+        if pooled == ready && total.is_none_or(|t| t == all.len()) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {pooled} ready pooled of {} instances {all:?}\n{}",
+            all.len(),
+            stack.worker_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn claimed(stack: &Stack, cid: &str, sid: &str) -> InstanceRecord {
     stack
         .store
@@ -682,23 +706,7 @@ async fn a_challenge_update_is_not_held_back_by_a_whole_refill() {
     assert_eq!(status, 200, "{}", stack.worker_logs());
 
     // The refill still completes the pool.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let ready = instances(&stack, "big")
-            .await
-            .iter()
-            .filter(|r| r.source_id.is_none() && r.status == InstanceStatus::Ready)
-            .count();
-        if ready == 3 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pool not refilled: {ready}\n{}",
-            stack.worker_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_pool(&stack, "big", 3, None, "pool not refilled").await;
 }
 
 /// A claim lands after a refill's last read of the pool, while that refill
@@ -734,24 +742,8 @@ async fn a_claim_behind_a_finishing_refill_is_refilled() {
     support::resume(pauses.path(), PAUSE);
 
     // The prefill sees the claim once it lets go, and fills the pool again.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let all = instances(&stack, "one").await;
-        let pooled = all
-            .iter()
-            .filter(|r| r.source_id.is_none() && r.status == InstanceStatus::Ready)
-            .count();
-        if pooled == 1 && all.len() == 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the pool stayed short after the claim: {pooled} pooled of {} \n{}",
-            all.len(),
-            stack.worker_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let short = "the pool stayed short after the claim";
+    wait_pool(&stack, "one", 1, Some(2), short).await;
     // The claim asked for no refill of its own: the prefill covered it.
     let url = stack.nats.url.clone();
     assert!(support::wait_drained(&url, Duration::from_millis(100), Duration::from_secs(60)).await);
@@ -774,14 +766,10 @@ async fn a_refill_that_steps_aside_behind_a_challenge_update_is_made_up_for() {
     const REFILL: &str = "pool-refill-before-locks";
     const UPDATE: &str = "challenge-update-locked";
     let (stack, pauses) = Stack::start_paused_at(1, &[REFILL, UPDATE], &[]).await;
-    let (status, body) = stack
-        .call(
-            Method::POST,
-            "/api/v1/challenge",
-            Some(json!({"id": "one", "scenario": "identity", "min": 1, "timeout": "600s"})),
-        )
+    let pooled = json!({"id": "one", "scenario": "identity", "min": 1, "timeout": "600s"});
+    stack
+        .call_ok(Method::POST, "/api/v1/challenge", Some(pooled))
         .await;
-    assert_eq!(status, 200, "{body}");
     stack.wait_paused(pauses.path(), REFILL).await;
     // A non-resizing update takes the write lock and holds it.
     let op = stack
@@ -813,23 +801,8 @@ async fn a_refill_that_steps_aside_behind_a_challenge_update_is_made_up_for() {
     stack.wait_succeeded(&op, Duration::from_secs(90)).await;
 
     // The update made up for it: the pool fills.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let all = instances(&stack, "one").await;
-        let ready = all
-            .iter()
-            .filter(|r| r.source_id.is_none() && r.status == InstanceStatus::Ready)
-            .count();
-        if ready == 1 && all.len() == 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the pool stayed short after the update: {all:?}\n{}",
-            stack.worker_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let short = "the pool stayed short after the update";
+    wait_pool(&stack, "one", 1, Some(1), short).await;
 }
 
 /// I1/I3 against a refill's surplus destroy: the pool shrinks (`min` 1 to
